@@ -1,0 +1,28 @@
+//! CRIU image files that ferry reads.
+//!
+//! A CRIU image starts with magic numbers, then holds entries, each a u32 (little endian)
+//! length followed by a packed protobuf message. Every length is checked against a cap and
+//! against the bytes that remain before anything is allocated or decoded.
+
+pub mod stats;
+
+pub use stats::{read_dump_stats, read_restore_stats, DumpStats, RestoreStats};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a CRIU image ({what})")]
+    Foreign { path: PathBuf, what: String },
+    #[error("{path}: truncated CRIU image ({what})")]
+    Truncated { path: PathBuf, what: String },
+    #[error("{path}: image of {size} bytes exceeds the cap of {cap} bytes")]
+    TooLarge { path: PathBuf, size: u64, cap: u64 },
+    #[error("{path}: bad entry: {what}")]
+    BadEntry { path: PathBuf, what: String },
+}
