@@ -1,1 +1,42 @@
+//! Handing containers back to the runtime and cleaning up after ourselves.
+//!
+//! - [`mounts`]: the private bind mount CRIU restores into, and removal that never crosses a
+//!   mount point (runc's `delete -f` after a failed restore deletes the rootfs through its
+//!   leftover criu-root bind mount; ferry must never do that),
+//! - [`cgroups`]: creating the restored container's cgroups and placing criu in them,
+//! - [`runc`]: runc's state.json for a restored container, and calls to the runc binary.
 
+pub mod cgroups;
+pub mod mounts;
+pub mod runc;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("mount {what} on {target}: {source}")]
+    Mount {
+        what: &'static str,
+        target: PathBuf,
+        source: nix::Error,
+    },
+    #[error("refusing to remove {path}: {why}")]
+    Refused { path: PathBuf, why: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: {why}")]
+    Cgroup { path: PathBuf, why: String },
+    #[error("runc {args}: {why}")]
+    Runc { args: String, why: String },
+    #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
+}
+
+pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let path = path.into();
+    move |source| RuntimeError::Io { op, path, source }
+}
