@@ -1,0 +1,641 @@
+//! Checkpoint/restore on one host with real CRIU and runc (no mocks).
+//!
+//! Needs root, criu, runc and busybox-static; without them the tests print `skipping: …`
+//! and pass, unless `CI` is set, in which case they fail. Run with `--test-threads=1`
+//! (leak checks look at global state, and `zz_no_leftovers` must run last).
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Generous timeout for things that normally take well under a second.
+const T: Duration = Duration::from_secs(20);
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+const CHECKPOINT_FIELDS: &[&str] = &[
+    "criu_version",
+    "container",
+    "images",
+    "freezing_time_us",
+    "frozen_time_us",
+    "memdump_time_us",
+    "memwrite_time_us",
+    "pages_scanned",
+    "pages_written",
+    "elapsed_ms",
+    "leave_running",
+];
+
+const RESTORE_FIELDS: &[&str] = &["criu_version", "container", "pid", "elapsed_ms"];
+
+#[track_caller]
+fn assert_version_string(v: &Value) {
+    let ver = v["criu_version"].as_str().unwrap_or_else(|| panic!("criu_version: {v}"));
+    assert!(
+        ver.split('.').count() >= 2 && ver.split('.').all(|p| p.parse::<u32>().is_ok()),
+        "criu_version {ver:?} is not a dotted version"
+    );
+}
+
+/// `ferry checkpoint <id> --images DIR --runtime-root R --json [--leave-running]`,
+/// asserting success and the JSON shape.
+#[track_caller]
+fn ferry_checkpoint(rc: &Runc, id: &str, images: &Path, leave_running: bool) -> Value {
+    let root = rc.root.clone();
+    let mut args = vec!["checkpoint", id, "--images", s(images), "--runtime-root", s(&root)];
+    if leave_running {
+        args.push("--leave-running");
+    }
+    args.push("--json");
+    let out = ferry(&args);
+    out.ok();
+    let v = out.json();
+    assert_fields(&v, CHECKPOINT_FIELDS);
+    assert_version_string(&v);
+    assert_eq!(v["container"], id, "{v}");
+    assert!(v["images"].is_string(), "images: {v}");
+    for f in [
+        "freezing_time_us",
+        "frozen_time_us",
+        "memdump_time_us",
+        "memwrite_time_us",
+        "pages_scanned",
+        "pages_written",
+        "elapsed_ms",
+    ] {
+        json_u64(&v, f);
+    }
+    assert!(json_u64(&v, "pages_written") > 0, "pages_written: {v}");
+    assert!(json_u64(&v, "pages_scanned") >= json_u64(&v, "pages_written"), "{v}");
+    assert_eq!(v["leave_running"], leave_running, "{v}");
+    v
+}
+
+/// `ferry restore <id> --images DIR --runtime-root R --json [extra...]`, asserting
+/// success, the JSON shape and that runc now shows the container running with that pid.
+#[track_caller]
+fn ferry_restore(rc: &Runc, id: &str, images: &Path, extra: &[&str]) -> u64 {
+    rc.track(id);
+    let root = rc.root.clone();
+    let mut args = vec!["restore", id, "--images", s(images), "--runtime-root", s(&root)];
+    args.extend_from_slice(extra);
+    args.push("--json");
+    let out = ferry(&args);
+    out.ok();
+    let v = out.json();
+    assert_fields(&v, RESTORE_FIELDS);
+    assert_version_string(&v);
+    assert_eq!(v["container"], id, "{v}");
+    let pid = json_u64(&v, "pid");
+    assert!(pid > 0, "{v}");
+    let st = rc.state(id);
+    assert_eq!(st["status"], "running", "runc state after restore: {st}");
+    assert_eq!(st["pid"].as_u64(), Some(pid), "runc state pid vs ferry pid: {st} / {v}");
+    pid
+}
+
+#[track_caller]
+fn assert_exec_works(rc: &Runc, id: &str) {
+    let out = must(rc.exec(id, &["echo", "hi"]), &format!("runc exec {id} echo hi"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+}
+
+/// The counter output in `path` is one unbroken sequence 1, 2, 3, … of at least `min`.
+#[track_caller]
+fn assert_file_counts_from_one(path: &Path, min: usize) -> Vec<u64> {
+    let v = read_counter_lines(path);
+    assert!(!v.is_empty(), "{} is empty", path.display());
+    assert_eq!(v[0], 1, "counter in {} does not start at 1", path.display());
+    assert_strictly_continues(&v, min);
+    v
+}
+
+/// Number of counter lines in `path` does not change for a while (the writer is gone).
+#[track_caller]
+fn assert_stopped_writing(path: &Path) {
+    let n = read_counter_lines(path).len();
+    thread::sleep(Duration::from_millis(400));
+    assert_eq!(read_counter_lines(path).len(), n, "{} still grows", path.display());
+}
+
+// ---------------------------------------------------------------------------------------
+// The rig itself (plain runc + criu, no ferry)
+// ---------------------------------------------------------------------------------------
+
+/// Proves the helpers: counter container, pipes, runc checkpoint/restore, leak check.
+#[test]
+fn rig_runc_baseline_checkpoint_restore() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("rig");
+    let id = rc.id("");
+    let bundle = rc.bundle("counter").hostname("rig").build();
+
+    // stdout and stderr on a pipe: plain runc cannot dump a host file outside the
+    // container's mounts, but it reconnects pipes (descriptors.json + inherit fds).
+    let (p1, out1) = pipe_lines();
+    rc.run_detached(&id, &bundle, out1);
+    p1.wait_values(20, T);
+    assert_eq!(rc.status(&id).as_deref(), Some("running"));
+    assert!(rc.list_ids().contains(&id));
+    assert_exec_works(&rc, &id);
+
+    let images = rc.mkdir("images");
+    must(rc.checkpoint(&id, &images, &[]), "runc checkpoint");
+    p1.wait_eof(T);
+    assert!(!rc.list_ids().contains(&id), "{id} still listed after runc checkpoint");
+    let before = p1.values();
+
+    let (p2, out2) = pipe_lines();
+    let r = rc.restore_detached(&id, &bundle, &images, out2);
+    assert!(r.status.success(), "runc restore failed: {}", String::from_utf8_lossy(&r.stderr));
+    rc.wait_status(&id, "running", T);
+    p2.wait_values(20, T);
+
+    let mut all = before.clone();
+    all.extend(p2.values());
+    assert_eq!(all[0], 1);
+    assert_strictly_continues(&all, before.len() + 20);
+    assert_exec_works(&rc, &id);
+
+    rc.kill_and_delete(&id);
+    p2.wait_eof(T);
+    assert!(rc.list().is_empty());
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
+// ---------------------------------------------------------------------------------------
+// ferry check
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn check_json_reports_ok() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let out = ferry(&["check", "--json"]);
+    out.ok();
+    let v = out.json();
+    assert_fields(&v, &["ok", "criu_version", "features", "kernel", "missing"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_version_string(&v);
+    for f in ["mem_track", "lazy_pages", "pidfd_store"] {
+        assert!(v["features"][f].is_boolean(), "features.{f}: {v}");
+    }
+    assert!(v["kernel"].as_str().is_some_and(|k| !k.is_empty()), "{v}");
+    assert!(v["missing"].as_array().is_some_and(|m| m.is_empty()), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Happy paths
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn counter_checkpoint_restore_continues() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("counter");
+    let id = rc.id("");
+    let bundle = rc.bundle("counter").build();
+    let out = rc.path("out.txt");
+    rc.run_detached(&id, &bundle, Out::append_file(&out));
+    wait_counter_lines(&out, 20, T);
+
+    // Cycle 1.
+    let images = rc.mkdir("images1");
+    ferry_checkpoint(&rc, &id, &images, false);
+    assert!(!rc.list_ids().contains(&id), "{id} still in runc list after checkpoint");
+    assert_stopped_writing(&out);
+    let n1 = read_counter_lines(&out).len();
+
+    ferry_restore(&rc, &id, &images, &[]);
+    wait_counter_lines(&out, n1 + 20, T);
+    assert_file_counts_from_one(&out, n1 + 20);
+    assert_exec_works(&rc, &id);
+
+    // Cycle 2 on the restored container.
+    let images2 = rc.mkdir("images2");
+    ferry_checkpoint(&rc, &id, &images2, false);
+    assert!(!rc.list_ids().contains(&id), "{id} still in runc list after 2nd checkpoint");
+    assert_stopped_writing(&out);
+    let n2 = read_counter_lines(&out).len();
+    ferry_restore(&rc, &id, &images2, &[]);
+    wait_counter_lines(&out, n2 + 20, T);
+    assert_file_counts_from_one(&out, n2 + 20);
+    assert_exec_works(&rc, &id);
+
+    rc.kill_and_delete(&id);
+    assert!(!rc.list_ids().contains(&id));
+    assert_stopped_writing(&out);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
+#[test]
+fn leave_running_images_restorable() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("leave");
+    let a = rc.id("");
+    let b = rc.id("-copy");
+    let bundle = rc.bundle("counter").build();
+    let out = rc.path("out.txt");
+    rc.run_detached(&a, &bundle, Out::append_file(&out));
+    wait_counter_lines(&out, 20, T);
+
+    let images = rc.mkdir("images");
+    let lo = read_counter_lines(&out).len() as u64;
+    ferry_checkpoint(&rc, &a, &images, true);
+    let hi = read_counter_lines(&out).len() as u64;
+    let snap = snapshot_tree(&images);
+
+    // The original keeps running and counting, undisturbed.
+    assert_eq!(rc.status(&a).as_deref(), Some("running"));
+    wait_counter_lines(&out, hi as usize + 20, T);
+    assert_file_counts_from_one(&out, hi as usize + 20);
+
+    // A copy under another id. It reopens the same stdout file by path, so from here on
+    // the file interleaves two counters: only check that both run.
+    ferry_restore(&rc, &b, &images, &["--rename"]);
+    assert_exec_works(&rc, &b);
+    assert_eq!(rc.status(&a).as_deref(), Some("running"), "original stopped");
+    assert_exec_works(&rc, &a);
+
+    rc.kill_and_delete(&b);
+    rc.kill_and_delete(&a);
+    assert_stopped_writing(&out);
+    let offset = fs::read(&out).unwrap().len();
+
+    // Same images again, under the original id, without --rename.
+    ferry_restore(&rc, &a, &images, &[]);
+    assert_exec_works(&rc, &a);
+    let mut seg = Vec::new();
+    wait_for(T, "restored counter output", || {
+        let text = String::from_utf8_lossy(&fs::read(&out).unwrap()[offset..]).into_owned();
+        seg = parse_counter(&text, "output after 2nd restore");
+        seg.len() >= 20
+    });
+    assert_strictly_continues(&seg, 20);
+    assert!(
+        (lo + 1..=hi + 1).contains(&seg[0]),
+        "restored counter starts at {} but was between {lo} and {hi} at checkpoint",
+        seg[0]
+    );
+    assert_tree_kept(&images, &snap);
+
+    rc.kill_and_delete(&a);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
+#[test]
+fn bind_mount_and_pipe_stdout() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("bindpipe");
+    let id = rc.id("");
+    let hostdata = rc.mkdir("hostdata");
+    let data_out = hostdata.join("out");
+    let bundle = rc.bundle("tee").bind(&hostdata, "/data").args(&counter_tee_args("/data/out")).build();
+
+    // stdout on a pipe the test reads; stderr /dev/null (so stdout is the only pipe).
+    let (p1, o1) = pipe_lines();
+    rc.run_detached_io(&id, &bundle, o1, Out::Null);
+    p1.wait_values(20, T);
+    wait_counter_lines(&data_out, 20, T);
+
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    p1.wait_eof(T); // the container is gone and with it the pipe's only writer
+    assert!(!rc.list_ids().contains(&id));
+    let before = p1.values();
+    assert_eq!(before[0], 1);
+    assert_strictly_continues(&before, 20);
+
+    // Restore with ferry's stdout a NEW pipe: the container must write to it, and keep
+    // writing after ferry has exited. No --json: stdout belongs to the container.
+    let (p2, o2) = pipe_lines();
+    rc.track(&id);
+    let r = ferry_cmd(&[
+        "restore",
+        &id,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        s(&rc.root),
+    ])
+    .stdout(o2)
+    .run();
+    r.ok();
+    rc.wait_status(&id, "running", T);
+    wait_for(T, "20 counter lines on the new pipe", || p2.numeric_values().len() >= 20);
+    let extra: Vec<String> = complete_lines_of(&p2.text())
+        .into_iter()
+        .filter(|l| l.trim().parse::<u64>().is_err())
+        .collect();
+    if !extra.is_empty() {
+        eprintln!("note: non-counter lines on ferry restore's stdout: {extra:?}");
+    }
+    let mut all = before.clone();
+    all.extend(p2.numeric_values());
+    assert_strictly_continues(&all, before.len() + 20);
+
+    let data = wait_counter_lines(&data_out, before.len() + 20, T);
+    assert_eq!(data[0], 1);
+    assert_strictly_continues(&data, before.len() + 20);
+    assert_exec_works(&rc, &id);
+
+    rc.kill_and_delete(&id);
+    p2.wait_eof(T); // nothing but the container held the new pipe
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
+fn complete_lines_of(text: &str) -> Vec<String> {
+    match text.rfind('\n') {
+        Some(i) => text[..i].split('\n').map(str::to_string).collect(),
+        None => Vec::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad inputs: documented exit code, one `ferry: error:` line, nothing harmed
+// ---------------------------------------------------------------------------------------
+
+/// A running counter container whose health is asserted after each bad invocation.
+struct Source {
+    rc: Runc,
+    id: String,
+    out: PathBuf,
+    bundle: PathBuf,
+    bundle_snap: TreeSnapshot,
+}
+
+impl Source {
+    fn start(name: &str) -> Source {
+        let rc = Runc::new(name);
+        let id = rc.id("");
+        let bundle = rc.bundle("counter").build();
+        let out = rc.path("out.txt");
+        rc.run_detached(&id, &bundle, Out::append_file(&out));
+        wait_counter_lines(&out, 10, T);
+        let bundle_snap = snapshot_tree(&bundle);
+        Source { rc, id, out, bundle, bundle_snap }
+    }
+
+    fn root(&self) -> &str {
+        s(&self.rc.root)
+    }
+
+    /// Still running, still counting without a break, bundle intact.
+    #[track_caller]
+    fn assert_healthy(&self) {
+        assert_eq!(self.rc.status(&self.id).as_deref(), Some("running"), "source not running");
+        let n = read_counter_lines(&self.out).len();
+        wait_counter_lines(&self.out, n + 5, T);
+        assert_file_counts_from_one(&self.out, n + 5);
+        assert_tree_kept(&self.bundle, &self.bundle_snap);
+    }
+
+    /// `other` must not have been left registered in runc.
+    #[track_caller]
+    fn assert_not_created(&self, other: &str) {
+        self.rc.track(other);
+        assert!(
+            self.rc.try_state(other).is_none(),
+            "failed restore left container {other} behind: {:?}",
+            self.rc.try_state(other)
+        );
+    }
+
+    fn finish(self) {
+        self.rc.teardown();
+        leak_check(&self.rc.ids());
+    }
+}
+
+#[test]
+fn bad_input_unknown_container() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badunknown");
+    let images = src.rc.mkdir("images");
+    let nosuch = src.rc.id("-nosuch");
+    ferry(&["checkpoint", &nosuch, "--images", s(&images), "--runtime-root", src.root()])
+        .assert_error(3);
+    assert!(images.is_dir(), "images dir removed");
+    src.assert_healthy();
+    src.finish();
+}
+
+#[test]
+fn bad_input_runtime_root_not_runc() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badroot");
+    let images = src.rc.mkdir("images");
+    let notrunc = src.rc.mkdir("notrunc");
+    fs::write(notrunc.join("random.txt"), "not a runc state dir\n").unwrap();
+    let snap = snapshot_tree(&notrunc);
+    ferry(&["checkpoint", &src.id, "--images", s(&images), "--runtime-root", s(&notrunc)])
+        .assert_error(4);
+    assert_tree_kept(&notrunc, &snap);
+    assert!(images.is_dir(), "images dir removed");
+    src.assert_healthy();
+    src.finish();
+}
+
+#[test]
+fn bad_input_restore_empty_or_missing_images_dir() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badempty");
+    let other = src.rc.id("-new");
+    let empty = src.rc.mkdir("empty");
+    let bundle = s(&src.bundle).to_string();
+
+    ferry(&["restore", &other, "--images", s(&empty), "--bundle", &bundle, "--runtime-root", src.root()])
+        .assert_error(4);
+    assert!(empty.is_dir(), "empty images dir removed");
+    src.assert_not_created(&other);
+
+    let missing = src.rc.path("no-such-images");
+    ferry(&["restore", &other, "--images", s(&missing), "--bundle", &bundle, "--runtime-root", src.root()])
+        .assert_error(3);
+    src.assert_not_created(&other);
+
+    src.assert_healthy();
+    src.finish();
+}
+
+#[test]
+fn bad_input_restore_other_containers_images_without_rename() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badrename");
+    let images = src.rc.mkdir("images");
+    ferry_checkpoint(&src.rc, &src.id, &images, true);
+    let snap = snapshot_tree(&images);
+    let other = src.rc.id("-other");
+    let r = ferry(&["restore", &other, "--images", s(&images), "--runtime-root", src.root()]);
+    r.assert_error(4);
+    assert!(r.stderr.contains(&src.id), "error should name the checkpointed container: {r:?}");
+    assert_tree_kept(&images, &snap);
+    src.assert_not_created(&other);
+    src.assert_healthy();
+    src.finish();
+}
+
+#[test]
+fn bad_input_restore_truncated_stats() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badstats");
+    let images = src.rc.mkdir("images");
+    ferry_checkpoint(&src.rc, &src.id, &images, true);
+    let stats = images.join("stats-dump");
+    let data = fs::read(&stats).expect("checkpoint wrote stats-dump");
+    assert!(data.len() > 5);
+    fs::write(&stats, &data[..5]).unwrap();
+    let snap = snapshot_tree(&images);
+    let other = src.rc.id("-other");
+    ferry(&["restore", &other, "--images", s(&images), "--rename", "--runtime-root", src.root()])
+        .assert_error(4);
+    assert_tree_kept(&images, &snap);
+    src.assert_not_created(&other);
+    src.assert_healthy();
+    src.finish();
+}
+
+#[test]
+fn bad_input_restore_existing_id() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badexists");
+    let images = src.rc.mkdir("images");
+    ferry_checkpoint(&src.rc, &src.id, &images, true);
+    let snap = snapshot_tree(&images);
+    // The source is still running under that id.
+    ferry(&["restore", &src.id, "--images", s(&images), "--runtime-root", src.root()])
+        .assert_error(7);
+    assert_tree_kept(&images, &snap);
+    src.assert_healthy();
+    src.finish();
+}
+
+#[test]
+fn bad_input_checkpoint_stopped_container() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badstopped");
+    let done = src.rc.id("-done");
+    let bundle = src.rc.bundle("true").args(&["true"]).build();
+    src.rc.run_detached(&done, &bundle, Out::Null);
+    src.rc.wait_status(&done, "stopped", T);
+    let images = src.rc.mkdir("images");
+    ferry(&["checkpoint", &done, "--images", s(&images), "--runtime-root", src.root()])
+        .assert_error(7);
+    assert!(images.is_dir());
+    must(src.rc.delete(&done, false), "runc delete stopped container");
+    src.assert_healthy();
+    src.finish();
+}
+
+fn write_script(path: &Path, body: &str) {
+    fs::write(path, body).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn bad_input_criu_missing() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badnocriu");
+    let images = src.rc.mkdir("images");
+    let missing = src.rc.path("no-such-dir/criu");
+    ferry_cmd(&["checkpoint", &src.id, "--images", s(&images), "--runtime-root", src.root()])
+        .env("FERRY_CRIU", s(&missing))
+        .run()
+        .assert_error(5);
+    assert!(images.is_dir());
+    src.assert_healthy();
+    src.finish();
+}
+
+#[test]
+fn bad_input_criu_too_old_or_broken() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("badoldcriu");
+    let images = src.rc.mkdir("images");
+
+    // Claims 3.11 and fails for anything else (including `swrk`).
+    let old = src.rc.path("old-criu");
+    write_script(
+        &old,
+        "#!/bin/sh\nif [ \"$1\" = --version ] || [ \"$1\" = -V ]; then echo 'Version: 3.11'; exit 0; fi\nexit 1\n",
+    );
+    // Claims a recent version but exits at once when started as `swrk`.
+    let broken = src.rc.path("broken-criu");
+    write_script(
+        &broken,
+        "#!/bin/sh\nif [ \"$1\" = --version ] || [ \"$1\" = -V ]; then echo 'Version: 4.2.1'; exit 0; fi\nexit 1\n",
+    );
+
+    for fake in [&old, &broken] {
+        ferry_cmd(&["checkpoint", &src.id, "--images", s(&images), "--runtime-root", src.root()])
+            .env("FERRY_CRIU", s(fake))
+            .run()
+            .assert_error(5);
+        assert!(images.is_dir());
+        src.assert_healthy();
+    }
+    src.finish();
+}
+
+#[test]
+fn bad_input_usage_error() {
+    // No container needed; still gate on the environment so a bare `cargo test` behaves
+    // the same as for the other tests.
+    if !require_root_and_criu() {
+        return;
+    }
+    ferry(&["checkpoint"]).assert_error(2);
+    ferry(&["restore", "x", "--no-such-flag"]).assert_error(2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Last: nothing left behind by this test binary
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn zz_no_leftovers() {
+    if !require_root_and_criu() {
+        return;
+    }
+    global_leak_check();
+}
