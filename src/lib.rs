@@ -24,9 +24,10 @@ pub mod pb {
     pub use crate::proto::rpc::{
         Cgroup_root as CgroupRoot, Criu_cg_mode as CriuCgMode, Criu_dump_resp as CriuDumpResp,
         Criu_features as CriuFeatures, Criu_network_lock_method as CriuNetworkLockMethod,
-        Criu_notify as CriuNotify, Criu_opts as CriuOpts, Criu_page_server_info as CriuPageServerInfo,
-        Criu_pre_dump_mode as CriuPreDumpMode, Criu_req as CriuReq, Criu_req_type as criu_req_type,
-        Criu_resp as CriuResp, Criu_restore_resp as CriuRestoreResp, Criu_version as CriuVersionMsg,
+        Criu_notify as CriuNotify, Criu_opts as CriuOpts,
+        Criu_page_server_info as CriuPageServerInfo, Criu_pre_dump_mode as CriuPreDumpMode,
+        Criu_req as CriuReq, Criu_req_type as criu_req_type, Criu_resp as CriuResp,
+        Criu_restore_resp as CriuRestoreResp, Criu_version as CriuVersionMsg,
         Ext_mount_map as ExtMountMap, Inherit_fd as InheritFd, Join_namespace as JoinNamespace,
     };
     pub use crate::proto::stats::{

@@ -156,7 +156,7 @@ impl Criu {
     /// VERSION.
     pub fn version(&self) -> Result<CriuVersion> {
         let mut s = self.spawn(ChildFds::default())?;
-        let v = version_on(&mut s, self.timeout)?;
+        let v = version_on(&mut s, self.timeout, false)?;
         s.finish(Duration::from_secs(2));
         Ok(v)
     }
@@ -176,7 +176,7 @@ impl Criu {
     /// FEATURE_CHECK for mem_track, lazy_pages and pidfd_store.
     pub fn features(&self) -> Result<Features> {
         let mut s = self.spawn(ChildFds::default())?;
-        let f = features_on(&mut s, self.timeout)?;
+        let f = features_on(&mut s, self.timeout, false)?;
         s.finish(Duration::from_secs(2));
         Ok(f)
     }
@@ -194,7 +194,12 @@ impl Criu {
     }
 
     /// DUMP (the final one when not leave_running).
-    pub fn dump(&self, req: Request, fds: ChildFds, notify: &mut dyn Notify) -> Result<DumpOutcome> {
+    pub fn dump(
+        &self,
+        req: Request,
+        fds: ChildFds,
+        notify: &mut dyn Notify,
+    ) -> Result<DumpOutcome> {
         let mut s = self.spawn(fds)?;
         let out = run_dump(&mut s, req, notify, self.timeout);
         s.finish(Duration::from_secs(5));
@@ -224,7 +229,14 @@ impl Criu {
         creq.opts = protobuf::MessageField::some(req.opts.clone());
         let out = (|| {
             s.send(&creq, "restore")?;
-            let r = drive(&mut s, criu_req_type::RESTORE, "restore", notify, self.timeout, req.log_path.as_deref())?;
+            let r = drive(
+                &mut s,
+                criu_req_type::RESTORE,
+                "restore",
+                notify,
+                self.timeout,
+                req.log_path.as_deref(),
+            )?;
             let pid = r.resp.restore.as_ref().map(|x| x.pid()).unwrap_or(0);
             if pid <= 0 {
                 return Err(CriuError::Protocol {
@@ -250,7 +262,12 @@ impl Criu {
     /// PAGE_SERVER (or PAGE_SERVER_CHLD when `as_child`): starts a page server receiving into
     /// `req`'s images dir; the swrk session is returned so that its lifetime can be tied to
     /// the caller's.
-    pub fn page_server(&self, mut req: Request, fds: ChildFds, as_child: bool) -> Result<(PageServer, Swrk)> {
+    pub fn page_server(
+        &self,
+        mut req: Request,
+        fds: ChildFds,
+        as_child: bool,
+    ) -> Result<(PageServer, Swrk)> {
         let mut s = self.spawn(fds)?;
         req.bind_fds();
         let kind = if as_child {
@@ -338,12 +355,24 @@ impl PreDumpSession {
     }
 }
 
-fn run_dump(s: &mut Swrk, mut req: Request, notify: &mut dyn Notify, timeout: Duration) -> Result<DumpOutcome> {
+fn run_dump(
+    s: &mut Swrk,
+    mut req: Request,
+    notify: &mut dyn Notify,
+    timeout: Duration,
+) -> Result<DumpOutcome> {
     req.bind_fds();
     let mut creq = bare_request(criu_req_type::DUMP);
     creq.opts = protobuf::MessageField::some(req.opts);
     s.send(&creq, "dump")?;
-    let r = drive(s, criu_req_type::DUMP, "dump", notify, timeout, req.log_path.as_deref())?;
+    let r = drive(
+        s,
+        criu_req_type::DUMP,
+        "dump",
+        notify,
+        timeout,
+        req.log_path.as_deref(),
+    )?;
     Ok(DumpOutcome {
         restored: r.resp.dump.as_ref().map(|d| d.restored()).unwrap_or(false),
     })
@@ -399,12 +428,20 @@ pub fn drive(
             // CRIU now fails the operation (and resumes dumped tasks); drain its answer so the
             // child exits, and report our reason rather than CRIU's echo of it.
             let _ = s.recv(op, Some(timeout));
-            return Err(CriuError::Notify { script: name, reason });
+            return Err(CriuError::Notify {
+                script: name,
+                reason,
+            });
         }
     }
 }
 
-fn expect_success(r: &Received, kind: criu_req_type, op: &'static str, log: Option<&Path>) -> Result<()> {
+fn expect_success(
+    r: &Received,
+    kind: criu_req_type,
+    op: &'static str,
+    log: Option<&Path>,
+) -> Result<()> {
     if !r.resp.success() {
         return Err(failure(r, op, log));
     }
@@ -441,10 +478,10 @@ fn log_opts_only() -> CriuOpts {
     o
 }
 
-/// VERSION on an open session (keep_open so the session may be reused).
-pub fn version_on(s: &mut Swrk, timeout: Duration) -> Result<CriuVersion> {
+/// VERSION on an open session (`keep_open`: the session stays usable for another request).
+pub fn version_on(s: &mut Swrk, timeout: Duration, keep_open: bool) -> Result<CriuVersion> {
     let mut req = bare_request(criu_req_type::VERSION);
-    req.set_keep_open(true);
+    req.set_keep_open(keep_open);
     s.send(&req, "version")?;
     let r = s.recv("version", Some(timeout))?;
     expect_success(&r, criu_req_type::VERSION, "version", None)?;
@@ -461,9 +498,9 @@ pub fn version_on(s: &mut Swrk, timeout: Duration) -> Result<CriuVersion> {
 }
 
 /// FEATURE_CHECK on an open session.
-pub fn features_on(s: &mut Swrk, timeout: Duration) -> Result<Features> {
+pub fn features_on(s: &mut Swrk, timeout: Duration, keep_open: bool) -> Result<Features> {
     let mut req = bare_request(criu_req_type::FEATURE_CHECK);
-    req.set_keep_open(true);
+    req.set_keep_open(keep_open);
     let mut f = CriuFeatures::new();
     f.set_mem_track(true);
     f.set_lazy_pages(true);

@@ -67,6 +67,9 @@ mod tests {
     #[test]
     fn without_errors_the_tail_is_reported() {
         let log: String = (0..10).map(|i| format!("line {i}\n")).collect();
-        assert_eq!(excerpt_from_text(&log), vec!["line 6", "line 7", "line 8", "line 9"]);
+        assert_eq!(
+            excerpt_from_text(&log),
+            vec!["line 6", "line 7", "line 8", "line 9"]
+        );
     }
 }

@@ -71,7 +71,8 @@ pub struct Swrk {
 }
 
 fn stage(fd: OwnedFd) -> Result<OwnedFd> {
-    let raw = fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(STAGING_FD_BASE)).map_err(CriuError::Socket)?;
+    let raw = fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(STAGING_FD_BASE))
+        .map_err(CriuError::Socket)?;
     // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
@@ -82,7 +83,10 @@ impl Swrk {
         if fds.inherited.len() > MAX_INHERITED_FDS {
             return Err(CriuError::Protocol {
                 op: "spawn",
-                detail: format!("{} inherited descriptors (max {MAX_INHERITED_FDS})", fds.inherited.len()),
+                detail: format!(
+                    "{} inherited descriptors (max {MAX_INHERITED_FDS})",
+                    fds.inherited.len()
+                ),
             });
         }
         let (ours, theirs) = socketpair(
@@ -98,17 +102,23 @@ impl Swrk {
         for (i, fd) in fds.inherited.into_iter().enumerate() {
             placements.push((stage(fd)?, CHILD_FIRST_INHERITED_FD + i as RawFd));
         }
-        let plan: Vec<(RawFd, RawFd)> =
-            placements.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
+        let plan: Vec<(RawFd, RawFd)> = placements
+            .iter()
+            .map(|(fd, to)| (fd.as_raw_fd(), *to))
+            .collect();
 
         let mut cmd = Command::new(criu);
         cmd.arg("swrk").arg(CHILD_SOCKET_FD.to_string());
         match fds.stdio {
             Some([i, o, e]) => {
-                cmd.stdin(Stdio::from(i)).stdout(Stdio::from(o)).stderr(Stdio::from(e));
+                cmd.stdin(Stdio::from(i))
+                    .stdout(Stdio::from(o))
+                    .stderr(Stdio::from(e));
             }
             None => {
-                cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit());
             }
         }
         // SAFETY: the closure runs in the forked child before exec and only calls dup2(2), which
@@ -291,7 +301,8 @@ impl Swrk {
 impl Drop for Swrk {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            let _ =
+                nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             if wait_briefly(&mut c, Duration::from_millis(500)).is_none() {
                 let _ = c.kill();
                 let _ = c.wait();

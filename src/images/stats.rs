@@ -46,7 +46,8 @@ pub struct RestoreStats {
 }
 
 fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
-    buf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    buf.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Decodes a whole stats image held in memory.
@@ -59,7 +60,9 @@ pub fn parse_stats(path: &Path, buf: &[u8]) -> Result<StatsEntry, ImageError> {
     if first != IMG_SERVICE_MAGIC {
         return Err(ImageError::Foreign {
             path: p(),
-            what: format!("first magic {first:#010x}, expected service magic {IMG_SERVICE_MAGIC:#010x}"),
+            what: format!(
+                "first magic {first:#010x}, expected service magic {IMG_SERVICE_MAGIC:#010x}"
+            ),
         });
     }
     let second = u32_at(buf, 4).ok_or_else(|| ImageError::Truncated {
@@ -82,14 +85,22 @@ pub fn parse_stats(path: &Path, buf: &[u8]) -> Result<StatsEntry, ImageError> {
             what: format!("entry length {len} exceeds the cap of {MAX_ENTRY}"),
         });
     }
-    let body = buf.get(12..12 + len as usize).ok_or_else(|| ImageError::Truncated {
-        path: p(),
-        what: format!("entry of {len} bytes, {} present", buf.len().saturating_sub(12)),
-    })?;
+    let body = buf
+        .get(12..12 + len as usize)
+        .ok_or_else(|| ImageError::Truncated {
+            path: p(),
+            what: format!(
+                "entry of {len} bytes, {} present",
+                buf.len().saturating_sub(12)
+            ),
+        })?;
     if buf.len() > 12 + len as usize {
         return Err(ImageError::BadEntry {
             path: p(),
-            what: format!("{} trailing bytes after the entry", buf.len() - 12 - len as usize),
+            what: format!(
+                "{} trailing bytes after the entry",
+                buf.len() - 12 - len as usize
+            ),
         });
     }
     let e = StatsEntry::parse_from_bytes(body).map_err(|e| ImageError::BadEntry {
@@ -212,16 +223,25 @@ mod tests {
     fn foreign_magic_is_rejected() {
         let mut buf = encode_stats(&sample());
         buf[4..8].copy_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-        assert!(matches!(parse_stats(Path::new("x"), &buf), Err(ImageError::Foreign { .. })));
+        assert!(matches!(
+            parse_stats(Path::new("x"), &buf),
+            Err(ImageError::Foreign { .. })
+        ));
         let text = b"{\"not\": \"an image\"}";
-        assert!(matches!(parse_stats(Path::new("x"), text), Err(ImageError::Foreign { .. })));
+        assert!(matches!(
+            parse_stats(Path::new("x"), text),
+            Err(ImageError::Foreign { .. })
+        ));
     }
 
     #[test]
     fn oversized_entry_length_is_capped_before_use() {
         let mut buf = encode_stats(&sample());
         buf[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(parse_stats(Path::new("x"), &buf), Err(ImageError::BadEntry { .. })));
+        assert!(matches!(
+            parse_stats(Path::new("x"), &buf),
+            Err(ImageError::BadEntry { .. })
+        ));
     }
 
     #[test]
@@ -232,6 +252,9 @@ mod tests {
         // an entry holding an empty dump_stats_entry (field 1, length 0): required fields absent
         buf.extend_from_slice(&2u32.to_le_bytes());
         buf.extend_from_slice(&[0x0a, 0x00]);
-        assert!(matches!(parse_stats(Path::new("x"), &buf), Err(ImageError::BadEntry { .. })));
+        assert!(matches!(
+            parse_stats(Path::new("x"), &buf),
+            Err(ImageError::BadEntry { .. })
+        ));
     }
 }

@@ -23,10 +23,19 @@ use super::OciError;
 
 pub const CONFIG_FILE: &str = "config.json";
 /// Devices runc always creates in a container besides the spec's `linux.devices`.
-pub const DEFAULT_DEVICES: [&str; 6] = ["/dev/null", "/dev/random", "/dev/full", "/dev/tty", "/dev/zero", "/dev/urandom"];
+pub const DEFAULT_DEVICES: [&str; 6] = [
+    "/dev/null",
+    "/dev/random",
+    "/dev/full",
+    "/dev/tty",
+    "/dev/zero",
+    "/dev/urandom",
+];
 
 /// The namespace kinds ferry deals with, named as CRIU names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum NsKind {
     Pid,
     Net,
@@ -98,7 +107,9 @@ pub struct Namespace {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MountKind {
     /// A bind mount from the host; `source` is absolute.
-    Bind { source: PathBuf },
+    Bind {
+        source: PathBuf,
+    },
     /// A `cgroup` mount (on cgroup v1: runc's per-controller bind mounts).
     Cgroup,
     Tmpfs,
@@ -131,7 +142,10 @@ impl BundleConfig {
         if !path.is_file() {
             return Err(OciError::Read {
                 path,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no config.json in bundle"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no config.json in bundle",
+                ),
             });
         }
         // config.json is bounded before the parser sees it.
@@ -153,7 +167,11 @@ impl BundleConfig {
             .as_ref()
             .map(|r| r.path().clone())
             .ok_or_else(|| unsupported("no root.path".into()))?;
-        let rootfs = if root.is_absolute() { root } else { bundle.join(root) };
+        let rootfs = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
 
         let mut mounts = Vec::new();
         for m in spec.mounts().as_deref().unwrap_or_default() {
@@ -162,11 +180,14 @@ impl BundleConfig {
             let typ = m.typ().as_deref().unwrap_or("");
             let is_bind = typ == "bind" || opts.iter().any(|o| o == "bind" || o == "rbind");
             let kind = if is_bind {
-                let src = m
-                    .source()
-                    .clone()
-                    .ok_or_else(|| unsupported(format!("bind mount {destination} without a source")))?;
-                let source = if src.is_absolute() { src } else { bundle.join(src) };
+                let src = m.source().clone().ok_or_else(|| {
+                    unsupported(format!("bind mount {destination} without a source"))
+                })?;
+                let source = if src.is_absolute() {
+                    src
+                } else {
+                    bundle.join(src)
+                };
                 MountKind::Bind { source }
             } else {
                 match typ {
@@ -180,18 +201,23 @@ impl BundleConfig {
 
         let linux = spec.linux().as_ref();
         let mut namespaces = Vec::new();
-        for ns in linux.and_then(|l| l.namespaces().as_ref()).into_iter().flatten() {
+        for ns in linux
+            .and_then(|l| l.namespaces().as_ref())
+            .into_iter()
+            .flatten()
+        {
             let kind = NsKind::from_oci(ns.typ());
             let path = ns.path().clone();
             match (kind, &path) {
                 (NsKind::User, _) => {
-                    return Err(unsupported("linux.namespaces: user namespaces are not supported".into()))
-                }
-                (NsKind::Cgroup, Some(_)) => {
                     return Err(unsupported(
-                        "linux.namespaces: a cgroup namespace given by path cannot be joined by CRIU".into(),
+                        "linux.namespaces: user namespaces are not supported".into(),
                     ))
                 }
+                (NsKind::Cgroup, Some(_)) => return Err(unsupported(
+                    "linux.namespaces: a cgroup namespace given by path cannot be joined by CRIU"
+                        .into(),
+                )),
                 _ => {}
             }
             namespaces.push(Namespace { kind, path });
@@ -204,20 +230,35 @@ impl BundleConfig {
                 ("createContainer", h.create_container()),
                 ("startContainer", h.start_container()),
             ];
-            if let Some((name, _)) = named.iter().find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_empty())) {
-                return Err(unsupported(format!("hooks.{name}: ferry does not run OCI hooks on restore")));
+            if let Some((name, _)) = named
+                .iter()
+                .find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_empty()))
+            {
+                return Err(unsupported(format!(
+                    "hooks.{name}: ferry does not run OCI hooks on restore"
+                )));
             }
         }
 
-        let masked_paths = linux.and_then(|l| l.masked_paths().clone()).unwrap_or_default();
+        let masked_paths = linux
+            .and_then(|l| l.masked_paths().clone())
+            .unwrap_or_default();
         let mut devices: Vec<String> = DEFAULT_DEVICES.iter().map(|s| s.to_string()).collect();
-        for d in linux.and_then(|l| l.devices().as_ref()).into_iter().flatten() {
+        for d in linux
+            .and_then(|l| l.devices().as_ref())
+            .into_iter()
+            .flatten()
+        {
             let p = d.path().to_string_lossy().into_owned();
             if !devices.contains(&p) {
                 devices.push(p);
             }
         }
-        let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
         Ok(BundleConfig {
             bundle: bundle.to_path_buf(),
             rootfs,
@@ -285,8 +326,17 @@ pub(crate) mod tests {
         let c = sample_config();
         assert_eq!(c.rootfs, PathBuf::from("/b/rootfs"));
         let binds: Vec<_> = c.binds().collect();
-        assert_eq!(binds, vec![("/data", Path::new("/srv/data")), ("/etc/hosts", Path::new("/b/hosts"))]);
-        assert_eq!(c.namespace(NsKind::Net).unwrap().path, Some(PathBuf::from("/var/run/netns/n1")));
+        assert_eq!(
+            binds,
+            vec![
+                ("/data", Path::new("/srv/data")),
+                ("/etc/hosts", Path::new("/b/hosts"))
+            ]
+        );
+        assert_eq!(
+            c.namespace(NsKind::Net).unwrap().path,
+            Some(PathBuf::from("/var/run/netns/n1"))
+        );
         assert_eq!(c.tmpfs_destinations(), vec!["/dev"]);
         assert!(c.devices.contains(&"/dev/fuse".to_string()));
         assert_eq!(NsKind::Net.external_key(), "extRootNetNS");
@@ -296,15 +346,20 @@ pub(crate) mod tests {
     #[test]
     fn user_namespaces_and_hooks_are_rejected() {
         let mut v = sample_spec_json();
-        v["linux"]["namespaces"].as_array_mut().unwrap().push(serde_json::json!({"type": "user"}));
+        v["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "user"}));
         let spec: Spec = serde_json::from_value(v).unwrap();
-        let e = BundleConfig::from_spec(Path::new("/b"), Path::new("/b/config.json"), &spec).unwrap_err();
+        let e = BundleConfig::from_spec(Path::new("/b"), Path::new("/b/config.json"), &spec)
+            .unwrap_err();
         assert!(e.to_string().contains("user namespaces"), "{e}");
 
         let mut v = sample_spec_json();
         v["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/true"}]});
         let spec: Spec = serde_json::from_value(v).unwrap();
-        let e = BundleConfig::from_spec(Path::new("/b"), Path::new("/b/config.json"), &spec).unwrap_err();
+        let e = BundleConfig::from_spec(Path::new("/b"), Path::new("/b/config.json"), &spec)
+            .unwrap_err();
         assert!(e.to_string().contains("hooks.prestart"), "{e}");
     }
 }

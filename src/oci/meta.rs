@@ -57,7 +57,9 @@ impl CheckpointMeta {
         };
         let file = dir.join(META_FILE);
         if !file.is_file() {
-            let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true);
+            let empty = std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(true);
             return Err(not(if empty {
                 "the directory is empty".into()
             } else {
@@ -67,11 +69,17 @@ impl CheckpointMeta {
         let m: CheckpointMeta = serde_json::from_slice(&read_capped(&file, MAX_META)?)
             .map_err(|e| not(format!("{META_FILE}: {e}")))?;
         if m.format != META_FORMAT {
-            return Err(not(format!("{META_FILE} has format {}, this ferry reads {META_FORMAT}", m.format)));
+            return Err(not(format!(
+                "{META_FILE} has format {}, this ferry reads {META_FORMAT}",
+                m.format
+            )));
         }
         validate_id(&m.container).map_err(|e| not(e.to_string()))?;
         if m.descriptors.len() > 3 {
-            return Err(not(format!("{} stdio descriptors recorded (at most 3)", m.descriptors.len())));
+            return Err(not(format!(
+                "{} stdio descriptors recorded (at most 3)",
+                m.descriptors.len()
+            )));
         }
         if !dir.join(INVENTORY).is_file() {
             return Err(not(format!("CRIU's {INVENTORY} is missing")));

@@ -100,7 +100,10 @@ pub(crate) fn write_atomic(path: &std::path::Path, data: &[u8], mode: u32) -> Re
         source,
     };
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)

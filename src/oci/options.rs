@@ -108,7 +108,15 @@ pub struct RestoreSettings {
 }
 
 /// Words in a cgroup v1 mount's super options that are not controller names.
-const NOT_CONTROLLERS: [&str; 7] = ["rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode", "nsdelegate"];
+const NOT_CONTROLLERS: [&str; 7] = [
+    "rw",
+    "ro",
+    "xattr",
+    "noprefix",
+    "clone_children",
+    "cpuset_v2_mode",
+    "nsdelegate",
+];
 
 /// One parsed mountinfo line (the fields ferry uses).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,7 +149,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -162,7 +173,11 @@ fn cgroup_controller(super_options: &str) -> Option<String> {
 }
 
 /// Gathers what a dump needs from the running container.
-pub fn gather_dump_facts(host: &dyn Host, cfg: &BundleConfig, c: &RuncContainer) -> Result<DumpFacts, OciError> {
+pub fn gather_dump_facts(
+    host: &dyn Host,
+    cfg: &BundleConfig,
+    c: &RuncContainer,
+) -> Result<DumpFacts, OciError> {
     let pid = c.init_pid;
     let proc_err = |what: &str, source: std::io::Error| OciError::Read {
         path: PathBuf::from(format!("/proc/{pid}/{what}")),
@@ -180,7 +195,10 @@ pub fn gather_dump_facts(host: &dyn Host, cfg: &BundleConfig, c: &RuncContainer)
     }
     let mut masked_files = Vec::new();
     for p in &cfg.masked_paths {
-        if let Some(false) = host.container_path_kind(pid, p).map_err(|e| proc_err("root", e))? {
+        if let Some(false) = host
+            .container_path_kind(pid, p)
+            .map_err(|e| proc_err("root", e))?
+        {
             masked_files.push(p.clone());
         }
     }
@@ -194,9 +212,11 @@ pub fn gather_dump_facts(host: &dyn Host, cfg: &BundleConfig, c: &RuncContainer)
     if !cgroup_dests.is_empty() {
         let mi = host.mountinfo(pid).map_err(|e| proc_err("mountinfo", e))?;
         for m in parse_mountinfo(&mi) {
-            let under = cgroup_dests
-                .iter()
-                .any(|d| m.mountpoint.strip_prefix(d).is_some_and(|rest| rest.starts_with('/')));
+            let under = cgroup_dests.iter().any(|d| {
+                m.mountpoint
+                    .strip_prefix(d)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            });
             if under && m.fstype == "cgroup" {
                 if let Some(controller) = cgroup_controller(&m.super_options) {
                     cgroup_binds.push(CgroupBind {
@@ -209,7 +229,10 @@ pub fn gather_dump_facts(host: &dyn Host, cfg: &BundleConfig, c: &RuncContainer)
     }
     let mut descriptors = Vec::new();
     for fd in 0..3 {
-        descriptors.push(host.fd_target(pid, fd).unwrap_or_else(|_| "/dev/null".into()));
+        descriptors.push(
+            host.fd_target(pid, fd)
+                .unwrap_or_else(|_| "/dev/null".into()),
+        );
     }
     Ok(DumpFacts {
         pid,
@@ -258,7 +281,8 @@ pub fn dump_options(cfg: &BundleConfig, f: &DumpFacts, s: &DumpSettings) -> Criu
         o.set_freeze_cgroup(fc.clone());
     }
     for (kind, ino) in &f.external_ns {
-        o.external.push(format!("{}[{}]:{}", kind.name(), ino, kind.external_key()));
+        o.external
+            .push(format!("{}[{}]:{}", kind.name(), ino, kind.external_key()));
     }
     for (dest, _) in cfg.binds() {
         o.ext_mnt.push(ext_mnt(dest, dest));
@@ -324,10 +348,15 @@ pub fn restore_options(
         o.ext_mnt.push(ext_mnt(dest, &source.to_string_lossy()));
     }
     for b in &meta.cgroup_binds {
-        let dir = cgroup_paths.get(&b.controller).ok_or_else(|| OciError::Unsupported {
-            path: cfg.bundle.join(super::bundle::CONFIG_FILE),
-            what: format!("no cgroup for controller {:?} (needed by {})", b.controller, b.mountpoint),
-        })?;
+        let dir = cgroup_paths
+            .get(&b.controller)
+            .ok_or_else(|| OciError::Unsupported {
+                path: cfg.bundle.join(super::bundle::CONFIG_FILE),
+                what: format!(
+                    "no cgroup for controller {:?} (needed by {})",
+                    b.controller, b.mountpoint
+                ),
+            })?;
         o.ext_mnt.push(ext_mnt(&b.mountpoint, dir));
     }
     if !meta.masked_files.is_empty() {
@@ -344,7 +373,10 @@ pub fn restore_options(
             o.inherit_fd.push(f);
         }
     }
-    Ok(RestorePlan { opts: o, inherit_ns })
+    Ok(RestorePlan {
+        opts: o,
+        inherit_ns,
+    })
 }
 
 /// cg_root entries for a process: one per controller in /proc/<pid>/cgroup ("" for v2).
@@ -355,7 +387,11 @@ pub fn cgroup_roots(proc_cgroup: &str) -> Vec<CgroupRoot> {
         let (Some(_), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) else {
             continue;
         };
-        let names: Vec<&str> = if ctrls.is_empty() { vec![""] } else { ctrls.split(',').collect() };
+        let names: Vec<&str> = if ctrls.is_empty() {
+            vec![""]
+        } else {
+            ctrls.split(',').collect()
+        };
         for name in names {
             let mut r = CgroupRoot::new();
             r.set_ctrl(name.to_string());
@@ -394,7 +430,11 @@ mod tests {
                 .into())
         }
         fn fd_target(&self, _pid: i32, fd: i32) -> std::io::Result<String> {
-            Ok(if fd == 0 { "/dev/null".into() } else { "pipe:[777]".into() })
+            Ok(if fd == 0 {
+                "/dev/null".into()
+            } else {
+                "pipe:[777]".into()
+            })
         }
     }
 
@@ -408,7 +448,10 @@ mod tests {
     }
 
     fn keys(o: &CriuOpts) -> Vec<(String, String)> {
-        o.ext_mnt.iter().map(|m| (m.key().to_string(), m.val().to_string())).collect()
+        o.ext_mnt
+            .iter()
+            .map(|m| (m.key().to_string(), m.val().to_string()))
+            .collect()
     }
 
     #[test]
@@ -420,8 +463,14 @@ mod tests {
         assert_eq!(
             f.cgroup_binds,
             vec![
-                CgroupBind { mountpoint: "/sys/fs/cgroup/cpu,cpuacct".into(), controller: "cpu".into() },
-                CgroupBind { mountpoint: "/sys/fs/cgroup/systemd".into(), controller: "name=systemd".into() },
+                CgroupBind {
+                    mountpoint: "/sys/fs/cgroup/cpu,cpuacct".into(),
+                    controller: "cpu".into()
+                },
+                CgroupBind {
+                    mountpoint: "/sys/fs/cgroup/systemd".into(),
+                    controller: "name=systemd".into()
+                },
             ]
         );
         let o = dump_options(&cfg, &f, &DumpSettings::default());
@@ -433,7 +482,10 @@ mod tests {
         let k = keys(&o);
         assert!(k.contains(&("/data".into(), "/data".into())));
         assert!(k.contains(&("/etc/hosts".into(), "/etc/hosts".into())));
-        assert!(k.contains(&("/sys/fs/cgroup/systemd".into(), "/sys/fs/cgroup/systemd".into())));
+        assert!(k.contains(&(
+            "/sys/fs/cgroup/systemd".into(),
+            "/sys/fs/cgroup/systemd".into()
+        )));
         assert!(k.contains(&("/proc/kcore".into(), "/dev/null".into())));
         assert!(k.contains(&("/dev/fuse".into(), "/dev/fuse".into())));
         assert!(!k.iter().any(|(key, _)| key == "/proc/acpi"));
@@ -458,31 +510,73 @@ mod tests {
             runc_state: serde_json::Value::Null,
         };
         let mut cg = BTreeMap::new();
-        cg.insert("cpu".to_string(), "/sys/fs/cgroup/cpu,cpuacct/c2".to_string());
-        cg.insert("name=systemd".to_string(), "/sys/fs/cgroup/systemd/c2".to_string());
-        let plan = restore_options(&cfg, &meta, Path::new("/run/ferry/x/criu-root"), &cg, &RestoreSettings::default()).unwrap();
+        cg.insert(
+            "cpu".to_string(),
+            "/sys/fs/cgroup/cpu,cpuacct/c2".to_string(),
+        );
+        cg.insert(
+            "name=systemd".to_string(),
+            "/sys/fs/cgroup/systemd/c2".to_string(),
+        );
+        let plan = restore_options(
+            &cfg,
+            &meta,
+            Path::new("/run/ferry/x/criu-root"),
+            &cg,
+            &RestoreSettings::default(),
+        )
+        .unwrap();
         let o = &plan.opts;
         assert_eq!(o.root(), "/run/ferry/x/criu-root");
         assert!(o.rst_sibling() && o.evasive_devices());
         let k = keys(o);
         assert!(k.contains(&("/data".into(), "/srv/data".into())));
         assert!(k.contains(&("/etc/hosts".into(), "/b/hosts".into())));
-        assert!(k.contains(&("/sys/fs/cgroup/cpu,cpuacct".into(), "/sys/fs/cgroup/cpu,cpuacct/c2".into())));
+        assert!(k.contains(&(
+            "/sys/fs/cgroup/cpu,cpuacct".into(),
+            "/sys/fs/cgroup/cpu,cpuacct/c2".into()
+        )));
         assert!(k.contains(&("/dev/null".into(), "/dev/null".into())));
-        assert_eq!(plan.inherit_ns, vec![("extRootNetNS".to_string(), PathBuf::from("/var/run/netns/n1"))]);
+        assert_eq!(
+            plan.inherit_ns,
+            vec![(
+                "extRootNetNS".to_string(),
+                PathBuf::from("/var/run/netns/n1")
+            )]
+        );
         assert_eq!(o.join_ns.len(), 1);
-        assert_eq!((o.join_ns[0].ns(), o.join_ns[0].ns_file()), ("uts", "/proc/1/ns/uts"));
-        let inh: Vec<_> = o.inherit_fd.iter().map(|f| (f.key().to_string(), f.fd())).collect();
-        assert_eq!(inh, vec![("pipe:[777]".to_string(), 1), ("pipe:[777]".to_string(), 2)]);
+        assert_eq!(
+            (o.join_ns[0].ns(), o.join_ns[0].ns_file()),
+            ("uts", "/proc/1/ns/uts")
+        );
+        let inh: Vec<_> = o
+            .inherit_fd
+            .iter()
+            .map(|f| (f.key().to_string(), f.fd()))
+            .collect();
+        assert_eq!(
+            inh,
+            vec![("pipe:[777]".to_string(), 1), ("pipe:[777]".to_string(), 2)]
+        );
 
         cg.remove("cpu");
-        assert!(restore_options(&cfg, &meta, Path::new("/r"), &cg, &RestoreSettings::default()).is_err());
+        assert!(restore_options(
+            &cfg,
+            &meta,
+            Path::new("/r"),
+            &cg,
+            &RestoreSettings::default()
+        )
+        .is_err());
     }
 
     #[test]
     fn cg_roots_per_controller() {
         let r = cgroup_roots("2:cpu,cpuacct:/c2\n9:name=systemd:/c2\n0::/c2\n");
-        let v: Vec<_> = r.iter().map(|c| (c.ctrl().to_string(), c.path().to_string())).collect();
+        let v: Vec<_> = r
+            .iter()
+            .map(|c| (c.ctrl().to_string(), c.path().to_string()))
+            .collect();
         assert_eq!(
             v,
             vec![

@@ -91,10 +91,12 @@ impl RuncRoot {
                 root: self.path.clone(),
             });
         }
-        let raw: Value = serde_json::from_slice(&read_capped(&file, MAX_STATE_JSON)?)
-            .map_err(|source| OciError::Json {
-                path: file.clone(),
-                source,
+        let raw: Value =
+            serde_json::from_slice(&read_capped(&file, MAX_STATE_JSON)?).map_err(|source| {
+                OciError::Json {
+                    path: file.clone(),
+                    source,
+                }
             })?;
         RuncContainer::from_raw(id, &file, raw)
     }
@@ -132,9 +134,13 @@ impl RuncContainer {
             .as_i64()
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| bad("no init_process_pid"))?;
-        let init_start = raw["init_process_start"].as_u64().ok_or_else(|| bad("no init_process_start"))?;
+        let init_start = raw["init_process_start"]
+            .as_u64()
+            .ok_or_else(|| bad("no init_process_start"))?;
         let config = &raw["config"];
-        let rootfs = config["rootfs"].as_str().ok_or_else(|| bad("no config.rootfs"))?;
+        let rootfs = config["rootfs"]
+            .as_str()
+            .ok_or_else(|| bad("no config.rootfs"))?;
         let bundle = config["labels"]
             .as_array()
             .into_iter()
@@ -171,9 +177,16 @@ impl RuncContainer {
             return Err(not("no init process".into()));
         }
         match process_start_time(self.init_pid) {
-            Ok((start, state)) if start == self.init_start && state != 'Z' && state != 'X' => Ok(()),
-            Ok((start, state)) if start == self.init_start => Err(not(format!("init is a zombie ({state})"))),
-            Ok(_) => Err(not(format!("pid {} is another process now: stopped", self.init_pid))),
+            Ok((start, state)) if start == self.init_start && state != 'Z' && state != 'X' => {
+                Ok(())
+            }
+            Ok((start, state)) if start == self.init_start => {
+                Err(not(format!("init is a zombie ({state})")))
+            }
+            Ok(_) => Err(not(format!(
+                "pid {} is another process now: stopped",
+                self.init_pid
+            ))),
             Err(_) => Err(not("stopped".into())),
         }
     }
@@ -190,7 +203,8 @@ impl RuncContainer {
 /// Start time (field 22) and state (field 3) of /proc/<pid>/stat.
 pub fn process_start_time(pid: i32) -> std::io::Result<(u64, char)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_stat(&text).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad /proc stat"))
+    parse_stat(&text)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad /proc stat"))
 }
 
 /// Parses /proc/<pid>/stat; the command name may contain spaces and parentheses.
@@ -209,7 +223,8 @@ mod tests {
 
     #[test]
     fn stat_with_odd_command_name() {
-        let s = "4242 (sh) x (y)) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10";
+        let s =
+            "4242 (sh) x (y)) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_stat(s), Some((987654, 'S')));
         assert_eq!(parse_stat("garbage"), None);
     }
@@ -218,7 +233,10 @@ mod tests {
     fn root_with_a_stray_file_is_not_runcs() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("notes.txt"), "x").unwrap();
-        assert!(matches!(RuncRoot::open(d.path()), Err(OciError::NotRuncRoot { .. })));
+        assert!(matches!(
+            RuncRoot::open(d.path()),
+            Err(OciError::NotRuncRoot { .. })
+        ));
     }
 
     #[test]
@@ -237,7 +255,10 @@ mod tests {
         std::fs::write(d.path().join("c1/state.json"), b"{}").unwrap();
         let root = RuncRoot::open(d.path()).unwrap();
         assert!(matches!(root.load("c1"), Err(OciError::BadState { .. })));
-        assert!(matches!(root.load("c2"), Err(OciError::UnknownContainer { .. })));
+        assert!(matches!(
+            root.load("c2"),
+            Err(OciError::UnknownContainer { .. })
+        ));
         assert!(matches!(root.load("../x"), Err(OciError::BadId(_))));
     }
 }

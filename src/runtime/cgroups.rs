@@ -71,9 +71,14 @@ impl CgroupSet {
         if dir.to_string_lossy().contains("/cpuset") {
             for f in ["cpuset.cpus", "cpuset.mems"] {
                 let own = dir.join(f);
-                let empty = std::fs::read_to_string(&own).map(|s| s.trim().is_empty()).unwrap_or(false);
+                let empty = std::fs::read_to_string(&own)
+                    .map(|s| s.trim().is_empty())
+                    .unwrap_or(false);
                 if empty {
-                    if let Some(v) = dir.parent().and_then(|p| std::fs::read_to_string(p.join(f)).ok()) {
+                    if let Some(v) = dir
+                        .parent()
+                        .and_then(|p| std::fs::read_to_string(p.join(f)).ok())
+                    {
                         std::fs::write(&own, v.trim()).map_err(io_err("write", &own))?;
                     }
                 }
@@ -112,13 +117,19 @@ impl CgroupSet {
 
 /// The cgroup paths of a container restored as `new_id`, derived from the checkpointed ones:
 /// a last component equal to the old id is replaced, as runc names a container's cgroup after it.
-pub fn renamed_paths(paths: &BTreeMap<String, String>, old_id: &str, new_id: &str) -> BTreeMap<String, String> {
+pub fn renamed_paths(
+    paths: &BTreeMap<String, String>,
+    old_id: &str,
+    new_id: &str,
+) -> BTreeMap<String, String> {
     paths
         .iter()
         .map(|(k, v)| {
             let p = Path::new(v);
             let renamed = match p.file_name() {
-                Some(n) if n == old_id && old_id != new_id => p.with_file_name(new_id).to_string_lossy().into_owned(),
+                Some(n) if n == old_id && old_id != new_id => {
+                    p.with_file_name(new_id).to_string_lossy().into_owned()
+                }
                 _ => v.clone(),
             };
             (k.clone(), renamed)
@@ -134,7 +145,10 @@ mod tests {
     fn rename_replaces_only_the_id_component() {
         let mut m = BTreeMap::new();
         m.insert("cpu".to_string(), "/sys/fs/cgroup/cpu/c1".to_string());
-        m.insert("memory".to_string(), "/sys/fs/cgroup/memory/x/c1".to_string());
+        m.insert(
+            "memory".to_string(),
+            "/sys/fs/cgroup/memory/x/c1".to_string(),
+        );
         m.insert("pids".to_string(), "/sys/fs/cgroup/pids/custom".to_string());
         let r = renamed_paths(&m, "c1", "c2");
         assert_eq!(r["cpu"], "/sys/fs/cgroup/cpu/c2");

@@ -36,7 +36,10 @@ pub enum RuntimeError {
     Oci(#[from] crate::oci::OciError),
 }
 
-pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+pub(crate) fn io_err(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let path = path.into();
     move |source| RuntimeError::Io { op, path, source }
 }

@@ -32,23 +32,33 @@ impl BindMount {
     /// Bind-mounts `source` (recursively) on `target`, creating `target`, and makes it private.
     pub fn new(source: &Path, target: &Path) -> Result<BindMount, RuntimeError> {
         std::fs::create_dir_all(target).map_err(io_err("create", target))?;
-        mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(
-            |source| RuntimeError::Mount {
-                what: "bind",
-                target: target.to_path_buf(),
-                source,
-            },
-        )?;
+        mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|source| RuntimeError::Mount {
+            what: "bind",
+            target: target.to_path_buf(),
+            source,
+        })?;
         let guard = BindMount {
             target: Some(target.to_path_buf()),
         };
-        mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>).map_err(
-            |source| RuntimeError::Mount {
-                what: "make-rprivate",
-                target: target.to_path_buf(),
-                source,
-            },
-        )?;
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|source| RuntimeError::Mount {
+            what: "make-rprivate",
+            target: target.to_path_buf(),
+            source,
+        })?;
         Ok(guard)
     }
 
@@ -62,7 +72,9 @@ impl BindMount {
     }
 
     fn release_inner(&mut self) -> Result<(), RuntimeError> {
-        let Some(t) = self.target.take() else { return Ok(()) };
+        let Some(t) = self.target.take() else {
+            return Ok(());
+        };
         match umount2(&t, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
             Err(source) => {
@@ -105,7 +117,9 @@ pub fn remove_tree(path: &Path) -> Result<(), RuntimeError> {
             why: format!("{} is mounted there", m[0].display()),
         });
     }
-    let dev = std::fs::symlink_metadata(path).map_err(io_err("stat", path))?.dev();
+    let dev = std::fs::symlink_metadata(path)
+        .map_err(io_err("stat", path))?
+        .dev();
     remove_same_dev(path, dev)
 }
 

@@ -84,7 +84,10 @@ pub fn adopted_state(template: &Value, a: &Adoption) -> Value {
     if a.bundle != a.old_bundle {
         if let Some(mounts) = c["mounts"].as_array_mut() {
             for m in mounts {
-                if let Some(new) = m["source"].as_str().and_then(|src| rebase(src, a.old_bundle, a.bundle)) {
+                if let Some(new) = m["source"]
+                    .as_str()
+                    .and_then(|src| rebase(src, a.old_bundle, a.bundle))
+                {
                     m["source"] = Value::from(new);
                 }
             }
@@ -108,7 +111,9 @@ pub fn write_state(root: &RuncRoot, id: &str, state: &Value) -> Result<(), Runti
 
 /// RFC 3339 UTC timestamp with nanoseconds (what runc writes).
 pub fn rfc3339_now() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     rfc3339(d.as_secs(), d.subsec_nanos())
 }
 
@@ -143,7 +148,9 @@ pub struct Runc {
 impl Runc {
     /// `$FERRY_RUNC` or `runc` from PATH.
     pub fn new(root: &Path) -> Runc {
-        let bin = std::env::var_os("FERRY_RUNC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runc"));
+        let bin = std::env::var_os("FERRY_RUNC")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("runc"));
         Runc {
             bin,
             root: root.to_path_buf(),

@@ -1,0 +1,171 @@
+//! `ferry checkpoint`: dump a runc container into an images directory.
+//!
+//! The metadata restore needs (`ferry.json`) is written during CRIU's `post-dump`
+//! notification, while the tasks are still frozen: if it cannot be written, the notification
+//! fails and CRIU resumes the container untouched. Without `--leave-running` the dumped
+//! container is then deleted from runc, as `runc checkpoint` does.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::{elapsed_ms, open_dir, require_root, OpError};
+use crate::criu::client::Request;
+use crate::criu::swrk::ChildFds;
+use crate::criu::{Criu, Notification, Reply, Script};
+use crate::images::stats::DUMP_STATS_FILE;
+use crate::images::{read_dump_stats, DumpStats};
+use crate::oci::bundle::BundleConfig;
+use crate::oci::meta::{CheckpointMeta, META_FILE, META_FORMAT};
+use crate::oci::options::{dump_options, gather_dump_facts, DumpSettings, RealHost, DUMP_LOG};
+use crate::oci::state::RuncRoot;
+use crate::oci::OciError;
+use crate::runtime::runc::Runc;
+
+#[derive(Debug, Clone)]
+pub struct CheckpointRequest {
+    pub id: String,
+    pub runtime_root: PathBuf,
+    pub images: PathBuf,
+    /// CRIU's work dir (log, stats); the images dir when absent.
+    pub work_dir: Option<PathBuf>,
+    pub settings: DumpSettings,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointReport {
+    pub criu_version: String,
+    pub container: String,
+    pub images: PathBuf,
+    pub leave_running: bool,
+    #[serde(flatten)]
+    pub stats: DumpStats,
+    pub elapsed_ms: u64,
+}
+
+/// Checks that `images` may receive a checkpoint of `id`: missing or empty, or an earlier
+/// ferry checkpoint of the same container.
+fn prepare_images_dir(images: &Path, id: &str) -> Result<(), OpError> {
+    if !images.exists() {
+        std::fs::create_dir_all(images).map_err(|source| OciError::Write {
+            path: images.to_path_buf(),
+            source,
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(images, std::fs::Permissions::from_mode(0o700));
+        return Ok(());
+    }
+    if !images.is_dir() {
+        return Err(OpError::Invalid(format!(
+            "images path {} is not a directory",
+            images.display()
+        )));
+    }
+    let empty = std::fs::read_dir(images)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false);
+    if empty {
+        return Ok(());
+    }
+    match CheckpointMeta::load(images) {
+        Ok(m) if m.container == id => Ok(()),
+        Ok(m) => Err(OpError::Invalid(format!(
+            "images directory {} holds a checkpoint of container {:?}; use another directory",
+            images.display(),
+            m.container
+        ))),
+        Err(_) => Err(OpError::Invalid(format!(
+            "images directory {} is not empty and holds no ferry checkpoint; use an empty directory",
+            images.display()
+        ))),
+    }
+}
+
+pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointReport, OpError> {
+    let started = Instant::now();
+    require_root()?;
+    let version = criu.require_version()?;
+    let root = RuncRoot::open(&req.runtime_root)?;
+    let c = root.load(&req.id)?;
+    c.check_running()?;
+    let cfg = BundleConfig::load(&c.bundle)?;
+    prepare_images_dir(&req.images, &req.id)?;
+    let work = req.work_dir.clone().unwrap_or_else(|| req.images.clone());
+    if work != req.images {
+        std::fs::create_dir_all(&work).map_err(|source| OciError::Write {
+            path: work.clone(),
+            source,
+        })?;
+    }
+
+    let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
+    let opts = dump_options(&cfg, &facts, &req.settings);
+    let meta = CheckpointMeta {
+        format: META_FORMAT,
+        container: req.id.clone(),
+        bundle: c.bundle.clone(),
+        rootfs: cfg.rootfs.clone(),
+        criu_version: version.to_string(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        leave_running: req.settings.leave_running,
+        descriptors: facts.descriptors.clone(),
+        cgroup_binds: facts.cgroup_binds.clone(),
+        masked_files: facts.masked_files.clone(),
+        terminal: cfg.terminal,
+        runc_state: c.raw.clone(),
+    };
+    // A stale ferry.json from an earlier checkpoint must not vouch for these images.
+    let _ = std::fs::remove_file(req.images.join(META_FILE));
+
+    let request = Request {
+        opts,
+        images_dir: open_dir(&req.images)?,
+        work_dir: Some(open_dir(&work)?),
+        log_path: Some(work.join(DUMP_LOG)),
+    };
+    let images = req.images.clone();
+    let mut saved = false;
+    let mut notify = |n: Notification| -> Reply {
+        if n.script == Script::PostDump {
+            return match meta.save(&images) {
+                Ok(()) => {
+                    saved = true;
+                    Reply::Success
+                }
+                Err(e) => Reply::Failure(e.to_string()),
+            };
+        }
+        Reply::Success
+    };
+    tracing::info!(id = %req.id, images = %req.images.display(), "dumping");
+    criu.dump(request, ChildFds::default(), &mut notify)?;
+    if !saved {
+        meta.save(&req.images)?;
+    }
+    if work != req.images {
+        let _ = std::fs::copy(work.join(DUMP_STATS_FILE), req.images.join(DUMP_STATS_FILE));
+    }
+    let stats = read_dump_stats(&work)?;
+
+    if !req.settings.leave_running {
+        // The tasks are gone; remove the stopped container from runc as `runc checkpoint` does.
+        if let Err(e) = Runc::new(&req.runtime_root).delete(&req.id) {
+            tracing::warn!(
+                "checkpointed container {} could not be deleted from runc: {e}",
+                req.id
+            );
+        }
+    }
+    Ok(CheckpointReport {
+        criu_version: version.to_string(),
+        container: req.id.clone(),
+        images: req.images.clone(),
+        leave_running: req.settings.leave_running,
+        stats,
+        elapsed_ms: elapsed_ms(started),
+    })
+}

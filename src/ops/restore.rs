@@ -1,0 +1,391 @@
+//! `ferry restore`: restore a checkpoint as a runc container.
+//!
+//! Order of events: validate everything (images, id, runc root, bundle, bind sources) before
+//! touching anything; claim `<root>/<id>`; bind-mount the rootfs privately for CRIU; create
+//! the cgroups; start criu, place it in the cgroups, send RESTORE; at `post-restore` (tasks
+//! restored, not yet running) write runc's state so runc owns the container — if that fails
+//! CRIU kills the restored tasks. Any failure undoes what was done (unmount first, then
+//! remove only what ferry created, never through a mount) and keeps CRIU's log.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{elapsed_ms, open_dir, require_root, OpError};
+use crate::criu::client::Request;
+use crate::criu::swrk::ChildFds;
+use crate::criu::{Criu, Notification, Reply, Script};
+use crate::images::read_dump_stats;
+use crate::oci::bundle::{BundleConfig, MountKind};
+use crate::oci::meta::CheckpointMeta;
+use crate::oci::options::{cgroup_roots, restore_options, RestoreSettings, RESTORE_LOG};
+use crate::oci::state::{process_start_time, RuncRoot};
+use crate::oci::{validate_id, OciError};
+use crate::pb::InheritFd;
+use crate::runtime::cgroups::{renamed_paths, CgroupSet};
+use crate::runtime::mounts::{remove_tree, BindMount};
+use crate::runtime::runc::{adopted_state, rfc3339_now, write_state, Adoption};
+
+/// Where ferry keeps per-restore work directories (CRIU's log, the rootfs mount point).
+pub const FERRY_RUN_DIR: &str = "/run/ferry";
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreRequest {
+    pub id: String,
+    pub runtime_root: PathBuf,
+    pub images: PathBuf,
+    /// The bundle to restore into; the one recorded at checkpoint when absent.
+    pub bundle: Option<PathBuf>,
+    /// Allow restoring another container's checkpoint under `id`.
+    pub rename: bool,
+    pub work_dir: Option<PathBuf>,
+    /// For containers with a terminal: where to send the pty master (runc's console socket).
+    pub console_socket: Option<PathBuf>,
+    pub settings: RestoreSettings,
+    /// Cgroup paths to use instead of the checkpoint's (e.g. on a migration destination).
+    pub cgroup_paths: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub criu_version: String,
+    pub container: String,
+    pub pid: i32,
+    pub bundle: PathBuf,
+    pub elapsed_ms: u64,
+}
+
+/// Everything checked before anything is changed.
+struct Validated {
+    meta: CheckpointMeta,
+    root: RuncRoot,
+    cfg: BundleConfig,
+    cgroup_paths: BTreeMap<String, String>,
+}
+
+fn validate(req: &RestoreRequest) -> Result<Validated, OpError> {
+    validate_id(&req.id)?;
+    if !req.images.is_dir() {
+        return Err(OpError::NoImages(req.images.clone()));
+    }
+    let meta = CheckpointMeta::load(&req.images)?;
+    read_dump_stats(&req.images)?;
+    if meta.container != req.id && !req.rename {
+        return Err(OpError::Invalid(format!(
+            "images in {} are a checkpoint of container {:?}, not {:?} (pass --rename to restore them under this id)",
+            req.images.display(),
+            meta.container,
+            req.id
+        )));
+    }
+    let root = RuncRoot::open_or_create(&req.runtime_root)?;
+    if root.exists(&req.id) {
+        return Err(OciError::Exists {
+            id: req.id.clone(),
+            root: root.path().to_path_buf(),
+        }
+        .into());
+    }
+    let bundle = req.bundle.clone().unwrap_or_else(|| meta.bundle.clone());
+    let cfg = BundleConfig::load(&bundle)?;
+    if !cfg.rootfs.is_dir() {
+        return Err(OpError::Invalid(format!(
+            "rootfs {} does not exist",
+            cfg.rootfs.display()
+        )));
+    }
+    for (dest, source) in cfg.binds() {
+        if !source.exists() {
+            return Err(OpError::Invalid(format!(
+                "bind mount source {} (for {dest}) does not exist on this host",
+                source.display()
+            )));
+        }
+    }
+    if meta.terminal && req.console_socket.is_none() {
+        return Err(OpError::Invalid(
+            "the container has a terminal: pass --console-socket to receive its pty master".into(),
+        ));
+    }
+    let cgroup_paths = match &req.cgroup_paths {
+        Some(p) => p.clone(),
+        None => {
+            let old: BTreeMap<String, String> =
+                serde_json::from_value(meta.runc_state["cgroup_paths"].clone()).map_err(|e| {
+                    OpError::Invalid(format!("ferry.json: runc state without cgroup paths: {e}"))
+                })?;
+            renamed_paths(&old, &meta.container, &req.id)
+        }
+    };
+    Ok(Validated {
+        meta,
+        root,
+        cfg,
+        cgroup_paths,
+    })
+}
+
+/// Creates missing mount points for bind mounts in the rootfs (not below a tmpfs, whose
+/// content CRIU restores itself), as runc does before a restore.
+fn prepare_mountpoints(cfg: &BundleConfig) -> Result<(), OpError> {
+    let tmpfs = cfg.tmpfs_destinations();
+    for m in &cfg.mounts {
+        let MountKind::Bind { source } = &m.kind else {
+            continue;
+        };
+        if tmpfs
+            .iter()
+            .any(|t| m.destination.starts_with(&format!("{t}/")))
+        {
+            continue;
+        }
+        let rel = m.destination.trim_start_matches('/');
+        if rel.split('/').any(|c| c == "..") {
+            return Err(OpError::Invalid(format!(
+                "mount destination {} escapes the rootfs",
+                m.destination
+            )));
+        }
+        let target = cfg.rootfs.join(rel);
+        if std::fs::symlink_metadata(&target).is_ok() {
+            continue;
+        }
+        let res = if source.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            target
+                .parent()
+                .map(std::fs::create_dir_all)
+                .unwrap_or(Ok(()))
+                .and_then(|_| std::fs::File::create(&target).map(|_| ()))
+        };
+        res.map_err(|source| OciError::Write {
+            path: target.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Undoes a failed restore's changes, in reverse order, when dropped unarmed.
+struct Undo {
+    state_dir: Option<PathBuf>,
+    cgroups: Option<CgroupSet>,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some(mut cg) = self.cgroups.take() {
+            cg.remove();
+        }
+        if let Some(d) = self.state_dir.take() {
+            if let Err(e) = remove_tree(&d) {
+                tracing::warn!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+fn dup_stdio() -> Result<[OwnedFd; 3], OpError> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map_err(|e| OpError::Environment(format!("cannot duplicate stdio: {e}")))
+    };
+    Ok([
+        dup(std::io::stdin().as_fd())?,
+        dup(std::io::stdout().as_fd())?,
+        dup(std::io::stderr().as_fd())?,
+    ])
+}
+
+/// Sends a pty master to a console socket (runc's protocol: SCM_RIGHTS with the name as data).
+fn send_console(socket: &Path, master: OwnedFd) -> Result<(), String> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let fds = [master.as_raw_fd()];
+    let name = b"/dev/ptmx";
+    let iov = [std::io::IoSlice::new(name)];
+    sendmsg::<()>(
+        s.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("sending pty master: {e}"))?;
+    Ok(())
+}
+
+fn descriptors_of(pid: i32) -> Vec<String> {
+    (0..3)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "/dev/null".into())
+        })
+        .collect()
+}
+
+pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpError> {
+    let started = Instant::now();
+    require_root()?;
+    let version = criu.require_version()?;
+    let v = validate(req)?;
+    prepare_mountpoints(&v.cfg)?;
+
+    let work = req.work_dir.clone().unwrap_or_else(|| {
+        Path::new(FERRY_RUN_DIR).join(format!("restore-{}-{}", req.id, std::process::id()))
+    });
+    std::fs::create_dir_all(&work).map_err(|source| OciError::Write {
+        path: work.clone(),
+        source,
+    })?;
+
+    // Claim the id in runc's root (create_dir fails if another restore or runc won the race).
+    let state_dir = v.root.container_dir(&req.id);
+    std::fs::create_dir(&state_dir).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            OpError::from(OciError::Exists {
+                id: req.id.clone(),
+                root: v.root.path().to_path_buf(),
+            })
+        } else {
+            OpError::from(OciError::Write {
+                path: state_dir.clone(),
+                source,
+            })
+        }
+    })?;
+    let mut undo = Undo {
+        state_dir: Some(state_dir),
+        cgroups: None,
+    };
+    let criu_root = BindMount::new(&v.cfg.rootfs, &work.join("criu-root"))?;
+    undo.cgroups = Some(CgroupSet::create(&v.cgroup_paths)?);
+
+    let mut plan = restore_options(
+        &v.cfg,
+        &v.meta,
+        criu_root.path(),
+        &v.cgroup_paths,
+        &req.settings,
+    )?;
+    let mut fds = ChildFds {
+        stdio: Some(dup_stdio()?),
+        inherited: Vec::new(),
+    };
+    for (key, path) in &plan.inherit_ns {
+        let f = std::fs::File::open(path).map_err(|source| OciError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let mut inh = InheritFd::new();
+        inh.set_key(key.clone());
+        inh.set_fd(fds.inherit(f.into()));
+        plan.opts.inherit_fd.push(inh);
+    }
+    let request = Request {
+        opts: plan.opts,
+        images_dir: open_dir(&req.images)?,
+        work_dir: Some(open_dir(&work)?),
+        log_path: Some(work.join(RESTORE_LOG)),
+    };
+
+    let old_bundle = v.meta.bundle.clone();
+    let mut adopted = false;
+    let mut notify = |n: Notification| -> Reply {
+        match n.script {
+            Script::PostRestore => {
+                let Some(pid) = n.pid else {
+                    return Reply::Failure("post-restore without a pid".into());
+                };
+                let start_time = match process_start_time(pid) {
+                    Ok((t, _)) => t,
+                    Err(e) => return Reply::Failure(format!("restored pid {pid}: {e}")),
+                };
+                let state = adopted_state(
+                    &v.meta.runc_state,
+                    &Adoption {
+                        id: &req.id,
+                        pid,
+                        start_time,
+                        bundle: &v.cfg.bundle,
+                        old_bundle: &old_bundle,
+                        rootfs: &v.cfg.rootfs,
+                        cgroup_paths: &v.cgroup_paths,
+                        descriptors: descriptors_of(pid),
+                        created: rfc3339_now(),
+                    },
+                );
+                match write_state(&v.root, &req.id, &state) {
+                    Ok(()) => {
+                        adopted = true;
+                        Reply::Success
+                    }
+                    Err(e) => Reply::Failure(format!("handing the container to runc: {e}")),
+                }
+            }
+            Script::OrphanPtsMaster => match (n.fd, &req.console_socket) {
+                (Some(fd), Some(sock)) => match send_console(sock, fd) {
+                    Ok(()) => Reply::Success,
+                    Err(e) => Reply::Failure(e),
+                },
+                _ => Reply::Failure("no console socket for the restored terminal".into()),
+            },
+            _ => Reply::Success,
+        }
+    };
+    let paths = v.cgroup_paths.clone();
+    let before = |criu_pid: u32, opts: &mut crate::pb::CriuOpts| -> Result<(), String> {
+        CgroupSet::enter(&paths, criu_pid).map_err(|e| e.to_string())?;
+        let cg = std::fs::read_to_string(format!("/proc/{criu_pid}/cgroup"))
+            .map_err(|e| e.to_string())?;
+        opts.cg_root.extend(cgroup_roots(&cg));
+        Ok(())
+    };
+    tracing::info!(id = %req.id, images = %req.images.display(), "restoring");
+    let result = criu.restore(request, fds, before, &mut notify);
+    criu_root.release()?;
+    let pid = match result {
+        Ok(pid) if adopted => pid,
+        Ok(pid) => {
+            // CRIU restored without telling us (no post-restore): do not leave an orphan.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(OpError::Invalid(
+                "CRIU restored without a post-restore notification".into(),
+            ));
+        }
+        Err(e) => {
+            tracing::info!(
+                "restore failed; CRIU's log is kept at {}",
+                work.join(RESTORE_LOG).display()
+            );
+            return Err(e.into());
+        }
+    };
+    // Success: runc owns the state dir and cgroups now.
+    undo.state_dir = None;
+    if let Some(cg) = undo.cgroups.take() {
+        cg.keep();
+    }
+    if req.work_dir.is_none() {
+        if let Err(e) = remove_tree(&work) {
+            tracing::warn!("cleanup: {e}");
+        }
+    }
+    Ok(RestoreReport {
+        criu_version: version.to_string(),
+        container: req.id.clone(),
+        pid,
+        bundle: v.cfg.bundle.clone(),
+        elapsed_ms: elapsed_ms(started),
+    })
+}
