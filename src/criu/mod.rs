@@ -51,3 +51,6 @@ pub enum CriuError {
 }
 
 pub type Result<T, E = CriuError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod loop_tests;

@@ -58,6 +58,7 @@ impl ChildFds {
 }
 
 /// One message received from the peer, with any descriptors attached to it.
+#[derive(Debug)]
 pub struct Received {
     pub resp: CriuResp,
     pub fds: Vec<OwnedFd>,
