@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what ferry needs on a Debian (bookworm) host: runc, iptables/nftables, busybox-static
+# (demo and test containers), iproute2, a C toolchain, and the pinned CRIU built from source.
+# Idempotent. Needs root.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+[ "$(id -u)" -eq 0 ] || { log "error: must run as root"; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
+
+log "installing system packages"
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+    runc iptables nftables busybox-static iproute2 build-essential pkg-config ca-certificates >/dev/null
+
+log "installing the pinned CRIU"
+bash vendor/criu/install.sh
+
+if [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || { log "error: no Rust toolchain (cargo) on this machine; install rustup's stable toolchain"; exit 1; }
+log "ready: $(criu --version | head -n1), $(runc --version | head -n1), $(cargo --version)"
