@@ -40,7 +40,9 @@ const RESTORE_FIELDS: &[&str] = &["criu_version", "container", "pid", "elapsed_m
 
 #[track_caller]
 fn assert_version_string(v: &Value) {
-    let ver = v["criu_version"].as_str().unwrap_or_else(|| panic!("criu_version: {v}"));
+    let ver = v["criu_version"]
+        .as_str()
+        .unwrap_or_else(|| panic!("criu_version: {v}"));
     assert!(
         ver.split('.').count() >= 2 && ver.split('.').all(|p| p.parse::<u32>().is_ok()),
         "criu_version {ver:?} is not a dotted version"
@@ -52,7 +54,14 @@ fn assert_version_string(v: &Value) {
 #[track_caller]
 fn ferry_checkpoint(rc: &Runc, id: &str, images: &Path, leave_running: bool) -> Value {
     let root = rc.root.clone();
-    let mut args = vec!["checkpoint", id, "--images", s(images), "--runtime-root", s(&root)];
+    let mut args = vec![
+        "checkpoint",
+        id,
+        "--images",
+        s(images),
+        "--runtime-root",
+        s(&root),
+    ];
     if leave_running {
         args.push("--leave-running");
     }
@@ -76,7 +85,10 @@ fn ferry_checkpoint(rc: &Runc, id: &str, images: &Path, leave_running: bool) -> 
         json_u64(&v, f);
     }
     assert!(json_u64(&v, "pages_written") > 0, "pages_written: {v}");
-    assert!(json_u64(&v, "pages_scanned") >= json_u64(&v, "pages_written"), "{v}");
+    assert!(
+        json_u64(&v, "pages_scanned") >= json_u64(&v, "pages_written"),
+        "{v}"
+    );
     assert_eq!(v["leave_running"], leave_running, "{v}");
     v
 }
@@ -87,7 +99,14 @@ fn ferry_checkpoint(rc: &Runc, id: &str, images: &Path, leave_running: bool) -> 
 fn ferry_restore(rc: &Runc, id: &str, images: &Path, extra: &[&str]) -> u64 {
     rc.track(id);
     let root = rc.root.clone();
-    let mut args = vec!["restore", id, "--images", s(images), "--runtime-root", s(&root)];
+    let mut args = vec![
+        "restore",
+        id,
+        "--images",
+        s(images),
+        "--runtime-root",
+        s(&root),
+    ];
     args.extend_from_slice(extra);
     args.push("--json");
     let out = ferry(&args);
@@ -100,13 +119,20 @@ fn ferry_restore(rc: &Runc, id: &str, images: &Path, extra: &[&str]) -> u64 {
     assert!(pid > 0, "{v}");
     let st = rc.state(id);
     assert_eq!(st["status"], "running", "runc state after restore: {st}");
-    assert_eq!(st["pid"].as_u64(), Some(pid), "runc state pid vs ferry pid: {st} / {v}");
+    assert_eq!(
+        st["pid"].as_u64(),
+        Some(pid),
+        "runc state pid vs ferry pid: {st} / {v}"
+    );
     pid
 }
 
 #[track_caller]
 fn assert_exec_works(rc: &Runc, id: &str) {
-    let out = must(rc.exec(id, &["echo", "hi"]), &format!("runc exec {id} echo hi"));
+    let out = must(
+        rc.exec(id, &["echo", "hi"]),
+        &format!("runc exec {id} echo hi"),
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 }
 
@@ -125,7 +151,12 @@ fn assert_file_counts_from_one(path: &Path, min: usize) -> Vec<u64> {
 fn assert_stopped_writing(path: &Path) {
     let n = read_counter_lines(path).len();
     thread::sleep(Duration::from_millis(400));
-    assert_eq!(read_counter_lines(path).len(), n, "{} still grows", path.display());
+    assert_eq!(
+        read_counter_lines(path).len(),
+        n,
+        "{} still grows",
+        path.display()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -154,12 +185,19 @@ fn rig_runc_baseline_checkpoint_restore() {
     let images = rc.mkdir("images");
     must(rc.checkpoint(&id, &images, &[]), "runc checkpoint");
     p1.wait_eof(T);
-    assert!(!rc.list_ids().contains(&id), "{id} still listed after runc checkpoint");
+    assert!(
+        !rc.list_ids().contains(&id),
+        "{id} still listed after runc checkpoint"
+    );
     let before = p1.values();
 
     let (p2, out2) = pipe_lines();
     let r = rc.restore_detached(&id, &bundle, &images, out2);
-    assert!(r.status.success(), "runc restore failed: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        r.status.success(),
+        "runc restore failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     rc.wait_status(&id, "running", T);
     p2.wait_values(20, T);
 
@@ -217,7 +255,10 @@ fn counter_checkpoint_restore_continues() {
     // Cycle 1.
     let images = rc.mkdir("images1");
     ferry_checkpoint(&rc, &id, &images, false);
-    assert!(!rc.list_ids().contains(&id), "{id} still in runc list after checkpoint");
+    assert!(
+        !rc.list_ids().contains(&id),
+        "{id} still in runc list after checkpoint"
+    );
     assert_stopped_writing(&out);
     let n1 = read_counter_lines(&out).len();
 
@@ -229,7 +270,10 @@ fn counter_checkpoint_restore_continues() {
     // Cycle 2 on the restored container.
     let images2 = rc.mkdir("images2");
     ferry_checkpoint(&rc, &id, &images2, false);
-    assert!(!rc.list_ids().contains(&id), "{id} still in runc list after 2nd checkpoint");
+    assert!(
+        !rc.list_ids().contains(&id),
+        "{id} still in runc list after 2nd checkpoint"
+    );
     assert_stopped_writing(&out);
     let n2 = read_counter_lines(&out).len();
     ferry_restore(&rc, &id, &images2, &[]);
@@ -272,7 +316,11 @@ fn leave_running_images_restorable() {
     // the file interleaves two counters: only check that both run.
     ferry_restore(&rc, &b, &images, &["--rename"]);
     assert_exec_works(&rc, &b);
-    assert_eq!(rc.status(&a).as_deref(), Some("running"), "original stopped");
+    assert_eq!(
+        rc.status(&a).as_deref(),
+        Some("running"),
+        "original stopped"
+    );
     assert_exec_works(&rc, &a);
 
     rc.kill_and_delete(&b);
@@ -311,7 +359,11 @@ fn bind_mount_and_pipe_stdout() {
     let id = rc.id("");
     let hostdata = rc.mkdir("hostdata");
     let data_out = hostdata.join("out");
-    let bundle = rc.bundle("tee").bind(&hostdata, "/data").args(&counter_tee_args("/data/out")).build();
+    let bundle = rc
+        .bundle("tee")
+        .bind(&hostdata, "/data")
+        .args(&counter_tee_args("/data/out"))
+        .build();
 
     // stdout on a pipe the test reads; stderr /dev/null (so stdout is the only pipe).
     let (p1, o1) = pipe_lines();
@@ -343,7 +395,9 @@ fn bind_mount_and_pipe_stdout() {
     .run();
     r.ok();
     rc.wait_status(&id, "running", T);
-    wait_for(T, "20 counter lines on the new pipe", || p2.numeric_values().len() >= 20);
+    wait_for(T, "20 counter lines on the new pipe", || {
+        p2.numeric_values().len() >= 20
+    });
     let extra: Vec<String> = complete_lines_of(&p2.text())
         .into_iter()
         .filter(|l| l.trim().parse::<u64>().is_err())
@@ -395,7 +449,13 @@ impl Source {
         rc.run_detached(&id, &bundle, Out::append_file(&out));
         wait_counter_lines(&out, 10, T);
         let bundle_snap = snapshot_tree(&bundle);
-        Source { rc, id, out, bundle, bundle_snap }
+        Source {
+            rc,
+            id,
+            out,
+            bundle,
+            bundle_snap,
+        }
     }
 
     fn root(&self) -> &str {
@@ -405,7 +465,11 @@ impl Source {
     /// Still running, still counting without a break, bundle intact.
     #[track_caller]
     fn assert_healthy(&self) {
-        assert_eq!(self.rc.status(&self.id).as_deref(), Some("running"), "source not running");
+        assert_eq!(
+            self.rc.status(&self.id).as_deref(),
+            Some("running"),
+            "source not running"
+        );
         let n = read_counter_lines(&self.out).len();
         wait_counter_lines(&self.out, n + 5, T);
         assert_file_counts_from_one(&self.out, n + 5);
@@ -437,8 +501,15 @@ fn bad_input_unknown_container() {
     let src = Source::start("badunknown");
     let images = src.rc.mkdir("images");
     let nosuch = src.rc.id("-nosuch");
-    ferry(&["checkpoint", &nosuch, "--images", s(&images), "--runtime-root", src.root()])
-        .assert_error(3);
+    ferry(&[
+        "checkpoint",
+        &nosuch,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        src.root(),
+    ])
+    .assert_error(3);
     assert!(images.is_dir(), "images dir removed");
     src.assert_healthy();
     src.finish();
@@ -454,8 +525,15 @@ fn bad_input_runtime_root_not_runc() {
     let notrunc = src.rc.mkdir("notrunc");
     fs::write(notrunc.join("random.txt"), "not a runc state dir\n").unwrap();
     let snap = snapshot_tree(&notrunc);
-    ferry(&["checkpoint", &src.id, "--images", s(&images), "--runtime-root", s(&notrunc)])
-        .assert_error(4);
+    ferry(&[
+        "checkpoint",
+        &src.id,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        s(&notrunc),
+    ])
+    .assert_error(4);
     assert_tree_kept(&notrunc, &snap);
     assert!(images.is_dir(), "images dir removed");
     src.assert_healthy();
@@ -472,14 +550,32 @@ fn bad_input_restore_empty_or_missing_images_dir() {
     let empty = src.rc.mkdir("empty");
     let bundle = s(&src.bundle).to_string();
 
-    ferry(&["restore", &other, "--images", s(&empty), "--bundle", &bundle, "--runtime-root", src.root()])
-        .assert_error(4);
+    ferry(&[
+        "restore",
+        &other,
+        "--images",
+        s(&empty),
+        "--bundle",
+        &bundle,
+        "--runtime-root",
+        src.root(),
+    ])
+    .assert_error(4);
     assert!(empty.is_dir(), "empty images dir removed");
     src.assert_not_created(&other);
 
     let missing = src.rc.path("no-such-images");
-    ferry(&["restore", &other, "--images", s(&missing), "--bundle", &bundle, "--runtime-root", src.root()])
-        .assert_error(3);
+    ferry(&[
+        "restore",
+        &other,
+        "--images",
+        s(&missing),
+        "--bundle",
+        &bundle,
+        "--runtime-root",
+        src.root(),
+    ])
+    .assert_error(3);
     src.assert_not_created(&other);
 
     src.assert_healthy();
@@ -496,9 +592,19 @@ fn bad_input_restore_other_containers_images_without_rename() {
     ferry_checkpoint(&src.rc, &src.id, &images, true);
     let snap = snapshot_tree(&images);
     let other = src.rc.id("-other");
-    let r = ferry(&["restore", &other, "--images", s(&images), "--runtime-root", src.root()]);
+    let r = ferry(&[
+        "restore",
+        &other,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        src.root(),
+    ]);
     r.assert_error(4);
-    assert!(r.stderr.contains(&src.id), "error should name the checkpointed container: {r:?}");
+    assert!(
+        r.stderr.contains(&src.id),
+        "error should name the checkpointed container: {r:?}"
+    );
     assert_tree_kept(&images, &snap);
     src.assert_not_created(&other);
     src.assert_healthy();
@@ -519,8 +625,16 @@ fn bad_input_restore_truncated_stats() {
     fs::write(&stats, &data[..5]).unwrap();
     let snap = snapshot_tree(&images);
     let other = src.rc.id("-other");
-    ferry(&["restore", &other, "--images", s(&images), "--rename", "--runtime-root", src.root()])
-        .assert_error(4);
+    ferry(&[
+        "restore",
+        &other,
+        "--images",
+        s(&images),
+        "--rename",
+        "--runtime-root",
+        src.root(),
+    ])
+    .assert_error(4);
     assert_tree_kept(&images, &snap);
     src.assert_not_created(&other);
     src.assert_healthy();
@@ -537,8 +651,15 @@ fn bad_input_restore_existing_id() {
     ferry_checkpoint(&src.rc, &src.id, &images, true);
     let snap = snapshot_tree(&images);
     // The source is still running under that id.
-    ferry(&["restore", &src.id, "--images", s(&images), "--runtime-root", src.root()])
-        .assert_error(7);
+    ferry(&[
+        "restore",
+        &src.id,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        src.root(),
+    ])
+    .assert_error(7);
     assert_tree_kept(&images, &snap);
     src.assert_healthy();
     src.finish();
@@ -555,8 +676,15 @@ fn bad_input_checkpoint_stopped_container() {
     src.rc.run_detached(&done, &bundle, Out::Null);
     src.rc.wait_status(&done, "stopped", T);
     let images = src.rc.mkdir("images");
-    ferry(&["checkpoint", &done, "--images", s(&images), "--runtime-root", src.root()])
-        .assert_error(7);
+    ferry(&[
+        "checkpoint",
+        &done,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        src.root(),
+    ])
+    .assert_error(7);
     assert!(images.is_dir());
     must(src.rc.delete(&done, false), "runc delete stopped container");
     src.assert_healthy();
@@ -576,10 +704,17 @@ fn bad_input_criu_missing() {
     let src = Source::start("badnocriu");
     let images = src.rc.mkdir("images");
     let missing = src.rc.path("no-such-dir/criu");
-    ferry_cmd(&["checkpoint", &src.id, "--images", s(&images), "--runtime-root", src.root()])
-        .env("FERRY_CRIU", s(&missing))
-        .run()
-        .assert_error(5);
+    ferry_cmd(&[
+        "checkpoint",
+        &src.id,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        src.root(),
+    ])
+    .env("FERRY_CRIU", s(&missing))
+    .run()
+    .assert_error(5);
     assert!(images.is_dir());
     src.assert_healthy();
     src.finish();
@@ -607,10 +742,17 @@ fn bad_input_criu_too_old_or_broken() {
     );
 
     for fake in [&old, &broken] {
-        ferry_cmd(&["checkpoint", &src.id, "--images", s(&images), "--runtime-root", src.root()])
-            .env("FERRY_CRIU", s(fake))
-            .run()
-            .assert_error(5);
+        ferry_cmd(&[
+            "checkpoint",
+            &src.id,
+            "--images",
+            s(&images),
+            "--runtime-root",
+            src.root(),
+        ])
+        .env("FERRY_CRIU", s(fake))
+        .run()
+        .assert_error(5);
         assert!(images.is_dir());
         src.assert_healthy();
     }

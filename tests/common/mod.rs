@@ -46,12 +46,19 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    for d in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+    for d in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
         dirs.push(PathBuf::from(d));
     }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| {
-        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 fn euid() -> u32 {
@@ -61,7 +68,9 @@ fn euid() -> u32 {
 
 /// True when `path` is an ELF file without a PT_INTERP program header (statically linked).
 fn is_static_elf(path: &Path) -> bool {
-    let Ok(data) = fs::read(path) else { return false };
+    let Ok(data) = fs::read(path) else {
+        return false;
+    };
     if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
         return false; // not a 64-bit ELF
     }
@@ -182,7 +191,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
                 out.push(v);
                 i += 4;
@@ -212,17 +224,26 @@ fn is_mount_point(p: &Path) -> bool {
 /// `dir`, deepest first. Returns mounts that are still there afterwards.
 pub fn unmount_below(dir: &Path) -> Vec<PathBuf> {
     for _ in 0..3 {
-        let mut below: Vec<PathBuf> =
-            mount_points().into_iter().filter(|m| m.starts_with(dir)).collect();
+        let mut below: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(dir))
+            .collect();
         if below.is_empty() {
             return below;
         }
         below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for m in &below {
-            let _ = Command::new("umount").arg("-l").arg(m).stdin(Stdio::null()).output();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .stdin(Stdio::null())
+                .output();
         }
     }
-    mount_points().into_iter().filter(|m| m.starts_with(dir)).collect()
+    mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(dir))
+        .collect()
 }
 
 /// Remove `dir` recursively, but never through a mount point: unmount everything below it
@@ -233,7 +254,10 @@ pub fn safe_remove_dir_all(dir: &Path) {
     }
     let left = unmount_below(dir);
     if !left.is_empty() {
-        eprintln!("not removing {}: still mounted below it: {left:?}", dir.display());
+        eprintln!(
+            "not removing {}: still mounted below it: {left:?}",
+            dir.display()
+        );
         return;
     }
     if let Err(e) = fs::remove_dir_all(dir) {
@@ -320,7 +344,9 @@ impl PipeLines {
     }
     /// Counter values read so far, ignoring lines that are not plain numbers.
     pub fn numeric_values(&self) -> Vec<u64> {
-        complete_lines(&self.text()).filter_map(|l| l.trim().parse().ok()).collect()
+        complete_lines(&self.text())
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
     }
     /// Wait until at least `n` counter values were read.
     #[track_caller]
@@ -335,7 +361,9 @@ impl PipeLines {
     /// Wait until every writer has closed the pipe.
     #[track_caller]
     pub fn wait_eof(&self, timeout: Duration) {
-        wait_for(timeout, "EOF on pipe (all writers closed)", || self.is_eof());
+        wait_for(timeout, "EOF on pipe (all writers closed)", || {
+            self.is_eof()
+        });
     }
 }
 
@@ -353,9 +381,8 @@ pub fn counter_args() -> Vec<String> {
 
 /// Counter that also appends each value to `file` (inside the container).
 pub fn counter_tee_args(file: &str) -> Vec<String> {
-    let script = format!(
-        "i=0; while true; do i=$((i+1)); echo $i; echo $i >> {file}; sleep 0.05; done"
-    );
+    let script =
+        format!("i=0; while true; do i=$((i+1)); echo $i; echo $i >> {file}; sleep 0.05; done");
     vec!["sh".into(), "-c".into(), script]
 }
 
@@ -365,7 +392,9 @@ fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
         Some(i) => &text[..i],
         None => "",
     };
-    complete.split('\n').filter(|l| !complete.is_empty() || !l.is_empty())
+    complete
+        .split('\n')
+        .filter(|l| !complete.is_empty() || !l.is_empty())
 }
 
 /// Parse complete lines of counter output; panics (quoting the line) on anything else.
@@ -375,7 +404,10 @@ pub fn parse_counter(text: &str, what: &str) -> Vec<u64> {
         .enumerate()
         .map(|(n, l)| {
             l.trim().parse::<u64>().unwrap_or_else(|_| {
-                panic!("{what}: line {} is not a counter value: {l:?}\nfull text:\n{text}", n + 1)
+                panic!(
+                    "{what}: line {} is not a counter value: {l:?}\nfull text:\n{text}",
+                    n + 1
+                )
             })
         })
         .collect()
@@ -396,10 +428,14 @@ pub fn read_counter_lines(path: &Path) -> Vec<u64> {
 #[track_caller]
 pub fn wait_counter_lines(path: &Path, n: usize, timeout: Duration) -> Vec<u64> {
     let mut last = Vec::new();
-    wait_for(timeout, &format!("{n} counter lines in {}", path.display()), || {
-        last = read_counter_lines(path);
-        last.len() >= n
-    });
+    wait_for(
+        timeout,
+        &format!("{n} counter lines in {}", path.display()),
+        || {
+            last = read_counter_lines(path);
+            last.len() >= n
+        },
+    );
     last
 }
 
@@ -442,7 +478,12 @@ pub struct Bundle {
 
 impl Bundle {
     pub fn new(dir: impl Into<PathBuf>) -> Bundle {
-        Bundle { dir: dir.into(), args: counter_args(), hostname: None, binds: Vec::new() }
+        Bundle {
+            dir: dir.into(),
+            args: counter_args(),
+            hostname: None,
+            binds: Vec::new(),
+        }
     }
 
     /// `process.args` (default: the counter).
@@ -458,7 +499,8 @@ impl Bundle {
 
     /// Bind-mount host `source` at `destination` (rbind, rw).
     pub fn bind(mut self, source: &Path, destination: &str) -> Bundle {
-        self.binds.push((source.to_path_buf(), destination.to_string()));
+        self.binds
+            .push((source.to_path_buf(), destination.to_string()));
         self
     }
 
@@ -472,7 +514,10 @@ impl Bundle {
         let target = rootfs.join("bin/busybox");
         fs::copy(&busybox, &target).expect("copy busybox into rootfs");
         fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
-        let list = must(run_output(Command::new(&busybox).arg("--list")), "busybox --list");
+        let list = must(
+            run_output(Command::new(&busybox).arg("--list")),
+            "busybox --list",
+        );
         for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
             if applet == "busybox" || applet.contains('/') {
                 continue;
@@ -497,7 +542,9 @@ impl Bundle {
         if let Some(h) = &self.hostname {
             spec["hostname"] = Value::from(h.clone());
         }
-        let mounts = spec["mounts"].as_array_mut().expect("mounts array in runc spec");
+        let mounts = spec["mounts"]
+            .as_array_mut()
+            .expect("mounts array in runc spec");
         for (src, dst) in &self.binds {
             mounts.push(serde_json::json!({
                 "destination": dst,
@@ -544,7 +591,14 @@ impl Runc {
         fs::create_dir_all(&root).expect("create runc root");
         fs::create_dir_all(&bundles).expect("create bundles dir");
         let log = work.join("runc.log");
-        Runc { name: name.to_string(), root, work, bundles, log, started: Mutex::new(Vec::new()) }
+        Runc {
+            name: name.to_string(),
+            root,
+            work,
+            bundles,
+            log,
+            started: Mutex::new(Vec::new()),
+        }
     }
 
     /// Container id for this test, with an optional suffix (`""` for the main one).
@@ -621,13 +675,22 @@ impl Runc {
             .status()
             .expect("spawn runc run");
         drop((stdout, stderr));
-        assert!(status.success(), "runc run -d {id} failed ({status}); runc log:\n{}", self.log_tail());
+        assert!(
+            status.success(),
+            "runc run -d {id} failed ({status}); runc log:\n{}",
+            self.log_tail()
+        );
     }
 
     /// `runc checkpoint --image-path DIR id` (plain runc, for the baseline).
     pub fn checkpoint(&self, id: &str, images: &Path, extra: &[&str]) -> Output {
         run_output(
-            self.cmd().arg("checkpoint").args(extra).arg("--image-path").arg(images).arg(id),
+            self.cmd()
+                .arg("checkpoint")
+                .args(extra)
+                .arg("--image-path")
+                .arg(images)
+                .arg(id),
         )
     }
 
@@ -646,7 +709,11 @@ impl Runc {
             .stderr(out.stdio());
         drop(out);
         let status = c.status().expect("spawn runc restore");
-        Output { status, stdout: Vec::new(), stderr: self.log_tail().into_bytes() }
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr: self.log_tail().into_bytes(),
+        }
     }
 
     /// `runc state id` as JSON; None if runc does not know the container.
@@ -661,13 +728,17 @@ impl Runc {
     /// `runc state id` as JSON; panics if the container does not exist.
     #[track_caller]
     pub fn state(&self, id: &str) -> Value {
-        let out = must(run_output(self.cmd().arg("state").arg(id)), &format!("runc state {id}"));
+        let out = must(
+            run_output(self.cmd().arg("state").arg(id)),
+            &format!("runc state {id}"),
+        );
         serde_json::from_slice(&out.stdout).expect("runc state prints JSON")
     }
 
     /// `status` field of `runc state id`, None if the container does not exist.
     pub fn status(&self, id: &str) -> Option<String> {
-        self.try_state(id).and_then(|s| s["status"].as_str().map(str::to_string))
+        self.try_state(id)
+            .and_then(|s| s["status"].as_str().map(str::to_string))
     }
 
     /// Wait until the container has the given status.
@@ -680,7 +751,10 @@ impl Runc {
 
     /// `runc list --format json` (which prints `null` when empty).
     pub fn list(&self) -> Vec<Value> {
-        let out = must(run_output(self.cmd().args(["list", "--format", "json"])), "runc list");
+        let out = must(
+            run_output(self.cmd().args(["list", "--format", "json"])),
+            "runc list",
+        );
         match serde_json::from_slice::<Value>(&out.stdout).expect("runc list prints JSON") {
             Value::Null => Vec::new(),
             Value::Array(v) => v,
@@ -725,7 +799,10 @@ impl Runc {
         must(self.kill(id, "KILL"), &format!("runc kill {id} KILL"));
         self.wait_status(id, "stopped", Duration::from_secs(10));
         must(self.delete(id, false), &format!("runc delete {id}"));
-        assert!(self.try_state(id).is_none(), "{id} still known to runc after delete");
+        assert!(
+            self.try_state(id).is_none(),
+            "{id} still known to runc after delete"
+        );
     }
 
     /// A `<root>/<id>/criu-root` bind mount left behind by a failed restore would make
@@ -771,7 +848,10 @@ impl Runc {
         // Anything mounted under our root (e.g. criu-root of an id we never saw).
         let left = unmount_below(&self.root);
         if !left.is_empty() {
-            eprintln!("warning: mounts left under {}: {left:?}", self.root.display());
+            eprintln!(
+                "warning: mounts left under {}: {left:?}",
+                self.root.display()
+            );
         }
     }
 }
@@ -848,7 +928,10 @@ impl FerryOut {
         assert_eq!(self.code, Some(code), "expected exit {code}: {self:?}");
         let lines: Vec<&str> = self.stderr.lines().collect();
         assert_eq!(lines.len(), 1, "expected exactly one stderr line: {self:?}");
-        assert!(lines[0].starts_with("ferry: error: "), "bad error line: {self:?}");
+        assert!(
+            lines[0].starts_with("ferry: error: "),
+            "bad error line: {self:?}"
+        );
         self
     }
 }
@@ -891,7 +974,9 @@ impl FerryCmd {
         let mut out_f = tempfile::tempfile().expect("temp file");
         let mut err_f = tempfile::tempfile().expect("temp file");
         let mut c = Command::new(ferry_bin());
-        c.args(&self.args).stdin(Stdio::null()).stderr(err_f.try_clone().unwrap());
+        c.args(&self.args)
+            .stdin(Stdio::null())
+            .stderr(err_f.try_clone().unwrap());
         for (k, v) in &self.envs {
             c.env(k, v);
         }
@@ -899,7 +984,9 @@ impl FerryCmd {
             Some(o) => c.stdout(o.stdio()),
             None => c.stdout(out_f.try_clone().unwrap()),
         };
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", ferry_bin()));
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", ferry_bin()));
         drop(c); // closes our copies of the redirected descriptors
         drop(self.stdout);
         let start = Instant::now();
@@ -910,7 +997,10 @@ impl FerryCmd {
             if start.elapsed() > FERRY_TIMEOUT {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("ferry {:?} did not finish within {FERRY_TIMEOUT:?}", self.args);
+                panic!(
+                    "ferry {:?} did not finish within {FERRY_TIMEOUT:?}",
+                    self.args
+                );
             }
             thread::sleep(Duration::from_millis(10));
         };
@@ -942,7 +1032,9 @@ pub fn assert_fields(v: &Value, fields: &[&str]) {
 /// Unsigned integer field of a JSON object (panics with the object if absent/wrong type).
 #[track_caller]
 pub fn json_u64(v: &Value, field: &str) -> u64 {
-    v[field].as_u64().unwrap_or_else(|| panic!("field {field:?} is not an unsigned int: {v}"))
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {field:?} is not an unsigned int: {v}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -959,7 +1051,9 @@ pub fn snapshot_tree(dir: &Path) -> TreeSnapshot {
         for e in rd.flatten() {
             let p = e.path();
             let rel = p.strip_prefix(base).unwrap().to_path_buf();
-            let Ok(md) = fs::symlink_metadata(&p) else { continue };
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                continue;
+            };
             if md.is_dir() {
                 out.insert(rel, None);
                 walk(base, &p, out);
@@ -1012,7 +1106,9 @@ fn criu_processes() -> Vec<String> {
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {
             let name = e.file_name();
-            let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            let Some(pid) = name
+                .to_str()
+                .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
             else {
                 continue;
             };
@@ -1089,13 +1185,17 @@ fn processes_in_cgroups(ids: &[String]) -> Vec<String> {
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {
             let name = e.file_name();
-            if !name.to_str().is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit())) {
+            if !name
+                .to_str()
+                .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            {
                 continue;
             }
             let cg = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
-            if let Some(id) = ids.iter().find(|id| {
-                cg.lines().any(|l| l.split('/').any(|c| c == id.as_str()))
-            }) {
+            if let Some(id) = ids
+                .iter()
+                .find(|id| cg.lines().any(|l| l.split('/').any(|c| c == id.as_str())))
+            {
                 v.push(format!("pid {} in cgroup of {id}", name.to_string_lossy()));
             }
         }
@@ -1105,9 +1205,21 @@ fn processes_in_cgroups(ids: &[String]) -> Vec<String> {
 
 fn global_problems() -> Vec<String> {
     let mut p = Vec::new();
-    p.extend(criu_mounts().into_iter().map(|m| format!("leftover mount: {m}")));
-    p.extend(criu_processes().into_iter().map(|c| format!("criu process: {c}")));
-    p.extend(criu_firewall_rules().into_iter().map(|r| format!("CRIU firewall rule: {r}")));
+    p.extend(
+        criu_mounts()
+            .into_iter()
+            .map(|m| format!("leftover mount: {m}")),
+    );
+    p.extend(
+        criu_processes()
+            .into_iter()
+            .map(|c| format!("criu process: {c}")),
+    );
+    p.extend(
+        criu_firewall_rules()
+            .into_iter()
+            .map(|r| format!("CRIU firewall rule: {r}")),
+    );
     p
 }
 
@@ -1139,7 +1251,11 @@ pub fn leak_check(ids: &[String]) {
         p.extend(processes_in_cgroups(ids));
         p
     });
-    assert!(problems.is_empty(), "leaks after test ({ids:?}):\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "leaks after test ({ids:?}):\n{}",
+        problems.join("\n")
+    );
 }
 
 /// Global check at the end of a test binary: no criu-root / .criu.cgyard mounts, no criu
