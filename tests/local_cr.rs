@@ -159,6 +159,21 @@ fn assert_stopped_writing(path: &Path) {
     );
 }
 
+/// Starts a counter container whose values go to a file on a bind-mounted host directory
+/// (CRIU, like `runc checkpoint`, cannot dump a container whose stdout is a host file that
+/// is not visible through its mounts, so stdio is /dev/null here). Returns the host path of
+/// the counter file and the bundle.
+fn start_file_counter(rc: &Runc, id: &str) -> (PathBuf, PathBuf) {
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("counter")
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .build();
+    rc.run_detached(id, &bundle, Out::Null);
+    (data.join("counter"), bundle)
+}
+
 // ---------------------------------------------------------------------------------------
 // The rig itself (plain runc + criu, no ferry)
 // ---------------------------------------------------------------------------------------
@@ -247,9 +262,7 @@ fn counter_checkpoint_restore_continues() {
     }
     let rc = Runc::new("counter");
     let id = rc.id("");
-    let bundle = rc.bundle("counter").build();
-    let out = rc.path("out.txt");
-    rc.run_detached(&id, &bundle, Out::append_file(&out));
+    let (out, _bundle) = start_file_counter(&rc, &id);
     wait_counter_lines(&out, 20, T);
 
     // Cycle 1.
@@ -296,9 +309,7 @@ fn leave_running_images_restorable() {
     let rc = Runc::new("leave");
     let a = rc.id("");
     let b = rc.id("-copy");
-    let bundle = rc.bundle("counter").build();
-    let out = rc.path("out.txt");
-    rc.run_detached(&a, &bundle, Out::append_file(&out));
+    let (out, _bundle) = start_file_counter(&rc, &a);
     wait_counter_lines(&out, 20, T);
 
     let images = rc.mkdir("images");
@@ -312,7 +323,7 @@ fn leave_running_images_restorable() {
     wait_counter_lines(&out, hi as usize + 20, T);
     assert_file_counts_from_one(&out, hi as usize + 20);
 
-    // A copy under another id. It reopens the same stdout file by path, so from here on
+    // A copy under another id. It appends to the same bind-mounted counter file, so from here on
     // the file interleaves two counters: only check that both run.
     ferry_restore(&rc, &b, &images, &["--rename"]);
     assert_exec_works(&rc, &b);
@@ -444,9 +455,7 @@ impl Source {
     fn start(name: &str) -> Source {
         let rc = Runc::new(name);
         let id = rc.id("");
-        let bundle = rc.bundle("counter").build();
-        let out = rc.path("out.txt");
-        rc.run_detached(&id, &bundle, Out::append_file(&out));
+        let (out, bundle) = start_file_counter(&rc, &id);
         wait_counter_lines(&out, 10, T);
         let bundle_snap = snapshot_tree(&bundle);
         Source {

@@ -224,13 +224,16 @@ impl Swrk {
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_RECEIVED_FDS]);
         let (n, flags, fds) = {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(
+            let msg = match recvmsg::<()>(
                 self.sock.as_raw_fd(),
                 &mut iov,
                 Some(&mut cmsg),
                 MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(CriuError::Socket)?;
+            ) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::ECONNRESET) => return Err(self.closed(op)),
+                Err(e) => return Err(CriuError::Socket(e)),
+            };
             let mut fds = Vec::new();
             for c in msg.cmsgs().map_err(CriuError::Socket)? {
                 if let ControlMessageOwned::ScmRights(raw) = c {

@@ -379,6 +379,12 @@ pub fn counter_args() -> Vec<String> {
     vec!["sh".into(), "-c".into(), COUNTER_SCRIPT.into()]
 }
 
+/// Counter that appends each value to `file` (inside the container) and prints nothing.
+pub fn counter_file_args(file: &str) -> Vec<String> {
+    let script = format!("i=0; while true; do i=$((i+1)); echo $i >> {file}; sleep 0.05; done");
+    vec!["sh".into(), "-c".into(), script]
+}
+
 /// Counter that also appends each value to `file` (inside the container).
 pub fn counter_tee_args(file: &str) -> Vec<String> {
     let script =
