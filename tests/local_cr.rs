@@ -790,3 +790,57 @@ fn zz_no_leftovers() {
     }
     global_leak_check();
 }
+
+/// A restore that CRIU itself fails (corrupt page data) undoes everything ferry set up: no
+/// runc state, no cgroups, no criu-root mount, no processes, and the bundle's rootfs intact
+/// (runc's own `delete -f` after such a failure would delete the rootfs through the mount).
+#[test]
+fn failed_restore_by_criu_cleans_up_without_touching_the_rootfs() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("criufail");
+    let images = src.rc.mkdir("images");
+    ferry_checkpoint(&src.rc, &src.id, &images, true);
+    let pages = fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .expect("a pages image");
+    fs::write(&pages, b"").unwrap();
+    let rootfs_snap = snapshot_tree(&src.bundle.join("rootfs"));
+    let other = src.rc.id("-other");
+    // An empty pages image sends CRIU 4.2.1 into an endless loop: ferry's per-answer
+    // timeout must end it and the cleanup must kill what CRIU left in the cgroups.
+    let out = ferry(&[
+        "restore",
+        &other,
+        "--images",
+        s(&images),
+        "--rename",
+        "--runtime-root",
+        src.root(),
+        "--timeout",
+        "15",
+    ]);
+    out.assert_error(6);
+    src.assert_not_created(&other);
+    assert_tree_kept(&src.bundle.join("rootfs"), &rootfs_snap);
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("criu-root"),
+        "criu-root still mounted:\n{mounts}"
+    );
+    for ctrl in ["freezer", "pids", "cpu", "devices"] {
+        let d = Path::new("/sys/fs/cgroup").join(ctrl).join(&other);
+        assert!(!d.exists(), "cgroup {} left behind", d.display());
+    }
+    src.assert_healthy();
+    src.finish();
+}

@@ -26,6 +26,9 @@ struct Cli {
     /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Longest wait for any single answer from CRIU, in seconds (criu is killed after it).
+    #[arg(long, value_name = "SECS", default_value_t = 300, global = true)]
+    timeout: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -138,7 +141,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, OpError> {
-    let criu = Criu::from_env();
+    let criu = Criu::from_env().with_timeout(std::time::Duration::from_secs(cli.timeout.max(1)));
     match cli.command {
         Cmd::Check { json } => {
             let r = check(&criu);

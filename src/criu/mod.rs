@@ -36,7 +36,7 @@ pub enum CriuError {
     Timeout { op: &'static str, timeout: Duration },
     #[error("criu sent a malformed message during {op}: {detail}")]
     Protocol { op: &'static str, detail: String },
-    #[error("criu {op} failed (errno {errno}){excerpt}")]
+    #[error("criu {op} failed (errno {errno}){excerpt}{}", log.as_ref().map(|l| format!(" [log: {}]", l.display())).unwrap_or_default())]
     Failed {
         op: &'static str,
         errno: i32,

@@ -21,6 +21,7 @@ use crate::oci::meta::{CheckpointMeta, META_FILE, META_FORMAT};
 use crate::oci::options::{dump_options, gather_dump_facts, DumpSettings, RealHost, DUMP_LOG};
 use crate::oci::state::RuncRoot;
 use crate::oci::OciError;
+use crate::runtime::cgroups::{is_frozen, thaw};
 use crate::runtime::runc::Runc;
 
 #[derive(Debug, Clone)]
@@ -142,7 +143,21 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
         Reply::Success
     };
     tracing::info!(id = %req.id, images = %req.images.display(), "dumping");
-    criu.dump(request, ChildFds::default(), &mut notify)?;
+    let freezer = c.freeze_cgroup().map(PathBuf::from);
+    let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);
+    if let Err(e) = criu.dump(request, ChildFds::default(), &mut notify) {
+        // CRIU resumes the tasks when a dump fails, but a criu that died (or was killed on a
+        // timeout) can leave the freezer cgroup frozen: never leave a container frozen that
+        // was running before.
+        if let Some(f) = freezer.as_deref() {
+            if !was_frozen && is_frozen(f) == Some(true) {
+                if let Err(t) = thaw(f) {
+                    tracing::warn!("cannot thaw {} after the failed dump: {t}", f.display());
+                }
+            }
+        }
+        return Err(e.into());
+    }
     if !saved {
         meta.save(&req.images)?;
     }

@@ -26,7 +26,7 @@ use crate::oci::state::{process_start_time, RuncRoot};
 use crate::oci::{validate_id, OciError};
 use crate::pb::InheritFd;
 use crate::runtime::cgroups::{renamed_paths, CgroupSet};
-use crate::runtime::mounts::{remove_tree, BindMount};
+use crate::runtime::mounts::{remove_tree, unmount_under, BindMount};
 use crate::runtime::runc::{adopted_state, rfc3339_now, write_state, Adoption};
 
 /// Where ferry keeps per-restore work directories (CRIU's log, the rootfs mount point).
@@ -174,12 +174,20 @@ fn prepare_mountpoints(cfg: &BundleConfig) -> Result<(), OpError> {
 struct Undo {
     state_dir: Option<PathBuf>,
     cgroups: Option<CgroupSet>,
+    work: Option<PathBuf>,
 }
 
 impl Drop for Undo {
     fn drop(&mut self) {
         if let Some(mut cg) = self.cgroups.take() {
+            cg.kill_all();
             cg.remove();
+        }
+        if let Some(w) = self.work.take() {
+            // Whatever a killed criu left mounted in its work dir; the log stays.
+            if let Err(e) = unmount_under(&w) {
+                tracing::warn!("cleanup: {e}");
+            }
         }
         if let Some(d) = self.state_dir.take() {
             if let Err(e) = remove_tree(&d) {
@@ -264,6 +272,7 @@ pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpErr
     let mut undo = Undo {
         state_dir: Some(state_dir),
         cgroups: None,
+        work: Some(work.clone()),
     };
     let criu_root = BindMount::new(&v.cfg.rootfs, &work.join("criu-root"))?;
     undo.cgroups = Some(CgroupSet::create(&v.cgroup_paths)?);
@@ -373,6 +382,7 @@ pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpErr
     };
     // Success: runc owns the state dir and cgroups now.
     undo.state_dir = None;
+    undo.work = None;
     if let Some(cg) = undo.cgroups.take() {
         cg.keep();
     }

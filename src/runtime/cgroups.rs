@@ -99,6 +99,35 @@ impl CgroupSet {
         Ok(())
     }
 
+    /// Kills every process left in the directories this set created (a failed or timed-out
+    /// restore may leave CRIU's helpers or half-restored tasks behind), thawing a frozen
+    /// freezer first, and waits (bounded) until they are empty.
+    pub fn kill_all(&self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        for d in &self.created {
+            let state = d.join("freezer.state");
+            if state.exists() {
+                let _ = std::fs::write(&state, "THAWED");
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut left = 0;
+            for d in &self.created {
+                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    left += 1;
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            if left == 0 || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Removes the directories this set created (deepest first; rmdir only, which the kernel
     /// refuses for a cgroup that still has processes or children).
     pub fn remove(&mut self) {
@@ -113,6 +142,26 @@ impl CgroupSet {
     pub fn keep(mut self) {
         self.created.clear();
     }
+}
+
+/// Whether a freezer cgroup (v1 `freezer.state`, v2 `cgroup.freeze`) is frozen, if readable.
+pub fn is_frozen(dir: &Path) -> Option<bool> {
+    if let Ok(s) = std::fs::read_to_string(dir.join("freezer.state")) {
+        return Some(s.trim() != "THAWED");
+    }
+    std::fs::read_to_string(dir.join("cgroup.freeze"))
+        .ok()
+        .map(|s| s.trim() == "1")
+}
+
+/// Thaws a freezer cgroup.
+pub fn thaw(dir: &Path) -> Result<(), RuntimeError> {
+    let v1 = dir.join("freezer.state");
+    if v1.exists() {
+        return std::fs::write(&v1, "THAWED").map_err(io_err("thaw", &v1));
+    }
+    let v2 = dir.join("cgroup.freeze");
+    std::fs::write(&v2, "0").map_err(io_err("thaw", &v2))
 }
 
 /// The cgroup paths of a container restored as `new_id`, derived from the checkpointed ones:

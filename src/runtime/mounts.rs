@@ -104,6 +104,26 @@ impl Drop for BindMount {
     }
 }
 
+/// Lazily unmounts every mount at or below `path`, deepest first (e.g. CRIU's cgroup yard
+/// left in its work dir by a killed criu).
+pub fn unmount_under(path: &Path) -> Result<(), RuntimeError> {
+    let mut m = mounts_under(path);
+    m.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in m {
+        match umount2(&p, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(source) => {
+                return Err(RuntimeError::Mount {
+                    what: "unmount",
+                    target: p,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Removes a directory tree that ferry created, refusing if any mount point is at or below it
 /// and never following a path onto another filesystem.
 pub fn remove_tree(path: &Path) -> Result<(), RuntimeError> {
