@@ -163,14 +163,15 @@ impl Criu {
 
     /// VERSION, failing with [`CriuError::TooOld`] below [`MIN_VERSION`].
     pub fn require_version(&self) -> Result<CriuVersion> {
-        let v = self.version()?;
-        if !v.at_least(MIN_VERSION.0, MIN_VERSION.1) {
-            return Err(CriuError::TooOld {
-                found: v.to_string(),
-                min: MIN_VERSION_TEXT.into(),
-            });
-        }
-        Ok(v)
+        require_min(self.version()?)
+    }
+
+    /// A session for one operation whose CRIU version was checked on the same socket first
+    /// (VERSION with keep_open), so an operation costs one criu process.
+    pub fn session(&self, fds: ChildFds) -> Result<(Swrk, CriuVersion)> {
+        let mut s = self.spawn(fds)?;
+        let v = require_min(version_on(&mut s, self.timeout, true)?)?;
+        Ok((s, v))
     }
 
     /// FEATURE_CHECK for mem_track, lazy_pages and pidfd_store.
@@ -199,11 +200,11 @@ impl Criu {
         req: Request,
         fds: ChildFds,
         notify: &mut dyn Notify,
-    ) -> Result<DumpOutcome> {
-        let mut s = self.spawn(fds)?;
+    ) -> Result<(CriuVersion, DumpOutcome)> {
+        let (mut s, v) = self.session(fds)?;
         let out = run_dump(&mut s, req, notify, self.timeout);
         s.finish(Duration::from_secs(5));
-        out
+        Ok((v, out?))
     }
 
     /// RESTORE; `before` runs with the criu pid after spawn and before the request is sent (to
@@ -214,8 +215,8 @@ impl Criu {
         fds: ChildFds,
         before: impl FnOnce(u32, &mut CriuOpts) -> std::result::Result<(), String>,
         notify: &mut dyn Notify,
-    ) -> Result<i32> {
-        let mut s = self.spawn(fds)?;
+    ) -> Result<(CriuVersion, i32)> {
+        let (mut s, v) = self.session(fds)?;
         let pid = s.pid().unwrap_or(0);
         if let Err(reason) = before(pid, &mut req.opts) {
             s.kill();
@@ -247,13 +248,13 @@ impl Criu {
             Ok(pid)
         })();
         s.finish(Duration::from_secs(5));
-        out
+        Ok((v, out?))
     }
 
     /// Starts an iterative pre-dump session (PRE_DUMP rounds, then the final DUMP).
     pub fn pre_dump_session(&self, fds: ChildFds) -> Result<PreDumpSession> {
         Ok(PreDumpSession {
-            swrk: self.spawn(fds)?,
+            swrk: self.session(fds)?.0,
             timeout: self.timeout,
             rounds: 0,
         })
@@ -355,7 +356,8 @@ impl PreDumpSession {
     }
 }
 
-fn run_dump(
+/// DUMP on an open session (see [`Criu::session`]).
+pub fn run_dump(
     s: &mut Swrk,
     mut req: Request,
     notify: &mut dyn Notify,
@@ -469,6 +471,17 @@ fn failure(r: &Received, op: &'static str, log: Option<&Path>) -> CriuError {
         errno: r.resp.cr_errno(),
         excerpt,
         log: log.map(Path::to_path_buf),
+    }
+}
+
+fn require_min(v: CriuVersion) -> Result<CriuVersion> {
+    if v.at_least(MIN_VERSION.0, MIN_VERSION.1) {
+        Ok(v)
+    } else {
+        Err(CriuError::TooOld {
+            found: v.to_string(),
+            min: MIN_VERSION_TEXT.into(),
+        })
     }
 }
 

@@ -6,12 +6,12 @@
 //! container is then deleted from runc, as `runc checkpoint` does.
 
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use super::{elapsed_ms, open_dir, require_root, OpError};
-use crate::criu::client::Request;
+use crate::criu::client::{run_dump, Request};
 use crate::criu::swrk::ChildFds;
 use crate::criu::{Criu, Notification, Reply, Script};
 use crate::images::stats::DUMP_STATS_FILE;
@@ -21,7 +21,7 @@ use crate::oci::meta::{CheckpointMeta, META_FILE, META_FORMAT};
 use crate::oci::options::{dump_options, gather_dump_facts, DumpSettings, RealHost, DUMP_LOG};
 use crate::oci::state::RuncRoot;
 use crate::oci::OciError;
-use crate::runtime::cgroups::{is_frozen, thaw};
+use crate::runtime::cgroups::{freeze, is_frozen, thaw};
 use crate::runtime::runc::Runc;
 
 #[derive(Debug, Clone)]
@@ -86,7 +86,6 @@ fn prepare_images_dir(images: &Path, id: &str) -> Result<(), OpError> {
 pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointReport, OpError> {
     let started = Instant::now();
     require_root()?;
-    let version = criu.require_version()?;
     let root = RuncRoot::open(&req.runtime_root)?;
     let c = root.load(&req.id)?;
     c.check_running()?;
@@ -100,6 +99,7 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
         })?;
     }
 
+    let (mut session, version) = criu.session(ChildFds::default())?;
     let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
     let opts = dump_options(&cfg, &facts, &req.settings);
     let meta = CheckpointMeta {
@@ -145,19 +145,22 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
     tracing::info!(id = %req.id, images = %req.images.display(), "dumping");
     let freezer = c.freeze_cgroup().map(PathBuf::from);
     let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);
-    if let Err(e) = criu.dump(request, ChildFds::default(), &mut notify) {
-        // CRIU resumes the tasks when a dump fails, but a criu that died (or was killed on a
-        // timeout) can leave the freezer cgroup frozen: never leave a container frozen that
-        // was running before.
-        if let Some(f) = freezer.as_deref() {
-            if !was_frozen && is_frozen(f) == Some(true) {
-                if let Err(t) = thaw(f) {
-                    tracing::warn!("cannot thaw {} after the failed dump: {t}", f.display());
-                }
+    if let (Some(f), false) = (freezer.as_deref(), was_frozen) {
+        freeze(f, Duration::from_secs(10))?;
+    }
+    let dumped = run_dump(&mut session, request, &mut notify, criu.timeout());
+    session.finish(Duration::from_secs(5));
+    // CRIU puts the freezer back in the state it found, which is frozen since ferry froze it
+    // (and a criu that died or was killed may leave it frozen too): a container that was
+    // running before must not stay frozen, whether the dump failed or left it running.
+    if let Some(f) = freezer.as_deref() {
+        if !was_frozen && is_frozen(f) == Some(true) {
+            if let Err(t) = thaw(f) {
+                tracing::warn!("cannot thaw {} after the dump: {t}", f.display());
             }
         }
-        return Err(e.into());
     }
+    dumped?;
     if !saved {
         meta.save(&req.images)?;
     }

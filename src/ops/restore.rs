@@ -242,7 +242,6 @@ fn descriptors_of(pid: i32) -> Vec<String> {
 pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpError> {
     let started = Instant::now();
     require_root()?;
-    let version = criu.require_version()?;
     let v = validate(req)?;
     prepare_mountpoints(&v.cfg)?;
 
@@ -360,9 +359,9 @@ pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpErr
     tracing::info!(id = %req.id, images = %req.images.display(), "restoring");
     let result = criu.restore(request, fds, before, &mut notify);
     criu_root.release()?;
-    let pid = match result {
-        Ok(pid) if adopted => pid,
-        Ok(pid) => {
+    let (version, pid) = match result {
+        Ok((v, pid)) if adopted => (v, pid),
+        Ok((_, pid)) => {
             // CRIU restored without telling us (no post-restore): do not leave an orphan.
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),

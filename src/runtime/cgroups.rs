@@ -154,6 +154,46 @@ pub fn is_frozen(dir: &Path) -> Option<bool> {
         .map(|s| s.trim() == "1")
 }
 
+/// Freezes a freezer cgroup and waits until it is frozen, polling every millisecond.
+///
+/// CRIU freezes with 100 ms sleeps between checks; a container that ferry froze already is
+/// seized at once (CRIU thaws it again after a successful dump, the tasks staying seized).
+pub fn freeze(dir: &Path, timeout: std::time::Duration) -> Result<(), RuntimeError> {
+    let v1 = dir.join("freezer.state");
+    let (file, value) = if v1.exists() { (v1, "FROZEN") } else { (dir.join("cgroup.freeze"), "1") };
+    std::fs::write(&file, value).map_err(io_err("freeze", &file))?;
+    let started = std::time::Instant::now();
+    let mut rewritten = started;
+    loop {
+        if is_frozen_complete(dir) {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            let _ = thaw(dir);
+            return Err(RuntimeError::Cgroup {
+                path: dir.to_path_buf(),
+                why: format!("not frozen after {timeout:?}"),
+            });
+        }
+        // A v1 freezer can stall in FREEZING; writing FROZEN again retries it.
+        if rewritten.elapsed() > std::time::Duration::from_millis(50) {
+            let _ = std::fs::write(&file, value);
+            rewritten = std::time::Instant::now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Frozen and not in transition (v1 FROZEN, v2 `frozen 1` in cgroup.events).
+fn is_frozen_complete(dir: &Path) -> bool {
+    if let Ok(s) = std::fs::read_to_string(dir.join("freezer.state")) {
+        return s.trim() == "FROZEN";
+    }
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .map(|s| s.lines().any(|l| l.trim() == "frozen 1"))
+        .unwrap_or(false)
+}
+
 /// Thaws a freezer cgroup.
 pub fn thaw(dir: &Path) -> Result<(), RuntimeError> {
     let v1 = dir.join("freezer.state");
