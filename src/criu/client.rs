@@ -281,7 +281,13 @@ impl Criu {
         creq.set_keep_open(true);
         s.send(&creq, "page-server")?;
         let r = s.recv("page-server", Some(self.timeout))?;
-        expect_success(&r, kind, "page-server", req.log_path.as_deref())?;
+        // CRIU answers PAGE_SERVER_CHLD with a PAGE_SERVER response.
+        expect_success(
+            &r,
+            criu_req_type::PAGE_SERVER,
+            "page-server",
+            req.log_path.as_deref(),
+        )?;
         let ps = r.resp.ps.as_ref().ok_or_else(|| CriuError::Protocol {
             op: "page-server",
             detail: "response without page server info".into(),
@@ -326,6 +332,15 @@ pub struct PreDumpSession {
 }
 
 impl PreDumpSession {
+    /// A pre-dump session on an already open connection.
+    pub fn on(swrk: Swrk, timeout: Duration) -> PreDumpSession {
+        PreDumpSession {
+            swrk,
+            timeout,
+            rounds: 0,
+        }
+    }
+
     pub fn rounds(&self) -> u32 {
         self.rounds
     }

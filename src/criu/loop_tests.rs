@@ -287,3 +287,62 @@ fn version_and_features_are_decoded() {
     h.join().unwrap();
     let _ = bare_request(criu_req_type::EMPTY);
 }
+
+fn dir_request() -> super::client::Request {
+    super::client::Request {
+        opts: crate::pb::CriuOpts::new(),
+        images_dir: std::fs::File::open("/").unwrap().into(),
+        work_dir: None,
+        log_path: None,
+    }
+}
+
+#[test]
+fn pre_dump_rounds_then_final_dump_on_one_socket() {
+    let (s, peer) = pair();
+    let h = thread::spawn(move || {
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            let req = peer_recv(&peer);
+            kinds.push(req.type_());
+            let parent = req.opts.parent_img().to_string();
+            if req.type_() == criu_req_type::DUMP {
+                peer_send(&peer, &notify("post-dump", None));
+                assert!(peer_recv(&peer).notify_success());
+                peer_send(&peer, &resp(criu_req_type::DUMP, true));
+            } else {
+                peer_send(&peer, &resp(criu_req_type::PRE_DUMP, true));
+            }
+            kinds.push(if parent.is_empty() {
+                criu_req_type::EMPTY
+            } else {
+                criu_req_type::PRE_DUMP
+            });
+        }
+        kinds
+    });
+    let mut session = super::client::PreDumpSession::on(s, T);
+    let mut accept = super::notify::AcceptAll;
+    let mut r1 = dir_request();
+    r1.opts.set_track_mem(true);
+    session.pre_dump(r1, &mut accept).unwrap();
+    let mut r2 = dir_request();
+    r2.opts.set_parent_img("../1".into());
+    session.pre_dump(r2, &mut accept).unwrap();
+    assert_eq!(session.rounds(), 2);
+    let mut r3 = dir_request();
+    r3.opts.set_parent_img("../2".into());
+    session.dump(r3, &mut accept).unwrap();
+    let kinds = h.join().unwrap();
+    assert_eq!(
+        kinds,
+        vec![
+            criu_req_type::PRE_DUMP,
+            criu_req_type::EMPTY,
+            criu_req_type::PRE_DUMP,
+            criu_req_type::PRE_DUMP,
+            criu_req_type::DUMP,
+            criu_req_type::PRE_DUMP
+        ]
+    );
+}

@@ -160,7 +160,11 @@ pub fn is_frozen(dir: &Path) -> Option<bool> {
 /// seized at once (CRIU thaws it again after a successful dump, the tasks staying seized).
 pub fn freeze(dir: &Path, timeout: std::time::Duration) -> Result<(), RuntimeError> {
     let v1 = dir.join("freezer.state");
-    let (file, value) = if v1.exists() { (v1, "FROZEN") } else { (dir.join("cgroup.freeze"), "1") };
+    let (file, value) = if v1.exists() {
+        (v1, "FROZEN")
+    } else {
+        (dir.join("cgroup.freeze"), "1")
+    };
     std::fs::write(&file, value).map_err(io_err("freeze", &file))?;
     let started = std::time::Instant::now();
     let mut rewritten = started;
