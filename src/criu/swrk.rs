@@ -117,9 +117,11 @@ impl Swrk {
                     .stderr(Stdio::from(e));
             }
             None => {
+                // CRIU logs to its log file; what it prints on stderr is noise such as the
+                // "Can't recv request" of a keep_open session that we close.
                 cmd.stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::inherit());
+                    .stderr(Stdio::null());
             }
         }
         // SAFETY: the closure runs in the forked child before exec and only calls dup2(2), which
