@@ -10,6 +10,7 @@
 
 pub mod criu;
 pub mod images;
+pub mod migrate;
 pub mod oci;
 pub mod ops;
 pub mod runtime;

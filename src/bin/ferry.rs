@@ -45,6 +45,62 @@ enum Cmd {
     Checkpoint(CheckpointArgs),
     /// Restore a checkpoint as a runc container (detached; runc owns it afterwards).
     Restore(RestoreArgs),
+    /// Receive migrations (the destination host).
+    Serve(ServeArgs),
+    /// Live-migrate a running container to a `ferry serve` destination.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0: any free port; the bound address is printed first).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: String,
+    /// File holding the shared token (mode 0600).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// Where received bundles go (<DIR>/<id>).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/bundles")]
+    bundles: PathBuf,
+    /// runc's state root on this host.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
+    runtime_root: PathBuf,
+    /// Scratch space for incoming images.
+    #[arg(long, value_name = "DIR", default_value = "/run/ferry/serve")]
+    work_dir: PathBuf,
+    /// Place restored containers' cgroups under this name.
+    #[arg(long, value_name = "NAME")]
+    cgroup_prefix: Option<String>,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// Container id.
+    id: String,
+    /// The destination's `ferry serve` address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    to: String,
+    /// File holding the shared token (mode 0600).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// auto, stop-copy, pre-copy, post-copy or hybrid.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// Most pre-copy rounds.
+    #[arg(long, default_value_t = 8)]
+    max_rounds: u32,
+    /// Freeze the pre-copy policy aims for.
+    #[arg(long, default_value_t = 300)]
+    target_downtime_ms: u64,
+    /// runc's state root (runc --root).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
+    runtime_root: PathBuf,
+    /// Keep established TCP connections.
+    #[arg(long)]
+    tcp_established: bool,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -112,6 +168,8 @@ fn exit_code(kind: ErrorKind) -> u8 {
         ErrorKind::Environment => 5,
         ErrorKind::Criu => 6,
         ErrorKind::Conflict => 7,
+        ErrorKind::Remote => 8,
+        ErrorKind::Network => 9,
     }
 }
 
@@ -140,9 +198,112 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Set by SIGINT/SIGTERM; `ferry serve` stops accepting and returns.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn install_stop_handlers() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for s in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(s, &act) };
+    }
+}
+
+fn serve_cmd(criu: Criu, a: ServeArgs) -> anyhow::Result<()> {
+    use ferry::migrate::destination::{serve, ServeConfig};
+    let token = ferry::migrate::auth::Token::load(&a.token_file)?;
+    let listener = std::net::TcpListener::bind(&a.listen)?;
+    println!("listening {}", listener.local_addr()?);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    install_stop_handlers();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    });
+    serve(
+        listener,
+        ServeConfig {
+            token,
+            bundles: a.bundles,
+            runtime_root: a.runtime_root,
+            work_dir: a.work_dir,
+            cgroup_prefix: a.cgroup_prefix,
+            io_timeout: std::time::Duration::from_secs(300),
+        },
+        criu,
+        stop,
+    )?;
+    Ok(())
+}
+
+fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
+    use ferry::migrate::auth::Token;
+    use ferry::migrate::source::{migrate, MigrateRequest, Mode};
+    let mode = Mode::parse(&a.mode).ok_or_else(|| {
+        (
+            format!(
+                "unknown --mode {:?} (auto, stop-copy, pre-copy, post-copy, hybrid)",
+                a.mode
+            ),
+            ErrorKind::Invalid,
+        )
+    })?;
+    let token = Token::load(&a.token_file).map_err(|e| (e.to_string(), e.kind()))?;
+    let req = MigrateRequest {
+        id: a.id,
+        to: a.to,
+        token,
+        mode,
+        max_rounds: a.max_rounds,
+        target_downtime_ms: a.target_downtime_ms,
+        runtime_root: a.runtime_root,
+        tcp_established: a.tcp_established,
+        io_timeout: std::time::Duration::from_secs(300),
+    };
+    let r = migrate(&criu, &req).map_err(|e| (e.to_string(), e.kind()))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    } else {
+        println!(
+            "migrated {} to {} ({}: {}): downtime {} ms (frozen {} ms), total {} ms, {} bytes sent, pid {} there",
+            r.container, r.to, r.mode, r.mode_reason, r.downtime_ms, r.frozen_ms, r.total_ms, r.bytes_sent, r.restored_pid
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<ExitCode, OpError> {
     let criu = Criu::from_env().with_timeout(std::time::Duration::from_secs(cli.timeout.max(1)));
     match cli.command {
+        Cmd::Serve(a) => match serve_cmd(criu, a) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));
+                Ok(ExitCode::from(exit_code(ErrorKind::Environment)))
+            }
+        },
+        Cmd::Migrate(a) => match migrate_cmd(criu, a) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err((msg, kind)) => {
+                eprintln!("ferry: error: {}", one_line(&msg));
+                Ok(ExitCode::from(exit_code(kind)))
+            }
+        },
         Cmd::Check { json } => {
             let r = check(&criu);
             if json {
@@ -229,6 +390,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                     ..Default::default()
                 },
                 cgroup_paths: None,
+                null_stdio: false,
             };
             let r = restore(&criu, &req)?;
             if a.common.json {

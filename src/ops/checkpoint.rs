@@ -12,15 +12,16 @@ use serde::Serialize;
 
 use super::{elapsed_ms, open_dir, require_root, OpError};
 use crate::criu::client::{run_dump, Request};
-use crate::criu::swrk::ChildFds;
-use crate::criu::{Criu, Notification, Reply, Script};
+use crate::criu::swrk::{ChildFds, Swrk};
+use crate::criu::{Criu, Notification, Notify, Reply, Script};
 use crate::images::stats::DUMP_STATS_FILE;
 use crate::images::{read_dump_stats, DumpStats};
 use crate::oci::bundle::BundleConfig;
 use crate::oci::meta::{CheckpointMeta, META_FILE, META_FORMAT};
 use crate::oci::options::{dump_options, gather_dump_facts, DumpSettings, RealHost, DUMP_LOG};
-use crate::oci::state::RuncRoot;
+use crate::oci::state::{RuncContainer, RuncRoot};
 use crate::oci::OciError;
+use crate::pb::CriuOpts;
 use crate::runtime::cgroups::{freeze, is_frozen, thaw};
 use crate::runtime::runc::Runc;
 
@@ -83,13 +84,101 @@ fn prepare_images_dir(images: &Path, id: &str) -> Result<(), OpError> {
     }
 }
 
+/// A container ready to be dumped: its state, bundle, the CRIU options built for it and the
+/// metadata a restore will need. Shared by `ferry checkpoint` and `ferry migrate`.
+pub struct DumpJob {
+    pub container: RuncContainer,
+    pub cfg: BundleConfig,
+    pub opts: CriuOpts,
+    pub meta: CheckpointMeta,
+    freezer: Option<PathBuf>,
+    was_frozen: bool,
+}
+
+impl DumpJob {
+    /// Loads the running container and builds its dump options.
+    pub fn prepare(
+        runtime_root: &Path,
+        id: &str,
+        settings: &DumpSettings,
+        criu_version: &str,
+    ) -> Result<DumpJob, OpError> {
+        let root = RuncRoot::open(runtime_root)?;
+        let c = root.load(id)?;
+        c.check_running()?;
+        let cfg = BundleConfig::load(&c.bundle)?;
+        let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
+        let opts = dump_options(&cfg, &facts, settings);
+        let meta = CheckpointMeta {
+            format: META_FORMAT,
+            container: id.to_string(),
+            bundle: c.bundle.clone(),
+            rootfs: cfg.rootfs.clone(),
+            criu_version: criu_version.to_string(),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            leave_running: settings.leave_running,
+            descriptors: facts.descriptors.clone(),
+            cgroup_binds: facts.cgroup_binds.clone(),
+            masked_files: facts.masked_files.clone(),
+            terminal: cfg.terminal,
+            runc_state: c.raw.clone(),
+        };
+        let freezer = c.freeze_cgroup().map(PathBuf::from);
+        let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);
+        Ok(DumpJob {
+            container: c,
+            cfg,
+            opts,
+            meta,
+            freezer,
+            was_frozen,
+        })
+    }
+
+    /// Freezes the container (1 ms polls; CRIU's own loop sleeps 100 ms), then DUMPs on the
+    /// session. Call [`DumpJob::settle_freezer`] afterwards in every case.
+    pub fn run(
+        &self,
+        session: &mut Swrk,
+        request: Request,
+        notify: &mut dyn Notify,
+        timeout: Duration,
+    ) -> Result<(), OpError> {
+        if let (Some(f), false) = (self.freezer.as_deref(), self.was_frozen) {
+            freeze(f, Duration::from_secs(10))?;
+        }
+        run_dump(session, request, notify, timeout)?;
+        Ok(())
+    }
+
+    /// CRIU puts the freezer back in the state it found, which is frozen since ferry froze it
+    /// (and a criu that died or was killed may leave it frozen too): a container that was
+    /// running before must not stay frozen, unless `keep_frozen` (a migration whose outcome
+    /// is unknown keeps the source paused rather than risk two running copies).
+    pub fn settle_freezer(&self, keep_frozen: bool) {
+        if let Some(f) = self.freezer.as_deref() {
+            if !self.was_frozen && !keep_frozen && is_frozen(f) == Some(true) {
+                if let Err(t) = thaw(f) {
+                    tracing::warn!("cannot thaw {} after the dump: {t}", f.display());
+                }
+            }
+        }
+    }
+}
+
 pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointReport, OpError> {
     let started = Instant::now();
     require_root()?;
-    let root = RuncRoot::open(&req.runtime_root)?;
-    let c = root.load(&req.id)?;
-    c.check_running()?;
-    let cfg = BundleConfig::load(&c.bundle)?;
+    let (mut session, version) = criu.session(ChildFds::default())?;
+    let job = DumpJob::prepare(
+        &req.runtime_root,
+        &req.id,
+        &req.settings,
+        &version.to_string(),
+    )?;
     prepare_images_dir(&req.images, &req.id)?;
     let work = req.work_dir.clone().unwrap_or_else(|| req.images.clone());
     if work != req.images {
@@ -98,32 +187,11 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
             source,
         })?;
     }
-
-    let (mut session, version) = criu.session(ChildFds::default())?;
-    let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
-    let opts = dump_options(&cfg, &facts, &req.settings);
-    let meta = CheckpointMeta {
-        format: META_FORMAT,
-        container: req.id.clone(),
-        bundle: c.bundle.clone(),
-        rootfs: cfg.rootfs.clone(),
-        criu_version: version.to_string(),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        leave_running: req.settings.leave_running,
-        descriptors: facts.descriptors.clone(),
-        cgroup_binds: facts.cgroup_binds.clone(),
-        masked_files: facts.masked_files.clone(),
-        terminal: cfg.terminal,
-        runc_state: c.raw.clone(),
-    };
     // A stale ferry.json from an earlier checkpoint must not vouch for these images.
     let _ = std::fs::remove_file(req.images.join(META_FILE));
 
     let request = Request {
-        opts,
+        opts: job.opts.clone(),
         images_dir: open_dir(&req.images)?,
         work_dir: Some(open_dir(&work)?),
         log_path: Some(work.join(DUMP_LOG)),
@@ -132,7 +200,7 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
     let mut saved = false;
     let mut notify = |n: Notification| -> Reply {
         if n.script == Script::PostDump {
-            return match meta.save(&images) {
+            return match job.meta.save(&images) {
                 Ok(()) => {
                     saved = true;
                     Reply::Success
@@ -143,26 +211,12 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
         Reply::Success
     };
     tracing::info!(id = %req.id, images = %req.images.display(), "dumping");
-    let freezer = c.freeze_cgroup().map(PathBuf::from);
-    let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);
-    if let (Some(f), false) = (freezer.as_deref(), was_frozen) {
-        freeze(f, Duration::from_secs(10))?;
-    }
-    let dumped = run_dump(&mut session, request, &mut notify, criu.timeout());
+    let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
     session.finish(Duration::from_secs(5));
-    // CRIU puts the freezer back in the state it found, which is frozen since ferry froze it
-    // (and a criu that died or was killed may leave it frozen too): a container that was
-    // running before must not stay frozen, whether the dump failed or left it running.
-    if let Some(f) = freezer.as_deref() {
-        if !was_frozen && is_frozen(f) == Some(true) {
-            if let Err(t) = thaw(f) {
-                tracing::warn!("cannot thaw {} after the dump: {t}", f.display());
-            }
-        }
-    }
+    job.settle_freezer(false);
     dumped?;
     if !saved {
-        meta.save(&req.images)?;
+        job.meta.save(&req.images)?;
     }
     if work != req.images {
         let _ = std::fs::copy(work.join(DUMP_STATS_FILE), req.images.join(DUMP_STATS_FILE));

@@ -45,6 +45,10 @@ pub enum ErrorKind {
     Criu,
     /// The state does not allow it: container exists already, is not running.
     Conflict,
+    /// The migration peer refused or failed.
+    Remote,
+    /// The network failed (connection refused, dropped, timed out).
+    Network,
     Internal,
 }
 

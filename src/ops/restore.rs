@@ -47,6 +47,8 @@ pub struct RestoreRequest {
     pub settings: RestoreSettings,
     /// Cgroup paths to use instead of the checkpoint's (e.g. on a migration destination).
     pub cgroup_paths: Option<BTreeMap<String, String>>,
+    /// Give the restored container /dev/null instead of ferry's own stdio.
+    pub null_stdio: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,7 +74,14 @@ fn validate(req: &RestoreRequest) -> Result<Validated, OpError> {
         return Err(OpError::NoImages(req.images.clone()));
     }
     let meta = CheckpointMeta::load(&req.images)?;
-    read_dump_stats(&req.images)?;
+    // stats-dump is optional (a migration does not carry it), but a present one must be sound.
+    if req
+        .images
+        .join(crate::images::stats::DUMP_STATS_FILE)
+        .exists()
+    {
+        read_dump_stats(&req.images)?;
+    }
     if meta.container != req.id && !req.rename {
         return Err(OpError::Invalid(format!(
             "images in {} are a checkpoint of container {:?}, not {:?} (pass --rename to restore them under this id)",
@@ -209,6 +218,18 @@ fn dup_stdio() -> Result<[OwnedFd; 3], OpError> {
     ])
 }
 
+fn null_stdio() -> Result<[OwnedFd; 3], OpError> {
+    let open = || -> Result<OwnedFd, OpError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(|e| OpError::Environment(format!("/dev/null: {e}")))
+    };
+    Ok([open()?, open()?, open()?])
+}
+
 /// Sends a pty master to a console socket (runc's protocol: SCM_RIGHTS with the name as data).
 fn send_console(socket: &Path, master: OwnedFd) -> Result<(), String> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -240,6 +261,17 @@ fn descriptors_of(pid: i32) -> Vec<String> {
 }
 
 pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpError> {
+    restore_gated(criu, req, &mut |_| Ok(()))
+}
+
+/// Restore with a gate: at `post-restore` (tasks restored, not yet running) `gate` is called
+/// with the restored pid and may block; `Err` makes CRIU kill the restored tasks and the
+/// restore fail (a migration destination waits here for the source's commit).
+pub fn restore_gated(
+    criu: &Criu,
+    req: &RestoreRequest,
+    gate: &mut dyn FnMut(i32) -> Result<(), String>,
+) -> Result<RestoreReport, OpError> {
     let started = Instant::now();
     require_root()?;
     let v = validate(req)?;
@@ -284,7 +316,11 @@ pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpErr
         &req.settings,
     )?;
     let mut fds = ChildFds {
-        stdio: Some(dup_stdio()?),
+        stdio: Some(if req.null_stdio {
+            null_stdio()?
+        } else {
+            dup_stdio()?
+        }),
         inherited: Vec::new(),
     };
     for (key, path) in &plan.inherit_ns {
@@ -312,6 +348,9 @@ pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpErr
                 let Some(pid) = n.pid else {
                     return Reply::Failure("post-restore without a pid".into());
                 };
+                if let Err(e) = gate(pid) {
+                    return Reply::Failure(e);
+                }
                 let start_time = match process_start_time(pid) {
                     Ok((t, _)) => t,
                     Err(e) => return Reply::Failure(format!("restored pid {pid}: {e}")),

@@ -1,0 +1,631 @@
+//! The destination side: `ferry serve`.
+//!
+//! [`serve`] accepts connections until told to stop; each runs on its own thread. A control
+//! connection is one migration, driven by [`Receiver`], an explicit state machine: every
+//! state names what it accepts, a message that does not fit is an error naming both, and any
+//! error ends the migration with everything undone (page server, images, cgroups, runc state,
+//! a bundle this migration created). A data connection is handed to the page server of the
+//! control session it names. Authentication comes first on both; a failed or garbled
+//! connection is logged and closed, and serving goes on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver as ChanReceiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::auth::{random_hex, server_handshake, Token};
+use super::rootfs::{check_rel, delete_extra, install, needed, staging_path};
+use super::source::{tune, Ctl};
+use super::wire::{
+    Entry, ErrorMsg, FileStart, Msg, Pid, Prepare, Prepared, Role, Target, WireError,
+};
+use super::{kind_name, MigrateError};
+use crate::criu::client::{CriuVersion, PageServer, Request};
+use crate::criu::swrk::{ChildFds, Swrk};
+use crate::criu::Criu;
+use crate::oci::meta::CheckpointMeta;
+use crate::oci::state::RuncRoot;
+use crate::oci::validate_id;
+use crate::ops::open_dir;
+use crate::ops::restore::{restore_gated, RestoreRequest};
+use crate::pb::{CriuOpts, CriuPageServerInfo};
+use crate::runtime::mounts::remove_tree;
+use crate::runtime::runc::Runc;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub token: Token,
+    pub bundles: PathBuf,
+    pub runtime_root: PathBuf,
+    pub work_dir: PathBuf,
+    /// Restored containers' cgroups go under this name (two hosts sharing one cgroupfs).
+    pub cgroup_prefix: Option<String>,
+    pub io_timeout: Duration,
+}
+
+struct Shared {
+    cfg: ServeConfig,
+    criu: Criu,
+    /// Control sessions waiting for their data connection.
+    sessions: Mutex<HashMap<String, SyncSender<TcpStream>>>,
+    /// Containers being received.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Serves until `shutdown` is set.
+pub fn serve(
+    listener: TcpListener,
+    cfg: ServeConfig,
+    criu: Criu,
+    shutdown: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(&cfg.bundles)?;
+    std::fs::create_dir_all(&cfg.work_dir)?;
+    listener.set_nonblocking(true)?;
+    let shared = Arc::new(Shared {
+        cfg,
+        criu,
+        sessions: Mutex::new(HashMap::new()),
+        busy: Mutex::new(HashSet::new()),
+    });
+    while !shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = connection(stream, &shared) {
+                        tracing::warn!(%peer, "{e}");
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
+    stream.set_nonblocking(false).map_err(WireError::Io)?;
+    tune(&stream, Duration::from_secs(10));
+    let mut stream = stream;
+    let (hello, session) = server_handshake(&mut stream, &shared.cfg.token, || random_hex(16))?;
+    tune(&stream, shared.cfg.io_timeout);
+    match hello.role {
+        Role::Data => {
+            let tx = shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&session);
+            match tx {
+                Some(tx) => tx
+                    .send(stream)
+                    .map_err(|_| MigrateError::Remote("session ended".into())),
+                None => Err(MigrateError::Remote(format!(
+                    "data connection for unknown session {session}"
+                ))),
+            }
+        }
+        Role::Control => {
+            let (tx, rx) = sync_channel(1);
+            shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(session.clone(), tx);
+            let mut r = Receiver::new(shared, session.clone(), rx, Ctl { stream, sent: 0 });
+            let result = r.run();
+            shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&session);
+            if let Err(e) = &result {
+                let kind = kind_name(e.kind());
+                let _ = r.ctl.send(&Msg::Error(ErrorMsg {
+                    kind: kind.into(),
+                    message: e.to_string(),
+                }));
+            }
+            r.cleanup(result.is_ok());
+            result
+        }
+    }
+}
+
+/// States of one incoming migration.
+enum State {
+    AwaitPrepare,
+    AwaitCpuinfo,
+    /// A rootfs round: manifest parts so far, whether it is the final round.
+    Manifest {
+        entries: Vec<Entry>,
+        final_sync: bool,
+    },
+    /// Files of a rootfs round.
+    Files {
+        entries: Vec<Entry>,
+        final_sync: bool,
+    },
+    /// Page server running; waiting for the final round.
+    Dumping,
+    /// Final round applied; images arrive until Restore.
+    Images,
+    Done,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::AwaitPrepare => "waiting for prepare",
+            State::AwaitCpuinfo => "waiting for cpuinfo",
+            State::Manifest { .. } => "receiving a rootfs manifest",
+            State::Files { .. } => "receiving rootfs files",
+            State::Dumping => "waiting for the final sync",
+            State::Images => "receiving images",
+            State::Done => "done",
+        }
+    }
+}
+
+/// One migration being received.
+pub struct Receiver<'a> {
+    shared: &'a Shared,
+    session: String,
+    data_rx: ChanReceiver<TcpStream>,
+    ctl: Ctl,
+    id: Option<String>,
+    bundle_created: bool,
+    page_server: Option<(PageServer, Swrk)>,
+    src_criu: Option<CriuVersion>,
+}
+
+const MAX_CONFIG: usize = 4 * 1024 * 1024;
+const MAX_IMAGE_FILE: u64 = 16 * 1024 * 1024 * 1024;
+
+impl<'a> Receiver<'a> {
+    fn new(
+        shared: &'a Shared,
+        session: String,
+        data_rx: ChanReceiver<TcpStream>,
+        ctl: Ctl,
+    ) -> Receiver<'a> {
+        Receiver {
+            shared,
+            session,
+            data_rx,
+            ctl,
+            id: None,
+            bundle_created: false,
+            page_server: None,
+            src_criu: None,
+        }
+    }
+
+    fn work(&self) -> PathBuf {
+        self.shared
+            .cfg
+            .work_dir
+            .join(format!("session-{}", self.session))
+    }
+
+    fn images(&self) -> PathBuf {
+        self.work().join("images")
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.shared
+            .cfg
+            .bundles
+            .join(self.id.as_deref().unwrap_or("_"))
+    }
+
+    fn run(&mut self) -> Result<(), MigrateError> {
+        let mut state = State::AwaitPrepare;
+        loop {
+            if let State::Done = state {
+                return Ok(());
+            }
+            let msg = self.ctl.recv()?;
+            state = self.step(state, msg)?;
+        }
+    }
+
+    fn unexpected(state: &State, got: &Msg) -> MigrateError {
+        WireError::Unexpected {
+            got: got.kind(),
+            state: state.name(),
+        }
+        .into()
+    }
+
+    /// One message in one state → the next state.
+    fn step(&mut self, state: State, msg: Msg) -> Result<State, MigrateError> {
+        match (state, msg) {
+            (State::AwaitPrepare, Msg::Prepare(p)) => {
+                self.prepare(p)?;
+                Ok(State::AwaitCpuinfo)
+            }
+            (State::AwaitCpuinfo, Msg::File(f)) if f.target == Target::Cpuinfo => {
+                self.cpuinfo(f)?;
+                self.ctl.send(&Msg::Ok)?;
+                Ok(State::Manifest {
+                    entries: vec![],
+                    final_sync: false,
+                })
+            }
+            (
+                State::Manifest {
+                    mut entries,
+                    final_sync,
+                },
+                Msg::Manifest(m),
+            ) => {
+                entries.extend(m.entries);
+                if entries.len() > super::rootfs::MAX_ENTRIES {
+                    return Err(MigrateError::Rootfs("manifest too large".into()));
+                }
+                if !m.last {
+                    return Ok(State::Manifest {
+                        entries,
+                        final_sync,
+                    });
+                }
+                let rootfs = self.bundle().join("rootfs");
+                let need = needed(&rootfs, &entries)?;
+                self.ctl
+                    .send(&Msg::Need(super::wire::Need { paths: need }))?;
+                Ok(State::Files {
+                    entries,
+                    final_sync,
+                })
+            }
+            (
+                State::Files {
+                    entries,
+                    final_sync,
+                },
+                Msg::File(f),
+            ) if f.target == Target::Rootfs => {
+                self.rootfs_file(&entries, f)?;
+                Ok(State::Files {
+                    entries,
+                    final_sync,
+                })
+            }
+            (
+                State::Files {
+                    entries,
+                    final_sync,
+                },
+                Msg::SyncDone(d),
+            ) => {
+                if d.final_sync != final_sync {
+                    return Err(MigrateError::Remote("sync round mixed up".into()));
+                }
+                if final_sync {
+                    let gone = delete_extra(&self.bundle().join("rootfs"), &entries)?;
+                    tracing::info!(deleted = gone.len(), "final rootfs delta applied");
+                }
+                self.ctl.send(&Msg::Ok)?;
+                if final_sync {
+                    Ok(State::Images)
+                } else {
+                    self.start_page_server()?;
+                    self.ctl.send(&Msg::PageServerReady)?;
+                    Ok(State::Dumping)
+                }
+            }
+            (State::Dumping, Msg::Manifest(m)) => self.step(
+                State::Manifest {
+                    entries: vec![],
+                    final_sync: true,
+                },
+                Msg::Manifest(m),
+            ),
+            (State::Images, Msg::File(f)) if f.target == Target::Image => {
+                self.image_file(f)?;
+                Ok(State::Images)
+            }
+            (State::Images, Msg::Restore(r)) => {
+                self.restore(r.meta)?;
+                Ok(State::Done)
+            }
+            (s, m) => Err(Self::unexpected(&s, &m)),
+        }
+    }
+
+    fn prepare(&mut self, p: Prepare) -> Result<(), MigrateError> {
+        validate_id(&p.container).map_err(crate::ops::OpError::from)?;
+        if p.config.len() > MAX_CONFIG {
+            return Err(MigrateError::Remote("config.json too large".into()));
+        }
+        {
+            let mut busy = self.shared.busy.lock().unwrap_or_else(|e| e.into_inner());
+            if !busy.insert(p.container.clone()) {
+                return Err(crate::ops::OpError::Conflict(format!(
+                    "container {:?} is already being received",
+                    p.container
+                ))
+                .into());
+            }
+        }
+        self.id = Some(p.container.clone());
+        let root = RuncRoot::open_or_create(&self.shared.cfg.runtime_root)
+            .map_err(crate::ops::OpError::from)?;
+        if root.exists(&p.container) {
+            return Err(crate::ops::OpError::Conflict(format!(
+                "container {:?} already exists on the destination",
+                p.container
+            ))
+            .into());
+        }
+        let mine = self.shared.criu.require_version()?;
+        let theirs = CriuVersion::parse(&p.criu_version).ok_or_else(|| {
+            MigrateError::Incompatible(format!("source CRIU version {:?}", p.criu_version))
+        })?;
+        if mine < theirs {
+            return Err(MigrateError::Incompatible(format!(
+                "destination CRIU {mine} is older than the source's {theirs}"
+            )));
+        }
+        self.src_criu = Some(theirs);
+        let features = self.shared.criu.features()?;
+        // The bundle: config.json as the source has it, root at <bundle>/rootfs.
+        let mut config: serde_json::Value = serde_json::from_str(&p.config)
+            .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
+        config["root"]["path"] = serde_json::Value::from("rootfs");
+        let bundle = self.bundle();
+        if !bundle.exists() {
+            std::fs::create_dir_all(bundle.join("rootfs"))
+                .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+            self.bundle_created = true;
+        }
+        std::fs::create_dir_all(bundle.join("rootfs"))
+            .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
+        std::fs::write(bundle.join("config.json"), text)
+            .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        std::fs::create_dir_all(self.images()).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        self.ctl.send(&Msg::Prepared(Prepared {
+            criu_version: mine.to_string(),
+            mem_track: features.mem_track,
+            lazy_pages: features.lazy_pages,
+            runc_version: Runc::new(&self.shared.cfg.runtime_root)
+                .version()
+                .unwrap_or_default(),
+        }))?;
+        Ok(())
+    }
+
+    /// Receives one file's chunks into `dest` (created), checking the announced size.
+    fn receive_into(&mut self, f: &FileStart, dest: &Path, cap: u64) -> Result<(), MigrateError> {
+        if f.size > cap {
+            return Err(MigrateError::Remote(format!(
+                "{} announced {} bytes (cap {cap})",
+                f.path, f.size
+            )));
+        }
+        let mut out = std::fs::File::create(dest)
+            .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", dest.display())))?;
+        let mut got = 0u64;
+        loop {
+            match self.ctl.recv()? {
+                Msg::Chunk(b) => {
+                    got += b.len() as u64;
+                    if got > f.size.max(4096) {
+                        return Err(MigrateError::Remote(format!(
+                            "{} is longer than announced",
+                            f.path
+                        )));
+                    }
+                    out.write_all(&b)
+                        .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", dest.display())))?;
+                }
+                Msg::FileEnd => break,
+                other => {
+                    return Err(WireError::Unexpected {
+                        got: other.kind(),
+                        state: "receiving a file",
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cpuinfo(&mut self, f: FileStart) -> Result<(), MigrateError> {
+        let dir = self.work().join("cpuinfo");
+        std::fs::create_dir_all(&dir).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        self.receive_into(&f, &dir.join("cpuinfo.img"), 1024 * 1024)?;
+        let mut o = CriuOpts::new();
+        o.set_log_file("cpuinfo.log".into());
+        self.shared
+            .criu
+            .cpuinfo_check(Request {
+                opts: o,
+                images_dir: open_dir(&dir)?,
+                work_dir: Some(open_dir(&dir)?),
+                log_path: Some(dir.join("cpuinfo.log")),
+            })
+            .map_err(|e| MigrateError::Incompatible(format!("CPU check: {e}")))
+    }
+
+    fn rootfs_file(&mut self, entries: &[Entry], f: FileStart) -> Result<(), MigrateError> {
+        let e = entries
+            .iter()
+            .find(|e| e.path == f.path && e.kind != "d")
+            .cloned()
+            .ok_or_else(|| {
+                MigrateError::Remote(format!("file {:?} is not in the manifest", f.path))
+            })?;
+        let rootfs = self.bundle().join("rootfs");
+        let (_, tmp) = staging_path(&rootfs, &e)?;
+        if e.kind == "l" {
+            let mut target = Vec::new();
+            loop {
+                match self.ctl.recv()? {
+                    Msg::Chunk(b) if target.len() + b.len() <= 4096 => target.extend(b),
+                    Msg::FileEnd => break,
+                    other => {
+                        return Err(WireError::Unexpected {
+                            got: other.kind(),
+                            state: "receiving a symlink",
+                        }
+                        .into())
+                    }
+                }
+            }
+            install(&rootfs, &e, &tmp, Some(&String::from_utf8_lossy(&target)))
+        } else {
+            self.receive_into(&f, &tmp, e.size)?;
+            install(&rootfs, &e, &tmp, None)
+        }
+    }
+
+    fn image_file(&mut self, f: FileStart) -> Result<(), MigrateError> {
+        let rel = check_rel(&f.path)?;
+        if rel.components().count() != 1 {
+            return Err(MigrateError::Remote(format!(
+                "image name {:?} is not a plain name",
+                f.path
+            )));
+        }
+        let dest = self.images().join(rel);
+        self.receive_into(&f, &dest, MAX_IMAGE_FILE)
+    }
+
+    fn start_page_server(&mut self) -> Result<(), MigrateError> {
+        let data = self
+            .data_rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| MigrateError::Remote("no data connection within 30 s".into()))?;
+        let images = self.images();
+        let mut fds = ChildFds::default();
+        let mut ps = CriuPageServerInfo::new();
+        ps.set_fd(fds.inherit(OwnedFd::from(data)));
+        let mut o = CriuOpts::new();
+        o.set_log_file("page-server.log".into());
+        o.ps = protobuf::MessageField::some(ps);
+        let req = Request {
+            opts: o,
+            images_dir: open_dir(&images)?,
+            work_dir: Some(open_dir(&self.work())?),
+            log_path: Some(self.work().join("page-server.log")),
+        };
+        self.page_server = Some(self.shared.criu.page_server(req, fds, true)?);
+        Ok(())
+    }
+
+    fn cgroup_paths(
+        &self,
+        meta: &CheckpointMeta,
+    ) -> Result<BTreeMap<String, String>, MigrateError> {
+        let old: BTreeMap<String, String> =
+            serde_json::from_value(meta.runc_state["cgroup_paths"].clone()).map_err(|e| {
+                MigrateError::Remote(format!("runc state without cgroup paths: {e}"))
+            })?;
+        let Some(prefix) = &self.shared.cfg.cgroup_prefix else {
+            return Ok(old);
+        };
+        Ok(old
+            .into_iter()
+            .map(|(k, v)| {
+                let p = Path::new(&v);
+                let moved = match (p.parent(), p.file_name()) {
+                    (Some(parent), Some(name)) => parent
+                        .join(prefix)
+                        .join(name)
+                        .to_string_lossy()
+                        .into_owned(),
+                    _ => v.clone(),
+                };
+                (k, moved)
+            })
+            .collect())
+    }
+
+    fn restore(&mut self, meta: serde_json::Value) -> Result<(), MigrateError> {
+        // The page server has everything once the source disconnected from it.
+        if let Some((_, s)) = self.page_server.take() {
+            s.finish(Duration::from_secs(30));
+        }
+        let mut meta: CheckpointMeta = serde_json::from_value(meta)
+            .map_err(|e| MigrateError::Remote(format!("checkpoint metadata: {e}")))?;
+        let id = self.id.clone().unwrap_or_default();
+        if meta.container != id {
+            return Err(MigrateError::Remote(
+                "metadata names another container".into(),
+            ));
+        }
+        meta.bundle = self.bundle();
+        meta.rootfs = self.bundle().join("rootfs");
+        meta.save(&self.images())
+            .map_err(crate::ops::OpError::from)?;
+        let req = RestoreRequest {
+            id: id.clone(),
+            runtime_root: self.shared.cfg.runtime_root.clone(),
+            images: self.images(),
+            bundle: Some(self.bundle()),
+            rename: false,
+            work_dir: Some(self.work().join("restore")),
+            console_socket: None,
+            settings: Default::default(),
+            cgroup_paths: Some(self.cgroup_paths(&meta)?),
+            null_stdio: true,
+        };
+        std::fs::create_dir_all(self.work().join("restore"))
+            .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        let ctl = &mut self.ctl;
+        let mut gate = |pid: i32| -> Result<(), String> {
+            ctl.send(&Msg::Restored(Pid { pid }))
+                .map_err(|e| e.to_string())?;
+            match ctl.recv() {
+                Ok(Msg::Commit) => Ok(()),
+                Ok(other) => Err(format!("expected commit, got {:?}", other.kind())),
+                Err(e) => Err(format!("source gone before commit: {e}")),
+            }
+        };
+        let report = restore_gated(&self.shared.criu, &req, &mut gate)?;
+        self.ctl.send(&Msg::Committed(Pid { pid: report.pid }))?;
+        tracing::info!(id = %id, pid = report.pid, "migration received; container running");
+        Ok(())
+    }
+
+    /// Undoes what a failed migration left; on success removes only the scratch space.
+    fn cleanup(&mut self, ok: bool) {
+        if let Some((_, s)) = self.page_server.take() {
+            s.finish(Duration::from_secs(5));
+        }
+        let work = self.work();
+        let _ = crate::runtime::mounts::unmount_under(&work);
+        if let Err(e) = remove_tree(&work) {
+            tracing::warn!("cleanup: {e}");
+        }
+        if !ok && self.bundle_created {
+            if let Err(e) = remove_tree(&self.bundle()) {
+                tracing::warn!("cleanup: {e}");
+            }
+        }
+        if let Some(id) = &self.id {
+            self.shared
+                .busy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Live migration between hosts: `ferry serve` (destination) and `ferry migrate` (source).
+//!
+//! - [`wire`]: frames and messages of the control channel, and the message sequence,
+//! - [`auth`]: shared-token mutual challenge–response,
+//! - [`rootfs`]: rootfs manifests by content hash, deltas, and applying them safely,
+//! - [`source`]: the source side, [`destination`]: the destination side.
+//!
+//! Memory never touches the source's disk: CRIU's page server on the destination receives
+//! the pages through an authenticated TCP connection that ferry opened and hands to both criu
+//! processes (`ps.fd`), so no port is ever opened for CRIU itself.
+
+pub mod auth;
+pub mod destination;
+pub mod rootfs;
+pub mod source;
+pub mod wire;
+
+use crate::ops::{ErrorKind, OpError};
+use wire::WireError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("token: {0}")]
+    Token(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("incompatible hosts: {0}")]
+    Incompatible(String),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("control channel: {0}")]
+    Wire(#[from] WireError),
+    #[error("destination failed: {0}")]
+    Remote(String),
+    #[error("rootfs sync: {0}")]
+    Rootfs(String),
+    #[error("{0}")]
+    Op(#[from] OpError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(
+        "the connection was lost after the commit was sent; the destination may be running the \
+         container, so the source is left paused: check the destination, then `runc resume` or \
+         `runc delete` the source ({0})"
+    )]
+    Ambiguous(String),
+}
+
+impl MigrateError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            MigrateError::Token(_) | MigrateError::Auth(_) | MigrateError::Unsupported(_) => {
+                ErrorKind::Invalid
+            }
+            MigrateError::Incompatible(_) => ErrorKind::Environment,
+            MigrateError::Connect { .. } | MigrateError::Ambiguous(_) => ErrorKind::Network,
+            MigrateError::Wire(WireError::Peer { kind, .. }) if kind == "auth" => {
+                ErrorKind::Invalid
+            }
+            MigrateError::Wire(WireError::Peer { .. }) | MigrateError::Remote(_) => {
+                ErrorKind::Remote
+            }
+            MigrateError::Wire(_) => ErrorKind::Network,
+            MigrateError::Rootfs(_) => ErrorKind::Internal,
+            MigrateError::Op(e) => e.kind(),
+        }
+    }
+}
+
+impl From<crate::criu::CriuError> for MigrateError {
+    fn from(e: crate::criu::CriuError) -> Self {
+        MigrateError::Op(e.into())
+    }
+}
+
+/// Short name of an error kind on the wire.
+pub fn kind_name(k: ErrorKind) -> &'static str {
+    match k {
+        ErrorKind::NotFound => "not-found",
+        ErrorKind::Invalid => "invalid",
+        ErrorKind::Environment => "environment",
+        ErrorKind::Criu => "criu",
+        ErrorKind::Conflict => "conflict",
+        ErrorKind::Remote => "remote",
+        ErrorKind::Network => "network",
+        ErrorKind::Internal => "internal",
+    }
+}

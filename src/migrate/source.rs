@@ -1,0 +1,577 @@
+//! The source side: `ferry migrate`.
+//!
+//! Connect and authenticate, agree on capabilities (CRIU versions, CPU, features), sync the
+//! rootfs while the container runs, open the data connection for the page server, then freeze
+//! and dump with the pages streamed to the destination. The answer to CRIU's `post-dump` is
+//! held while the final rootfs delta and the non-page images are sent and the destination
+//! restores; only when the destination reports the container running and adopted does the
+//! source let CRIU end its tasks. Any failure before that resumes the source untouched.
+
+use std::io::Read;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::auth::{client_handshake, Token};
+use super::rootfs::manifest;
+use super::wire::{
+    check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, SyncDone, Target,
+    WireError, CHUNK, MAX_FRAME,
+};
+use super::MigrateError;
+use crate::criu::client::Request;
+use crate::criu::swrk::ChildFds;
+use crate::criu::{Criu, Notification, Reply, Script};
+use crate::images::read_dump_stats;
+use crate::oci::options::{DumpSettings, DUMP_LOG};
+use crate::ops::checkpoint::DumpJob;
+use crate::ops::{open_dir, require_root};
+use crate::pb::CriuPageServerInfo;
+use crate::runtime::mounts::remove_tree;
+use crate::runtime::runc::Runc;
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    StopCopy,
+    PreCopy,
+    PostCopy,
+    Hybrid,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::StopCopy => "stop-copy",
+            Mode::PreCopy => "pre-copy",
+            Mode::PostCopy => "post-copy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        Some(match s {
+            "auto" => Mode::Auto,
+            "stop-copy" => Mode::StopCopy,
+            "pre-copy" => Mode::PreCopy,
+            "post-copy" => Mode::PostCopy,
+            "hybrid" => Mode::Hybrid,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrateRequest {
+    pub id: String,
+    pub to: String,
+    pub token: Token,
+    pub mode: Mode,
+    pub max_rounds: u32,
+    pub target_downtime_ms: u64,
+    pub runtime_root: PathBuf,
+    pub tcp_established: bool,
+    /// Longest wait for any answer from the destination.
+    pub io_timeout: Duration,
+}
+
+/// One memory transfer round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub pages_scanned: u64,
+    pub pages_written: u64,
+    pub bytes: u64,
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    pub container: String,
+    pub to: String,
+    pub mode: String,
+    pub mode_reason: String,
+    pub rounds: Vec<Round>,
+    /// CRIU's frozen time of the final dump.
+    pub frozen_ms: u64,
+    /// Freeze start → the container runs on the destination.
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    /// Control channel bytes plus page bytes.
+    pub bytes_sent: u64,
+    pub rootfs_files_sent: u64,
+    pub restored_pid: i32,
+    pub criu_version: String,
+}
+
+/// The control connection, counting what is sent.
+pub(crate) struct Ctl {
+    pub stream: TcpStream,
+    pub sent: u64,
+}
+
+impl Ctl {
+    pub fn send(&mut self, m: &Msg) -> Result<(), WireError> {
+        let mut counter = Counting {
+            inner: &mut self.stream,
+            n: 0,
+        };
+        m.write_to(&mut counter)?;
+        self.sent += counter.n;
+        Ok(())
+    }
+
+    pub fn recv(&mut self) -> Result<Msg, WireError> {
+        check_peer(Msg::read_from(&mut self.stream, MAX_FRAME)?)
+    }
+}
+
+struct Counting<'a> {
+    inner: &'a mut TcpStream,
+    n: u64,
+}
+
+impl std::io::Write for Counting<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = std::io::Write::write(self.inner, b)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(self.inner)
+    }
+}
+
+/// Unacknowledged data older than this fails the socket (a cut link must not hang a dump).
+const TCP_USER_TIMEOUT_MS: u32 = 20_000;
+
+/// Socket options for migration connections: no Nagle, bounded retransmission, keepalive.
+pub(crate) fn tune(s: &TcpStream, io_timeout: Duration) {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(io_timeout));
+    let _ = s.set_write_timeout(Some(io_timeout));
+    let fd = s.as_raw_fd();
+    let set = |level: i32, name: i32, v: u32| {
+        let v = v as libc::c_int;
+        // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+    };
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        TCP_USER_TIMEOUT_MS,
+    );
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5);
+}
+
+fn connect(addr: &str, io_timeout: Duration) -> Result<TcpStream, MigrateError> {
+    let conn_err = |source: std::io::Error| MigrateError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(conn_err)?
+        .next()
+        .ok_or_else(|| {
+            conn_err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no address",
+            ))
+        })?;
+    let s = TcpStream::connect_timeout(&sa, Duration::from_secs(10)).map_err(conn_err)?;
+    tune(&s, io_timeout);
+    Ok(s)
+}
+
+fn expect_ok(ctl: &mut Ctl, state: &'static str) -> Result<(), MigrateError> {
+    match ctl.recv()? {
+        Msg::Ok => Ok(()),
+        other => Err(WireError::Unexpected {
+            got: other.kind(),
+            state,
+        }
+        .into()),
+    }
+}
+
+/// Sends one file's content as File + Chunk* + FileEnd.
+pub(crate) fn send_file(
+    ctl: &mut Ctl,
+    target: Target,
+    name: &str,
+    path: &Path,
+    mode: u32,
+) -> Result<u64, MigrateError> {
+    let io = |e: std::io::Error| MigrateError::Rootfs(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    ctl.send(&Msg::File(FileStart {
+        target,
+        path: name.to_string(),
+        size,
+        mode,
+    }))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > size {
+            return Err(MigrateError::Rootfs(format!(
+                "{} grew while being sent",
+                path.display()
+            )));
+        }
+        ctl.send(&Msg::Chunk(buf[..n].to_vec()))?;
+    }
+    if total != size {
+        return Err(MigrateError::Rootfs(format!(
+            "{} shrank while being sent",
+            path.display()
+        )));
+    }
+    ctl.send(&Msg::FileEnd)?;
+    Ok(total)
+}
+
+/// One rootfs round: manifest, the destination's needs, the files. Returns files sent.
+fn sync_rootfs(ctl: &mut Ctl, rootfs: &Path, final_sync: bool) -> Result<u64, MigrateError> {
+    let entries = manifest(rootfs)?;
+    let mut parts = entries.chunks(4096).peekable();
+    if parts.peek().is_none() {
+        ctl.send(&Msg::Manifest(Manifest {
+            entries: vec![],
+            last: true,
+        }))?;
+    }
+    while let Some(p) = parts.next() {
+        ctl.send(&Msg::Manifest(Manifest {
+            entries: p.to_vec(),
+            last: parts.peek().is_none(),
+        }))?;
+    }
+    let need = match ctl.recv()? {
+        Msg::Need(n) => n.paths,
+        other => {
+            return Err(WireError::Unexpected {
+                got: other.kind(),
+                state: "waiting for the rootfs needs",
+            }
+            .into())
+        }
+    };
+    let idx: std::collections::BTreeMap<&str, &Entry> =
+        entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let mut sent = 0;
+    for p in &need {
+        let e = idx.get(p.as_str()).ok_or_else(|| {
+            MigrateError::Remote(format!("asked for {p:?}, which is not in the manifest"))
+        })?;
+        let full = rootfs.join(super::rootfs::check_rel(p)?);
+        if e.kind == "l" {
+            let t = std::fs::read_link(&full)
+                .map_err(|x| MigrateError::Rootfs(format!("{}: {x}", full.display())))?;
+            ctl.send(&Msg::File(FileStart {
+                target: Target::Rootfs,
+                path: p.clone(),
+                size: 0,
+                mode: e.mode,
+            }))?;
+            ctl.send(&Msg::Chunk(t.to_string_lossy().as_bytes().to_vec()))?;
+            ctl.send(&Msg::FileEnd)?;
+        } else {
+            send_file(ctl, Target::Rootfs, p, &full, e.mode)?;
+        }
+        sent += 1;
+    }
+    ctl.send(&Msg::SyncDone(SyncDone {
+        deleted: vec![],
+        final_sync,
+    }))?;
+    expect_ok(ctl, "waiting for the rootfs sync to be applied")?;
+    Ok(sent)
+}
+
+fn choose_mode(req: &MigrateRequest, mem_track: bool) -> Result<(Mode, String), MigrateError> {
+    match req.mode {
+        Mode::StopCopy => Ok((Mode::StopCopy, "requested".into())),
+        Mode::Auto if !mem_track => Ok((
+            Mode::StopCopy,
+            "no dirty memory tracking on the source kernel (pre-copy impossible); post-copy is not chosen automatically".into(),
+        )),
+        Mode::Auto => Ok((
+            Mode::StopCopy,
+            "pre-copy rounds are not implemented in this build yet".into(),
+        )),
+        Mode::PreCopy | Mode::Hybrid if !mem_track => Err(MigrateError::Unsupported(format!(
+            "--mode {} needs dirty memory tracking, which this kernel lacks (CONFIG_MEM_SOFT_DIRTY)",
+            req.mode.name()
+        ))),
+        m => Err(MigrateError::Unsupported(format!("--mode {} is not implemented in this build yet", m.name()))),
+    }
+}
+
+/// Migrates a runc container to a `ferry serve` destination.
+pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, MigrateError> {
+    let started = Instant::now();
+    require_root()?;
+    let features = criu.features()?;
+    let version = criu.require_version()?;
+    let settings = DumpSettings {
+        leave_running: false,
+        tcp_established: req.tcp_established,
+        ..Default::default()
+    };
+    let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;
+    let (mode, mode_reason) = choose_mode(req, features.mem_track)?;
+    let runc_version = Runc::new(&req.runtime_root)
+        .version()
+        .unwrap_or_else(|_| "unknown".into());
+    let config = std::fs::read_to_string(job.container.bundle.join("config.json"))
+        .map_err(|e| MigrateError::Rootfs(format!("reading config.json: {e}")))?;
+
+    let mut ctl = Ctl {
+        stream: connect(&req.to, req.io_timeout)?,
+        sent: 0,
+    };
+    let session_id = client_handshake(&mut ctl.stream, &req.token, Role::Control, None)?;
+    tracing::info!(to = %req.to, session = %session_id, "authenticated");
+    ctl.send(&Msg::Prepare(Prepare {
+        container: req.id.clone(),
+        config,
+        criu_version: version.to_string(),
+        runc_version,
+        mem_track: features.mem_track,
+        lazy_pages: features.lazy_pages,
+        mode: mode.name().into(),
+    }))?;
+    match ctl.recv()? {
+        Msg::Prepared(p) => {
+            tracing::info!(criu = %p.criu_version, runc = %p.runc_version, "destination ready")
+        }
+        other => {
+            return Err(WireError::Unexpected {
+                got: other.kind(),
+                state: "waiting for prepared",
+            }
+            .into())
+        }
+    }
+
+    // Scratch dir for the non-page images (pages never land here).
+    let work = PathBuf::from(crate::ops::restore::FERRY_RUN_DIR).join(format!(
+        "migrate-{}-{}",
+        req.id,
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&work)
+        .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", work.display())))?;
+    let result = run(criu, req, &job, &mut ctl, &session_id, &work);
+    if let Err(e) = remove_tree(&work) {
+        tracing::warn!("cleanup: {e}");
+    }
+    let out = result?;
+    if let Err(e) = Runc::new(&req.runtime_root).delete(&req.id) {
+        tracing::warn!(
+            "migrated container {} could not be deleted from the source's runc: {e}",
+            req.id
+        );
+    }
+    let bytes = out.stats.pages_written * 4096;
+    Ok(MigrateReport {
+        container: req.id.clone(),
+        to: req.to.clone(),
+        mode: mode.name().into(),
+        mode_reason,
+        rounds: vec![Round {
+            pages_scanned: out.stats.pages_scanned,
+            pages_written: out.stats.pages_written,
+            bytes,
+            ms: (out.stats.memdump_time_us + out.stats.memwrite_time_us) / 1000,
+        }],
+        frozen_ms: out.stats.frozen_time_us / 1000,
+        downtime_ms: out.downtime_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+        bytes_sent: ctl.sent + bytes,
+        rootfs_files_sent: out.files_sent,
+        restored_pid: out.pid,
+        criu_version: version.to_string(),
+    })
+}
+
+/// What the freeze-and-commit phase produced.
+struct Outcome {
+    pid: i32,
+    downtime_ms: u64,
+    files_sent: u64,
+    stats: crate::images::DumpStats,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    criu: &Criu,
+    req: &MigrateRequest,
+    job: &DumpJob,
+    ctl: &mut Ctl,
+    session_id: &str,
+    work: &Path,
+) -> Result<Outcome, MigrateError> {
+    // CPU compatibility before anything else is moved.
+    let cpu_dir = work.join("cpuinfo");
+    std::fs::create_dir_all(&cpu_dir).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+    let mut o = crate::pb::CriuOpts::new();
+    o.set_log_file("cpuinfo.log".into());
+    criu.cpuinfo_dump(Request {
+        opts: o,
+        images_dir: open_dir(&cpu_dir)?,
+        work_dir: Some(open_dir(&cpu_dir)?),
+        log_path: Some(cpu_dir.join("cpuinfo.log")),
+    })?;
+    send_file(
+        ctl,
+        Target::Cpuinfo,
+        "cpuinfo.img",
+        &cpu_dir.join("cpuinfo.img"),
+        0o600,
+    )?;
+    expect_ok(ctl, "waiting for the CPU check")?;
+
+    let mut files_sent = sync_rootfs(ctl, &job.cfg.rootfs, false)?;
+    tracing::info!(files = files_sent, "rootfs synced while running");
+
+    let mut data = connect(&req.to, req.io_timeout)?;
+    client_handshake(&mut data, &req.token, Role::Data, Some(session_id))?;
+    match ctl.recv()? {
+        Msg::PageServerReady => {}
+        other => {
+            return Err(WireError::Unexpected {
+                got: other.kind(),
+                state: "waiting for the page server",
+            }
+            .into())
+        }
+    }
+
+    let images = work.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+    let mut opts = job.opts.clone();
+    let mut fds = ChildFds::default();
+    let mut ps = CriuPageServerInfo::new();
+    ps.set_fd(fds.inherit(OwnedFd::from(data)));
+    opts.ps = protobuf::MessageField::some(ps);
+    let request = Request {
+        opts,
+        images_dir: open_dir(&images)?,
+        work_dir: Some(open_dir(&images)?),
+        log_path: Some(images.join(DUMP_LOG)),
+    };
+
+    let mut failure: Option<MigrateError> = None;
+    let mut ambiguous = false;
+    let mut restored = 0;
+    let mut committed_at = None;
+    let freeze_start = Instant::now();
+    let mut notify = |n: Notification| -> Reply {
+        if n.script != Script::PostDump {
+            return Reply::Success;
+        }
+        // The hold: the source tasks stay frozen until the destination runs the container.
+        let outcome = (|| -> Result<i32, MigrateError> {
+            files_sent += sync_rootfs(ctl, &job.cfg.rootfs, true)?;
+            let mut names: Vec<_> = std::fs::read_dir(&images)
+                .map_err(|e| MigrateError::Rootfs(e.to_string()))?
+                .flatten()
+                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".log"))
+                .collect();
+            names.sort();
+            for name in &names {
+                send_file(ctl, Target::Image, name, &images.join(name), 0o600)?;
+            }
+            let meta =
+                serde_json::to_value(&job.meta).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+            ctl.send(&Msg::Restore(RestoreMsg { meta }))?;
+            let pid = match ctl.recv()? {
+                Msg::Restored(p) => p.pid,
+                other => {
+                    return Err(WireError::Unexpected {
+                        got: other.kind(),
+                        state: "waiting for the restore",
+                    }
+                    .into())
+                }
+            };
+            ctl.send(&Msg::Commit)?;
+            // From here on a lost connection leaves the outcome unknown.
+            match ctl.recv() {
+                Ok(Msg::Committed(p)) => Ok(p.pid.max(pid)),
+                Ok(other) => Err(WireError::Unexpected {
+                    got: other.kind(),
+                    state: "waiting for the commit",
+                }
+                .into()),
+                Err(e @ WireError::Peer { .. }) => Err(e.into()),
+                Err(e) => {
+                    ambiguous = true;
+                    Err(MigrateError::Ambiguous(e.to_string()))
+                }
+            }
+        })();
+        match outcome {
+            Ok(pid) => {
+                restored = pid;
+                committed_at = Some(Instant::now());
+                Reply::Success
+            }
+            Err(e) => {
+                let text = e.to_string();
+                failure = Some(e);
+                Reply::Failure(text)
+            }
+        }
+    };
+    tracing::info!(id = %req.id, "freezing and dumping");
+    // The dump's criu inherits the data connection (ps.fd), so it is started only now.
+    let (mut session, _) = criu.session(fds)?;
+    let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
+    drop(notify);
+    session.finish(Duration::from_secs(5));
+    job.settle_freezer(ambiguous);
+    if let Err(e) = dumped {
+        let _ = ctl.send(&Msg::Error(super::wire::ErrorMsg {
+            kind: "aborted".into(),
+            message: e.to_string(),
+        }));
+        return Err(failure.unwrap_or(MigrateError::Op(e)));
+    }
+    let stats = read_dump_stats(&images).unwrap_or_default();
+    let downtime = committed_at
+        .map(|c| c.duration_since(freeze_start))
+        .unwrap_or_default();
+    Ok(Outcome {
+        pid: restored,
+        downtime_ms: downtime.as_millis() as u64,
+        files_sent,
+        stats,
+    })
+}

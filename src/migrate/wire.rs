@@ -1,0 +1,533 @@
+//! Wire format of the migration control channel.
+//!
+//! Every frame: `b"FY"`, u16 kind, u32 payload length (big endian), payload. The length is
+//! checked against [`MAX_FRAME`] before anything is allocated; an unknown kind or a bad magic
+//! fails to decode. File data travels in [`Kind::Chunk`] frames as raw bytes; every other
+//! message's payload is one JSON object.
+//!
+//! Protocol version 1 — the message sequence (S = source, `ferry migrate`; D = destination,
+//! `ferry serve`):
+//!
+//! ```text
+//! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
+//! S→D Proof{nonce_s, mac_s}                D→S Welcome{mac_d, session}   (or Error, close)
+//! S→D Prepare{container, config, versions, features, mode}
+//!                                          D→S Prepared{criu_version, features} | Error
+//! S→D File{cpuinfo} Chunk* FileEnd         (CPUINFO_CHECK on D)  D→S Ok | Error
+//! S→D Manifest{entries, last}*             D→S Need{paths}
+//! S→D (File{rootfs, path} Chunk* FileEnd)* SyncDone
+//!   second connection, S→D Hello{role: data, session} … Welcome: D hands it to its page
+//!   server                                 D→S PageServerReady
+//! S freezes and dumps; pages go through the data connection; at post-dump S holds:
+//! S→D Manifest*  (final rootfs delta)     D→S Need
+//! S→D files, SyncDone{deleted}, (File{image} Chunk* FileEnd)*, Restore{meta}
+//!                                          D restores, holds at post-restore
+//!                                          D→S Restored{pid} | Error
+//! S→D Commit                               D resumes, hands to runc  D→S Committed{pid} | Error
+//! S releases its hold: the source tasks end.
+//! ```
+//! Any error before S receives `Committed` resumes the source; D undoes everything when the
+//! connection ends before `Commit`.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Versions this build speaks (printed by `ferry --version`).
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+pub const MAGIC: [u8; 2] = *b"FY";
+pub const HEADER_LEN: usize = 8;
+/// Largest payload accepted.
+pub const MAX_FRAME: u32 = 16 * 1024 * 1024;
+/// File data per chunk frame.
+pub const CHUNK: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("bad frame magic {0:02x?}")]
+    Magic([u8; 2]),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("frame of {len} bytes exceeds the cap of {cap}")]
+    TooLarge { len: u32, cap: u32 },
+    #[error("undecodable {kind:?} message: {why}")]
+    Decode { kind: Kind, why: String },
+    #[error("unexpected {got:?} while {state}")]
+    Unexpected { got: Kind, state: &'static str },
+    #[error("peer error ({kind}): {message}")]
+    Peer { kind: String, message: String },
+}
+
+/// Frame kinds; 0 is never valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Invalid = 0,
+    Hello = 1,
+    Challenge = 2,
+    Proof = 3,
+    Welcome = 4,
+    Prepare = 5,
+    Prepared = 6,
+    Manifest = 7,
+    Need = 8,
+    File = 9,
+    Chunk = 10,
+    FileEnd = 11,
+    SyncDone = 12,
+    PageServerReady = 13,
+    Restore = 14,
+    Restored = 15,
+    Commit = 16,
+    Committed = 17,
+    Ok = 18,
+    Error = 19,
+}
+
+impl Kind {
+    pub fn from_u16(v: u16) -> Result<Kind, WireError> {
+        use Kind::*;
+        Result::Ok(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => Proof,
+            4 => Welcome,
+            5 => Prepare,
+            6 => Prepared,
+            7 => Manifest,
+            8 => Need,
+            9 => File,
+            10 => Chunk,
+            11 => FileEnd,
+            12 => SyncDone,
+            13 => PageServerReady,
+            14 => Restore,
+            15 => Restored,
+            16 => Commit,
+            17 => Committed,
+            18 => Kind::Ok,
+            19 => Kind::Error,
+            other => return Err(WireError::UnknownKind(other)),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Control,
+    Data,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub role: Role,
+    /// For a data connection: the session it belongs to.
+    pub session: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    pub version: u32,
+    pub nonce: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proof {
+    pub nonce: String,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub mac: String,
+    pub session: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare {
+    pub container: String,
+    /// The bundle's config.json.
+    pub config: String,
+    pub criu_version: String,
+    pub runc_version: String,
+    pub mem_track: bool,
+    pub lazy_pages: bool,
+    pub mode: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    pub criu_version: String,
+    pub mem_track: bool,
+    pub lazy_pages: bool,
+    pub runc_version: String,
+}
+
+/// One rootfs entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    /// "f" file, "d" directory, "l" symlink.
+    pub kind: String,
+    pub mode: u32,
+    pub size: u64,
+    /// sha256 of a file's content or a symlink's target.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub entries: Vec<Entry>,
+    pub last: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Need {
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    Rootfs,
+    Image,
+    Cpuinfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStart {
+    pub target: Target,
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncDone {
+    /// Paths present on the destination but gone on the source (applied on the final sync).
+    pub deleted: Vec<String>,
+    pub final_sync: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreMsg {
+    /// The checkpoint metadata (ferry.json) as the source wrote it.
+    pub meta: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pid {
+    pub pid: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// "auth", "invalid", "environment", "criu", "conflict", "internal".
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Empty {}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    Hello(Hello),
+    Challenge(Challenge),
+    Proof(Proof),
+    Welcome(Welcome),
+    Prepare(Prepare),
+    Prepared(Prepared),
+    Manifest(Manifest),
+    Need(Need),
+    File(FileStart),
+    Chunk(Vec<u8>),
+    FileEnd,
+    SyncDone(SyncDone),
+    PageServerReady,
+    Restore(RestoreMsg),
+    Restored(Pid),
+    Commit,
+    Committed(Pid),
+    Ok,
+    Error(ErrorMsg),
+}
+
+impl Msg {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Msg::Hello(_) => Kind::Hello,
+            Msg::Challenge(_) => Kind::Challenge,
+            Msg::Proof(_) => Kind::Proof,
+            Msg::Welcome(_) => Kind::Welcome,
+            Msg::Prepare(_) => Kind::Prepare,
+            Msg::Prepared(_) => Kind::Prepared,
+            Msg::Manifest(_) => Kind::Manifest,
+            Msg::Need(_) => Kind::Need,
+            Msg::File(_) => Kind::File,
+            Msg::Chunk(_) => Kind::Chunk,
+            Msg::FileEnd => Kind::FileEnd,
+            Msg::SyncDone(_) => Kind::SyncDone,
+            Msg::PageServerReady => Kind::PageServerReady,
+            Msg::Restore(_) => Kind::Restore,
+            Msg::Restored(_) => Kind::Restored,
+            Msg::Commit => Kind::Commit,
+            Msg::Committed(_) => Kind::Committed,
+            Msg::Ok => Kind::Ok,
+            Msg::Error(_) => Kind::Error,
+        }
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        fn j<T: Serialize>(v: &T) -> Vec<u8> {
+            serde_json::to_vec(v).unwrap_or_default()
+        }
+        match self {
+            Msg::Hello(m) => j(m),
+            Msg::Challenge(m) => j(m),
+            Msg::Proof(m) => j(m),
+            Msg::Welcome(m) => j(m),
+            Msg::Prepare(m) => j(m),
+            Msg::Prepared(m) => j(m),
+            Msg::Manifest(m) => j(m),
+            Msg::Need(m) => j(m),
+            Msg::File(m) => j(m),
+            Msg::Chunk(b) => b.clone(),
+            Msg::SyncDone(m) => j(m),
+            Msg::Restore(m) => j(m),
+            Msg::Restored(m) | Msg::Committed(m) => j(m),
+            Msg::Error(m) => j(m),
+            Msg::FileEnd | Msg::PageServerReady | Msg::Commit | Msg::Ok => j(&Empty {}),
+        }
+    }
+
+    pub fn decode(kind: Kind, payload: &[u8]) -> Result<Msg, WireError> {
+        fn j<T: for<'a> Deserialize<'a>>(kind: Kind, p: &[u8]) -> Result<T, WireError> {
+            serde_json::from_slice(p).map_err(|e| WireError::Decode {
+                kind,
+                why: e.to_string(),
+            })
+        }
+        Ok(match kind {
+            Kind::Invalid => return Err(WireError::UnknownKind(0)),
+            Kind::Hello => Msg::Hello(j(kind, payload)?),
+            Kind::Challenge => Msg::Challenge(j(kind, payload)?),
+            Kind::Proof => Msg::Proof(j(kind, payload)?),
+            Kind::Welcome => Msg::Welcome(j(kind, payload)?),
+            Kind::Prepare => Msg::Prepare(j(kind, payload)?),
+            Kind::Prepared => Msg::Prepared(j(kind, payload)?),
+            Kind::Manifest => Msg::Manifest(j(kind, payload)?),
+            Kind::Need => Msg::Need(j(kind, payload)?),
+            Kind::File => Msg::File(j(kind, payload)?),
+            Kind::Chunk => Msg::Chunk(payload.to_vec()),
+            Kind::FileEnd => {
+                j::<Empty>(kind, payload)?;
+                Msg::FileEnd
+            }
+            Kind::SyncDone => Msg::SyncDone(j(kind, payload)?),
+            Kind::PageServerReady => {
+                j::<Empty>(kind, payload)?;
+                Msg::PageServerReady
+            }
+            Kind::Restore => Msg::Restore(j(kind, payload)?),
+            Kind::Restored => Msg::Restored(j(kind, payload)?),
+            Kind::Commit => {
+                j::<Empty>(kind, payload)?;
+                Msg::Commit
+            }
+            Kind::Committed => Msg::Committed(j(kind, payload)?),
+            Kind::Ok => {
+                j::<Empty>(kind, payload)?;
+                Msg::Ok
+            }
+            Kind::Error => Msg::Error(j(kind, payload)?),
+        })
+    }
+
+    /// Writes the frame.
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), WireError> {
+        let payload = self.payload();
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        if len > MAX_FRAME {
+            return Err(WireError::TooLarge {
+                len,
+                cap: MAX_FRAME,
+            });
+        }
+        let mut hdr = [0u8; HEADER_LEN];
+        hdr[..2].copy_from_slice(&MAGIC);
+        hdr[2..4].copy_from_slice(&(self.kind() as u16).to_be_bytes());
+        hdr[4..8].copy_from_slice(&len.to_be_bytes());
+        w.write_all(&hdr)?;
+        w.write_all(&payload)?;
+        w.flush()?;
+        Ok(())
+    }
+
+    /// Reads one frame, capping its payload at `cap` (≤ [`MAX_FRAME`]).
+    pub fn read_from(r: &mut impl Read, cap: u32) -> Result<Msg, WireError> {
+        let mut hdr = [0u8; HEADER_LEN];
+        if let Err(e) = r.read_exact(&mut hdr) {
+            return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                WireError::Closed
+            } else {
+                WireError::Io(e)
+            });
+        }
+        let magic = [hdr[0], hdr[1]];
+        if magic != MAGIC {
+            return Err(WireError::Magic(magic));
+        }
+        let kind = Kind::from_u16(u16::from_be_bytes([hdr[2], hdr[3]]))?;
+        let len = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let cap = cap.min(MAX_FRAME);
+        if len > cap {
+            return Err(WireError::TooLarge { len, cap });
+        }
+        let mut payload = vec![0u8; len as usize];
+        r.read_exact(&mut payload).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                WireError::Closed
+            } else {
+                WireError::Io(e)
+            }
+        })?;
+        Msg::decode(kind, &payload)
+    }
+}
+
+/// Turns a peer's Error message into a [`WireError::Peer`], passing other messages through.
+pub fn check_peer(m: Msg) -> Result<Msg, WireError> {
+    match m {
+        Msg::Error(e) => Err(WireError::Peer {
+            kind: e.kind,
+            message: e.message,
+        }),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: Msg) {
+        let mut buf = Vec::new();
+        m.write_to(&mut buf).unwrap();
+        let back = Msg::read_from(&mut buf.as_slice(), MAX_FRAME).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        round_trip(Msg::Hello(Hello {
+            version: 1,
+            role: Role::Data,
+            session: Some("s".into()),
+        }));
+        round_trip(Msg::Challenge(Challenge {
+            version: 1,
+            nonce: "ab".into(),
+        }));
+        round_trip(Msg::Proof(Proof {
+            nonce: "cd".into(),
+            mac: "ef".into(),
+        }));
+        round_trip(Msg::Welcome(Welcome {
+            mac: "01".into(),
+            session: "x".into(),
+        }));
+        round_trip(Msg::Manifest(Manifest {
+            entries: vec![Entry {
+                path: "bin/sh".into(),
+                kind: "l".into(),
+                mode: 0o777,
+                size: 7,
+                hash: "h".into(),
+            }],
+            last: true,
+        }));
+        round_trip(Msg::File(FileStart {
+            target: Target::Image,
+            path: "core-1.img".into(),
+            size: 3,
+            mode: 0o600,
+        }));
+        round_trip(Msg::Chunk(vec![1, 2, 3]));
+        round_trip(Msg::FileEnd);
+        round_trip(Msg::SyncDone(SyncDone {
+            deleted: vec!["a".into()],
+            final_sync: true,
+        }));
+        round_trip(Msg::Restored(Pid { pid: 42 }));
+        round_trip(Msg::Commit);
+        round_trip(Msg::Error(ErrorMsg {
+            kind: "auth".into(),
+            message: "no".into(),
+        }));
+    }
+
+    #[test]
+    fn bad_frames_fail_before_allocation() {
+        let mut big = Vec::from(MAGIC);
+        big.extend_from_slice(&(Kind::Chunk as u16).to_be_bytes());
+        big.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            Msg::read_from(&mut big.as_slice(), MAX_FRAME),
+            Err(WireError::TooLarge { .. })
+        ));
+
+        let mut bad_magic = b"GET / HTTP/1.1\r\n".to_vec();
+        assert!(matches!(
+            Msg::read_from(&mut bad_magic.as_slice(), MAX_FRAME),
+            Err(WireError::Magic(_))
+        ));
+        bad_magic.clear();
+
+        let mut unknown = Vec::from(MAGIC);
+        unknown.extend_from_slice(&999u16.to_be_bytes());
+        unknown.extend_from_slice(&0u32.to_be_bytes());
+        assert!(matches!(
+            Msg::read_from(&mut unknown.as_slice(), MAX_FRAME),
+            Err(WireError::UnknownKind(999))
+        ));
+
+        let mut zero = Vec::from(MAGIC);
+        zero.extend_from_slice(&0u16.to_be_bytes());
+        zero.extend_from_slice(&0u32.to_be_bytes());
+        assert!(Msg::read_from(&mut zero.as_slice(), MAX_FRAME).is_err());
+
+        let mut garbage_json = Vec::from(MAGIC);
+        garbage_json.extend_from_slice(&(Kind::Hello as u16).to_be_bytes());
+        garbage_json.extend_from_slice(&3u32.to_be_bytes());
+        garbage_json.extend_from_slice(b"{{{");
+        assert!(matches!(
+            Msg::read_from(&mut garbage_json.as_slice(), MAX_FRAME),
+            Err(WireError::Decode { .. })
+        ));
+
+        let truncated = &[b'F', b'Y', 0][..];
+        assert!(matches!(
+            Msg::read_from(&mut &truncated[..], MAX_FRAME),
+            Err(WireError::Closed)
+        ));
+    }
+
+    #[test]
+    fn a_smaller_cap_applies() {
+        let mut buf = Vec::new();
+        Msg::Chunk(vec![0; 100]).write_to(&mut buf).unwrap();
+        assert!(matches!(
+            Msg::read_from(&mut buf.as_slice(), 64),
+            Err(WireError::TooLarge { len: 100, cap: 64 })
+        ));
+    }
+}
