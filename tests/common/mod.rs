@@ -480,6 +480,7 @@ pub struct Bundle {
     args: Vec<String>,
     hostname: Option<String>,
     binds: Vec<(PathBuf, String)>,
+    memwriter: bool,
 }
 
 impl Bundle {
@@ -489,7 +490,14 @@ impl Bundle {
             args: counter_args(),
             hostname: None,
             binds: Vec::new(),
+            memwriter: false,
         }
+    }
+
+    /// Also install the memwriter workload as `/bin/memwriter` (see [`memwriter_args`]).
+    pub fn with_memwriter(mut self) -> Bundle {
+        self.memwriter = true;
+        self
     }
 
     /// `process.args` (default: the counter).
@@ -532,6 +540,12 @@ impl Bundle {
             if fs::symlink_metadata(&link).is_err() {
                 symlink("busybox", &link).expect("symlink applet");
             }
+        }
+
+        if self.memwriter {
+            let target = rootfs.join("bin/memwriter");
+            fs::copy(memwriter_bin(), &target).expect("copy memwriter into rootfs");
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
         }
 
         let config = self.dir.join("config.json");
@@ -587,8 +601,17 @@ impl Runc {
     /// Fresh, empty runc root and work dir for the test `name`.
     pub fn new(name: &str) -> Runc {
         let u = unique(name);
-        let root_base = Path::new(RUNC_ROOT_BASE).join(&u);
-        let work = Path::new(WORK_BASE).join(&u);
+        Runc::at(
+            name,
+            Path::new(RUNC_ROOT_BASE).join(&u),
+            Path::new(WORK_BASE).join(&u),
+        )
+    }
+
+    /// Fresh, empty runc root `<root_base>/runc` and work dir `work` (with `bundles/`);
+    /// container ids are still `ft-<name><suffix>-<pid>`. Dropping it removes `root_base`
+    /// and `work`.
+    pub fn at(name: &str, root_base: PathBuf, work: PathBuf) -> Runc {
         // Leftovers of an earlier run with the same pid: remove them safely.
         safe_remove_dir_all(&root_base);
         safe_remove_dir_all(&work);
@@ -949,6 +972,7 @@ pub struct FerryCmd {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     stdout: Option<Out>,
+    prefix: Vec<String>,
 }
 
 pub fn ferry_cmd<S: AsRef<str>>(args: &[S]) -> FerryCmd {
@@ -956,6 +980,7 @@ pub fn ferry_cmd<S: AsRef<str>>(args: &[S]) -> FerryCmd {
         args: args.iter().map(|a| a.as_ref().to_string()).collect(),
         envs: Vec::new(),
         stdout: None,
+        prefix: Vec::new(),
     }
 }
 
@@ -965,6 +990,13 @@ pub fn ferry<S: AsRef<str>>(args: &[S]) -> FerryOut {
 }
 
 impl FerryCmd {
+    /// Run ferry through a wrapper command, e.g. `nsenter --net=/run/netns/X --`: the
+    /// process started is `prefix[0] prefix[1..] <ferry> args...`.
+    pub fn prefix<S: AsRef<str>>(mut self, prefix: &[S]) -> FerryCmd {
+        self.prefix = prefix.iter().map(|a| a.as_ref().to_string()).collect();
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> FerryCmd {
         self.envs.push((k.to_string(), v.to_string()));
         self
@@ -979,7 +1011,14 @@ impl FerryCmd {
     pub fn run(self) -> FerryOut {
         let mut out_f = tempfile::tempfile().expect("temp file");
         let mut err_f = tempfile::tempfile().expect("temp file");
-        let mut c = Command::new(ferry_bin());
+        let mut c = match self.prefix.split_first() {
+            None => Command::new(ferry_bin()),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(ferry_bin());
+                c
+            }
+        };
         c.args(&self.args)
             .stdin(Stdio::null())
             .stderr(err_f.try_clone().unwrap());
@@ -1290,4 +1329,800 @@ pub fn global_leak_check() {
         p
     });
     assert!(problems.is_empty(), "leftovers:\n{}", problems.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory-writer workload (tests/workloads/memwriter.c)
+// ---------------------------------------------------------------------------------------
+
+/// Source of the memwriter workload.
+pub const MEMWRITER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/memwriter.c");
+
+static MEMWRITER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The memwriter binary, built once per test process with `gcc -O2 -static` into cargo's
+/// target tmp dir (built under a temporary name, then renamed into place).
+pub fn memwriter_bin() -> PathBuf {
+    MEMWRITER
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            fs::create_dir_all(dir).expect("create CARGO_TARGET_TMPDIR");
+            let tmp = dir.join(format!("memwriter.{}.tmp", std::process::id()));
+            let out = run_output(
+                Command::new("gcc")
+                    .args(["-O2", "-Wall", "-static", "-o"])
+                    .arg(&tmp)
+                    .arg(MEMWRITER_SRC),
+            );
+            must(out, "gcc -O2 -static tests/workloads/memwriter.c");
+            assert!(is_static_elf(&tmp), "memwriter is not a static binary");
+            let bin = dir.join("memwriter");
+            fs::rename(&tmp, &bin).expect("rename memwriter into place");
+            bin
+        })
+        .clone()
+}
+
+/// `process.args` of memwriter: `<mib>` MiB, `<dirty_mib_per_s>` MiB/s rewritten, one
+/// verification line every ~200 ms appended to `file` (a path inside the container).
+pub fn memwriter_args(mib: u32, dirty_mib_per_s: u32, file: &str) -> Vec<String> {
+    vec![
+        "/bin/memwriter".into(),
+        mib.to_string(),
+        dirty_mib_per_s.to_string(),
+        file.into(),
+    ]
+}
+
+/// One line of memwriter output: `<seq> <ok|BAD> <pages>[ extra...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemLine {
+    pub seq: u64,
+    pub ok: bool,
+    pub pages: u64,
+    pub raw: String,
+}
+
+/// Parse complete memwriter lines; panics (quoting the line) on anything malformed.
+#[track_caller]
+pub fn parse_memwriter(text: &str, what: &str) -> Vec<MemLine> {
+    complete_lines(text)
+        .enumerate()
+        .map(|(n, l)| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let parsed = (f.len() >= 3)
+                .then(|| {
+                    let seq = f[0].parse::<u64>().ok()?;
+                    let ok = match f[1] {
+                        "ok" => true,
+                        "BAD" => false,
+                        _ => return None,
+                    };
+                    let pages = f[2].parse::<u64>().ok()?;
+                    Some(MemLine {
+                        seq,
+                        ok,
+                        pages,
+                        raw: l.to_string(),
+                    })
+                })
+                .flatten();
+            parsed.unwrap_or_else(|| {
+                panic!(
+                    "{what}: line {} is not a memwriter line: {l:?}\nfull text:\n{text}",
+                    n + 1
+                )
+            })
+        })
+        .collect()
+}
+
+/// memwriter lines in the file at `path` (missing file: none); a trailing partial line is
+/// ignored.
+#[track_caller]
+pub fn read_memwriter_lines(path: &Path) -> Vec<MemLine> {
+    match fs::read(path) {
+        Ok(b) => parse_memwriter(&String::from_utf8_lossy(&b), &path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("read {}: {e}", path.display()),
+    }
+}
+
+/// Wait until `path` holds at least `n` memwriter lines; returns them.
+#[track_caller]
+pub fn wait_memwriter_lines(path: &Path, n: usize, timeout: Duration) -> Vec<MemLine> {
+    let mut last = Vec::new();
+    wait_for(
+        timeout,
+        &format!("{n} memwriter lines in {}", path.display()),
+        || {
+            last = read_memwriter_lines(path);
+            last.len() >= n
+        },
+    );
+    last
+}
+
+/// Assert the memwriter output in `path` is healthy: at least one line, seq 1, 2, 3, … with
+/// no gap or repeat, and every line `ok`. Returns the lines.
+#[track_caller]
+pub fn assert_memwriter_ok(path: &Path) -> Vec<MemLine> {
+    let lines = read_memwriter_lines(path);
+    assert!(!lines.is_empty(), "{}: no memwriter lines", path.display());
+    let context = |i: usize| {
+        let lo = i.saturating_sub(5);
+        let hi = (i + 5).min(lines.len());
+        lines[lo..hi]
+            .iter()
+            .map(|l| l.raw.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        lines[0].seq,
+        1,
+        "{}: memwriter seq does not start at 1:\n{}",
+        path.display(),
+        context(0)
+    );
+    for (i, l) in lines.iter().enumerate() {
+        assert!(
+            l.ok,
+            "{}: memory verification failed at line {} ({:?}):\n{}",
+            path.display(),
+            i + 1,
+            l.raw,
+            context(i)
+        );
+        if i > 0 {
+            assert_eq!(
+                l.seq,
+                lines[i - 1].seq + 1,
+                "{}: memwriter seq does not continue at line {} (reset, repeat or gap):\n{}",
+                path.display(),
+                i + 1,
+                context(i)
+            );
+        }
+    }
+    lines
+}
+
+// ---------------------------------------------------------------------------------------
+// Two emulated hosts: network namespaces joined by a veth pair
+// ---------------------------------------------------------------------------------------
+
+/// Address of the emulated source host (documentation range, RFC 5737).
+pub const SRC_IP: &str = "192.0.2.1";
+/// Address of the emulated destination host.
+pub const DST_IP: &str = "192.0.2.2";
+/// `--cgroup-prefix` given to the destination's `ferry serve`.
+pub const DST_CGROUP_PREFIX: &str = "ferry-dst";
+/// How long `ferry serve` may take to print its `listening` line.
+pub const SERVE_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+static TWO_HOSTS_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Like [`require_root_and_criu`], plus what the two-host rig needs: `ip` (iproute2),
+/// `nsenter` (util-linux) and `gcc` (memwriter).
+pub fn require_two_hosts() -> bool {
+    if !require_root_and_criu() {
+        return false;
+    }
+    let missing: Vec<&str> = ["ip", "nsenter", "gcc"]
+        .into_iter()
+        .filter(|p| find_program(p).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = format!("missing programs: {missing:?} (iproute2, util-linux, build-essential)");
+    if ci() {
+        panic!("CI is set, refusing to skip: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
+fn ip(args: &[&str]) -> Output {
+    run_output(Command::new("ip").args(args))
+}
+
+/// Run `f` on a thread that has joined the network namespace `/run/netns/<ns>` (only that
+/// thread switches; sockets it creates stay in that namespace wherever they are used).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    thread::scope(|s| {
+        s.spawn(|| {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: fd is an open namespace file; setns only changes this thread's netns.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// A running `ferry serve` (on the destination host).
+pub struct Serve {
+    /// `192.0.2.2:<port>` as printed on the `listening` line.
+    pub addr: String,
+    pub port: u16,
+    /// Its stderr (printed when a test fails while it is alive).
+    pub stderr_path: PathBuf,
+    proc: Arc<Mutex<std::process::Child>>,
+    stdout_rest: Arc<Mutex<String>>,
+}
+
+fn stop_child(
+    child: &Mutex<std::process::Child>,
+    grace: Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut c = child.lock().unwrap();
+    if let Ok(Some(st)) = c.try_wait() {
+        return Some(st);
+    }
+    // SAFETY: plain kill(2) on our own child, which has not been reaped yet (try_wait above),
+    // so its pid cannot have been reused.
+    unsafe {
+        libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "ferry serve (pid {}) ignored SIGTERM for {grace:?}: SIGKILL",
+        c.id()
+    );
+    let _ = c.kill();
+    c.wait().ok()
+}
+
+impl Serve {
+    pub fn pid(&self) -> u32 {
+        self.proc.lock().unwrap().id()
+    }
+
+    /// Still running (not exited)?
+    pub fn is_alive(&self) -> bool {
+        matches!(self.proc.lock().unwrap().try_wait(), Ok(None))
+    }
+
+    /// SIGKILL and reap it.
+    pub fn kill_hard(&self) {
+        let mut c = self.proc.lock().unwrap();
+        if let Ok(None) = c.try_wait() {
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+
+    /// SIGTERM, SIGKILL after 5 s; returns the exit status.
+    pub fn stop(&self) -> Option<std::process::ExitStatus> {
+        stop_child(&self.proc, Duration::from_secs(5))
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Everything it printed on stdout after the `listening` line.
+    pub fn stdout_rest(&self) -> String {
+        self.stdout_rest.lock().unwrap().clone()
+    }
+
+    /// Peak resident set size (VmHWM) in KiB, if it is still running.
+    pub fn vm_hwm_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let st = self.stop();
+        if thread::panicking() {
+            eprintln!(
+                "--- ferry serve {} (exit {st:?}) stderr ({}) ---\n{}\n--- end of serve stderr ---",
+                self.addr,
+                self.stderr_path.display(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// Two emulated hosts on this machine: network namespaces `src_ns` (192.0.2.1) and `dst_ns`
+/// (192.0.2.2) joined by a veth pair, each host with its own runc root and bundles dir, and
+/// a shared token file. ferry runs inside a namespace through `nsenter --net=…`, which
+/// switches only the network namespace (`ip netns exec` would also give it a private mount
+/// namespace with a fresh /sys, hiding /sys/fs/cgroup from ferry, runc and CRIU). runc
+/// itself, called by the tests, runs in the host namespaces. The filesystem (and so bind
+/// mount sources) and the cgroup filesystem are shared: the destination's restored
+/// containers live under `--cgroup-prefix ferry-dst`.
+pub struct TwoHosts {
+    pub name: String,
+    pub src_ns: String,
+    pub dst_ns: String,
+    pub src_veth: String,
+    pub dst_veth: String,
+    /// `/run/ferry-test/<name>-<pid>` (runc roots below `src/` and `dst/`).
+    pub root_base: PathBuf,
+    /// `/var/tmp/ferry-test/<name>-<pid>` (work dirs below `src/` and `dst/`).
+    pub work_base: PathBuf,
+    /// 32 random hex characters, mode 0600.
+    pub token: PathBuf,
+    src: Option<Runc>,
+    dst: Option<Runc>,
+    serves: Mutex<Vec<Arc<Mutex<std::process::Child>>>>,
+    netns_made: bool,
+}
+
+/// 2·n random hex characters from the kernel.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("read /dev/urandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Write a token file (`content` plus a newline) with mode 0600.
+pub fn write_token_file(path: &Path, content: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    writeln!(f, "{content}").unwrap();
+}
+
+impl TwoHosts {
+    /// Create both hosts for the test `name` (panics if the network cannot be set up).
+    pub fn new(name: &str) -> TwoHosts {
+        let pid = std::process::id();
+        let n = TWO_HOSTS_SEQ.fetch_add(1, Ordering::SeqCst);
+        let u = unique(name);
+        let root_base = Path::new(RUNC_ROOT_BASE).join(&u);
+        let work_base = Path::new(WORK_BASE).join(&u);
+        safe_remove_dir_all(&root_base);
+        safe_remove_dir_all(&work_base);
+        let src = Runc::at(name, root_base.join("src"), work_base.join("src"));
+        let dst = Runc::at(name, root_base.join("dst"), work_base.join("dst"));
+        let token = work_base.join("token");
+        write_token_file(&token, &random_hex(16));
+        let mut th = TwoHosts {
+            name: name.to_string(),
+            src_ns: format!("fsrc-{pid}-{n}"),
+            dst_ns: format!("fdst-{pid}-{n}"),
+            // Interface names: at most 15 characters.
+            src_veth: format!("fvs{pid}x{n}"),
+            dst_veth: format!("fvd{pid}x{n}"),
+            root_base,
+            work_base,
+            token,
+            src: Some(src),
+            dst: Some(dst),
+            serves: Mutex::new(Vec::new()),
+            netns_made: false,
+        };
+        assert!(th.src_veth.len() <= 15 && th.dst_veth.len() <= 15);
+        th.setup_network();
+        th
+    }
+
+    fn setup_network(&mut self) {
+        for ns in [&self.src_ns, &self.dst_ns] {
+            let _ = ip(&["netns", "del", ns]); // leftover of an earlier run with this pid
+        }
+        self.netns_made = true; // from here on, Drop deletes them
+        let (s, d) = (self.src_ns.as_str(), self.dst_ns.as_str());
+        let (vs, vd) = (self.src_veth.as_str(), self.dst_veth.as_str());
+        let src_cidr = format!("{SRC_IP}/24");
+        let dst_cidr = format!("{DST_IP}/24");
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", s],
+            vec!["netns", "add", d],
+            // Created inside the source namespace with its peer directly in the destination
+            // namespace: nothing ever appears in the host's namespace.
+            vec![
+                "-n", s, "link", "add", vs, "type", "veth", "peer", "name", vd, "netns", d,
+            ],
+            vec!["-n", s, "addr", "add", &src_cidr, "dev", vs],
+            vec!["-n", d, "addr", "add", &dst_cidr, "dev", vd],
+            vec!["-n", s, "link", "set", "lo", "up"],
+            vec!["-n", d, "link", "set", "lo", "up"],
+            vec!["-n", s, "link", "set", vs, "up"],
+            vec!["-n", d, "link", "set", vd, "up"],
+        ];
+        for st in steps {
+            must(ip(&st), &format!("ip {}", st.join(" ")));
+        }
+        // Wait for the link (and IPv4 address) to be usable from the source side.
+        self.wait_link_up(Duration::from_secs(10));
+    }
+
+    fn wait_link_up(&self, timeout: Duration) {
+        let dst_ns = self.dst_ns.clone();
+        let src_ns = self.src_ns.clone();
+        // A listener in the destination namespace, connected to from the source namespace.
+        let listener = in_netns(&dst_ns, || std::net::TcpListener::bind((DST_IP, 0)))
+            .expect("bind a probe listener on 192.0.2.2");
+        let port = listener.local_addr().unwrap().port();
+        wait_for(
+            timeout,
+            "TCP from 192.0.2.1 to 192.0.2.2 over the veth",
+            || {
+                in_netns(&src_ns, || {
+                    std::net::TcpStream::connect_timeout(
+                        &format!("{DST_IP}:{port}").parse().unwrap(),
+                        Duration::from_millis(500),
+                    )
+                    .is_ok()
+                })
+            },
+        );
+    }
+
+    pub fn src_runc(&self) -> &Runc {
+        self.src.as_ref().expect("src runc")
+    }
+
+    pub fn dst_runc(&self) -> &Runc {
+        self.dst.as_ref().expect("dst runc")
+    }
+
+    /// Every container id either host started or was told about.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids = self.src_runc().ids();
+        for id in self.dst_runc().ids() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// `<dst bundles>/<id>`, where a migrated container's bundle lands.
+    pub fn dst_bundle(&self, id: &str) -> PathBuf {
+        self.dst_runc().bundles.join(id)
+    }
+
+    /// `nsenter --net=/run/netns/<ns> --`: run a program in one host's network namespace.
+    pub fn netns_prefix(ns: &str) -> Vec<String> {
+        vec![
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{ns}"),
+            "--".to_string(),
+        ]
+    }
+
+    /// Start `ferry serve` on the destination with the shared token.
+    pub fn serve(&self, extra: &[&str]) -> Serve {
+        self.serve_with_token(&self.token, extra)
+    }
+
+    /// Start `ferry -v serve --listen 192.0.2.2:0 --token-file <token> --bundles <dst bundles>
+    /// --runtime-root <dst runc root> --work-dir <dst work>/serve-work --cgroup-prefix
+    /// ferry-dst [extra…]` in the destination namespace and wait for its `listening` line.
+    pub fn serve_with_token(&self, token: &Path, extra: &[&str]) -> Serve {
+        use std::io::BufRead;
+        let dst = self.dst_runc();
+        let k = self.serves.lock().unwrap().len();
+        let stderr_path = dst.work.join(format!("serve-{k}.stderr"));
+        let err_f = File::create(&stderr_path).expect("create serve stderr file");
+        let work = dst.mkdir("serve-work");
+        let prefix = TwoHosts::netns_prefix(&self.dst_ns);
+        let mut c = Command::new(&prefix[0]);
+        c.args(&prefix[1..])
+            .arg(ferry_bin())
+            .arg("-v")
+            .arg("serve")
+            .args(["--listen", &format!("{DST_IP}:0")])
+            .arg("--token-file")
+            .arg(token)
+            .arg("--bundles")
+            .arg(&dst.bundles)
+            .arg("--runtime-root")
+            .arg(&dst.root)
+            .arg("--work-dir")
+            .arg(&work)
+            .args(["--cgroup-prefix", DST_CGROUP_PREFIX])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err_f);
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {c:?}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let proc = Arc::new(Mutex::new(child));
+        self.serves.lock().unwrap().push(proc.clone());
+
+        let rest = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let rest2 = rest.clone();
+        thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            drop(tx);
+            for l in lines.map_while(Result::ok) {
+                let mut r = rest2.lock().unwrap();
+                r.push_str(&l);
+                r.push('\n');
+            }
+        });
+        let fail = |why: String| -> ! {
+            let st = stop_child(&proc, Duration::from_secs(5));
+            panic!(
+                "ferry serve: {why} (exit {st:?}); command: {c:?}\nstderr:\n{}",
+                fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        };
+        let first = match rx.recv_timeout(SERVE_START_TIMEOUT) {
+            Ok(l) => l,
+            Err(_) => fail(format!(
+                "no `listening` line on stdout within {SERVE_START_TIMEOUT:?}"
+            )),
+        };
+        let Some(addr) = first.trim().strip_prefix("listening ") else {
+            fail(format!(
+                "first stdout line is not `listening <addr>`: {first:?}"
+            ))
+        };
+        let sa: std::net::SocketAddr = match addr.parse() {
+            Ok(sa) => sa,
+            Err(e) => fail(format!("bad address in {first:?}: {e}")),
+        };
+        if sa.ip().to_string() != DST_IP || sa.port() == 0 {
+            fail(format!(
+                "listening on {sa}, expected {DST_IP}:<non-zero port>"
+            ));
+        }
+        Serve {
+            addr: sa.to_string(),
+            port: sa.port(),
+            stderr_path,
+            proc,
+            stdout_rest: rest,
+        }
+    }
+
+    /// Arguments of `ferry migrate <id> --to <addr> --token-file T --runtime-root <src runc
+    /// root> --json [extra…]`.
+    pub fn migrate_args(&self, id: &str, addr: &str, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "migrate".into(),
+            id.into(),
+            "--to".into(),
+            addr.into(),
+            "--token-file".into(),
+            self.token.display().to_string(),
+            "--runtime-root".into(),
+            self.src_runc().root.display().to_string(),
+            "--json".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Run `ferry migrate` (see [`TwoHosts::migrate_args`]) in the source namespace, to
+    /// completion (killed after [`FERRY_TIMEOUT`]). The destination runc helper tracks `id`
+    /// so teardown and leak checks cover it there too.
+    pub fn migrate(&self, id: &str, addr: &str, extra: &[&str]) -> FerryOut {
+        self.migrate_cmd(id, addr, extra).run()
+    }
+
+    /// The `ferry migrate` command, to add environment or run it on another thread.
+    pub fn migrate_cmd(&self, id: &str, addr: &str, extra: &[&str]) -> FerryCmd {
+        self.src_runc().track(id);
+        self.dst_runc().track(id);
+        ferry_cmd(&self.migrate_args(id, addr, extra)).prefix(&TwoHosts::netns_prefix(&self.src_ns))
+    }
+
+    /// Take the source's end of the link down: the network between the hosts dies.
+    pub fn cut_link(&self) {
+        must(
+            ip(&["-n", &self.src_ns, "link", "set", &self.src_veth, "down"]),
+            "ip link set down (cut the link)",
+        );
+    }
+
+    /// Bring the source's end of the link back up.
+    pub fn restore_link(&self) {
+        must(
+            ip(&["-n", &self.src_ns, "link", "set", &self.src_veth, "up"]),
+            "ip link set up (restore the link)",
+        );
+        self.wait_link_up(Duration::from_secs(10));
+    }
+
+    /// Bytes the source host has sent over the link so far.
+    pub fn src_tx_bytes(&self) -> u64 {
+        let out = must(
+            ip(&[
+                "-n",
+                &self.src_ns,
+                "-j",
+                "-s",
+                "link",
+                "show",
+                "dev",
+                &self.src_veth,
+            ]),
+            "ip -s link show",
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+        v[0]["stats64"]["tx"]["bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stats64.tx.bytes in {v}"))
+    }
+
+    /// A TCP connection from the source host to `addr`.
+    pub fn connect_from_src(&self, addr: &str) -> std::net::TcpStream {
+        let sa: std::net::SocketAddr = addr.parse().expect("socket address");
+        in_netns(&self.src_ns, || {
+            std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(10))
+        })
+        .unwrap_or_else(|e| panic!("connect {addr} from the source namespace: {e}"))
+    }
+
+    /// What a failed migration of `id` left on the destination: runc state, state dir,
+    /// criu-root / cgyard mounts, mounts below the destination's root or work dir, cgroups
+    /// under `ferry-dst/` named after `id` and processes in them, criu processes.
+    pub fn dst_leftovers(&self, id: &str) -> Vec<String> {
+        let dst = self.dst_runc();
+        let mut p = Vec::new();
+        if let Some(st) = dst.try_state(id) {
+            p.push(format!("destination runc knows {id}: {st}"));
+        }
+        let state_dir = dst.root.join(id);
+        if state_dir.exists() {
+            p.push(format!(
+                "destination runc state dir {} exists",
+                state_dir.display()
+            ));
+        }
+        for m in mount_points() {
+            let ms = m.display().to_string();
+            if ms.contains("criu-root")
+                || ms.contains(".criu.cgyard")
+                || m.starts_with(&dst.root)
+                || m.starts_with(&dst.work)
+            {
+                p.push(format!("leftover mount: {ms}"));
+            }
+        }
+        let marker = format!("/{DST_CGROUP_PREFIX}/");
+        p.extend(
+            cgroup_dirs_matching(&|n| n.contains(id))
+                .into_iter()
+                .filter(|d| d.contains(&marker))
+                .map(|d| format!("leftover cgroup dir: {d}")),
+        );
+        if let Ok(rd) = fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                if !name
+                    .to_str()
+                    .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    continue;
+                }
+                let cg = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+                if cg
+                    .lines()
+                    .any(|l| l.contains(&marker) && l.split('/').any(|c| c == id))
+                {
+                    p.push(format!(
+                        "pid {} in a destination cgroup of {id}",
+                        name.to_string_lossy()
+                    ));
+                }
+            }
+        }
+        p.extend(
+            criu_processes()
+                .into_iter()
+                .map(|c| format!("criu process: {c}")),
+        );
+        p
+    }
+
+    /// Assert (polling up to `timeout`, since the destination cleans up asynchronously)
+    /// that the destination holds nothing of `id`; see [`TwoHosts::dst_leftovers`]. The
+    /// bundle dir is not checked: a partial copy may be kept for a retry.
+    #[track_caller]
+    pub fn assert_dst_clean(&self, id: &str, timeout: Duration) {
+        let problems = poll_problems(timeout, || self.dst_leftovers(id));
+        assert!(
+            problems.is_empty(),
+            "destination not clean after a failed migration of {id} (waited {timeout:?}):\n{}",
+            problems.join("\n")
+        );
+    }
+
+    /// Kill and delete every container on both hosts, stop every `ferry serve`, then run the
+    /// leak checks for all ids.
+    #[track_caller]
+    pub fn finish(&self) {
+        self.dst_runc().teardown();
+        self.src_runc().teardown();
+        self.stop_serves();
+        leak_check(&self.ids());
+    }
+
+    fn stop_serves(&self) {
+        for p in self.serves.lock().unwrap().iter() {
+            stop_child(p, Duration::from_secs(5));
+        }
+    }
+
+    /// Empty cgroup dirs under `ferry-dst/` named after our ids (best effort, deepest first).
+    fn remove_dst_cgroups(ids: &[String]) {
+        let marker = format!("/{DST_CGROUP_PREFIX}/");
+        let mut dirs: Vec<String> =
+            cgroup_dirs_matching(&|n| ids.iter().any(|id| n.contains(id.as_str())))
+                .into_iter()
+                .filter(|d| d.contains(&marker))
+                .collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+        for d in dirs {
+            let _ = fs::remove_dir(&d);
+        }
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        self.stop_serves();
+        let ids = self.ids();
+        // Runc's Drop kills and deletes its containers and removes its directories.
+        drop(self.dst.take());
+        drop(self.src.take());
+        TwoHosts::remove_dst_cgroups(&ids);
+        if self.netns_made {
+            for ns in [&self.src_ns, &self.dst_ns] {
+                let out = ip(&["netns", "del", ns]);
+                if !out.status.success() {
+                    eprintln!(
+                        "warning: ip netns del {ns}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+        }
+        safe_remove_dir_all(&self.root_base);
+        if std::env::var_os("FERRY_TEST_KEEP").is_none() {
+            safe_remove_dir_all(&self.work_base);
+        } else {
+            eprintln!("FERRY_TEST_KEEP set: keeping {}", self.work_base.display());
+        }
+    }
+}
+
+/// Network namespaces made by this test process that still exist.
+pub fn leftover_netns() -> Vec<String> {
+    let out = ip(&["netns", "list"]);
+    let mid = format!("-{}-", std::process::id());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| (n.starts_with("fsrc-") || n.starts_with("fdst-")) && n.contains(&mid))
+        .map(str::to_string)
+        .collect()
 }
