@@ -1,0 +1,908 @@
+//! Live migration between two emulated hosts on this machine (`ferry serve` on the
+//! destination, `ferry migrate` on the source), with real CRIU and runc.
+//!
+//! The hosts are two network namespaces joined by a veth pair (192.0.2.1 = source,
+//! 192.0.2.2 = destination), each with its own runc root and bundles dir; see
+//! `common::TwoHosts`. They share the filesystem (so a bind-mount source has the same path on
+//! both) and the cgroup filesystem (the destination's containers go under `ferry-dst/`).
+//!
+//! Needs root, criu, runc, busybox-static, iproute2, util-linux (nsenter) and gcc; without
+//! them the tests print `skipping: …` and pass, unless `CI` is set. Run with
+//! `--test-threads=1` (leak checks look at global state, and `zz_no_leftovers` must run
+//! last).
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// Generous timeout for things that normally take well under a second.
+const T: Duration = Duration::from_secs(20);
+/// memwriter with 256 MiB needs a moment to fill its memory and to check it.
+const MEM_T: Duration = Duration::from_secs(60);
+/// How long the destination may take to clean up after a failed migration.
+const DST_CLEAN_T: Duration = Duration::from_secs(30);
+/// ... after a migration whose network died (it can only notice by a timeout).
+const DST_CLEAN_DEAD_LINK_T: Duration = Duration::from_secs(120);
+/// Bytes the source must have sent before a fault is injected "mid-transfer": past the
+/// handshake and the rootfs (a few MiB), well inside the 256 MiB of memory.
+const FAULT_AFTER_BYTES: u64 = 32 << 20;
+const MIB: u64 = 1 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+const MIGRATE_FIELDS: &[&str] = &[
+    "mode",
+    "mode_reason",
+    "rounds",
+    "frozen_ms",
+    "downtime_ms",
+    "total_ms",
+    "bytes_sent",
+    "restored_pid",
+];
+
+const ROUND_FIELDS: &[&str] = &["pages_scanned", "pages_written", "bytes", "ms"];
+
+// ---------------------------------------------------------------------------------------
+// Workloads on the source host
+// ---------------------------------------------------------------------------------------
+
+/// A container on the source host writing to a file in a bind-mounted host directory (the
+/// same path on both hosts). stdio is /dev/null: CRIU cannot dump a container whose stdout
+/// is a regular host file.
+#[allow(dead_code)]
+struct Workload {
+    id: String,
+    /// Host path of the output file.
+    out: PathBuf,
+    /// Host directory bind-mounted at /data.
+    data: PathBuf,
+    bundle: PathBuf,
+}
+
+/// Counter appending 1, 2, 3, … to /data/counter every 50 ms.
+fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
+    let src = th.src_runc();
+    let id = src.id(suffix);
+    let data = src.mkdir(&format!("data{suffix}"));
+    let bundle = src
+        .bundle(&format!("counter{suffix}"))
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .build();
+    src.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 20, T);
+    Workload {
+        id,
+        out,
+        data,
+        bundle,
+    }
+}
+
+/// memwriter with `mib` MiB, `rate` MiB/s rewritten, checking its memory into /data/mem.log.
+fn start_memwriter(th: &TwoHosts, suffix: &str, mib: u32, rate: u32) -> Workload {
+    let src = th.src_runc();
+    let id = src.id(suffix);
+    let data = src.mkdir(&format!("data{suffix}"));
+    let bundle = src
+        .bundle(&format!("memwriter{suffix}"))
+        .with_memwriter()
+        .bind(&data, "/data")
+        .args(&memwriter_args(mib, rate, "/data/mem.log"))
+        .build();
+    src.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("mem.log");
+    wait_memwriter_lines(&out, 3, MEM_T);
+    assert_memwriter_ok(&out);
+    Workload {
+        id,
+        out,
+        data,
+        bundle,
+    }
+}
+
+/// The counter keeps going, strictly: at least `more` new values after the `have` there
+/// were, and the whole file is 1, 2, 3, … (no reset, repeat or gap).
+#[track_caller]
+fn assert_counter_continues(out: &Path, have: usize, more: usize) {
+    let v = wait_counter_lines(out, have + more, T);
+    assert_eq!(v[0], 1, "counter in {} does not start at 1", out.display());
+    assert_strictly_continues(&v, have + more);
+}
+
+/// memwriter keeps going: at least `more` new lines after the `have` there were, every line
+/// `ok`, seq 1, 2, 3, ….
+#[track_caller]
+fn assert_memwriter_continues(out: &Path, have: usize, more: usize) {
+    wait_memwriter_lines(out, have + more, MEM_T);
+    assert_memwriter_ok(out);
+}
+
+/// After a failed migration: the source container is still running (not paused), still
+/// counting without a break.
+#[track_caller]
+fn assert_source_counter_healthy(th: &TwoHosts, w: &Workload) {
+    assert_eq!(
+        th.src_runc().status(&w.id).as_deref(),
+        Some("running"),
+        "source container {} is not running after the failed migration",
+        w.id
+    );
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 10);
+}
+
+/// After a failed migration: the source memwriter is still running (not paused), its
+/// memory intact and its seq unbroken.
+#[track_caller]
+fn assert_source_memwriter_healthy(th: &TwoHosts, w: &Workload) {
+    assert_eq!(
+        th.src_runc().status(&w.id).as_deref(),
+        Some("running"),
+        "source container {} is not running after the failed migration",
+        w.id
+    );
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, 3);
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks on a migration's result
+// ---------------------------------------------------------------------------------------
+
+/// Assert success and the JSON shape of `ferry migrate --json`; `mode`, when given, is the
+/// mode that must have been used. Returns the JSON object.
+#[track_caller]
+fn migrate_json(out: &FerryOut, mode: Option<&str>) -> Value {
+    out.ok();
+    let v = out.json();
+    assert_fields(&v, MIGRATE_FIELDS);
+    let m = v["mode"]
+        .as_str()
+        .unwrap_or_else(|| panic!("mode is not a string: {v}"));
+    assert!(
+        ["stop-copy", "post-copy", "pre-copy", "hybrid"].contains(&m),
+        "unknown mode {m:?}: {v}"
+    );
+    if let Some(want) = mode {
+        assert_eq!(m, want, "mode used: {v}");
+    }
+    assert!(v["mode_reason"].is_string(), "mode_reason: {v}");
+    let rounds = v["rounds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("rounds is not an array: {v}"));
+    for r in rounds {
+        assert_fields(r, ROUND_FIELDS);
+        for f in ROUND_FIELDS {
+            json_u64(r, f);
+        }
+        assert!(
+            json_u64(r, "pages_scanned") >= json_u64(r, "pages_written"),
+            "round scanned fewer pages than it wrote: {v}"
+        );
+    }
+    for f in [
+        "frozen_ms",
+        "downtime_ms",
+        "total_ms",
+        "bytes_sent",
+        "restored_pid",
+    ] {
+        json_u64(&v, f);
+    }
+    let total = json_u64(&v, "total_ms");
+    assert!(
+        json_u64(&v, "frozen_ms") <= total,
+        "frozen_ms > total_ms: {v}"
+    );
+    assert!(
+        json_u64(&v, "downtime_ms") <= total,
+        "downtime_ms > total_ms: {v}"
+    );
+    assert!(json_u64(&v, "bytes_sent") > 0, "bytes_sent: {v}");
+    assert!(json_u64(&v, "restored_pid") > 0, "restored_pid: {v}");
+    v
+}
+
+/// The container left the source and runs on the destination under the same id, with pid
+/// `restored_pid`, bundle `<dst bundles>/<id>` (rootfs copied), and `runc exec` works there.
+#[track_caller]
+fn assert_migrated(th: &TwoHosts, id: &str, v: &Value) {
+    let src = th.src_runc();
+    assert!(
+        src.try_state(id).is_none(),
+        "{id} still known to the source runc after migrating: {:?}",
+        src.try_state(id)
+    );
+    assert!(!src.list_ids().contains(&id.to_string()));
+    let dst = th.dst_runc();
+    let st = dst
+        .try_state(id)
+        .unwrap_or_else(|| panic!("{id} not known to the destination runc; migrate said {v}"));
+    assert_eq!(st["status"], "running", "destination runc state: {st}");
+    assert_eq!(
+        st["pid"].as_u64(),
+        Some(json_u64(v, "restored_pid")),
+        "destination runc pid vs restored_pid: {st} / {v}"
+    );
+    let bundle = th.dst_bundle(id);
+    assert_eq!(
+        st["bundle"].as_str().map(PathBuf::from),
+        Some(bundle.clone()),
+        "destination bundle: {st}"
+    );
+    assert!(
+        bundle.join("config.json").is_file() && bundle.join("rootfs/bin/busybox").is_file(),
+        "bundle not copied to {}",
+        bundle.display()
+    );
+    let out = must(
+        dst.exec(id, &["echo", "hi"]),
+        &format!("runc exec {id} echo hi (destination)"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+}
+
+/// Failure shape: exit code one of `codes`, exactly one `ferry: error:` line on stderr.
+#[track_caller]
+fn assert_failed_with(out: &FerryOut, codes: &[i32]) {
+    assert!(
+        out.code.is_some_and(|c| codes.contains(&c)),
+        "expected exit code in {codes:?}: {out:?}"
+    );
+    out.assert_error(out.code.unwrap());
+}
+
+/// Run `ferry migrate` on another thread and call `inject` once the source has sent
+/// [`FAULT_AFTER_BYTES`] over the link (i.e. while memory is crossing it). Panics if the
+/// migration ended before that. Returns the migration's result.
+fn migrate_with_fault(
+    th: &TwoHosts,
+    id: &str,
+    addr: &str,
+    mode: &str,
+    inject: impl FnOnce(),
+) -> FerryOut {
+    let base = th.src_tx_bytes();
+    thread::scope(|sc| {
+        let h = sc.spawn(|| th.migrate(id, addr, &["--mode", mode]));
+        let start = Instant::now();
+        let mut sent = 0;
+        while !h.is_finished() && start.elapsed() < Duration::from_secs(60) {
+            sent = th.src_tx_bytes().saturating_sub(base);
+            if sent >= FAULT_AFTER_BYTES {
+                break;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        if h.is_finished() {
+            let out = h.join().unwrap();
+            panic!(
+                "the migration ended before the fault could be injected ({} MiB sent): {out:?}",
+                sent / MIB
+            );
+        }
+        assert!(
+            sent >= FAULT_AFTER_BYTES,
+            "only {} MiB crossed the link within 60 s",
+            sent / MIB
+        );
+        eprintln!(
+            "injecting the fault after {} MiB sent, {:?} into the migration",
+            sent / MIB,
+            start.elapsed()
+        );
+        inject();
+        let t0 = Instant::now();
+        let out = h.join().unwrap();
+        eprintln!("ferry migrate ended {:?} after the fault", t0.elapsed());
+        out
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The rig itself
+// ---------------------------------------------------------------------------------------
+
+/// The two hosts reach each other (and only as 192.0.2.1 → 192.0.2.2), `cut_link` really
+/// cuts the link and `restore_link` brings it back.
+#[test]
+fn rig_two_hosts_network() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("rignet");
+    let listener = in_netns(&th.dst_ns, || std::net::TcpListener::bind((DST_IP, 0)))
+        .expect("listen on 192.0.2.2");
+    let addr = listener.local_addr().unwrap().to_string();
+    let echo = thread::spawn(move || {
+        let (mut c, peer) = listener.accept().unwrap();
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).unwrap();
+        c.write_all(&b).unwrap();
+        (peer, listener)
+    });
+    let mut c = th.connect_from_src(&addr);
+    c.write_all(b"hello").unwrap();
+    let mut b = [0u8; 5];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"hello");
+    let (peer, listener) = echo.join().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        SRC_IP,
+        "peer address seen by the destination"
+    );
+    assert!(th.src_tx_bytes() > 0);
+
+    // Cut the link: a connection now fails.
+    th.cut_link();
+    let sa: std::net::SocketAddr = addr.parse().unwrap();
+    let r = in_netns(&th.src_ns, || {
+        TcpStream::connect_timeout(&sa, Duration::from_millis(500))
+    });
+    assert!(r.is_err(), "connected across a cut link");
+    th.restore_link();
+    drop(listener);
+
+    // Per-host runc roots and bundles dirs, and a 0600 token of 32 hex characters.
+    assert_ne!(th.src_runc().root, th.dst_runc().root);
+    assert_ne!(th.src_runc().bundles, th.dst_runc().bundles);
+    let tok = fs::read_to_string(&th.token).unwrap();
+    assert_eq!(tok.trim().len(), 32);
+    assert!(tok.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&th.token).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (src_ns, dst_ns) = (th.src_ns.clone(), th.dst_ns.clone());
+    drop(th);
+    let left = leftover_netns();
+    assert!(
+        !left.contains(&src_ns) && !left.contains(&dst_ns),
+        "network namespaces left: {left:?}"
+    );
+}
+
+/// memwriter's check really checks: a word changed behind its back gives one BAD line,
+/// then it goes on with ok lines and an unbroken seq.
+#[test]
+fn rig_memwriter_detects_corruption() {
+    if !require_two_hosts() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mem.log");
+    let mut child = Command::new(memwriter_bin())
+        .args(["16", "4"])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("run memwriter on the host");
+    let pid = child.id();
+    let result = std::panic::catch_unwind(|| {
+        wait_memwriter_lines(&out, 2, T);
+        assert_memwriter_ok(&out);
+        // The 16 MiB block is the only mapping that large: overwrite 8 bytes in its middle.
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let (lo, _hi) = maps
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with("rw"))
+            })
+            .filter_map(|l| {
+                let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .find(|(a, b)| b - a >= 16 * MIB)
+            .expect("memwriter's 16 MiB mapping");
+        let mut mem = fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .unwrap();
+        use std::io::{Seek, SeekFrom};
+        mem.seek(SeekFrom::Start(lo + 8 * MIB)).unwrap();
+        mem.write_all(b"garbage!").unwrap();
+        drop(mem);
+        let n = read_memwriter_lines(&out).len();
+        let lines = wait_memwriter_lines(&out, n + 4, T);
+        let bad: Vec<&MemLine> = lines.iter().filter(|l| !l.ok).collect();
+        assert_eq!(bad.len(), 1, "exactly one BAD line expected: {lines:?}");
+        assert!(bad[0].raw.contains("bad=1"), "{:?}", bad[0]);
+        assert!(lines.last().unwrap().ok, "{lines:?}");
+        for w in lines.windows(2) {
+            assert_eq!(w[1].seq, w[0].seq + 1, "{lines:?}");
+        }
+        assert_eq!(lines[0].seq, 1);
+        assert_eq!(lines[0].pages, 16 * 256);
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// memwriter in a runc container on one host: ok lines, unbroken seq.
+#[test]
+fn rig_memwriter_in_runc() {
+    if !require_two_hosts() {
+        return;
+    }
+    let rc = Runc::new("rigmem");
+    let id = rc.id("");
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("memwriter")
+        .with_memwriter()
+        .bind(&data, "/data")
+        .args(&memwriter_args(64, 16, "/data/mem.log"))
+        .build();
+    rc.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("mem.log");
+    let lines = wait_memwriter_lines(&out, 10, MEM_T);
+    assert_eq!(lines[0].pages, 64 * 256);
+    assert_memwriter_ok(&out);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
+/// memwriter (256 MiB, 16 MiB/s) survives a local `ferry checkpoint` / `ferry restore`
+/// cycle: its memory checks stay ok and its seq continues.
+#[test]
+fn rig_memwriter_survives_local_checkpoint_restore() {
+    if !require_two_hosts() {
+        return;
+    }
+    let rc = Runc::new("rigmemcr");
+    let id = rc.id("");
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("memwriter")
+        .with_memwriter()
+        .bind(&data, "/data")
+        .args(&memwriter_args(256, 16, "/data/mem.log"))
+        .build();
+    rc.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("mem.log");
+    wait_memwriter_lines(&out, 3, MEM_T);
+    assert_memwriter_ok(&out);
+
+    let images = rc.mkdir("images");
+    let root = rc.root.clone();
+    let cp = ferry(&[
+        "checkpoint",
+        &id,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        s(&root),
+        "--json",
+    ]);
+    cp.ok();
+    // The whole 256 MiB went into the images (4 KiB pages).
+    let v = cp.json();
+    assert!(json_u64(&v, "pages_written") >= 256 * 256, "pages_written: {v}");
+    assert!(
+        rc.try_state(&id).is_none(),
+        "{id} still in runc after checkpoint"
+    );
+    let n = read_memwriter_lines(&out).len();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read_memwriter_lines(&out).len(),
+        n,
+        "still writing after checkpoint"
+    );
+
+    ferry(&[
+        "restore",
+        &id,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        s(&root),
+    ])
+    .ok();
+    assert_eq!(rc.status(&id).as_deref(), Some("running"));
+    assert_memwriter_continues(&out, n, 10);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
+// ---------------------------------------------------------------------------------------
+// Successful migrations
+// ---------------------------------------------------------------------------------------
+
+fn counter_migration(name: &str, mode: &str) {
+    let th = TwoHosts::new(name);
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+    let v = migrate_json(&out, Some(mode));
+    eprintln!("migrate ({mode}): {v}");
+    assert_migrated(&th, &w.id, &v);
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 20);
+    assert!(serve.is_alive(), "ferry serve exited after a migration");
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+fn memwriter_migration(name: &str, mode: &str) {
+    let th = TwoHosts::new(name);
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+    let v = migrate_json(&out, Some(mode));
+    eprintln!("migrate ({mode}): {v}");
+    if mode == "stop-copy" {
+        // Every page of the 256 MiB crossed the link before the restore.
+        assert!(
+            json_u64(&v, "bytes_sent") >= 256 * MIB,
+            "bytes_sent below the workload's 256 MiB: {v}"
+        );
+    }
+    assert_migrated(&th, &w.id, &v);
+    let n = read_memwriter_lines(&w.out).len();
+    // Post-copy: the first full check after the restore pulls in every remaining page.
+    assert_memwriter_continues(&w.out, n, 10);
+    assert!(serve.is_alive(), "ferry serve exited after a migration");
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+#[test]
+fn migrate_counter_stop_copy() {
+    if !require_two_hosts() {
+        return;
+    }
+    counter_migration("mcstop", "stop-copy");
+}
+
+#[test]
+fn migrate_memwriter_stop_copy_256m() {
+    if !require_two_hosts() {
+        return;
+    }
+    memwriter_migration("mmstop", "stop-copy");
+}
+
+#[test]
+fn migrate_counter_post_copy() {
+    if !require_two_hosts() {
+        return;
+    }
+    counter_migration("mcpost", "post-copy");
+}
+
+#[test]
+fn migrate_memwriter_post_copy_256m() {
+    if !require_two_hosts() {
+        return;
+    }
+    memwriter_migration("mmpost", "post-copy");
+}
+
+/// Two containers migrated at the same time to one `ferry serve` (mode auto): both arrive
+/// and both keep counting.
+#[test]
+fn two_containers_concurrently() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mtwo");
+    let a = start_counter(&th, "-a");
+    let b = start_counter(&th, "-b");
+    let serve = th.serve(&[]);
+    let (ra, rb) = thread::scope(|sc| {
+        let ha = sc.spawn(|| th.migrate(&a.id, &serve.addr, &[]));
+        let hb = sc.spawn(|| th.migrate(&b.id, &serve.addr, &[]));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    let va = migrate_json(&ra, None);
+    let vb = migrate_json(&rb, None);
+    assert_migrated(&th, &a.id, &va);
+    assert_migrated(&th, &b.id, &vb);
+    for w in [&a, &b] {
+        let n = read_counter_lines(&w.out).len();
+        assert_counter_continues(&w.out, n, 20);
+    }
+    assert!(serve.is_alive());
+    th.dst_runc().kill_and_delete(&a.id);
+    th.dst_runc().kill_and_delete(&b.id);
+    th.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// Failures: the source keeps running, the destination is left clean
+// ---------------------------------------------------------------------------------------
+
+/// `ferry serve` with another token: refused (exit 4), nothing happens on either side.
+#[test]
+fn wrong_token() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mtoken");
+    let w = start_counter(&th, "");
+    let other = th.work_base.join("other-token");
+    write_token_file(&other, &random_hex(16));
+    let serve = th.serve_with_token(&other, &[]);
+    let out = th.migrate(&w.id, &serve.addr, &[]);
+    assert_failed_with(&out, &[4]);
+    assert_source_counter_healthy(&th, &w);
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert!(
+        !th.dst_bundle(&w.id).join("rootfs").exists(),
+        "an unauthenticated peer got a rootfs copied"
+    );
+    assert!(serve.is_alive(), "ferry serve exited after a refused peer");
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// The container has a bind mount whose host source is renamed away after it started (the
+/// running container keeps its mount): the destination cannot restore it (exit 8). The
+/// source keeps running, the destination is clean, and once the source directory is back a
+/// retry to the same `ferry serve` succeeds.
+#[test]
+fn restore_fails_on_destination() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mrestfail");
+    let src = th.src_runc();
+    let id = src.id("");
+    let data = src.mkdir("data");
+    let extra = src.mkdir("extra");
+    fs::write(extra.join("hello"), "hello\n").unwrap();
+    let bundle = src
+        .bundle("counter")
+        .bind(&data, "/data")
+        .bind(&extra, "/extra")
+        .args(&counter_file_args("/data/counter"))
+        .build();
+    src.run_detached(&id, &bundle, Out::Null);
+    let w = Workload {
+        id: id.clone(),
+        out: data.join("counter"),
+        data,
+        bundle,
+    };
+    wait_counter_lines(&w.out, 20, T);
+    let moved = src.path("extra.moved");
+    fs::rename(&extra, &moved).unwrap();
+    // Still mounted in the container.
+    let cat = must(src.exec(&id, &["cat", "/extra/hello"]), "cat /extra/hello");
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello\n");
+
+    let serve = th.serve(&[]);
+    let out = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_failed_with(&out, &[8]);
+    assert_source_counter_healthy(&th, &w);
+    th.assert_dst_clean(&id, DST_CLEAN_T);
+    assert!(
+        serve.is_alive(),
+        "ferry serve exited after a failed migration"
+    );
+
+    // Retry with the source directory back in place.
+    fs::rename(&moved, &extra).unwrap();
+    let out = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_migrated(&th, &id, &v);
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 20);
+    th.dst_runc().kill_and_delete(&id);
+    th.finish();
+}
+
+/// `ferry serve` is SIGKILLed while memory crosses the link: `ferry migrate` fails, the
+/// source memwriter resumes intact, nothing is left on the destination, and a retry to a
+/// fresh `ferry serve` succeeds.
+#[test]
+fn serve_killed_mid_transfer() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mkill");
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let out = migrate_with_fault(&th, &w.id, &serve.addr, "stop-copy", || serve.kill_hard());
+    // Network failure, the destination failing, or CRIU failing because its page
+    // connection broke: all say the migration did not happen.
+    assert_failed_with(&out, &[6, 8, 9]);
+    assert_source_memwriter_healthy(&th, &w);
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+
+    let serve2 = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve2.addr, &["--mode", "stop-copy"]);
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_migrated(&th, &w.id, &v);
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, 10);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// The link dies while memory crosses it and stays down: `ferry migrate` notices (within
+/// the rig's 180 s limit) and fails, the source memwriter resumes intact, the destination
+/// cleans up by itself; with the link back, a retry to the same `ferry serve` succeeds.
+#[test]
+fn link_cut_during_dump() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mlink");
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let t0 = Instant::now();
+    let out = migrate_with_fault(&th, &w.id, &serve.addr, "stop-copy", || th.cut_link());
+    eprintln!("failed migration took {:?}", t0.elapsed());
+    assert_failed_with(&out, &[6, 8, 9]);
+    assert_source_memwriter_healthy(&th, &w);
+    th.assert_dst_clean(&w.id, DST_CLEAN_DEAD_LINK_T);
+    assert!(serve.is_alive(), "ferry serve exited after losing a peer");
+
+    th.restore_link();
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_migrated(&th, &w.id, &v);
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, 10);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// Frame header of the control channel (src/migrate/wire.rs): `FY`, u16 kind, u32 payload
+/// length, big endian.
+fn frame_header(kind: u16, len: u32) -> Vec<u8> {
+    let mut h = b"FY".to_vec();
+    h.extend_from_slice(&kind.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    h
+}
+
+/// Send `bytes` (the server may close early: write errors are fine) and wait for the server
+/// to close the connection; panics if it is still open after 10 s.
+#[track_caller]
+fn send_and_expect_close(mut c: TcpStream, bytes: &[u8], what: &str) {
+    let _ = c.write_all(bytes);
+    let _ = c.flush();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {} // e.g. an Error frame before closing
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("ferry serve kept the connection open 10 s after {what}")
+            }
+            Err(_) => return, // reset
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "ferry serve kept talking 10 s after {what}"
+        );
+    }
+}
+
+/// Garbage and frames claiming ~4 GiB payloads on the serve port: each connection is
+/// dropped, `ferry serve` neither dies nor allocates the claimed size, a connection left
+/// hanging mid-frame does not block it, and a real migration afterwards succeeds.
+#[test]
+fn garbage_and_oversized_frames() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mgarbage");
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+
+    // Random bytes.
+    let hex = random_hex(32 * 1024);
+    let garbage: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    send_and_expect_close(
+        th.connect_from_src(&serve.addr),
+        &garbage,
+        "64 KiB of garbage",
+    );
+    // Printable garbage, as a confused HTTP client would send.
+    send_and_expect_close(
+        th.connect_from_src(&serve.addr),
+        b"GET / HTTP/1.1\r\nHost: 192.0.2.2\r\n\r\n",
+        "an HTTP request",
+    );
+    // Headers claiming 4 GiB - 1 payloads: as the first frame (Hello), as a file chunk and
+    // with an unknown kind; each followed by some payload bytes.
+    for (kind, what) in [(1u16, "Hello"), (10, "Chunk"), (0xfff0, "unknown kind")] {
+        let mut f = frame_header(kind, u32::MAX);
+        f.extend_from_slice(&garbage[..4096]);
+        send_and_expect_close(
+            th.connect_from_src(&serve.addr),
+            &f,
+            &format!("a 4 GiB {what} frame header"),
+        );
+    }
+    // A header as a framing with a u64 length would write it for a 4 GiB payload; read as
+    // ferry's framing it is a 1-byte Hello that is no valid message.
+    let mut f = b"FY".to_vec();
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&(4u64 << 30).to_be_bytes());
+    send_and_expect_close(
+        th.connect_from_src(&serve.addr),
+        &f,
+        "a u64-length 4 GiB header",
+    );
+
+    // Left hanging: a header of a frame just over the 16 MiB cap with no payload, and a
+    // connection that never says anything. Neither may block the real migration.
+    let mut hanging1 = th.connect_from_src(&serve.addr);
+    hanging1
+        .write_all(&frame_header(1, 16 * 1024 * 1024 + 1))
+        .unwrap();
+    let hanging2 = th.connect_from_src(&serve.addr);
+
+    assert!(serve.is_alive(), "ferry serve died from garbage");
+    let hwm = serve.vm_hwm_kib().expect("VmHWM of ferry serve");
+    assert!(
+        hwm < 256 * 1024,
+        "ferry serve's peak RSS is {} MiB after oversized frames",
+        hwm / 1024
+    );
+
+    let out = th.migrate(&w.id, &serve.addr, &[]);
+    let v = migrate_json(&out, None);
+    assert_migrated(&th, &w.id, &v);
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 20);
+    assert!(serve.is_alive());
+    drop((hanging1, hanging2));
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// Last: nothing left behind by this test binary
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn zz_no_leftovers() {
+    if !require_two_hosts() {
+        return;
+    }
+    global_leak_check();
+    let left = leftover_netns();
+    assert!(left.is_empty(), "network namespaces left: {left:?}");
+}
