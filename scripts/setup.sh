@@ -19,6 +19,12 @@ apt-get install -y -qq --no-install-recommends \
 log "installing the pinned CRIU"
 bash vendor/criu/install.sh
 
+# CRIU's lazy page server (post-copy) sizes its pipes to ~3.3 MiB; without CAP_SYS_RESOURCE
+# (dropped in some sandboxes) that needs a larger fs.pipe-max-size.
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+    echo 4194304 > /proc/sys/fs/pipe-max-size || log "warning: cannot raise fs.pipe-max-size (post-copy may fail)"
+fi
+
 if [ -f "$HOME/.cargo/env" ]; then
     # shellcheck source=/dev/null
     . "$HOME/.cargo/env"

@@ -145,6 +145,74 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
     }
 }
 
+/// CRIU's lazy-pages daemon on the destination, fed through a loopback relay.
+struct LazyPages {
+    child: std::process::Child,
+    relay: std::thread::JoinHandle<std::io::Result<(u64, u64)>>,
+}
+
+impl LazyPages {
+    fn start(
+        criu: &Path,
+        images: &Path,
+        work: &Path,
+        data: TcpStream,
+    ) -> Result<LazyPages, MigrateError> {
+        let (port, relay) = super::relay::destination_relay(data, Duration::from_secs(120))
+            .map_err(|e| MigrateError::Rootfs(format!("relay: {e}")))?;
+        let child = std::process::Command::new(criu)
+            .arg("lazy-pages")
+            .arg("--page-server")
+            .args(["--address", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--images-dir")
+            .arg(images)
+            .arg("--work-dir")
+            .arg(work)
+            .args(["--log-file", "lazy-pages.log", "-v4"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                MigrateError::Op(crate::ops::OpError::Environment(format!(
+                    "criu lazy-pages: {e}"
+                )))
+            })?;
+        let mut me = LazyPages { child, relay };
+        // Ready once its socket exists (the restore connects to it).
+        let sock = work.join("lazy-pages.socket");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            if let Ok(Some(st)) = me.child.try_wait() {
+                return Err(MigrateError::Remote(format!(
+                    "criu lazy-pages exited early ({st})"
+                )));
+            }
+            if std::time::Instant::now() > deadline {
+                me.child.kill().ok();
+                me.child.wait().ok();
+                return Err(MigrateError::Remote("criu lazy-pages did not start".into()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(me)
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait(mut self) {
+        match self.child.wait() {
+            Ok(st) if st.success() => tracing::info!("all lazy pages received"),
+            Ok(st) => tracing::warn!("criu lazy-pages ended with {st}"),
+            Err(e) => tracing::warn!("criu lazy-pages: {e}"),
+        }
+        let _ = self.relay.join();
+    }
+}
+
 /// States of one incoming migration.
 enum State {
     AwaitPrepare,
@@ -190,6 +258,9 @@ pub struct Receiver<'a> {
     bundle_created: bool,
     page_server: Option<(PageServer, Swrk)>,
     src_criu: Option<CriuVersion>,
+    post_copy: bool,
+    /// Post-copy: the data connection, relayed to the lazy-pages daemon at restore.
+    data: Option<TcpStream>,
 }
 
 const MAX_CONFIG: usize = 4 * 1024 * 1024;
@@ -211,6 +282,8 @@ impl<'a> Receiver<'a> {
             bundle_created: false,
             page_server: None,
             src_criu: None,
+            post_copy: false,
+            data: None,
         }
     }
 
@@ -323,7 +396,17 @@ impl<'a> Receiver<'a> {
                 if final_sync {
                     Ok(State::Images)
                 } else {
-                    self.start_page_server()?;
+                    if self.post_copy {
+                        let data =
+                            self.data_rx
+                                .recv_timeout(Duration::from_secs(30))
+                                .map_err(|_| {
+                                    MigrateError::Remote("no data connection within 30 s".into())
+                                })?;
+                        self.data = Some(data);
+                    } else {
+                        self.start_page_server()?;
+                    }
                     self.ctl.send(&Msg::PageServerReady)?;
                     Ok(State::Dumping)
                 }
@@ -383,6 +466,12 @@ impl<'a> Receiver<'a> {
         }
         self.src_criu = Some(theirs);
         let features = self.shared.criu.features()?;
+        self.post_copy = p.mode == "post-copy";
+        if self.post_copy && !features.lazy_pages {
+            return Err(MigrateError::Incompatible(
+                "post-copy needs userfaultfd (lazy_pages), which the destination lacks".into(),
+            ));
+        }
         // The bundle: config.json as the source has it, root at <bundle>/rootfs.
         let mut config: serde_json::Value = serde_json::from_str(&p.config)
             .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
@@ -587,8 +676,23 @@ impl<'a> Receiver<'a> {
             cgroup_paths: Some(self.cgroup_paths(&meta)?),
             null_stdio: true,
         };
-        std::fs::create_dir_all(self.work().join("restore"))
-            .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        let restore_work = self.work().join("restore");
+        std::fs::create_dir_all(&restore_work).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        let mut req = req;
+        let mut lazy = None;
+        if self.post_copy {
+            let data = self
+                .data
+                .take()
+                .ok_or_else(|| MigrateError::Remote("no data connection".into()))?;
+            lazy = Some(LazyPages::start(
+                self.shared.criu.path(),
+                &self.images(),
+                &restore_work,
+                data,
+            )?);
+            req.settings.lazy_pages = true;
+        }
         let ctl = &mut self.ctl;
         let mut gate = |pid: i32| -> Result<(), String> {
             ctl.send(&Msg::Restored(Pid { pid }))
@@ -599,9 +703,23 @@ impl<'a> Receiver<'a> {
                 Err(e) => Err(format!("source gone before commit: {e}")),
             }
         };
-        let report = restore_gated(&self.shared.criu, &req, &mut gate)?;
+        let restored = restore_gated(&self.shared.criu, &req, &mut gate);
+        let report = match restored {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(l) = lazy {
+                    l.stop();
+                }
+                return Err(e.into());
+            }
+        };
         self.ctl.send(&Msg::Committed(Pid { pid: report.pid }))?;
         tracing::info!(id = %id, pid = report.pid, "migration received; container running");
+        if let Some(l) = lazy {
+            // The container runs; its remaining memory arrives as it touches it. Stay until
+            // every page is here (the daemon exits then), so the scratch space can go.
+            l.wait();
+        }
         Ok(())
     }
 
@@ -612,8 +730,22 @@ impl<'a> Receiver<'a> {
         }
         let work = self.work();
         let _ = crate::runtime::mounts::unmount_under(&work);
-        if let Err(e) = remove_tree(&work) {
-            tracing::warn!("cleanup: {e}");
+        // On failure CRIU's logs stay for the operator; the images (memory!) never do.
+        let doomed = if ok {
+            vec![work.clone()]
+        } else {
+            vec![self.images(), work.join("cpuinfo")]
+        };
+        for d in doomed {
+            if let Err(e) = remove_tree(&d) {
+                tracing::warn!("cleanup: {e}");
+            }
+        }
+        if !ok {
+            tracing::warn!(
+                "migration failed; CRIU's logs are kept in {}",
+                work.display()
+            );
         }
         if !ok && self.bundle_created {
             if let Err(e) = remove_tree(&self.bundle()) {

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod destination;
+pub mod relay;
 pub mod rootfs;
 pub mod source;
 pub mod wire;
@@ -73,6 +74,35 @@ impl MigrateError {
 impl From<crate::criu::CriuError> for MigrateError {
     fn from(e: crate::criu::CriuError) -> Self {
         MigrateError::Op(e.into())
+    }
+}
+
+/// Pipe size CRIU's lazy page server asks for (about 819 pages). Above `fs.pipe-max-size`
+/// that needs CAP_SYS_RESOURCE; without both, CRIU's page server fails with EBADF.
+pub const LAZY_PIPE_BYTES: u64 = 3_354_624;
+
+/// Whether CRIU's lazy page server can size its pipes here.
+pub fn lazy_pages_ready() -> Result<(), String> {
+    if caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_RESOURCE,
+    )
+    .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    let max: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if max >= LAZY_PIPE_BYTES {
+        Ok(())
+    } else {
+        Err(format!(
+            "post-copy needs CAP_SYS_RESOURCE or fs.pipe-max-size >= {LAZY_PIPE_BYTES} (now {max}): \
+             sysctl -w fs.pipe-max-size=4194304"
+        ))
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::auth::{client_handshake, Token};
+use super::relay::{free_loopback_port, SourceRelay};
 use super::rootfs::manifest;
 use super::wire::{
     check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, SyncDone, Target,
@@ -311,7 +312,69 @@ fn sync_rootfs(ctl: &mut Ctl, rootfs: &Path, final_sync: bool) -> Result<u64, Mi
     Ok(sent)
 }
 
-fn choose_mode(req: &MigrateRequest, mem_track: bool) -> Result<(Mode, String), MigrateError> {
+type CommitResult = Result<(i32, Instant), (MigrateError, bool)>;
+
+/// The final rootfs delta, the non-page images and the Restore request.
+fn send_final(
+    ctl: &mut Ctl,
+    job: &DumpJob,
+    images: &Path,
+    files_sent: &mut u64,
+) -> Result<(), MigrateError> {
+    *files_sent += sync_rootfs(ctl, &job.cfg.rootfs, true)?;
+    let mut names: Vec<_> = std::fs::read_dir(images)
+        .map_err(|e| MigrateError::Rootfs(e.to_string()))?
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".log") && !n.ends_with(".conf"))
+        .collect();
+    names.sort();
+    for name in &names {
+        send_file(ctl, Target::Image, name, &images.join(name), 0o600)?;
+    }
+    let meta = serde_json::to_value(&job.meta).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+    ctl.send(&Msg::Restore(RestoreMsg { meta }))?;
+    Ok(())
+}
+
+/// Restored → Commit → Committed. The flag says whether the outcome is unknown (the
+/// connection was lost after the commit was sent).
+fn commit(ctl: &mut Ctl) -> Result<i32, (MigrateError, bool)> {
+    let plain = |e: MigrateError| (e, false);
+    let pid = match ctl.recv().map_err(|e| plain(e.into()))? {
+        Msg::Restored(p) => p.pid,
+        other => {
+            return Err(plain(
+                WireError::Unexpected {
+                    got: other.kind(),
+                    state: "waiting for the restore",
+                }
+                .into(),
+            ))
+        }
+    };
+    ctl.send(&Msg::Commit)
+        .map_err(|e| (MigrateError::Ambiguous(e.to_string()), true))?;
+    match ctl.recv() {
+        Ok(Msg::Committed(p)) => Ok(p.pid.max(pid)),
+        Ok(other) => Err(plain(
+            WireError::Unexpected {
+                got: other.kind(),
+                state: "waiting for the commit",
+            }
+            .into(),
+        )),
+        Err(e @ WireError::Peer { .. }) => Err(plain(e.into())),
+        Err(e) => Err((MigrateError::Ambiguous(e.to_string()), true)),
+    }
+}
+
+fn choose_mode(
+    req: &MigrateRequest,
+    mem_track: bool,
+    lazy_pages: bool,
+) -> Result<(Mode, String), MigrateError> {
     match req.mode {
         Mode::StopCopy => Ok((Mode::StopCopy, "requested".into())),
         Mode::Auto if !mem_track => Ok((
@@ -322,6 +385,13 @@ fn choose_mode(req: &MigrateRequest, mem_track: bool) -> Result<(Mode, String), 
             Mode::StopCopy,
             "pre-copy rounds are not implemented in this build yet".into(),
         )),
+        Mode::PostCopy if !lazy_pages => Err(MigrateError::Unsupported(
+            "--mode post-copy needs userfaultfd (CRIU's lazy_pages feature), which this host lacks".into(),
+        )),
+        Mode::PostCopy => {
+            crate::migrate::lazy_pages_ready().map_err(MigrateError::Unsupported)?;
+            Ok((Mode::PostCopy, "requested".into()))
+        }
         Mode::PreCopy | Mode::Hybrid if !mem_track => Err(MigrateError::Unsupported(format!(
             "--mode {} needs dirty memory tracking, which this kernel lacks (CONFIG_MEM_SOFT_DIRTY)",
             req.mode.name()
@@ -342,7 +412,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         ..Default::default()
     };
     let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;
-    let (mode, mode_reason) = choose_mode(req, features.mem_track)?;
+    let (mode, mode_reason) = choose_mode(req, features.mem_track, features.lazy_pages)?;
     let runc_version = Runc::new(&req.runtime_root)
         .version()
         .unwrap_or_else(|_| "unknown".into());
@@ -385,7 +455,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     ));
     std::fs::create_dir_all(&work)
         .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", work.display())))?;
-    let result = run(criu, req, &job, &mut ctl, &session_id, &work);
+    let result = run(criu, req, mode, &job, &mut ctl, &session_id, &work);
     if let Err(e) = remove_tree(&work) {
         tracing::warn!("cleanup: {e}");
     }
@@ -396,7 +466,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
             req.id
         );
     }
-    let bytes = out.stats.pages_written * 4096;
+    let bytes = out.stats.pages_written * 4096 + out.relay_bytes;
     Ok(MigrateReport {
         container: req.id.clone(),
         to: req.to.clone(),
@@ -420,6 +490,8 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
 
 /// What the freeze-and-commit phase produced.
 struct Outcome {
+    /// Bytes relayed to the destination after the commit (post-copy pages).
+    relay_bytes: u64,
     pid: i32,
     downtime_ms: u64,
     files_sent: u64,
@@ -430,6 +502,7 @@ struct Outcome {
 fn run(
     criu: &Criu,
     req: &MigrateRequest,
+    mode: Mode,
     job: &DumpJob,
     ctl: &mut Ctl,
     session_id: &str,
@@ -476,7 +549,22 @@ fn run(
     let mut opts = job.opts.clone();
     let mut fds = ChildFds::default();
     let mut ps = CriuPageServerInfo::new();
-    ps.set_fd(fds.inherit(OwnedFd::from(data)));
+    // Post-copy: CRIU's lazy page server listens on loopback only (the config file overrides
+    // the RPC's any-address default) and ferry relays it through the data connection.
+    let mut lazy: Option<(u16, TcpStream)> = None;
+    if mode == Mode::PostCopy {
+        let port = free_loopback_port()
+            .map_err(|e| MigrateError::Rootfs(format!("loopback port: {e}")))?;
+        let conf = work.join("lazy.conf");
+        std::fs::write(&conf, "address 127.0.0.1\n")
+            .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        opts.set_lazy_pages(true);
+        opts.set_config_file(conf.to_string_lossy().into_owned());
+        ps.set_port(i32::from(port));
+        lazy = Some((port, data));
+    } else {
+        ps.set_fd(fds.inherit(OwnedFd::from(data)));
+    }
     opts.ps = protobuf::MessageField::some(ps);
     let request = Request {
         opts,
@@ -489,64 +577,59 @@ fn run(
     let mut ambiguous = false;
     let mut restored = 0;
     let mut committed_at = None;
+    let mut relay: Option<SourceRelay> = None;
+    let mut committer: Option<std::thread::JoinHandle<CommitResult>> = None;
     let freeze_start = Instant::now();
+    let mut post_dump_at = None;
     let mut notify = |n: Notification| -> Reply {
         if n.script != Script::PostDump {
             return Reply::Success;
         }
-        // The hold: the source tasks stay frozen until the destination runs the container.
-        let outcome = (|| -> Result<i32, MigrateError> {
-            files_sent += sync_rootfs(ctl, &job.cfg.rootfs, true)?;
-            let mut names: Vec<_> = std::fs::read_dir(&images)
-                .map_err(|e| MigrateError::Rootfs(e.to_string()))?
-                .flatten()
-                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.ends_with(".log"))
-                .collect();
-            names.sort();
-            for name in &names {
-                send_file(ctl, Target::Image, name, &images.join(name), 0o600)?;
-            }
-            let meta =
-                serde_json::to_value(&job.meta).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
-            ctl.send(&Msg::Restore(RestoreMsg { meta }))?;
-            let pid = match ctl.recv()? {
-                Msg::Restored(p) => p.pid,
-                other => {
-                    return Err(WireError::Unexpected {
-                        got: other.kind(),
-                        state: "waiting for the restore",
-                    }
-                    .into())
+        post_dump_at = Some(Instant::now());
+        if let Err(e) = send_final(ctl, job, &images, &mut files_sent) {
+            let text = e.to_string();
+            failure = Some(e);
+            return Reply::Failure(text);
+        }
+        if let Some((port, data)) = lazy.take() {
+            // Post-copy: the restore on the destination already needs pages, which CRIU serves
+            // only after post-dump: answer now and commit alongside. Should the destination
+            // fail, the relay is poisoned so that CRIU's lazy dump fails and the tasks resume.
+            let r = SourceRelay::start(port, data, Duration::from_secs(60));
+            let poisoner = r.poisoner();
+            relay = Some(r);
+            match ctl.stream.try_clone() {
+                Ok(stream) => {
+                    committer = Some(std::thread::spawn(move || {
+                        let mut c2 = Ctl { stream, sent: 0 };
+                        let res = commit(&mut c2);
+                        if res.is_err() {
+                            poisoner.poison();
+                        }
+                        res.map(|pid| (pid, Instant::now()))
+                    }));
+                    Reply::Success
                 }
-            };
-            ctl.send(&Msg::Commit)?;
-            // From here on a lost connection leaves the outcome unknown.
-            match ctl.recv() {
-                Ok(Msg::Committed(p)) => Ok(p.pid.max(pid)),
-                Ok(other) => Err(WireError::Unexpected {
-                    got: other.kind(),
-                    state: "waiting for the commit",
-                }
-                .into()),
-                Err(e @ WireError::Peer { .. }) => Err(e.into()),
                 Err(e) => {
-                    ambiguous = true;
-                    Err(MigrateError::Ambiguous(e.to_string()))
+                    poisoner.poison();
+                    failure = Some(MigrateError::Wire(WireError::Io(e)));
+                    Reply::Failure("cannot share the control connection".into())
                 }
             }
-        })();
-        match outcome {
-            Ok(pid) => {
-                restored = pid;
-                committed_at = Some(Instant::now());
-                Reply::Success
-            }
-            Err(e) => {
-                let text = e.to_string();
-                failure = Some(e);
-                Reply::Failure(text)
+        } else {
+            // Stop-copy: hold CRIU (the source tasks stay frozen) until the destination runs it.
+            match commit(ctl) {
+                Ok(pid) => {
+                    restored = pid;
+                    committed_at = Some(Instant::now());
+                    Reply::Success
+                }
+                Err((e, amb)) => {
+                    ambiguous = amb;
+                    let text = e.to_string();
+                    failure = Some(e);
+                    Reply::Failure(text)
+                }
             }
         }
     };
@@ -556,19 +639,61 @@ fn run(
     let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
     drop(notify);
     session.finish(Duration::from_secs(5));
+    let mut relay_bytes = 0;
+    if let Some(h) = committer {
+        match h
+            .join()
+            .unwrap_or_else(|_| Err((MigrateError::Remote("commit thread panicked".into()), false)))
+        {
+            Ok((pid, at)) => {
+                restored = pid;
+                committed_at = Some(at);
+            }
+            Err((e, amb)) => {
+                ambiguous = amb;
+                failure = Some(e);
+            }
+        }
+    }
+    if let Some(r) = relay {
+        match r.join() {
+            Ok((requests, pages)) => {
+                relay_bytes = pages;
+                tracing::info!(
+                    pages_bytes = pages,
+                    request_bytes = requests,
+                    "post-copy page transfer finished"
+                );
+            }
+            Err(e) => tracing::warn!("post-copy relay: {e}"),
+        }
+    }
     job.settle_freezer(ambiguous);
-    if let Err(e) = dumped {
-        let _ = ctl.send(&Msg::Error(super::wire::ErrorMsg {
-            kind: "aborted".into(),
-            message: e.to_string(),
-        }));
-        return Err(failure.unwrap_or(MigrateError::Op(e)));
+    match (dumped, failure) {
+        (Ok(()), None) => {}
+        (Err(e), None) => return Err(MigrateError::Op(e)),
+        (Err(e), Some(f)) => {
+            tracing::info!("dump ended with: {e}");
+            let _ = ctl.send(&Msg::Error(super::wire::ErrorMsg {
+                kind: "aborted".into(),
+                message: f.to_string(),
+            }));
+            return Err(f);
+        }
+        // The dump finished (post-copy: every page was served, the source tasks are gone)
+        // but the destination did not confirm: nothing is known to run anywhere.
+        (Ok(()), Some(f)) => {
+            return Err(MigrateError::Ambiguous(format!(
+                "the destination did not confirm the commit: {f}"
+            )))
+        }
     }
     let stats = read_dump_stats(&images).unwrap_or_default();
     let downtime = committed_at
         .map(|c| c.duration_since(freeze_start))
         .unwrap_or_default();
     Ok(Outcome {
+        relay_bytes,
         pid: restored,
         downtime_ms: downtime.as_millis() as u64,
         files_sent,

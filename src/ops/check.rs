@@ -100,6 +100,9 @@ pub fn check(criu: &Criu) -> CheckReport {
     if criu_version.is_some() && !features.mem_track {
         warnings.push("no dirty memory tracking (kernel without CONFIG_MEM_SOFT_DIRTY): pre-copy migration is unavailable".into());
     }
+    if let (true, Err(w)) = (features.lazy_pages, crate::migrate::lazy_pages_ready()) {
+        warnings.push(w);
+    }
     if criu_version.is_some() && !features.lazy_pages {
         warnings.push("no lazy pages (userfaultfd): post-copy migration is unavailable".into());
     }
