@@ -255,6 +255,29 @@ fn assert_migrated(th: &TwoHosts, id: &str, v: &Value) {
         &format!("runc exec {id} echo hi (destination)"),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    // --cgroup-prefix: the restored tasks live under ferry-dst/ (the hosts share cgroupfs).
+    let pid = json_u64(v, "restored_pid");
+    let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let freezer = cg
+        .lines()
+        .find(|l| l.split(':').nth(1) == Some("freezer"))
+        .unwrap_or_else(|| panic!("no freezer cgroup for pid {pid}:\n{cg}"));
+    assert!(
+        freezer.contains(&format!("/{DST_CGROUP_PREFIX}/")) && freezer.contains(id),
+        "restored pid {pid} is not in a {DST_CGROUP_PREFIX}/ cgroup of {id}:\n{cg}"
+    );
+    // The destination-clean check sees a live container (so its silence means something).
+    let seen = th.dst_leftovers(id);
+    for what in [
+        "destination runc knows",
+        "leftover cgroup dir",
+        "in a destination cgroup",
+    ] {
+        assert!(
+            seen.iter().any(|p| p.contains(what)),
+            "dst_leftovers misses {what:?} for a running container: {seen:?}"
+        );
+    }
 }
 
 /// Failure shape: exit code one of `codes`, exactly one `ferry: error:` line on stderr.
@@ -287,7 +310,7 @@ fn migrate_with_fault(
             if sent >= FAULT_AFTER_BYTES {
                 break;
             }
-            thread::sleep(Duration::from_millis(2));
+            thread::sleep(Duration::from_millis(1));
         }
         if h.is_finished() {
             let out = h.join().unwrap();
@@ -336,6 +359,7 @@ fn rig_two_hosts_network() {
         c.write_all(&b).unwrap();
         (peer, listener)
     });
+    let tx0 = th.src_tx_bytes();
     let mut c = th.connect_from_src(&addr);
     c.write_all(b"hello").unwrap();
     let mut b = [0u8; 5];
@@ -347,7 +371,10 @@ fn rig_two_hosts_network() {
         SRC_IP,
         "peer address seen by the destination"
     );
-    assert!(th.src_tx_bytes() > 0);
+    assert!(
+        th.src_tx_bytes() > tx0,
+        "tx bytes of the source veth did not grow"
+    );
 
     // Cut the link: a connection now fails.
     th.cut_link();
@@ -449,6 +476,7 @@ fn rig_memwriter_in_runc() {
     if !require_two_hosts() {
         return;
     }
+    let known = global_leak_findings();
     let rc = Runc::new("rigmem");
     let id = rc.id("");
     let data = rc.mkdir("data");
@@ -465,7 +493,7 @@ fn rig_memwriter_in_runc() {
     assert_memwriter_ok(&out);
     rc.kill_and_delete(&id);
     rc.teardown();
-    leak_check(&rc.ids());
+    leak_check_except(&rc.ids(), &known);
 }
 
 /// memwriter (256 MiB, 16 MiB/s) survives a local `ferry checkpoint` / `ferry restore`
@@ -475,6 +503,7 @@ fn rig_memwriter_survives_local_checkpoint_restore() {
     if !require_two_hosts() {
         return;
     }
+    let known = global_leak_findings();
     let rc = Runc::new("rigmemcr");
     let id = rc.id("");
     let data = rc.mkdir("data");
@@ -503,7 +532,10 @@ fn rig_memwriter_survives_local_checkpoint_restore() {
     cp.ok();
     // The whole 256 MiB went into the images (4 KiB pages).
     let v = cp.json();
-    assert!(json_u64(&v, "pages_written") >= 256 * 256, "pages_written: {v}");
+    assert!(
+        json_u64(&v, "pages_written") >= 256 * 256,
+        "pages_written: {v}"
+    );
     assert!(
         rc.try_state(&id).is_none(),
         "{id} still in runc after checkpoint"
@@ -529,7 +561,7 @@ fn rig_memwriter_survives_local_checkpoint_restore() {
     assert_memwriter_continues(&out, n, 10);
     rc.kill_and_delete(&id);
     rc.teardown();
-    leak_check(&rc.ids());
+    leak_check_except(&rc.ids(), &known);
 }
 
 // ---------------------------------------------------------------------------------------
