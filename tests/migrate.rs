@@ -376,6 +376,22 @@ fn rig_two_hosts_network() {
         "tx bytes of the source veth did not grow"
     );
 
+    // ICMP too (busybox's ping; the host has no other).
+    let busybox = host_busybox().unwrap();
+    let mut ping = Command::new("nsenter");
+    ping.args(TwoHosts::netns_prefix(&th.src_ns).iter().skip(1))
+        .arg(&busybox)
+        .args(["ping", "-c", "1", "-W", "2", DST_IP]);
+    let out = must(
+        run_output(&mut ping),
+        "ping 192.0.2.2 from the source namespace",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 packets received"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // Cut the link: a connection now fails.
     th.cut_link();
     let sa: std::net::SocketAddr = addr.parse().unwrap();
