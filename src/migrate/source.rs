@@ -688,7 +688,15 @@ fn run(
             )))
         }
     }
-    let stats = read_dump_stats(&images).unwrap_or_default();
+    let mut stats = read_dump_stats(&images).unwrap_or_default();
+    if mode == Mode::PostCopy {
+        // CRIU's frozen_time of a lazy dump spans the whole page transfer; what the workload
+        // feels is the freeze up to the hand-over.
+        let frozen = post_dump_at
+            .map(|p| p.duration_since(freeze_start))
+            .unwrap_or_default();
+        stats.frozen_time_us = frozen.as_micros() as u64;
+    }
     let downtime = committed_at
         .map(|c| c.duration_since(freeze_start))
         .unwrap_or_default();
