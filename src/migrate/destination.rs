@@ -397,13 +397,7 @@ impl<'a> Receiver<'a> {
                     Ok(State::Images)
                 } else {
                     if self.post_copy {
-                        let data =
-                            self.data_rx
-                                .recv_timeout(Duration::from_secs(30))
-                                .map_err(|_| {
-                                    MigrateError::Remote("no data connection within 30 s".into())
-                                })?;
-                        self.data = Some(data);
+                        self.data = Some(self.take_data()?);
                     } else {
                         self.start_page_server()?;
                     }
@@ -597,11 +591,15 @@ impl<'a> Receiver<'a> {
         self.receive_into(&f, &dest, MAX_IMAGE_FILE)
     }
 
-    fn start_page_server(&mut self) -> Result<(), MigrateError> {
-        let data = self
-            .data_rx
+    /// The data connection of this session (the source opens it after the first sync).
+    fn take_data(&mut self) -> Result<TcpStream, MigrateError> {
+        self.data_rx
             .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| MigrateError::Remote("no data connection within 30 s".into()))?;
+            .map_err(|_| MigrateError::Remote("no data connection within 30 s".into()))
+    }
+
+    fn start_page_server(&mut self) -> Result<(), MigrateError> {
+        let data = self.take_data()?;
         let images = self.images();
         let mut fds = ChildFds::default();
         let mut ps = CriuPageServerInfo::new();
