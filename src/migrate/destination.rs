@@ -148,7 +148,7 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
 /// CRIU's lazy-pages daemon on the destination, fed through a loopback relay.
 struct LazyPages {
     child: std::process::Child,
-    relay: std::thread::JoinHandle<std::io::Result<(u64, u64)>>,
+    relay: super::relay::RelayHandle,
 }
 
 impl LazyPages {

@@ -8,6 +8,9 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+/// A relay thread; it yields the bytes copied each way.
+pub type RelayHandle = JoinHandle<std::io::Result<(u64, u64)>>;
 use std::time::{Duration, Instant};
 
 /// Copies both ways until both directions end; returns bytes (a→b, b→a).
@@ -47,7 +50,7 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
 /// Source side: connects to CRIU's lazy page server on 127.0.0.1:`port` as soon as it
 /// listens (it starts after post-dump), then relays it to `data`.
 pub struct SourceRelay {
-    handle: JoinHandle<std::io::Result<(u64, u64)>>,
+    handle: RelayHandle,
     local: Arc<Mutex<Option<TcpStream>>>,
     poisoned: Arc<AtomicBool>,
 }
@@ -127,10 +130,7 @@ fn poison_stream(s: &TcpStream) {
 
 /// Destination side: a loopback listener for CRIU's lazy-pages daemon; the first connection
 /// is relayed to `data`.
-pub fn destination_relay(
-    data: TcpStream,
-    wait: Duration,
-) -> std::io::Result<(u16, JoinHandle<std::io::Result<(u64, u64)>>)> {
+pub fn destination_relay(data: TcpStream, wait: Duration) -> std::io::Result<(u16, RelayHandle)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let port = l.local_addr()?.port();
     l.set_nonblocking(true)?;

@@ -254,7 +254,7 @@ pub fn delete_extra(root: &Path, entries: &[Entry]) -> Result<Vec<String>, Migra
         let r = if e.kind == "d" {
             remove_local_tree(&p)
         } else {
-            std::fs::remove_file(&p).map_err(|x| err(x))
+            std::fs::remove_file(&p).map_err(err)
         };
         r?;
         gone.push(e.path.clone());

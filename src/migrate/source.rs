@@ -637,7 +637,6 @@ fn run(
     // The dump's criu inherits the data connection (ps.fd), so it is started only now.
     let (mut session, _) = criu.session(fds)?;
     let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
-    drop(notify);
     session.finish(Duration::from_secs(5));
     let mut relay_bytes = 0;
     if let Some(h) = committer {
