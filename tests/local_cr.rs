@@ -844,3 +844,121 @@ fn failed_restore_by_criu_cleans_up_without_touching_the_rootfs() {
     src.assert_healthy();
     src.finish();
 }
+
+/// Receives one pty master over a console socket (runc's protocol: SCM_RIGHTS), then copies
+/// everything the terminal shows into `out`.
+fn console_receiver(sock: &Path, out: PathBuf) -> thread::JoinHandle<()> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let listener = std::os::unix::net::UnixListener::bind(sock).expect("console socket");
+    thread::spawn(move || {
+        let (conn, _) = listener.accept().expect("console connection");
+        let mut name = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut name)];
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .expect("recvmsg");
+        let mut master = None;
+        for c in msg.cmsgs().expect("cmsgs") {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: SCM_RIGHTS just installed this descriptor; nothing else owns it.
+                master = fds.first().map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+        }
+        let mut master = fs::File::from(master.expect("a pty master"));
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out)
+            .unwrap();
+        let _ = std::io::copy(&mut master, &mut f);
+    })
+}
+
+fn terminal_counter_values(path: &Path) -> Vec<u64> {
+    let text = String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned();
+    let complete = text.rsplit_once('\n').map(|(a, _)| a).unwrap_or("");
+    complete
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// A container with a terminal: its pty master comes back through CRIU's orphan-pts-master
+/// notification and ferry hands it to `--console-socket`, as runc does.
+#[test]
+fn terminal_container_restores_through_console_socket() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("tty");
+    let id = rc.id("");
+    let bundle = rc.bundle("counter").build();
+    let cfg = bundle.join("config.json");
+    let mut spec: Value = serde_json::from_slice(&fs::read(&cfg).unwrap()).unwrap();
+    spec["process"]["terminal"] = Value::Bool(true);
+    fs::write(&cfg, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+
+    let out1 = rc.path("tty1.txt");
+    let sock1 = rc.path("console1.sock");
+    let recv1 = console_receiver(&sock1, out1.clone());
+    rc.track(&id);
+    let st = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&rc.root)
+        .args(["run", "-d", "--console-socket"])
+        .arg(&sock1)
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg(&id)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "runc run with a terminal");
+    wait_for(T, "counter on the terminal", || {
+        terminal_counter_values(&out1).len() >= 10
+    });
+
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    recv1.join().unwrap();
+    let before = terminal_counter_values(&out1);
+    let last = *before.last().unwrap();
+
+    // Without a console socket the restore is refused up front.
+    let root = rc.root.clone();
+    ferry(&[
+        "restore",
+        &id,
+        "--images",
+        s(&images),
+        "--runtime-root",
+        s(&root),
+    ])
+    .assert_error(4);
+
+    let out2 = rc.path("tty2.txt");
+    let sock2 = rc.path("console2.sock");
+    let _recv2 = console_receiver(&sock2, out2.clone());
+    ferry_restore(&rc, &id, &images, &["--console-socket", s(&sock2)]);
+    wait_for(T, "counter on the restored terminal", || {
+        terminal_counter_values(&out2).len() >= 10
+    });
+    let after = terminal_counter_values(&out2);
+    assert_eq!(
+        after[0],
+        last + 1,
+        "terminal counter: {last} before, {:?} after",
+        &after[..3]
+    );
+    assert_strictly_continues(&after, 10);
+
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
