@@ -34,7 +34,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Versions this build speaks (printed by `ferry --version`).
+/// Versions this build speaks (`ferry --version` prints them; keep the two in step).
 pub const SUPPORTED_VERSIONS: &[u32] = &[1];
 pub const MAGIC: [u8; 2] = *b"FY";
 pub const HEADER_LEN: usize = 8;
@@ -529,5 +529,22 @@ mod tests {
             Msg::read_from(&mut buf.as_slice(), 64),
             Err(WireError::TooLarge { len: 100, cap: 64 })
         ));
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    /// `ferry --version` names the protocol versions; it must follow SUPPORTED_VERSIONS.
+    #[test]
+    fn cli_version_text_matches() {
+        let text = include_str!("../bin/ferry.rs");
+        let listed: Vec<String> = super::SUPPORTED_VERSIONS
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        assert!(text.contains(&format!(
+            "(migration protocol versions: {})",
+            listed.join(", ")
+        )));
     }
 }
