@@ -61,14 +61,8 @@ fn dump_streams_pages_to_a_page_server_over_a_handed_socket() {
     }
     let rc = Runc::new("pagesrv");
     let id = rc.id("");
-    let data = rc.mkdir("data");
-    let bundle = rc
-        .bundle("counter")
-        .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"))
-        .build();
-    rc.run_detached(&id, &bundle, Out::Null);
-    wait_counter_lines(&data.join("counter"), 10, Duration::from_secs(20));
+    let (counter, _bundle) = start_file_counter(&rc, &id);
+    wait_counter_lines(&counter, 10, Duration::from_secs(20));
 
     // One TCP connection on loopback: the accepted end goes to the page server, the
     // connecting end to the dumping criu. Nothing listens for CRIU itself.
@@ -141,8 +135,8 @@ fn dump_streams_pages_to_a_page_server_over_a_handed_socket() {
 
     // Left running, still counting.
     assert_eq!(rc.status(&id).as_deref(), Some("running"));
-    let n = read_counter_lines(&data.join("counter")).len();
-    wait_counter_lines(&data.join("counter"), n + 5, Duration::from_secs(20));
+    let n = read_counter_lines(&counter).len();
+    wait_counter_lines(&counter, n + 5, Duration::from_secs(20));
     rc.teardown();
     leak_check(&rc.ids());
 }

@@ -18,10 +18,6 @@ use serde_json::Value;
 /// Generous timeout for things that normally take well under a second.
 const T: Duration = Duration::from_secs(20);
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 const CHECKPOINT_FIELDS: &[&str] = &[
     "criu_version",
     "container",
@@ -157,21 +153,6 @@ fn assert_stopped_writing(path: &Path) {
         "{} still grows",
         path.display()
     );
-}
-
-/// Starts a counter container whose values go to a file on a bind-mounted host directory
-/// (CRIU, like `runc checkpoint`, cannot dump a container whose stdout is a host file that
-/// is not visible through its mounts, so stdio is /dev/null here). Returns the host path of
-/// the counter file and the bundle.
-fn start_file_counter(rc: &Runc, id: &str) -> (PathBuf, PathBuf) {
-    let data = rc.mkdir("data");
-    let bundle = rc
-        .bundle("counter")
-        .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"))
-        .build();
-    rc.run_detached(id, &bundle, Out::Null);
-    (data.join("counter"), bundle)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -37,10 +37,6 @@ const DST_CLEAN_DEAD_LINK_T: Duration = Duration::from_secs(120);
 const FAULT_AFTER_BYTES: u64 = 32 << 20;
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 const MIGRATE_FIELDS: &[&str] = &[
     "mode",
     "mode_reason",

@@ -419,30 +419,49 @@ pub fn parse_counter(text: &str, what: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Counter values in the file at `path` (missing file: none). Ignores a trailing partial
-/// line.
+/// The complete lines of the file at `path` parsed by `parse` (missing file: none). Ignores
+/// a trailing partial line.
 #[track_caller]
-pub fn read_counter_lines(path: &Path) -> Vec<u64> {
+pub fn read_parsed<T>(path: &Path, parse: fn(&str, &str) -> Vec<T>) -> Vec<T> {
     match fs::read(path) {
-        Ok(b) => parse_counter(&String::from_utf8_lossy(&b), &path.display().to_string()),
+        Ok(b) => parse(&String::from_utf8_lossy(&b), &path.display().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => panic!("read {}: {e}", path.display()),
     }
 }
 
-/// Wait until the file at `path` holds at least `n` counter values; returns them.
+/// Wait until the file at `path` holds at least `n` lines that `parse` accepts; returns them.
 #[track_caller]
-pub fn wait_counter_lines(path: &Path, n: usize, timeout: Duration) -> Vec<u64> {
+pub fn wait_parsed<T>(
+    path: &Path,
+    n: usize,
+    timeout: Duration,
+    what: &str,
+    parse: fn(&str, &str) -> Vec<T>,
+) -> Vec<T> {
     let mut last = Vec::new();
     wait_for(
         timeout,
-        &format!("{n} counter lines in {}", path.display()),
+        &format!("{n} {what} lines in {}", path.display()),
         || {
-            last = read_counter_lines(path);
+            last = read_parsed(path, parse);
             last.len() >= n
         },
     );
     last
+}
+
+/// Counter values in the file at `path` (missing file: none). Ignores a trailing partial
+/// line.
+#[track_caller]
+pub fn read_counter_lines(path: &Path) -> Vec<u64> {
+    read_parsed(path, parse_counter)
+}
+
+/// Wait until the file at `path` holds at least `n` counter values; returns them.
+#[track_caller]
+pub fn wait_counter_lines(path: &Path, n: usize, timeout: Duration) -> Vec<u64> {
+    wait_parsed(path, n, timeout, "counter", parse_counter)
 }
 
 /// Assert that every value is exactly the previous one plus one (no reset, no repeat, no
@@ -1421,26 +1440,13 @@ pub fn parse_memwriter(text: &str, what: &str) -> Vec<MemLine> {
 /// ignored.
 #[track_caller]
 pub fn read_memwriter_lines(path: &Path) -> Vec<MemLine> {
-    match fs::read(path) {
-        Ok(b) => parse_memwriter(&String::from_utf8_lossy(&b), &path.display().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => panic!("read {}: {e}", path.display()),
-    }
+    read_parsed(path, parse_memwriter)
 }
 
 /// Wait until `path` holds at least `n` memwriter lines; returns them.
 #[track_caller]
 pub fn wait_memwriter_lines(path: &Path, n: usize, timeout: Duration) -> Vec<MemLine> {
-    let mut last = Vec::new();
-    wait_for(
-        timeout,
-        &format!("{n} memwriter lines in {}", path.display()),
-        || {
-            last = read_memwriter_lines(path);
-            last.len() >= n
-        },
-    );
-    last
+    wait_parsed(path, n, timeout, "memwriter", parse_memwriter)
 }
 
 /// Assert the memwriter output in `path` is healthy: at least one line, seq 1, 2, 3, … with
@@ -2256,4 +2262,24 @@ pub fn leak_check_except(ids: &[String], known: &[String]) {
 /// CRIU firewall rules.
 pub fn global_leak_findings() -> Vec<String> {
     global_problems()
+}
+
+/// A path as &str (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Starts a counter container whose values go to a file on a bind-mounted host directory
+/// (CRIU, like `runc checkpoint`, cannot dump a container whose stdout is a host file that
+/// is not visible through its mounts, so stdio is /dev/null here). Returns the host path of
+/// the counter file and the bundle.
+pub fn start_file_counter(rc: &Runc, id: &str) -> (PathBuf, PathBuf) {
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("counter")
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .build();
+    rc.run_detached(id, &bundle, Out::Null);
+    (data.join("counter"), bundle)
 }
