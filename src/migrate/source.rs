@@ -312,6 +312,21 @@ fn sync_rootfs(ctl: &mut Ctl, rootfs: &Path, final_sync: bool) -> Result<u64, Mi
     Ok(sent)
 }
 
+/// Removes CRIU image files from a directory, leaving logs.
+fn discard_images(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let is_image = p.extension().is_some_and(|x| x == "img")
+            || p.file_name().is_some_and(|n| n == "stats-dump");
+        if is_image && e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
 type CommitResult = Result<(i32, Instant), (MigrateError, bool)>;
 
 /// The final rootfs delta, the non-page images and the Restore request.
@@ -456,8 +471,17 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     std::fs::create_dir_all(&work)
         .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", work.display())))?;
     let result = run(criu, req, mode, &job, &mut ctl, &session_id, &work);
-    if let Err(e) = remove_tree(&work) {
-        tracing::warn!("cleanup: {e}");
+    if result.is_ok() {
+        if let Err(e) = remove_tree(&work) {
+            tracing::warn!("cleanup: {e}");
+        }
+    } else {
+        // Keep CRIU's logs for the operator; the images (process state) go.
+        discard_images(&work.join("images"));
+        tracing::info!(
+            "migration failed; CRIU's logs are kept in {}",
+            work.display()
+        );
     }
     let out = result?;
     if let Err(e) = Runc::new(&req.runtime_root).delete(&req.id) {
