@@ -257,7 +257,6 @@ pub struct Receiver<'a> {
     id: Option<String>,
     bundle_created: bool,
     page_server: Option<(PageServer, Swrk)>,
-    src_criu: Option<CriuVersion>,
     post_copy: bool,
     /// Post-copy: the data connection, relayed to the lazy-pages daemon at restore.
     data: Option<TcpStream>,
@@ -281,7 +280,6 @@ impl<'a> Receiver<'a> {
             id: None,
             bundle_created: false,
             page_server: None,
-            src_criu: None,
             post_copy: false,
             data: None,
         }
@@ -458,7 +456,6 @@ impl<'a> Receiver<'a> {
                 "destination CRIU {mine} is older than the source's {theirs}"
             )));
         }
-        self.src_criu = Some(theirs);
         let features = self.shared.criu.features()?;
         self.post_copy = p.mode == "post-copy";
         if self.post_copy && !features.lazy_pages {
