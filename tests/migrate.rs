@@ -950,3 +950,37 @@ fn zz_no_leftovers() {
     let left = leftover_netns();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
 }
+
+/// SIGTERM to `ferry serve` during a migration: it stops accepting but lets the migration
+/// under way finish (instead of dying with CRIU half way), then exits by itself.
+#[test]
+fn serve_drains_a_migration_on_sigterm() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mdrain");
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let pid = serve.pid();
+    let addr = serve.addr.clone();
+    let m = thread::scope(|sc| {
+        let h = sc.spawn(|| th.migrate(&w.id, &addr, &["--mode", "stop-copy"]));
+        thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill(2) on serve's pid; the Serve handle has not reaped it (it is running).
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+        h.join().unwrap()
+    });
+    let v = migrate_json(&m, Some("stop-copy"));
+    assert_migrated(&th, &w.id, &v);
+    let started = Instant::now();
+    while serve.is_alive() && started.elapsed() < Duration::from_secs(30) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!serve.is_alive(), "ferry serve did not exit after draining");
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, 3);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}

@@ -55,6 +55,8 @@ struct Shared {
     sessions: Mutex<HashMap<String, SyncSender<TcpStream>>>,
     /// Containers being received.
     busy: Mutex<HashSet<String>>,
+    /// Set once `serve` is asked to stop: no new migrations.
+    stopping: AtomicBool,
 }
 
 /// Serves until `shutdown` is set.
@@ -72,15 +74,30 @@ pub fn serve(
         criu,
         sessions: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
+        stopping: AtomicBool::new(false),
     });
-    while !shutdown.load(Ordering::Relaxed) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // On shutdown, stop taking new migrations but keep accepting the data connections of the
+    // ones under way, and let them finish or fail (cleaning up) instead of dying half way.
+    let mut deadline = None;
+    loop {
+        if shutdown.load(Ordering::Relaxed) {
+            shared.stopping.store(true, Ordering::SeqCst);
+            let d = *deadline.get_or_insert_with(|| std::time::Instant::now() + SHUTDOWN_GRACE);
+            if active.load(Ordering::SeqCst) == 0 || std::time::Instant::now() > d {
+                break;
+            }
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
                 let shared = shared.clone();
+                let active = active.clone();
+                active.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
                     if let Err(e) = connection(stream, &shared) {
                         tracing::warn!(%peer, "{e}");
                     }
+                    active.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -93,8 +110,15 @@ pub fn serve(
             }
         }
     }
+    let left = active.load(Ordering::SeqCst);
+    if left > 0 {
+        tracing::warn!("stopping with {left} connection(s) still open");
+    }
     Ok(())
 }
+
+/// How long `serve` waits for migrations under way when asked to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(120);
 
 fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
     stream.set_nonblocking(false).map_err(WireError::Io)?;
@@ -117,6 +141,16 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
                     "data connection for unknown session {session}"
                 ))),
             }
+        }
+        Role::Control if shared.stopping.load(Ordering::SeqCst) => {
+            let _ = Msg::Error(ErrorMsg {
+                kind: "environment".into(),
+                message: "the destination is shutting down".into(),
+            })
+            .write_to(&mut stream);
+            Err(MigrateError::Remote(
+                "refused a migration while shutting down".into(),
+            ))
         }
         Role::Control => {
             let (tx, rx) = sync_channel(1);
