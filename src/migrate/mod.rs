@@ -3,6 +3,7 @@
 //! - [`wire`]: frames and messages of the control channel, and the message sequence,
 //! - [`auth`]: shared-token mutual challenge–response,
 //! - [`rootfs`]: rootfs manifests by content hash, deltas, and applying them safely,
+//! - [`policy`]: when the pre-copy rounds stop,
 //! - [`source`]: the source side, [`destination`]: the destination side.
 //!
 //! Memory never touches the source's disk: CRIU's page server on the destination receives
@@ -11,6 +12,7 @@
 
 pub mod auth;
 pub mod destination;
+pub mod policy;
 pub mod relay;
 pub mod rootfs;
 pub mod source;

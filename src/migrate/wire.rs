@@ -18,6 +18,13 @@
 //! S→D (File{rootfs, path} Chunk* FileEnd)* SyncDone
 //!   second connection, S→D Hello{role: data, session} … Welcome: D hands it to its page
 //!   server                                 D→S PageServerReady
+//! pre-copy / hybrid only, once per pre-dump round k = 1, 2, …: S PRE_DUMPs while the
+//!   container runs, pages through the data connection into D's page server (images dir
+//!   pre-k, parent pre-(k-1)); then
+//! S→D RoundDone{round: k, next_final}      D waits for its page server to exit, starts the
+//!                                          next one (pre-(k+1), or the final dir with parent
+//!                                          pre-k; none for a lazy final dump)
+//!                                          D→S PageServerReady
 //! S freezes and dumps; pages go through the data connection; at post-dump S holds:
 //! S→D Manifest*  (final rootfs delta)     D→S Need
 //! S→D files, SyncDone{deleted}, (File{image} Chunk* FileEnd)*, Restore{meta}
@@ -87,6 +94,7 @@ pub enum Kind {
     Committed = 17,
     Ok = 18,
     Error = 19,
+    RoundDone = 20,
 }
 
 impl Kind {
@@ -112,6 +120,7 @@ impl Kind {
             17 => Committed,
             18 => Kind::Ok,
             19 => Kind::Error,
+            20 => RoundDone,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -234,6 +243,15 @@ pub struct ErrorMsg {
     pub message: String,
 }
 
+/// Pre-copy: a pre-dump round has been written into the destination's page server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundDone {
+    /// 1-based number of the round just finished.
+    pub round: u32,
+    /// Whether the next transfer is the final dump (else another pre-dump).
+    pub next_final: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Empty {}
 
@@ -259,6 +277,7 @@ pub enum Msg {
     Committed(Pid),
     Ok,
     Error(ErrorMsg),
+    RoundDone(RoundDone),
 }
 
 impl Msg {
@@ -283,6 +302,7 @@ impl Msg {
             Msg::Committed(_) => Kind::Committed,
             Msg::Ok => Kind::Ok,
             Msg::Error(_) => Kind::Error,
+            Msg::RoundDone(_) => Kind::RoundDone,
         }
     }
 
@@ -305,6 +325,7 @@ impl Msg {
             Msg::Restore(m) => j(m),
             Msg::Restored(m) | Msg::Committed(m) => j(m),
             Msg::Error(m) => j(m),
+            Msg::RoundDone(m) => j(m),
             Msg::FileEnd | Msg::PageServerReady | Msg::Commit | Msg::Ok => j(&Empty {}),
         }
     }
@@ -349,6 +370,7 @@ impl Msg {
                 Msg::Ok
             }
             Kind::Error => Msg::Error(j(kind, payload)?),
+            Kind::RoundDone => Msg::RoundDone(j(kind, payload)?),
         })
     }
 
@@ -469,6 +491,10 @@ mod tests {
         }));
         round_trip(Msg::Restored(Pid { pid: 42 }));
         round_trip(Msg::Commit);
+        round_trip(Msg::RoundDone(RoundDone {
+            round: 2,
+            next_final: true,
+        }));
         round_trip(Msg::Error(ErrorMsg {
             kind: "auth".into(),
             message: "no".into(),
