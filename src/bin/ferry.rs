@@ -92,6 +92,10 @@ struct MigrateArgs {
     /// Freeze the pre-copy policy aims for.
     #[arg(long, default_value_t = 300)]
     target_downtime_ms: u64,
+    /// What stops the pre-copy rounds: adaptive (ferry's), or the anchors' fixed rules
+    /// p.haul and one-round, for comparisons.
+    #[arg(long, default_value = "adaptive", value_name = "POLICY")]
+    rounds_policy: String,
     /// runc's state root (runc --root).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
     runtime_root: PathBuf,
@@ -253,6 +257,7 @@ fn serve_cmd(criu: Criu, a: ServeArgs) -> anyhow::Result<()> {
 
 fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
     use ferry::migrate::auth::Token;
+    use ferry::migrate::policy::PolicyKind;
     use ferry::migrate::source::{migrate, MigrateRequest, Mode};
     let mode = Mode::parse(&a.mode).ok_or_else(|| {
         (
@@ -263,6 +268,18 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
             ErrorKind::Invalid,
         )
     })?;
+    let policy = PolicyKind::parse(&a.rounds_policy).ok_or_else(|| {
+        (
+            format!(
+                "unknown --rounds-policy {:?} (adaptive, p.haul, one-round)",
+                a.rounds_policy
+            ),
+            ErrorKind::Invalid,
+        )
+    })?;
+    if a.max_rounds == 0 {
+        return Err(("--max-rounds must be at least 1".into(), ErrorKind::Invalid));
+    }
     let token = Token::load(&a.token_file).map_err(|e| (e.to_string(), e.kind()))?;
     let req = MigrateRequest {
         id: a.id,
@@ -271,6 +288,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         mode,
         max_rounds: a.max_rounds,
         target_downtime_ms: a.target_downtime_ms,
+        policy,
         runtime_root: a.runtime_root,
         tcp_established: a.tcp_established,
         io_timeout: std::time::Duration::from_secs(300),
@@ -283,6 +301,21 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
             "migrated {} to {} ({}: {}): downtime {} ms (frozen {} ms), total {} ms, {} bytes sent, pid {} there",
             r.container, r.to, r.mode, r.mode_reason, r.downtime_ms, r.frozen_ms, r.total_ms, r.bytes_sent, r.restored_pid
         );
+        let n = r.rounds.len();
+        for (i, round) in r.rounds.iter().enumerate() {
+            let what = if i + 1 == n { "final dump" } else { "pre-dump" };
+            println!(
+                "  round {} ({what}): {} pages written of {} scanned, {} bytes, {} ms",
+                i + 1,
+                round.pages_written,
+                round.pages_scanned,
+                round.bytes,
+                round.ms
+            );
+        }
+        if !r.rounds_reason.is_empty() {
+            println!("  rounds stopped: {}", r.rounds_reason);
+        }
     }
     Ok(())
 }

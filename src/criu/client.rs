@@ -4,7 +4,7 @@
 //! PAGE_SERVER(_CHLD) may keep the session open, and that after a PRE_DUMP CRIU waits on the
 //! same socket for another PRE_DUMP or the final DUMP ([`PreDumpSession`]).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -97,6 +97,46 @@ pub struct DumpOutcome {
 pub struct PageServer {
     pub pid: i32,
     pub port: i32,
+}
+
+impl PageServer {
+    /// Waits until the page-server process has exited (it does once the dumping side sent
+    /// its last pages and closed; only then are its images complete on disk). The process
+    /// is CRIU's grandchild of ours, so it is watched through a pidfd. False on timeout.
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        if self.pid <= 0 {
+            return true;
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        if fd < 0 {
+            // ESRCH: already gone.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        }
+        // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n > 0 {
+                return true;
+            }
+            if n == 0 || left.is_zero() {
+                return false;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
+    }
 }
 
 /// Entry point: where criu is and how long to wait for it.
@@ -346,19 +386,8 @@ impl PreDumpSession {
     }
 
     /// One PRE_DUMP round. The tasks run again once it returns.
-    pub fn pre_dump(&mut self, mut req: Request, notify: &mut dyn Notify) -> Result<()> {
-        req.bind_fds();
-        let mut creq = bare_request(criu_req_type::PRE_DUMP);
-        creq.opts = protobuf::MessageField::some(req.opts);
-        self.swrk.send(&creq, "pre-dump")?;
-        drive(
-            &mut self.swrk,
-            criu_req_type::PRE_DUMP,
-            "pre-dump",
-            notify,
-            self.timeout,
-            req.log_path.as_deref(),
-        )?;
+    pub fn pre_dump(&mut self, req: Request, notify: &mut dyn Notify) -> Result<()> {
+        run_pre_dump(&mut self.swrk, req, notify, self.timeout)?;
         self.rounds += 1;
         Ok(())
     }
@@ -369,6 +398,31 @@ impl PreDumpSession {
         self.swrk.finish(Duration::from_secs(5));
         out
     }
+}
+
+/// One PRE_DUMP round on an open session (see [`Criu::session`]); any number of them may
+/// precede the final DUMP on the same session. CRIU runs each round in a child of the swrk
+/// process, so descriptors the session inherited (a page-server socket) stay open for the
+/// next round.
+pub fn run_pre_dump(
+    s: &mut Swrk,
+    mut req: Request,
+    notify: &mut dyn Notify,
+    timeout: Duration,
+) -> Result<()> {
+    req.bind_fds();
+    let mut creq = bare_request(criu_req_type::PRE_DUMP);
+    creq.opts = protobuf::MessageField::some(req.opts);
+    s.send(&creq, "pre-dump")?;
+    drive(
+        s,
+        criu_req_type::PRE_DUMP,
+        "pre-dump",
+        notify,
+        timeout,
+        req.log_path.as_deref(),
+    )?;
+    Ok(())
 }
 
 /// DUMP on an open session (see [`Criu::session`]).

@@ -261,8 +261,11 @@ enum State {
         entries: Vec<Entry>,
         final_sync: bool,
     },
-    /// Page server running; waiting for the final round.
-    Dumping,
+    /// Page server running for pre-dump round `round` (0: for the final dump, or none for a
+    /// lazy final dump); waiting for the round's end or the final sync.
+    Dumping {
+        round: u32,
+    },
     /// Final round applied; images arrive until Restore.
     Images,
     Done,
@@ -275,7 +278,7 @@ impl State {
             State::AwaitCpuinfo => "waiting for cpuinfo",
             State::Manifest { .. } => "receiving a rootfs manifest",
             State::Files { .. } => "receiving rootfs files",
-            State::Dumping => "waiting for the final sync",
+            State::Dumping { .. } => "waiting for a round's end or the final sync",
             State::Images => "receiving images",
             State::Done => "done",
         }
@@ -291,12 +294,20 @@ pub struct Receiver<'a> {
     id: Option<String>,
     bundle_created: bool,
     page_server: Option<(PageServer, Swrk)>,
-    post_copy: bool,
-    /// Post-copy: the data connection, relayed to the lazy-pages daemon at restore.
+    /// The final dump is lazy (post-copy, hybrid): its pages come through the lazy-pages
+    /// daemon after the restore started.
+    lazy_final: bool,
+    /// Pre-dump rounds come first (pre-copy, hybrid).
+    pre_copy: bool,
+    /// The data connection: each page server gets a copy; a lazy final dump's relay takes it.
     data: Option<TcpStream>,
 }
 
 const MAX_CONFIG: usize = 4 * 1024 * 1024;
+/// Most pre-dump rounds accepted from a source.
+const MAX_ROUNDS: u32 = 64;
+/// Longest wait for a page server to finish writing once its round ended.
+const PAGE_SERVER_EXIT: Duration = Duration::from_secs(60);
 const MAX_IMAGE_FILE: u64 = 16 * 1024 * 1024 * 1024;
 
 impl<'a> Receiver<'a> {
@@ -314,7 +325,8 @@ impl<'a> Receiver<'a> {
             id: None,
             bundle_created: false,
             page_server: None,
-            post_copy: false,
+            lazy_final: false,
+            pre_copy: false,
             data: None,
         }
     }
@@ -428,16 +440,49 @@ impl<'a> Receiver<'a> {
                 if final_sync {
                     Ok(State::Images)
                 } else {
-                    if self.post_copy {
-                        self.data = Some(self.take_data()?);
+                    self.data = Some(self.take_data()?);
+                    let round = if self.pre_copy {
+                        self.start_page_server("pre-1", None)?;
+                        1
                     } else {
-                        self.start_page_server()?;
-                    }
+                        if !self.lazy_final {
+                            self.start_page_server(".", None)?;
+                        }
+                        0
+                    };
                     self.ctl.send(&Msg::PageServerReady)?;
-                    Ok(State::Dumping)
+                    Ok(State::Dumping { round })
                 }
             }
-            (State::Dumping, Msg::Manifest(m)) => self.step(
+            (State::Dumping { round }, Msg::RoundDone(r))
+                if self.pre_copy && round > 0 && r.round == round =>
+            {
+                self.end_page_server(round)?;
+                let prev = format!("pre-{round}");
+                let next = if r.next_final {
+                    if self.lazy_final {
+                        // No page server for a lazy final dump: link the chain by hand.
+                        std::os::unix::fs::symlink(&prev, self.images().join("parent"))
+                            .map_err(|e| MigrateError::Rootfs(format!("parent link: {e}")))?;
+                    } else {
+                        self.start_page_server(".", Some(prev))?;
+                    }
+                    0
+                } else if round >= MAX_ROUNDS {
+                    return Err(MigrateError::Remote(format!(
+                        "more than {MAX_ROUNDS} pre-dump rounds"
+                    )));
+                } else {
+                    self.start_page_server(
+                        &format!("pre-{}", round + 1),
+                        Some(format!("../{prev}")),
+                    )?;
+                    round + 1
+                };
+                self.ctl.send(&Msg::PageServerReady)?;
+                Ok(State::Dumping { round: next })
+            }
+            (State::Dumping { round: 0 }, Msg::Manifest(m)) => self.step(
                 State::Manifest {
                     entries: vec![],
                     final_sync: true,
@@ -491,11 +536,20 @@ impl<'a> Receiver<'a> {
             )));
         }
         let features = self.shared.criu.features()?;
-        self.post_copy = p.mode == "post-copy";
-        if self.post_copy && !features.lazy_pages {
-            return Err(MigrateError::Incompatible(
-                "post-copy needs userfaultfd (lazy_pages), which the destination lacks".into(),
-            ));
+        (self.pre_copy, self.lazy_final) = match p.mode.as_str() {
+            "stop-copy" => (false, false),
+            "pre-copy" => (true, false),
+            "post-copy" => (false, true),
+            "hybrid" => (true, true),
+            other => {
+                return Err(MigrateError::Remote(format!("unknown mode {other:?}")));
+            }
+        };
+        if self.lazy_final && !features.lazy_pages {
+            return Err(MigrateError::Incompatible(format!(
+                "{} needs userfaultfd (lazy_pages), which the destination lacks",
+                p.mode
+            )));
         }
         // The bundle: config.json as the source has it, root at <bundle>/rootfs.
         let mut config: serde_json::Value = serde_json::from_str(&p.config)
@@ -629,23 +683,56 @@ impl<'a> Receiver<'a> {
             .map_err(|_| MigrateError::Remote("no data connection within 30 s".into()))
     }
 
-    fn start_page_server(&mut self) -> Result<(), MigrateError> {
-        let data = self.take_data()?;
-        let images = self.images();
+    /// Starts a page server writing into `dir` (relative to the images dir) with `parent`
+    /// (relative to `dir`) as the previous round, fed by a copy of the data connection.
+    fn start_page_server(&mut self, dir: &str, parent: Option<String>) -> Result<(), MigrateError> {
+        let data = self
+            .data
+            .as_ref()
+            .ok_or_else(|| MigrateError::Remote("no data connection".into()))?
+            .try_clone()
+            .map_err(WireError::Io)?;
+        let images = self.images().join(dir);
+        std::fs::create_dir_all(&images).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
         let mut fds = ChildFds::default();
         let mut ps = CriuPageServerInfo::new();
         ps.set_fd(fds.inherit(OwnedFd::from(data)));
         let mut o = CriuOpts::new();
-        o.set_log_file("page-server.log".into());
+        let log = if dir == "." {
+            "page-server.log".to_string()
+        } else {
+            format!("page-server-{dir}.log")
+        };
+        o.set_log_file(log.clone());
+        if let Some(p) = parent {
+            o.set_parent_img(p);
+        }
         o.ps = protobuf::MessageField::some(ps);
         let req = Request {
             opts: o,
             images_dir: open_dir(&images)?,
             work_dir: Some(open_dir(&self.work())?),
-            log_path: Some(self.work().join("page-server.log")),
+            log_path: Some(self.work().join(&log)),
         };
         self.page_server = Some(self.shared.criu.page_server(req, fds, true)?);
         Ok(())
+    }
+
+    /// Waits for the running page server to write out what it received and exit.
+    fn end_page_server(&mut self, round: u32) -> Result<(), MigrateError> {
+        let Some((ps, s)) = self.page_server.take() else {
+            return Ok(());
+        };
+        let done = ps.wait_exit(PAGE_SERVER_EXIT);
+        s.finish(Duration::from_secs(5));
+        if done {
+            Ok(())
+        } else {
+            Err(MigrateError::Remote(format!(
+                "the page server of round {round} did not finish within {} s",
+                PAGE_SERVER_EXIT.as_secs()
+            )))
+        }
     }
 
     fn cgroup_paths(
@@ -678,9 +765,7 @@ impl<'a> Receiver<'a> {
 
     fn restore(&mut self, meta: serde_json::Value) -> Result<(), MigrateError> {
         // The page server has everything once the source disconnected from it.
-        if let Some((_, s)) = self.page_server.take() {
-            s.finish(Duration::from_secs(30));
-        }
+        self.end_page_server(0)?;
         let mut meta: CheckpointMeta = serde_json::from_value(meta)
             .map_err(|e| MigrateError::Remote(format!("checkpoint metadata: {e}")))?;
         let id = self.id.clone().unwrap_or_default();
@@ -709,7 +794,7 @@ impl<'a> Receiver<'a> {
         std::fs::create_dir_all(&restore_work).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
         let mut req = req;
         let mut lazy = None;
-        if self.post_copy {
+        if self.lazy_final {
             let data = self
                 .data
                 .take()
@@ -754,7 +839,20 @@ impl<'a> Receiver<'a> {
 
     /// Undoes what a failed migration left; on success removes only the scratch space.
     fn cleanup(&mut self, ok: bool) {
-        if let Some((_, s)) = self.page_server.take() {
+        if !ok {
+            // The page server shares this socket: shutting it down ends any round under way.
+            if let Some(d) = self.data.take() {
+                let _ = d.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        if let Some((ps, s)) = self.page_server.take() {
+            if !ps.wait_exit(Duration::from_secs(5)) && ps.pid > 0 {
+                tracing::warn!(pid = ps.pid, "page server still running; killing it");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(ps.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             s.finish(Duration::from_secs(5));
         }
         let work = self.work();

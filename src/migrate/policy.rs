@@ -96,8 +96,7 @@ fn overhead_ms(rounds: &[RoundFacts]) -> f64 {
         .iter()
         .map(|r| (r.wall_ms - r.write_ms).max(0.0))
         .fold(f64::INFINITY, f64::min)
-        .min(1000.0)
-        .max(0.0)
+        .clamp(0.0, 1000.0)
 }
 
 impl Policy {

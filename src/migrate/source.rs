@@ -16,14 +16,15 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::auth::{client_handshake, Token};
+use super::policy::{Policy, PolicyKind, RoundFacts};
 use super::relay::{free_loopback_port, SourceRelay};
 use super::rootfs::manifest;
 use super::wire::{
-    check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, SyncDone, Target,
-    WireError, CHUNK, MAX_FRAME,
+    check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, RoundDone, SyncDone,
+    Target, WireError, CHUNK, MAX_FRAME,
 };
 use super::MigrateError;
-use crate::criu::client::Request;
+use crate::criu::client::{run_pre_dump, Request};
 use crate::criu::swrk::ChildFds;
 use crate::criu::{Criu, Notification, Reply, Script};
 use crate::images::read_dump_stats;
@@ -75,6 +76,8 @@ pub struct MigrateRequest {
     pub mode: Mode,
     pub max_rounds: u32,
     pub target_downtime_ms: u64,
+    /// Which rule stops the pre-copy rounds (adaptive; the anchors' rules for benchmarks).
+    pub policy: PolicyKind,
     pub runtime_root: PathBuf,
     pub tcp_established: bool,
     /// Longest wait for any answer from the destination.
@@ -96,7 +99,10 @@ pub struct MigrateReport {
     pub to: String,
     pub mode: String,
     pub mode_reason: String,
+    /// Every memory transfer: the pre-dump rounds, then the final dump.
     pub rounds: Vec<Round>,
+    /// Why the pre-copy rounds stopped (empty without pre-copy).
+    pub rounds_reason: String,
     /// CRIU's frozen time of the final dump.
     pub frozen_ms: u64,
     /// Freeze start → the container runs on the destination.
@@ -397,21 +403,22 @@ fn choose_mode(
             "no dirty memory tracking on the source kernel (pre-copy impossible); post-copy is not chosen automatically".into(),
         )),
         Mode::Auto => Ok((
-            Mode::StopCopy,
-            "pre-copy rounds are not implemented in this build yet".into(),
+            Mode::PreCopy,
+            "the kernel tracks dirty memory: pre-copy rounds while the container runs, as many as the policy finds worth it".into(),
         )),
-        Mode::PostCopy if !lazy_pages => Err(MigrateError::Unsupported(
-            "--mode post-copy needs userfaultfd (CRIU's lazy_pages feature), which this host lacks".into(),
-        )),
-        Mode::PostCopy => {
-            crate::migrate::lazy_pages_ready().map_err(MigrateError::Unsupported)?;
-            Ok((Mode::PostCopy, "requested".into()))
-        }
+        Mode::PostCopy | Mode::Hybrid if !lazy_pages => Err(MigrateError::Unsupported(format!(
+            "--mode {} needs userfaultfd (CRIU's lazy_pages feature), which this host lacks",
+            req.mode.name()
+        ))),
         Mode::PreCopy | Mode::Hybrid if !mem_track => Err(MigrateError::Unsupported(format!(
             "--mode {} needs dirty memory tracking, which this kernel lacks (CONFIG_MEM_SOFT_DIRTY)",
             req.mode.name()
         ))),
-        m => Err(MigrateError::Unsupported(format!("--mode {} is not implemented in this build yet", m.name()))),
+        m @ (Mode::PostCopy | Mode::Hybrid) => {
+            crate::migrate::lazy_pages_ready().map_err(MigrateError::Unsupported)?;
+            Ok((m, "requested".into()))
+        }
+        m => Ok((m, "requested".into())),
     }
 }
 
@@ -490,18 +497,22 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
             req.id
         );
     }
-    let bytes = out.stats.pages_written * 4096 + out.relay_bytes;
+    let final_bytes = out.stats.pages_written * 4096 + out.relay_bytes;
+    let mut rounds = out.pre_rounds;
+    rounds.push(Round {
+        pages_scanned: out.stats.pages_scanned,
+        pages_written: out.stats.pages_written,
+        bytes: final_bytes,
+        ms: (out.stats.memdump_time_us + out.stats.memwrite_time_us) / 1000,
+    });
+    let bytes: u64 = rounds.iter().map(|r| r.bytes).sum();
     Ok(MigrateReport {
         container: req.id.clone(),
         to: req.to.clone(),
         mode: mode.name().into(),
         mode_reason,
-        rounds: vec![Round {
-            pages_scanned: out.stats.pages_scanned,
-            pages_written: out.stats.pages_written,
-            bytes,
-            ms: (out.stats.memdump_time_us + out.stats.memwrite_time_us) / 1000,
-        }],
+        rounds,
+        rounds_reason: out.rounds_reason,
         frozen_ms: out.stats.frozen_time_us / 1000,
         downtime_ms: out.downtime_ms,
         total_ms: started.elapsed().as_millis() as u64,
@@ -514,12 +525,98 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
 
 /// What the freeze-and-commit phase produced.
 struct Outcome {
+    pre_rounds: Vec<Round>,
+    rounds_reason: String,
     /// Bytes relayed to the destination after the commit (post-copy pages).
     relay_bytes: u64,
     pid: i32,
     downtime_ms: u64,
     files_sent: u64,
     stats: crate::images::DumpStats,
+}
+
+/// The pre-copy rounds: PRE_DUMPs into the destination's page server while the container
+/// runs, until the policy says stop. Returns the rounds, the policy's reason and the last
+/// round's directory name (the final dump's parent).
+fn pre_dump_rounds(
+    criu: &Criu,
+    req: &MigrateRequest,
+    job: &DumpJob,
+    ctl: &mut Ctl,
+    session: &mut crate::criu::swrk::Swrk,
+    ps_fd: std::os::fd::RawFd,
+    images: &Path,
+) -> Result<(Vec<Round>, String, String), MigrateError> {
+    let mut policy = Policy::new(req.policy, req.max_rounds, req.target_downtime_ms);
+    let mut rounds = Vec::new();
+    let mut previous_start: Option<Instant> = None;
+    for k in 1u32.. {
+        let name = format!("pre-{k}");
+        let dir = images.join(&name);
+        std::fs::create_dir_all(&dir).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        let mut o = job.opts.clone();
+        o.set_track_mem(true);
+        if k > 1 {
+            o.set_parent_img(format!("../pre-{}", k - 1));
+        }
+        let mut ps = CriuPageServerInfo::new();
+        ps.set_fd(ps_fd);
+        o.ps = protobuf::MessageField::some(ps);
+        let request = Request {
+            opts: o,
+            images_dir: open_dir(&dir)?,
+            work_dir: Some(open_dir(&dir)?),
+            log_path: Some(dir.join(DUMP_LOG)),
+        };
+        let start = Instant::now();
+        tracing::info!(round = k, "pre-dump");
+        run_pre_dump(session, request, &mut |_| Reply::Success, criu.timeout())
+            .map_err(|e| MigrateError::Op(e.into()))?;
+        let wall = start.elapsed();
+        let st = read_dump_stats(&dir).unwrap_or_default();
+        let facts = RoundFacts {
+            pages_written: st.pages_written,
+            write_ms: st.memwrite_time_us as f64 / 1000.0,
+            wall_ms: wall.as_secs_f64() * 1000.0,
+            since_previous_ms: previous_start
+                .map(|p| start.duration_since(p).as_secs_f64() * 1000.0)
+                .unwrap_or(0.0),
+        };
+        previous_start = Some(start);
+        let decision = policy.after_round(facts);
+        tracing::info!(
+            round = k,
+            pages = st.pages_written,
+            ms = wall.as_millis() as u64,
+            stop = decision.stop,
+            "{}",
+            decision.reason
+        );
+        rounds.push(Round {
+            pages_scanned: st.pages_scanned,
+            pages_written: st.pages_written,
+            bytes: st.pages_written * 4096,
+            ms: wall.as_millis() as u64,
+        });
+        ctl.send(&Msg::RoundDone(RoundDone {
+            round: k,
+            next_final: decision.stop,
+        }))?;
+        match ctl.recv()? {
+            Msg::PageServerReady => {}
+            other => {
+                return Err(WireError::Unexpected {
+                    got: other.kind(),
+                    state: "waiting for the next page server",
+                }
+                .into())
+            }
+        }
+        if decision.stop {
+            return Ok((rounds, decision.reason, name));
+        }
+    }
+    unreachable!("the rounds loop only ends by returning")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -570,13 +667,41 @@ fn run(
 
     let images = work.join("images");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+    let pre_copy = matches!(mode, Mode::PreCopy | Mode::Hybrid);
     let mut opts = job.opts.clone();
     let mut fds = ChildFds::default();
     let mut ps = CriuPageServerInfo::new();
     // Post-copy: CRIU's lazy page server listens on loopback only (the config file overrides
     // the RPC's any-address default) and ferry relays it through the data connection.
     let mut lazy: Option<(u16, TcpStream)> = None;
-    if mode == Mode::PostCopy {
+    // Pre-copy: the data connection is inherited once by the criu session; every round
+    // (CRIU runs each pre-dump in a child) and the final dump write into it.
+    let mut ps_fd = None;
+    match mode {
+        Mode::PostCopy => lazy = Some((0, data)),
+        Mode::Hybrid => {
+            let relay_end = data
+                .try_clone()
+                .map_err(|e| MigrateError::Wire(WireError::Io(e)))?;
+            ps_fd = Some(fds.inherit(OwnedFd::from(data)));
+            lazy = Some((0, relay_end));
+        }
+        _ => ps_fd = Some(fds.inherit(OwnedFd::from(data))),
+    }
+    // The dump's criu inherits the data connection (ps.fd), so it is started only now.
+    let (mut session, _) = criu.session(fds)?;
+    let mut pre_rounds = Vec::new();
+    let mut rounds_reason = String::new();
+    if pre_copy {
+        let fd = ps_fd.ok_or_else(|| MigrateError::Remote("no data connection".into()))?;
+        let (rounds, reason, last) =
+            pre_dump_rounds(criu, req, job, ctl, &mut session, fd, &images)?;
+        pre_rounds = rounds;
+        rounds_reason = reason;
+        opts.set_track_mem(true);
+        opts.set_parent_img(last);
+    }
+    if let Some((port_slot, _)) = lazy.as_mut() {
         let port = free_loopback_port()
             .map_err(|e| MigrateError::Rootfs(format!("loopback port: {e}")))?;
         let conf = work.join("lazy.conf");
@@ -585,9 +710,9 @@ fn run(
         opts.set_lazy_pages(true);
         opts.set_config_file(conf.to_string_lossy().into_owned());
         ps.set_port(i32::from(port));
-        lazy = Some((port, data));
-    } else {
-        ps.set_fd(fds.inherit(OwnedFd::from(data)));
+        *port_slot = port;
+    } else if let Some(fd) = ps_fd {
+        ps.set_fd(fd);
     }
     opts.ps = protobuf::MessageField::some(ps);
     let request = Request {
@@ -658,8 +783,6 @@ fn run(
         }
     };
     tracing::info!(id = %req.id, "freezing and dumping");
-    // The dump's criu inherits the data connection (ps.fd), so it is started only now.
-    let (mut session, _) = criu.session(fds)?;
     let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
     session.finish(Duration::from_secs(5));
     let mut relay_bytes = 0;
@@ -724,6 +847,8 @@ fn run(
         .map(|c| c.duration_since(freeze_start))
         .unwrap_or_default();
     Ok(Outcome {
+        pre_rounds,
+        rounds_reason,
         relay_bytes,
         pid: restored,
         downtime_ms: downtime.as_millis() as u64,

@@ -10,6 +10,8 @@
 //!   executable.
 #![allow(dead_code)]
 
+pub mod migration;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{Hash, Hasher};
@@ -32,6 +34,19 @@ pub const WORK_BASE: &str = "/var/tmp/ferry-test";
 
 /// How long to wait for a `ferry` invocation before killing it and failing.
 pub const FERRY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Inside the VM rig (`FERRY_IN_VM`, software-emulated CPU) everything is several times
+/// slower: waits are stretched by this factor there.
+pub const VM_SLOWDOWN: u32 = 8;
+
+/// `d`, stretched inside the VM rig.
+pub fn slow(d: Duration) -> Duration {
+    if std::env::var_os("FERRY_IN_VM").is_some() {
+        d * VM_SLOWDOWN
+    } else {
+        d
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // Prerequisites
@@ -1058,7 +1073,7 @@ impl FerryCmd {
             if let Some(st) = child.try_wait().expect("wait ferry") {
                 break st;
             }
-            if start.elapsed() > FERRY_TIMEOUT {
+            if start.elapsed() > slow(FERRY_TIMEOUT) {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(

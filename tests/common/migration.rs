@@ -1,0 +1,265 @@
+//! Migration test helpers shared by tests/migrate.rs (host) and tests/vm_*.rs (VM rig):
+//! workloads on the source host and the checks on a migration's result.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::*;
+
+/// Generous timeout for things that normally take well under a second.
+pub const T: Duration = Duration::from_secs(20);
+/// memwriter with 256 MiB needs a moment to fill its memory and to check it.
+pub const MEM_T: Duration = Duration::from_secs(60);
+pub const MIB: u64 = 1 << 20;
+
+pub const MIGRATE_FIELDS: &[&str] = &[
+    "mode",
+    "mode_reason",
+    "rounds",
+    "frozen_ms",
+    "downtime_ms",
+    "total_ms",
+    "bytes_sent",
+    "restored_pid",
+];
+
+pub const ROUND_FIELDS: &[&str] = &["pages_scanned", "pages_written", "bytes", "ms"];
+
+// ---------------------------------------------------------------------------------------
+// Workloads on the source host
+// ---------------------------------------------------------------------------------------
+
+/// A container on the source host writing to a file in a bind-mounted host directory (the
+/// same path on both hosts). stdio is /dev/null: CRIU cannot dump a container whose stdout
+/// is a regular host file.
+#[allow(dead_code)]
+pub struct Workload {
+    pub id: String,
+    /// Host path of the output file.
+    pub out: PathBuf,
+    /// Host directory bind-mounted at /data.
+    pub data: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// Counter appending 1, 2, 3, … to /data/counter every 50 ms.
+pub fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
+    let src = th.src_runc();
+    let id = src.id(suffix);
+    let data = src.mkdir(&format!("data{suffix}"));
+    let bundle = src
+        .bundle(&format!("counter{suffix}"))
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .build();
+    src.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 20, slow(T));
+    Workload {
+        id,
+        out,
+        data,
+        bundle,
+    }
+}
+
+/// memwriter with `mib` MiB, `rate` MiB/s rewritten, checking its memory into /data/mem.log.
+pub fn start_memwriter(th: &TwoHosts, suffix: &str, mib: u32, rate: u32) -> Workload {
+    let src = th.src_runc();
+    let id = src.id(suffix);
+    let data = src.mkdir(&format!("data{suffix}"));
+    let bundle = src
+        .bundle(&format!("memwriter{suffix}"))
+        .with_memwriter()
+        .bind(&data, "/data")
+        .args(&memwriter_args(mib, rate, "/data/mem.log"))
+        .build();
+    src.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("mem.log");
+    wait_memwriter_lines(&out, 3, slow(MEM_T));
+    assert_memwriter_ok(&out);
+    Workload {
+        id,
+        out,
+        data,
+        bundle,
+    }
+}
+
+/// The counter keeps going, strictly: at least `more` new values after the `have` there
+/// were, and the whole file is 1, 2, 3, … (no reset, repeat or gap).
+#[track_caller]
+pub fn assert_counter_continues(out: &Path, have: usize, more: usize) {
+    let v = wait_counter_lines(out, have + more, slow(T));
+    assert_eq!(v[0], 1, "counter in {} does not start at 1", out.display());
+    assert_strictly_continues(&v, have + more);
+}
+
+/// memwriter keeps going: at least `more` new lines after the `have` there were, every line
+/// `ok`, seq 1, 2, 3, ….
+#[track_caller]
+pub fn assert_memwriter_continues(out: &Path, have: usize, more: usize) {
+    wait_memwriter_lines(out, have + more, slow(MEM_T));
+    assert_memwriter_ok(out);
+}
+
+/// After a failed migration: the source container is still running (not paused), still
+/// counting without a break.
+#[track_caller]
+pub fn assert_source_counter_healthy(th: &TwoHosts, w: &Workload) {
+    assert_eq!(
+        th.src_runc().status(&w.id).as_deref(),
+        Some("running"),
+        "source container {} is not running after the failed migration",
+        w.id
+    );
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 10);
+}
+
+/// After a failed migration: the source memwriter is still running (not paused), its
+/// memory intact and its seq unbroken.
+#[track_caller]
+pub fn assert_source_memwriter_healthy(th: &TwoHosts, w: &Workload) {
+    assert_eq!(
+        th.src_runc().status(&w.id).as_deref(),
+        Some("running"),
+        "source container {} is not running after the failed migration",
+        w.id
+    );
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, 3);
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks on a migration's result
+// ---------------------------------------------------------------------------------------
+
+/// Assert success and the JSON shape of `ferry migrate --json`; `mode`, when given, is the
+/// mode that must have been used. Returns the JSON object.
+#[track_caller]
+pub fn migrate_json(out: &FerryOut, mode: Option<&str>) -> Value {
+    out.ok();
+    let v = out.json();
+    assert_fields(&v, MIGRATE_FIELDS);
+    let m = v["mode"]
+        .as_str()
+        .unwrap_or_else(|| panic!("mode is not a string: {v}"));
+    assert!(
+        ["stop-copy", "post-copy", "pre-copy", "hybrid"].contains(&m),
+        "unknown mode {m:?}: {v}"
+    );
+    if let Some(want) = mode {
+        assert_eq!(m, want, "mode used: {v}");
+    }
+    assert!(v["mode_reason"].is_string(), "mode_reason: {v}");
+    let rounds = v["rounds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("rounds is not an array: {v}"));
+    for r in rounds {
+        assert_fields(r, ROUND_FIELDS);
+        for f in ROUND_FIELDS {
+            json_u64(r, f);
+        }
+        assert!(
+            json_u64(r, "pages_scanned") >= json_u64(r, "pages_written"),
+            "round scanned fewer pages than it wrote: {v}"
+        );
+    }
+    for f in [
+        "frozen_ms",
+        "downtime_ms",
+        "total_ms",
+        "bytes_sent",
+        "restored_pid",
+    ] {
+        json_u64(&v, f);
+    }
+    let total = json_u64(&v, "total_ms");
+    assert!(
+        json_u64(&v, "frozen_ms") <= total,
+        "frozen_ms > total_ms: {v}"
+    );
+    assert!(
+        json_u64(&v, "downtime_ms") <= total,
+        "downtime_ms > total_ms: {v}"
+    );
+    assert!(json_u64(&v, "bytes_sent") > 0, "bytes_sent: {v}");
+    assert!(json_u64(&v, "restored_pid") > 0, "restored_pid: {v}");
+    v
+}
+
+/// The container left the source and runs on the destination under the same id, with pid
+/// `restored_pid`, bundle `<dst bundles>/<id>` (rootfs copied), and `runc exec` works there.
+#[track_caller]
+pub fn assert_migrated(th: &TwoHosts, id: &str, v: &Value) {
+    let src = th.src_runc();
+    assert!(
+        src.try_state(id).is_none(),
+        "{id} still known to the source runc after migrating: {:?}",
+        src.try_state(id)
+    );
+    assert!(!src.list_ids().contains(&id.to_string()));
+    let dst = th.dst_runc();
+    let st = dst
+        .try_state(id)
+        .unwrap_or_else(|| panic!("{id} not known to the destination runc; migrate said {v}"));
+    assert_eq!(st["status"], "running", "destination runc state: {st}");
+    assert_eq!(
+        st["pid"].as_u64(),
+        Some(json_u64(v, "restored_pid")),
+        "destination runc pid vs restored_pid: {st} / {v}"
+    );
+    let bundle = th.dst_bundle(id);
+    assert_eq!(
+        st["bundle"].as_str().map(PathBuf::from),
+        Some(bundle.clone()),
+        "destination bundle: {st}"
+    );
+    assert!(
+        bundle.join("config.json").is_file() && bundle.join("rootfs/bin/busybox").is_file(),
+        "bundle not copied to {}",
+        bundle.display()
+    );
+    let out = must(
+        dst.exec(id, &["echo", "hi"]),
+        &format!("runc exec {id} echo hi (destination)"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    // --cgroup-prefix: the restored tasks live under ferry-dst/ (the hosts share cgroupfs).
+    let pid = json_u64(v, "restored_pid");
+    let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let freezer = cg
+        .lines()
+        .find(|l| l.split(':').nth(1) == Some("freezer"))
+        .unwrap_or_else(|| panic!("no freezer cgroup for pid {pid}:\n{cg}"));
+    assert!(
+        freezer.contains(&format!("/{DST_CGROUP_PREFIX}/")) && freezer.contains(id),
+        "restored pid {pid} is not in a {DST_CGROUP_PREFIX}/ cgroup of {id}:\n{cg}"
+    );
+    // The destination-clean check sees a live container (so its silence means something).
+    let seen = th.dst_leftovers(id);
+    for what in [
+        "destination runc knows",
+        "leftover cgroup dir",
+        "in a destination cgroup",
+    ] {
+        assert!(
+            seen.iter().any(|p| p.contains(what)),
+            "dst_leftovers misses {what:?} for a running container: {seen:?}"
+        );
+    }
+}
+
+/// Failure shape: exit code one of `codes`, exactly one `ferry: error:` line on stderr.
+#[track_caller]
+pub fn assert_failed_with(out: &FerryOut, codes: &[i32]) {
+    assert!(
+        out.code.is_some_and(|c| codes.contains(&c)),
+        "expected exit code in {codes:?}: {out:?}"
+    );
+    out.assert_error(out.code.unwrap());
+}

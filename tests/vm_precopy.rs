@@ -1,0 +1,268 @@
+//! Pre-copy and hybrid migrations, which need a kernel that tracks dirty memory
+//! (CONFIG_MEM_SOFT_DIRTY). This machine's kernel does not, so these tests are ignored on the
+//! host and run inside the VM rig (`tests/vm/run`, which runs every `tests/vm_*.rs` binary with
+//! `--ignored` in a VM booted on a Debian kernel), between two emulated hosts as in
+//! tests/migrate.rs. `FERRY_VM_QUICK` shrinks the workloads to the smallest meaningful size.
+//!
+//! Timings inside the VM are software-emulated: only comparisons within one run mean
+//! anything (stop-copy vs pre-copy of the same workload, one round vs the next).
+
+mod common;
+
+use common::migration::*;
+use common::*;
+use serde_json::Value;
+
+const VM: &str = "runs inside the VM rig (tests/vm/run)";
+
+/// Memory of the memory-writer workload: at least 64 MiB.
+fn mem_mib() -> u32 {
+    if std::env::var_os("FERRY_VM_QUICK").is_some() {
+        64
+    } else {
+        96
+    }
+}
+
+/// A few MiB/s dirtied: pre-copy converges.
+const SLOW_DIRTY_MIB_S: u32 = 2;
+
+fn rounds(v: &Value) -> Vec<Value> {
+    v["rounds"].as_array().cloned().unwrap_or_default()
+}
+
+fn pages(r: &Value) -> u64 {
+    json_u64(r, "pages_written")
+}
+
+/// The pre-dump rounds (all but the last entry, which is the final dump).
+fn pre_rounds(v: &Value) -> Vec<u64> {
+    let r = rounds(v);
+    r[..r.len().saturating_sub(1)].iter().map(pages).collect()
+}
+
+/// `ferry check --json` in the guest: dirty tracking must be there, or nothing here means
+/// anything.
+fn require_mem_track() {
+    let out = ferry(&["check", "--json"]);
+    let v = out.json();
+    eprintln!("ferry check: {v}");
+    assert_eq!(
+        v["features"]["mem_track"].as_bool(),
+        Some(true),
+        "this kernel does not track dirty memory: {v}"
+    );
+}
+
+/// Migrates a memory writer, checking its whole memory before and after; returns the report.
+fn migrate_memwriter(th: &TwoHosts, suffix: &str, mib: u32, rate: u32, args: &[&str]) -> Value {
+    let w = start_memwriter(th, suffix, mib, rate);
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, args);
+    let v = migrate_json(&out, None);
+    eprintln!("migrate {args:?}: {v}");
+    assert_migrated(th, &w.id, &v);
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, 3);
+    th.dst_runc().kill_and_delete(&w.id);
+    v
+}
+
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn vm_mem_track_is_available() {
+    let _ = VM;
+    require_two_hosts();
+    require_mem_track();
+}
+
+/// The acceptance case: a memory writer (≥ 64 MiB touched, a few MiB/s dirtied) with
+/// `--mode pre-copy`: ≥ 2 pre-dump rounds, pages per round falling, the final freeze shorter
+/// than stop-copy's of the same workload in the same run, memory intact after the restore.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn precopy_memwriter_beats_stop_copy() {
+    require_two_hosts();
+    require_mem_track();
+    let th = TwoHosts::new("vpre");
+    let mib = mem_mib();
+    let stop = migrate_memwriter(&th, "s", mib, SLOW_DIRTY_MIB_S, &["--mode", "stop-copy"]);
+    let pre = migrate_memwriter(
+        &th,
+        "p",
+        mib,
+        SLOW_DIRTY_MIB_S,
+        // A target no final dump can meet: the rounds go on while they shrink.
+        &[
+            "--mode",
+            "pre-copy",
+            "--max-rounds",
+            "4",
+            "--target-downtime-ms",
+            "1",
+        ],
+    );
+    assert_eq!(pre["mode"], "pre-copy");
+    let pr = pre_rounds(&pre);
+    eprintln!(
+        "pre-dump rounds (pages): {pr:?}; final dump {} pages; stopped: {}",
+        pages(rounds(&pre).last().unwrap()),
+        pre["rounds_reason"]
+    );
+    assert!(pr.len() >= 2, "fewer than 2 pre-dump rounds: {pre}");
+    let whole = u64::from(mib) * 256;
+    assert!(
+        pr[0] >= whole * 9 / 10,
+        "the first round did not carry the whole memory ({} of ~{whole} pages): {pre}",
+        pr[0]
+    );
+    assert!(pr[1] < pr[0], "round 2 did not shrink: {pr:?}");
+    let last = pages(rounds(&pre).last().unwrap());
+    assert!(
+        last < pr[0] / 2,
+        "the final dump carried {last} pages, not much less than round 1's {}",
+        pr[0]
+    );
+    assert!(
+        pre["rounds_reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "no reason for stopping the rounds: {pre}"
+    );
+    let (ds, dp) = (
+        json_u64(&stop, "downtime_ms"),
+        json_u64(&pre, "downtime_ms"),
+    );
+    let (fs, fp) = (json_u64(&stop, "frozen_ms"), json_u64(&pre, "frozen_ms"));
+    eprintln!(
+        "stop-copy: downtime {ds} ms (frozen {fs}); pre-copy: downtime {dp} ms (frozen {fp}); ratio {:.3}",
+        dp as f64 / ds.max(1) as f64
+    );
+    assert!(fp < fs, "pre-copy froze {fp} ms, stop-copy {fs} ms");
+    assert!(dp < ds, "pre-copy downtime {dp} ms, stop-copy {ds} ms");
+    th.finish();
+}
+
+/// The busybox counter with `--mode pre-copy`: continues on the destination, no reset, no
+/// repeat.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn precopy_counter_continues() {
+    require_two_hosts();
+    let th = TwoHosts::new("vprec");
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "pre-copy"]);
+    let v = migrate_json(&out, Some("pre-copy"));
+    eprintln!("migrate: {v}");
+    assert!(!pre_rounds(&v).is_empty(), "no pre-dump round: {v}");
+    assert_migrated(&th, &w.id, &v);
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 20);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// `--mode auto` on a kernel with dirty tracking picks pre-copy and says why.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn auto_picks_pre_copy() {
+    require_two_hosts();
+    let th = TwoHosts::new("vauto");
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "auto"]);
+    let v = migrate_json(&out, Some("pre-copy"));
+    assert!(
+        v["mode_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("dirty memory")),
+        "mode_reason: {v}"
+    );
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 10);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// A workload that rewrites its whole memory faster than the link carries it: the policy
+/// stops after round 2 ("not converging") instead of looping to `--max-rounds`.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn precopy_policy_stops_when_dirtying_outpaces_the_link() {
+    require_two_hosts();
+    require_mem_track();
+    let th = TwoHosts::new("vfast");
+    let v = migrate_memwriter(
+        &th,
+        "",
+        64,
+        4096,
+        &[
+            "--mode",
+            "pre-copy",
+            "--max-rounds",
+            "10",
+            "--target-downtime-ms",
+            "1",
+        ],
+    );
+    let pr = pre_rounds(&v);
+    eprintln!(
+        "pre-dump rounds (pages): {pr:?}; stopped: {}",
+        v["rounds_reason"]
+    );
+    assert!(pr.len() < 10, "the rounds went on to the cap of 10: {pr:?}");
+    assert!(
+        v["rounds_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("not converging")),
+        "rounds_reason: {v}"
+    );
+    th.finish();
+}
+
+/// `--mode hybrid`: pre-dump rounds, then a lazy final dump; memory intact.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn hybrid_memwriter() {
+    require_two_hosts();
+    require_mem_track();
+    let th = TwoHosts::new("vhyb");
+    let v = migrate_memwriter(
+        &th,
+        "",
+        mem_mib(),
+        SLOW_DIRTY_MIB_S,
+        &[
+            "--mode",
+            "hybrid",
+            "--max-rounds",
+            "3",
+            "--target-downtime-ms",
+            "1",
+        ],
+    );
+    assert_eq!(v["mode"], "hybrid");
+    let pr = pre_rounds(&v);
+    assert!(!pr.is_empty(), "no pre-dump round: {v}");
+    // The final round's bytes count the pages fetched lazily after the restore: only what
+    // was dirtied since the last round, when the rounds counted.
+    let r = rounds(&v);
+    let (first, fin) = (
+        json_u64(&r[0], "bytes"),
+        json_u64(r.last().unwrap(), "bytes"),
+    );
+    assert!(
+        fin < first / 2,
+        "the lazy final dump moved {fin} bytes, round 1 {first}: the rounds did not count: {v}"
+    );
+    th.finish();
+}
+
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn zz_no_leftovers() {
+    require_two_hosts();
+    global_leak_check();
+    let left = leftover_netns();
+    assert!(left.is_empty(), "network namespaces left: {left:?}");
+}
