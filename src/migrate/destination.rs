@@ -459,6 +459,9 @@ impl<'a> Receiver<'a> {
             {
                 self.end_page_server(round)?;
                 let prev = format!("pre-{round}");
+                if self.lazy_final {
+                    self.send_pagemaps(&prev)?;
+                }
                 let next = if r.next_final {
                     if self.lazy_final {
                         // No page server for a lazy final dump: link the chain by hand.
@@ -715,6 +718,42 @@ impl<'a> Receiver<'a> {
             log_path: Some(self.work().join(&log)),
         };
         self.page_server = Some(self.shared.criu.page_server(req, fds, true)?);
+        Ok(())
+    }
+
+    /// Hybrid: the source's lazy final dump decides which pages are already here by reading
+    /// its parent images' pagemaps, which only the destination has. Sends them back (page
+    /// maps, not pages: a few KiB), and the names of the pages images, which the source
+    /// creates empty.
+    fn send_pagemaps(&mut self, round_dir: &str) -> Result<(), MigrateError> {
+        let dir = self.images().join(round_dir);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", dir.display())))?
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".img") && (n.contains("pagemap-") || n.contains("pages-")))
+            .collect();
+        names.sort();
+        for name in names {
+            if name.contains("pagemap-") {
+                super::source::send_file(
+                    &mut self.ctl,
+                    Target::Image,
+                    &name,
+                    &dir.join(&name),
+                    0o600,
+                )?;
+            } else {
+                self.ctl.send(&Msg::File(FileStart {
+                    target: Target::Image,
+                    path: name,
+                    size: 0,
+                    mode: 0o600,
+                }))?;
+                self.ctl.send(&Msg::FileEnd)?;
+            }
+        }
         Ok(())
     }
 

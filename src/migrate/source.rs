@@ -602,8 +602,26 @@ fn pre_dump_rounds(
             round: k,
             next_final: decision.stop,
         }))?;
-        match ctl.recv()? {
-            Msg::PageServerReady => {}
+        // Hybrid: the round's page maps come back first (see `receive_pagemaps`).
+        receive_pagemaps(ctl, &dir)?;
+        if decision.stop {
+            return Ok((rounds, decision.reason, name));
+        }
+    }
+    unreachable!("the rounds loop only ends by returning")
+}
+
+/// Largest page map accepted back from the destination.
+const MAX_PAGEMAP: u64 = 256 * 1024 * 1024;
+
+/// Until PageServerReady: image files the destination sends back into a round's directory
+/// (hybrid: the round's page maps, and empty pages images of the same names, so that the
+/// lazy final dump finds its parent chain and marks pages already sent as in the parent).
+fn receive_pagemaps(ctl: &mut Ctl, dir: &Path) -> Result<(), MigrateError> {
+    loop {
+        let f = match ctl.recv()? {
+            Msg::PageServerReady => return Ok(()),
+            Msg::File(f) if f.target == Target::Image => f,
             other => {
                 return Err(WireError::Unexpected {
                     got: other.kind(),
@@ -611,12 +629,44 @@ fn pre_dump_rounds(
                 }
                 .into())
             }
+        };
+        let name = super::rootfs::check_rel(&f.path)?;
+        let plain = name.components().count() == 1
+            && f.path.ends_with(".img")
+            && (f.path.starts_with("pagemap-") || f.path.starts_with("pages-"));
+        if !plain || f.size > MAX_PAGEMAP {
+            return Err(MigrateError::Remote(format!(
+                "unexpected image {:?} ({} bytes) sent back",
+                f.path, f.size
+            )));
         }
-        if decision.stop {
-            return Ok((rounds, decision.reason, name));
+        let dest = dir.join(name);
+        let io = |e: std::io::Error| MigrateError::Rootfs(format!("{}: {e}", dest.display()));
+        let mut out = std::fs::File::create(&dest).map_err(io)?;
+        let mut got = 0u64;
+        loop {
+            match ctl.recv()? {
+                Msg::Chunk(b) => {
+                    got += b.len() as u64;
+                    if got > f.size {
+                        return Err(MigrateError::Remote(format!(
+                            "{} is longer than announced",
+                            f.path
+                        )));
+                    }
+                    std::io::Write::write_all(&mut out, &b).map_err(io)?;
+                }
+                Msg::FileEnd => break,
+                other => {
+                    return Err(WireError::Unexpected {
+                        got: other.kind(),
+                        state: "receiving a page map",
+                    }
+                    .into())
+                }
+            }
         }
     }
-    unreachable!("the rounds loop only ends by returning")
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -24,6 +24,9 @@
 //! S→D RoundDone{round: k, next_final}      D waits for its page server to exit, starts the
 //!                                          next one (pre-(k+1), or the final dir with parent
 //!                                          pre-k; none for a lazy final dump)
+//!                                          hybrid: D→S (File{image: pagemap-*/pages-*}
+//!                                          Chunk* FileEnd)* — the round's page maps, the
+//!                                          pages images as empty names
 //!                                          D→S PageServerReady
 //! S freezes and dumps; pages go through the data connection; at post-dump S holds:
 //! S→D Manifest*  (final rootfs delta)     D→S Need
