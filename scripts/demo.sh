@@ -99,7 +99,7 @@ read -r _ addr <&"${SERVE[0]}"
 echo "destination: ferry serve listening on $addr (netns $ns_dst)"
 echo "counter before migration: $(counter)"
 nsenter --net="/run/netns/$ns_src" -- "$ferry" migrate "$id" --to "$addr" --token-file "$run/token" \
-    --runtime-root "$src_root" --mode stop-copy --json
+    --runtime-root "$src_root" --mode auto
 sleep 1
 echo "counter after migration: $(counter)"
 echo "source host's runc:"; runc --root "$src_root" list

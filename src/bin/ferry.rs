@@ -291,6 +291,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         policy,
         runtime_root: a.runtime_root,
         tcp_established: a.tcp_established,
+        progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         io_timeout: std::time::Duration::from_secs(300),
     };
     let r = migrate(&criu, &req).map_err(|e| (e.to_string(), e.kind()))?;

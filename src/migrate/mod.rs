@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod destination;
 pub mod policy;
+pub mod progress;
 pub mod relay;
 pub mod rootfs;
 pub mod source;

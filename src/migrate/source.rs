@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use super::auth::{client_handshake, Token};
 use super::policy::{Policy, PolicyKind, RoundFacts};
+use super::progress::{bytes_acked, Progress};
 use super::relay::{free_loopback_port, SourceRelay};
 use super::rootfs::manifest;
 use super::wire::{
@@ -80,6 +81,8 @@ pub struct MigrateRequest {
     pub policy: PolicyKind,
     pub runtime_root: PathBuf,
     pub tcp_established: bool,
+    /// Draw progress lines on the terminal (stderr).
+    pub progress: bool,
     /// Longest wait for any answer from the destination.
     pub io_timeout: Duration,
 }
@@ -538,6 +541,7 @@ struct Outcome {
 /// The pre-copy rounds: PRE_DUMPs into the destination's page server while the container
 /// runs, until the policy says stop. Returns the rounds, the policy's reason and the last
 /// round's directory name (the final dump's parent).
+#[allow(clippy::too_many_arguments)]
 fn pre_dump_rounds(
     criu: &Criu,
     req: &MigrateRequest,
@@ -546,6 +550,7 @@ fn pre_dump_rounds(
     session: &mut crate::criu::swrk::Swrk,
     ps_fd: std::os::fd::RawFd,
     images: &Path,
+    progress: (&Progress, &Option<TcpStream>),
 ) -> Result<(Vec<Round>, String, String), MigrateError> {
     let mut policy = Policy::new(req.policy, req.max_rounds, req.target_downtime_ms);
     let mut rounds = Vec::new();
@@ -570,6 +575,9 @@ fn pre_dump_rounds(
         };
         let start = Instant::now();
         tracing::info!(round = k, "pre-dump");
+        let line = progress
+            .0
+            .stage(format!("round {k}: pre-dump"), sent_counter(progress.1));
         run_pre_dump(session, request, &mut |_| Reply::Success, criu.timeout())
             .map_err(|e| MigrateError::Op(e.into()))?;
         let wall = start.elapsed();
@@ -584,6 +592,7 @@ fn pre_dump_rounds(
         };
         previous_start = Some(start);
         let decision = policy.after_round(facts);
+        line.finish(&format!("{} pages; {}", st.pages_written, decision.reason));
         tracing::info!(
             round = k,
             pages = st.pages_written,
@@ -609,6 +618,12 @@ fn pre_dump_rounds(
         }
     }
     unreachable!("the rounds loop only ends by returning")
+}
+
+/// Bytes sent on the data connection, as seen through ferry's copy of it.
+fn sent_counter(probe: &Option<TcpStream>) -> impl Fn() -> u64 + Send + 'static {
+    let p = probe.as_ref().and_then(|p| p.try_clone().ok());
+    move || p.as_ref().map(bytes_acked).unwrap_or(0)
 }
 
 /// Largest page map accepted back from the destination.
@@ -727,6 +742,8 @@ fn run(
     // Pre-copy: the data connection is inherited once by the criu session; every round
     // (CRIU runs each pre-dump in a child) and the final dump write into it.
     let mut ps_fd = None;
+    let progress = Progress::new(req.progress);
+    let probe = data.try_clone().ok();
     match mode {
         Mode::PostCopy => lazy = Some((0, data)),
         Mode::Hybrid => {
@@ -744,8 +761,16 @@ fn run(
     let mut rounds_reason = String::new();
     if pre_copy {
         let fd = ps_fd.ok_or_else(|| MigrateError::Remote("no data connection".into()))?;
-        let (rounds, reason, last) =
-            pre_dump_rounds(criu, req, job, ctl, &mut session, fd, &images)?;
+        let (rounds, reason, last) = pre_dump_rounds(
+            criu,
+            req,
+            job,
+            ctl,
+            &mut session,
+            fd,
+            &images,
+            (&progress, &probe),
+        )?;
         pre_rounds = rounds;
         rounds_reason = reason;
         opts.set_track_mem(true);
@@ -833,6 +858,11 @@ fn run(
         }
     };
     tracing::info!(id = %req.id, "freezing and dumping");
+    let label = match mode {
+        Mode::PostCopy | Mode::Hybrid => "final dump, then lazy pages",
+        _ => "final dump (frozen)",
+    };
+    let line = progress.stage(label.to_string(), sent_counter(&probe));
     let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
     session.finish(Duration::from_secs(5));
     let mut relay_bytes = 0;
@@ -864,6 +894,11 @@ fn run(
             Err(e) => tracing::warn!("post-copy relay: {e}"),
         }
     }
+    line.finish(if dumped.is_ok() && failure.is_none() {
+        "done"
+    } else {
+        "failed"
+    });
     job.settle_freezer(ambiguous);
     match (dumped, failure) {
         (Ok(()), None) => {}
