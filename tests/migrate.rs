@@ -568,6 +568,42 @@ fn link_cut_during_dump() {
 
 /// Frame header of the control channel (src/migrate/wire.rs): `FY`, u16 kind, u32 payload
 /// length, big endian.
+/// The destination commits (the container runs there) but its confirmation never reaches
+/// the source: the source cannot know which side runs the container, so it keeps its copy
+/// paused rather than risk two, says so in one line (exit 9, network), and the destination's
+/// copy runs on. The operator's resolution, deleting the paused source, then works.
+#[test]
+fn commit_confirmation_lost_leaves_the_source_paused() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mamb");
+    let w = start_counter(&th, "");
+    let serve = th.serve_with_env(&[("FERRY_TEST_FAULT", "drop-committed")], &[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_failed_with(&out, &[9]);
+    assert!(
+        out.stderr.contains("paused"),
+        "the error does not say the source is left paused: {out:?}"
+    );
+    assert_eq!(
+        th.src_runc().status(&w.id).as_deref(),
+        Some("paused"),
+        "the source copy must stay paused when the outcome is unknown"
+    );
+    th.dst_runc().wait_status(&w.id, "running", slow(T));
+    // Only the destination's copy writes: the shared counter file goes on unbroken.
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 10);
+    assert_eq!(th.src_runc().status(&w.id).as_deref(), Some("paused"));
+    must(th.src_runc().delete(&w.id, true), "runc delete -f (paused source)");
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 5);
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 fn frame_header(kind: u16, len: u32) -> Vec<u8> {
     let mut h = b"FY".to_vec();
     h.extend_from_slice(&kind.to_be_bytes());
@@ -694,6 +730,12 @@ fn zz_no_leftovers() {
     global_leak_check();
     let left = leftover_netns();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
+    // Every `ferry serve` has stopped: none left its (empty) --cgroup-prefix dirs behind.
+    let prefix_dirs = cgroup_dirs_matching(&|n| n == DST_CGROUP_PREFIX);
+    assert!(
+        prefix_dirs.is_empty(),
+        "--cgroup-prefix dirs left: {prefix_dirs:?}"
+    );
 }
 
 /// SIGTERM to `ferry serve` during a migration: it stops accepting but lets the migration

@@ -57,6 +57,8 @@ struct Shared {
     busy: Mutex<HashSet<String>>,
     /// Set once `serve` is asked to stop: no new migrations.
     stopping: AtomicBool,
+    /// The `--cgroup-prefix` directories restores went into: removed when empty at the end.
+    prefix_dirs: Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 /// Serves until `shutdown` is set.
@@ -75,6 +77,7 @@ pub fn serve(
         sessions: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
         stopping: AtomicBool::new(false),
+        prefix_dirs: Mutex::new(Default::default()),
     });
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // On shutdown, stop taking new migrations but keep accepting the data connections of the
@@ -114,7 +117,25 @@ pub fn serve(
     if left > 0 {
         tracing::warn!("stopping with {left} connection(s) still open");
     }
+    remove_empty_prefix_dirs(&shared);
     Ok(())
+}
+
+/// Removes the `--cgroup-prefix` directories that no longer hold any container (rmdir only
+/// succeeds on an empty cgroup; those still in use stay).
+fn remove_empty_prefix_dirs(shared: &Shared) {
+    let dirs = shared
+        .prefix_dirs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for d in dirs.iter().rev() {
+        match std::fs::remove_dir(d) {
+            Ok(()) => tracing::debug!(dir = %d.display(), "removed empty cgroup prefix dir"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::debug!(dir = %d.display(), "cgroup prefix dir kept: {e}"),
+        }
+    }
 }
 
 /// How long `serve` waits for migrations under way when asked to stop.
@@ -785,16 +806,27 @@ impl<'a> Receiver<'a> {
         let Some(prefix) = &self.shared.cfg.cgroup_prefix else {
             return Ok(old);
         };
+        let mut dirs = self
+            .shared
+            .prefix_dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         Ok(old
             .into_iter()
             .map(|(k, v)| {
                 let p = Path::new(&v);
                 let moved = match (p.parent(), p.file_name()) {
-                    (Some(parent), Some(name)) => parent
-                        .join(prefix)
-                        .join(name)
-                        .to_string_lossy()
-                        .into_owned(),
+                    (Some(parent), Some(name)) => {
+                        // Only what this serve creates is its to remove.
+                        if !parent.join(prefix).exists() {
+                            dirs.insert(parent.join(prefix));
+                        }
+                        parent
+                            .join(prefix)
+                            .join(name)
+                            .to_string_lossy()
+                            .into_owned()
+                    }
                     _ => v.clone(),
                 };
                 (k, moved)
@@ -866,7 +898,15 @@ impl<'a> Receiver<'a> {
                 return Err(e.into());
             }
         };
-        self.ctl.send(&Msg::Committed(Pid { pid: report.pid }))?;
+        // Committed: the container runs here and belongs to this host's runc whatever happens
+        // to the connection now. A source that misses this answer reports the outcome as
+        // unknown and leaves its copy paused for the operator.
+        if std::env::var("FERRY_TEST_FAULT").as_deref() == Ok("drop-committed") {
+            tracing::warn!("FERRY_TEST_FAULT: dropping the connection instead of confirming");
+            let _ = self.ctl.stream.shutdown(std::net::Shutdown::Both);
+        } else if let Err(e) = self.ctl.send(&Msg::Committed(Pid { pid: report.pid })) {
+            tracing::warn!(id = %id, "the container runs here, but the source was not told: {e}");
+        }
         tracing::info!(id = %id, pid = report.pid, "migration received; container running");
         if let Some(l) = lazy {
             // The container runs; its remaining memory arrives as it touches it. Stay until

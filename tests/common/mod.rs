@@ -1229,7 +1229,7 @@ fn criu_firewall_rules() -> Vec<String> {
 /// Cgroup directories below /sys/fs/cgroup/<hierarchy>/ whose name contains one of `ids`
 /// (searched a few levels deep, since some hierarchies nest the container under the
 /// caller's own cgroup).
-fn cgroup_dirs_matching(matches: &dyn Fn(&str) -> bool) -> Vec<String> {
+pub fn cgroup_dirs_matching(matches: &dyn Fn(&str) -> bool) -> Vec<String> {
     fn walk(dir: &Path, depth: u32, matches: &dyn Fn(&str) -> bool, out: &mut Vec<String>) {
         if depth == 0 {
             return;
@@ -1837,6 +1837,15 @@ impl TwoHosts {
     /// --runtime-root <dst runc root> --work-dir <dst work>/serve-work --cgroup-prefix
     /// ferry-dst [extra…]` in the destination namespace and wait for its `listening` line.
     pub fn serve_with_token(&self, token: &Path, extra: &[&str]) -> Serve {
+        self.serve_full(token, &[], extra)
+    }
+
+    /// [`TwoHosts::serve`] with extra environment variables (e.g. `FERRY_TEST_FAULT`).
+    pub fn serve_with_env(&self, env: &[(&str, &str)], extra: &[&str]) -> Serve {
+        self.serve_full(&self.token.clone(), env, extra)
+    }
+
+    fn serve_full(&self, token: &Path, env: &[(&str, &str)], extra: &[&str]) -> Serve {
         use std::io::BufRead;
         let dst = self.dst_runc();
         let k = self.serves.lock().unwrap().len();
@@ -1860,6 +1869,7 @@ impl TwoHosts {
             .arg(&work)
             .args(["--cgroup-prefix", DST_CGROUP_PREFIX])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err_f);
