@@ -15,6 +15,8 @@
 #   RAW_MIB  MiB per raw TCP throughput sample (3 samples)          (default 1024)
 #   LOG_DIR  where results, ferry serve's stderr and failure logs are kept
 #            (default /var/tmp/ferry-bench-logs-<pid>)
+#   TRACE    if set, ferry migrate runs with -vv and its stderr is kept in LOG_DIR
+#   SERVE_WORK  ferry serve --work-dir (default under /var/tmp; e.g. a tmpfs to compare)
 #
 # The two hosts are network namespaces joined by a veth pair (source 192.0.2.1, destination
 # 192.0.2.2, documentation range), each with its own runc root and bundles dir; they share
@@ -87,7 +89,7 @@ work=/var/tmp/ferry-bench-$$
 LOG_DIR=${LOG_DIR:-/var/tmp/ferry-bench-logs-$$}
 src_root=$state_base/src/runc dst_root=$state_base/dst/runc
 src_bundles=$work/src/bundles dst_bundles=$work/dst/bundles
-serve_work=$work/dst/serve-work
+serve_work=${SERVE_WORK:-$work/dst/serve-work}
 token=$work/token
 helper=$work/helper.py
 results=$LOG_DIR/results.tsv
@@ -666,7 +668,7 @@ run_ferry() { # id mib rate mode rep
     fi
     gap_start
     set +e
-    in_src timeout 600 "$ferry" migrate "$id" --to "$addr" --token-file "$token" \
+    in_src timeout 600 "$ferry" ${TRACE:+-vv} migrate "$id" --to "$addr" --token-file "$token" \
         --runtime-root "$src_root" --mode "$mode" --json </dev/null >"$out" 2>"$err"
     rc=$?
     set -e
@@ -679,7 +681,7 @@ run_ferry() { # id mib rate mode rep
     fi
     local m down total bytes frozen pb pms
     read -r m down total bytes frozen pb pms < <("$python" "$helper" fields "$out")
-    rm -f "$err"
+    [ -n "${TRACE:-}" ] || rm -f "$err"
     if [ "$m" != "$mode" ] && [ "$mode" != auto ]; then
         gap_stop
         record "$mib" "$rate" "$mode" "$rep" FAIL "$down" "$total" "$bytes" "$rss" "$pb" "$pms" "$frozen" - \
