@@ -596,7 +596,10 @@ fn commit_confirmation_lost_leaves_the_source_paused() {
     let n = read_counter_lines(&w.out).len();
     assert_counter_continues(&w.out, n, 10);
     assert_eq!(th.src_runc().status(&w.id).as_deref(), Some("paused"));
-    must(th.src_runc().delete(&w.id, true), "runc delete -f (paused source)");
+    must(
+        th.src_runc().delete(&w.id, true),
+        "runc delete -f (paused source)",
+    );
     let n = read_counter_lines(&w.out).len();
     assert_counter_continues(&w.out, n, 5);
     assert!(serve.is_alive(), "ferry serve exited");
