@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod oci;
 pub mod ops;
 pub mod runtime;
+pub mod shim;
 
 /// Generated CRIU protobuf types (from `criu-proto/`).
 pub mod proto {

@@ -272,6 +272,17 @@ pub fn restore_gated(
     req: &RestoreRequest,
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
 ) -> Result<RestoreReport, OpError> {
+    restore_with_stdio(criu, req, None, gate)
+}
+
+/// Restore whose pipes are re-inherited from `stdio` (stdin, stdout, stderr) instead of
+/// ferry's own stdio or /dev/null (the shim passes new pipes to containerd's new fifos).
+pub fn restore_with_stdio(
+    criu: &Criu,
+    req: &RestoreRequest,
+    stdio: Option<[OwnedFd; 3]>,
+    gate: &mut dyn FnMut(i32) -> Result<(), String>,
+) -> Result<RestoreReport, OpError> {
     let started = Instant::now();
     require_root()?;
     let v = validate(req)?;
@@ -316,10 +327,10 @@ pub fn restore_gated(
         &req.settings,
     )?;
     let mut fds = ChildFds {
-        stdio: Some(if req.null_stdio {
-            null_stdio()?
-        } else {
-            dup_stdio()?
+        stdio: Some(match stdio {
+            Some(s) => s,
+            None if req.null_stdio => null_stdio()?,
+            None => dup_stdio()?,
         }),
         inherited: Vec::new(),
     };
