@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod destination;
+pub mod hook;
 pub mod relay;
 pub mod rootfs;
 pub mod source;

@@ -11,6 +11,7 @@
 //! Logs: `tracing` events become `log` records (tracing's `log` feature, no subscriber is
 //! installed in the shim), which containerd-shim's logger writes to the bundle's `log` fifo.
 
+pub mod containerd;
 pub mod error;
 pub mod io;
 pub mod reaper;
@@ -29,7 +30,7 @@ use containerd_shim::{Config, Error, Flags, StartOpts};
 use containerd_shim::protos::protobuf::MessageField;
 
 use runc::RuncCli;
-use service::{runc_root_for, Service};
+use service::Service;
 
 /// The runtime type containerd knows the shim by.
 pub const RUNTIME_TYPE: &str = "io.containerd.ferry.v2";
@@ -38,6 +39,8 @@ pub const RUNTIME_TYPE: &str = "io.containerd.ferry.v2";
 pub struct FerryShim {
     id: String,
     namespace: String,
+    /// containerd's address (its ttrpc events address is separate).
+    address: String,
     bundle: PathBuf,
     exit: Arc<ExitSignal>,
 }
@@ -52,6 +55,7 @@ impl Shim for FerryShim {
         FerryShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
             bundle,
             exit: Arc::new(ExitSignal::default()),
         }
@@ -68,7 +72,7 @@ impl Shim for FerryShim {
     /// The `delete` action: containerd's cleanup after a shim died or a task was torn down.
     /// Idempotent: a container runc no longer knows and an unmounted rootfs are fine.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
-        let root = runc_root_for(&self.bundle, &self.namespace);
+        let root = containerd::runc_root(&self.address, &self.namespace);
         let runc = RuncCli::new(&root, &self.bundle);
         if let Err(e) = runc.output(&["delete", "--force", &self.id], None).await {
             tracing::debug!("runc delete {}: {e}", self.id);
@@ -91,7 +95,7 @@ impl Shim for FerryShim {
         Service::new(
             &self.id,
             &self.namespace,
-            &self.bundle,
+            &containerd::runc_root(&self.address, &self.namespace),
             self.exit.clone(),
             publisher,
         )

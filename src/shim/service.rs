@@ -64,26 +64,11 @@ struct Inner {
     events: mpsc::UnboundedSender<Envelope>,
 }
 
-/// runc's state root for the shims of one containerd: next to containerd's own state
-/// (`<state>/io.containerd.runtime.v2.task/<ns>/<id>` is the bundle), so that two containerd
-/// instances on one machine never share container ids in one runc root.
-pub fn runc_root_for(bundle: &Path, namespace: &str) -> PathBuf {
-    let tasks = bundle.parent().and_then(Path::parent);
-    match tasks {
-        Some(t) if t.file_name().is_some_and(|n| n == "io.containerd.runtime.v2.task") => t
-            .parent()
-            .unwrap_or(Path::new("/run/containerd"))
-            .join("io.containerd.runtime.v2.ferry")
-            .join(namespace),
-        _ => Path::new("/run/containerd/ferry").join(namespace),
-    }
-}
-
 impl Service {
     pub fn new(
         id: &str,
         namespace: &str,
-        bundle: &Path,
+        runc_root: &Path,
         exit: Arc<ExitSignal>,
         publisher: RemotePublisher,
     ) -> Service {
@@ -103,7 +88,7 @@ impl Service {
             inner: Arc::new(Inner {
                 id: id.to_string(),
                 namespace: namespace.to_string(),
-                runc_root: runc_root_for(bundle, namespace),
+                runc_root: runc_root.to_path_buf(),
                 exit,
                 state: Mutex::new(None),
                 events: tx,
@@ -133,6 +118,16 @@ impl Service {
             let code = watch.wait(pid).await;
             drop(watch);
             svc.on_exit(&exec_id, pid, code).await;
+        });
+    }
+
+    /// Watches a process that is not our child (an adopted container's init) through a
+    /// pidfd; its exit status comes from /proc while it is a zombie of its real parent.
+    fn watch_foreign_exit(&self, pid: i32) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let code = super::task::wait_foreign(pid).await;
+            svc.on_exit("", pid, code).await;
         });
     }
 
@@ -200,11 +195,30 @@ impl Service {
             bundle: bundle.clone(),
             rootfs: rootfs.clone(),
             rootfs_mounted: mounted,
+            adopted: false,
             checkpoint: (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint)),
             init: Proc::new(stdio.clone()),
             execs: HashMap::new(),
         };
-        if c.checkpoint.is_none() {
+        if let Some(pid) = super::containerd::take_adoption(&self.inner.runc_root, &c.id) {
+            // A container ferry serve restored into our runc root: adopt it (Start only
+            // reports it); nothing is created.
+            let root = crate::oci::state::RuncRoot::open(&self.inner.runc_root)
+                .map_err(|e| ShimError::Internal(e.to_string()))?;
+            let rc = root
+                .load(&c.id)
+                .map_err(|e| ShimError::NotFound(format!("adopted container: {e}")))?;
+            rc.check_running()
+                .map_err(|e| ShimError::FailedPrecondition(format!("adopted container: {e}")))?;
+            if rc.init_pid != pid {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "adoption marker names pid {pid}, runc's state {}",
+                    rc.init_pid
+                )));
+            }
+            c.init.pid = pid;
+            c.adopted = true;
+        } else if c.checkpoint.is_none() {
             let res = self.runc_create(&mut c).await;
             if let Err(e) = res {
                 unmount_rootfs(&c);
@@ -278,7 +292,10 @@ impl Service {
                 c.id
             )));
         }
-        if let Some(images) = c.checkpoint.clone() {
+        if c.adopted {
+            // Already running (restored by ferry serve); its parent is not this shim.
+            self.watch_foreign_exit(c.init.pid);
+        } else if let Some(images) = c.checkpoint.clone() {
             match self.restore(c, &images).await {
                 Ok(()) => {}
                 Err(e) => {
@@ -1047,19 +1064,6 @@ impl Task for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn runc_root_next_to_containerd_state() {
-        let b = Path::new("/run/ctd/state/io.containerd.runtime.v2.task/default/c1");
-        assert_eq!(
-            runc_root_for(b, "default"),
-            Path::new("/run/ctd/state/io.containerd.runtime.v2.ferry/default")
-        );
-        assert_eq!(
-            runc_root_for(Path::new("/tmp/b"), "ns"),
-            Path::new("/run/containerd/ferry/ns")
-        );
-    }
 
     #[test]
     fn options_absent_empty_and_set() {

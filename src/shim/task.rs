@@ -88,6 +88,8 @@ pub struct Container {
     pub rootfs: PathBuf,
     /// Whether the shim mounted `rootfs` (and so must unmount it).
     pub rootfs_mounted: bool,
+    /// A running container handed over by `ferry serve --containerd` (not our child).
+    pub adopted: bool,
     /// Images to restore from on Start (CreateTaskRequest.checkpoint).
     pub checkpoint: Option<PathBuf>,
     pub init: Proc,
@@ -111,6 +113,55 @@ impl Container {
             self.execs.get_mut(exec_id)
         }
     }
+}
+
+/// Waits for a process that is not our child to exit (pidfd; polling /proc where pidfds are
+/// missing) and returns its exit code as a waitpid would: the status field of its
+/// /proc/<pid>/stat while it is a zombie, 255 when it was reaped before we could look.
+pub async fn wait_foreign(pid: i32) -> i32 {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1; it
+    // touches no memory of ours.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let mut watched = false;
+    if raw >= 0 {
+        // SAFETY: `raw` is a descriptor pidfd_open just created; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and refers to
+        // the same pidfd for the AsyncFd's whole life, and as_raw_fd always returns it.
+        if let Ok(afd) = unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+            // Readable once the process has exited.
+            let _ = afd.readable().await;
+            watched = true;
+        }
+    }
+    if !watched {
+        while zombie_status(pid).is_none() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    zombie_status(pid).unwrap_or(255)
+}
+
+/// The exit code of a zombie from /proc/<pid>/stat (field 52, a wait status).
+fn zombie_status(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_zombie_status(&text)
+}
+
+fn parse_zombie_status(stat: &str) -> Option<i32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (state).
+    if f.first() != Some(&"Z") {
+        return None;
+    }
+    let st: i32 = f.get(52 - 3)?.parse().ok()?;
+    Some(if st & 0x7f == 0 {
+        (st >> 8) & 0xff
+    } else {
+        128 + (st & 0x7f)
+    })
 }
 
 /// Maps CRIU-style cgroups mode words (runc's CheckpointOptions.cgroups_mode).
@@ -139,6 +190,20 @@ mod tests {
         assert_eq!(p.exit().unwrap().status, 3);
         assert_eq!(rx.borrow().unwrap().status, 3);
         assert_eq!(p.status, Status::STOPPED);
+    }
+
+    #[test]
+    fn zombie_exit_codes() {
+        let mut fields = vec!["0"; 50];
+        fields[0] = "Z";
+        fields[49] = "9"; // killed by SIGKILL
+        let stat = format!("12 (sh) {}", fields.join(" "));
+        assert_eq!(parse_zombie_status(&stat), Some(137));
+        fields[49] = "768"; // exit(3)
+        let stat = format!("12 (a) b) {}", fields.join(" "));
+        assert_eq!(parse_zombie_status(&stat), Some(3));
+        fields[0] = "S";
+        assert_eq!(parse_zombie_status(&format!("1 (x) {}", fields.join(" "))), None);
     }
 
     #[test]
