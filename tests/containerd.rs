@@ -631,3 +631,79 @@ fn containerd_failed_criu_restore_keeps_log() {
     leak_check(&[id, id2]);
     let _ = fs::remove_file(&data);
 }
+
+/// A containerd task migrates between two containerd instances on the two emulated hosts:
+/// the counter continues, the source task is gone, the destination task is RUNNING in the
+/// destination's containerd under the ferry shim, and kill/delete work there.
+#[test]
+fn containerd_task_live_migration_between_two_hosts() {
+    if !require_containerd() || !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("ctd-mig");
+    let src = Containerd::start(Some(&th.src_ns));
+    let dst = Containerd::start(Some(&th.dst_ns));
+    src.import_image();
+    let id = container_id("ctd-mig");
+    let data = data_dir("mig");
+    let counter = data.join("counter");
+    src.run_counter(&id, &data, &["--null-io"]);
+    dst.track(&id);
+    wait_counter_lines(&counter, 5, T);
+
+    let serve = th.serve(&["--containerd", s(&dst.sock), "--namespace", NS]);
+    let out = ferry_cmd(&[
+        "migrate",
+        &id,
+        "--to",
+        &serve.addr,
+        "--token-file",
+        s(&th.token),
+        "--containerd",
+        s(&src.sock),
+        "--namespace",
+        NS,
+        "--json",
+    ])
+    .prefix(&TwoHosts::netns_prefix(&th.src_ns))
+    .run();
+    out.ok();
+    let report = out.json();
+    eprintln!("migrate: {report}");
+    let pid = report["restored_pid"].as_u64().unwrap_or(0) as u32;
+    assert!(pid > 0, "report: {report}");
+
+    // The destination's containerd has the task, RUNNING under the ferry shim.
+    dst.wait_status(&id, "RUNNING");
+    let (dpid, _) = dst.task(&id).unwrap();
+    assert_eq!(dpid, pid, "destination task pid");
+    let info = dst.ctr(&["container", "info", &id]);
+    assert!(info.contains(RUNTIME), "runtime of the destination container: {info}");
+    // The source's task and container are gone.
+    assert!(src.task(&id).is_none(), "source task still listed");
+    let srcs = src.ctr(&["container", "ls", "-q"]);
+    assert!(!srcs.lines().any(|l| l == id), "source container still listed: {srcs}");
+    assert_no_shims(&src);
+
+    // The counter goes on without a gap or a repeat.
+    let n = read_counter_lines(&counter).len();
+    let all = wait_counter_lines(&counter, n + 20, T);
+    assert_strictly_continues(&all, n + 20);
+
+    // Kill and delete through the destination's containerd.
+    dst.ctr(&["task", "kill", "-s", "KILL", &id]);
+    dst.wait_status(&id, "STOPPED");
+    dst.ctr(&["task", "delete", &id]);
+    dst.ctr(&["container", "rm", &id]);
+    assert_no_shims(&dst);
+    let l = read_counter_lines(&counter).len();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(read_counter_lines(&counter).len(), l, "counter still running after kill");
+
+    serve.stop();
+    drop(dst);
+    drop(src);
+    th.finish();
+    leak_check(&[id]);
+    safe_remove_dir_all(&data);
+}
