@@ -707,3 +707,36 @@ fn containerd_task_live_migration_between_two_hosts() {
     leak_check(&[id]);
     safe_remove_dir_all(&data);
 }
+
+/// The shim's `delete` action (containerd's cleanup) succeeds on a bundle whose container
+/// runc never knew, and again on the same bundle, printing only a DeleteResponse.
+#[test]
+fn shim_delete_action_is_idempotent() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let bundle = Path::new(WORK_BASE).join(format!("ctd-del-{}", std::process::id()));
+    safe_remove_dir_all(&bundle);
+    fs::create_dir_all(bundle.join("rootfs")).unwrap();
+    let addr = format!("/run/fctd-del-{}.sock", std::process::id());
+    for round in 0..2 {
+        let out = run_output(
+            Command::new(env!("CARGO_BIN_EXE_containerd-shim-ferry-v2"))
+                .current_dir(&bundle)
+                .env("TTRPC_ADDRESS", format!("{addr}.ttrpc"))
+                .args(["-namespace", NS, "-id", "never-created", "-address", &addr, "delete"]),
+        );
+        assert!(
+            out.status.success(),
+            "delete #{round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A DeleteResponse: exit_status (field 2, varint) = 137.
+        assert!(
+            out.stdout.windows(3).any(|w| w == [0x10, 0x89, 0x01]),
+            "stdout: {:?}",
+            out.stdout
+        );
+    }
+    safe_remove_dir_all(&bundle);
+}
