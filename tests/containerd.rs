@@ -182,7 +182,9 @@ impl Containerd {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg("containerd");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg("containerd");
                 c
             }
             None => Command::new("containerd"),
@@ -248,7 +250,10 @@ impl Containerd {
     /// `ctr run -d` of `script` with `data` bound at /data.
     fn run_with(&self, id: &str, data: &Path, extra: &[&str], script: &[String]) {
         self.track(id);
-        let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", data.display());
+        let mount = format!(
+            "type=bind,src={},dst=/data,options=rbind:rw",
+            data.display()
+        );
         let mut args = vec!["run", "-d", "--runtime", RUNTIME, "--mount", &mount];
         args.extend_from_slice(extra);
         args.push(IMAGE);
@@ -401,7 +406,12 @@ fn containerd_lifecycle_exec_pause_events() {
     // stdout through the shim's pipes to a file:// log URI, and the counter file.
     let out = c.run.join("stdout.log");
     let log_uri = format!("file://{}", out.display());
-    c.run_with(&id, &data, &["--log-uri", &log_uri], &counter_tee_args("/data/counter"));
+    c.run_with(
+        &id,
+        &data,
+        &["--log-uri", &log_uri],
+        &counter_tee_args("/data/counter"),
+    );
     let (pid, st) = c.task(&id).expect("task listed");
     assert_eq!(st, "RUNNING");
     assert!(pid > 0);
@@ -409,7 +419,14 @@ fn containerd_lifecycle_exec_pause_events() {
 
     // exec: output through containerd's fifos, exit code back.
     let e = c.ctr_out(&[
-        "task", "exec", "--exec-id", "x1", &id, "sh", "-c", "echo exec-out; echo exec-err >&2; exit 7",
+        "task",
+        "exec",
+        "--exec-id",
+        "x1",
+        &id,
+        "sh",
+        "-c",
+        "echo exec-out; echo exec-err >&2; exit 7",
     ]);
     assert_eq!(e.status.code(), Some(7), "exec exit code: {e:?}");
     assert_eq!(String::from_utf8_lossy(&e.stdout).trim(), "exec-out");
@@ -443,10 +460,16 @@ fn containerd_lifecycle_exec_pause_events() {
     assert!(c.task(&id).is_none());
     c.ctr(&["container", "rm", &id]);
     assert_no_shims(&c);
-    assert!(c.state_mounts().iter().all(|m| !m.to_string_lossy().contains(&id)));
+    assert!(c
+        .state_mounts()
+        .iter()
+        .all(|m| !m.to_string_lossy().contains(&id)));
     // the counter wrote to stdout too, through the shim's pipe.
     let text = fs::read_to_string(&out).unwrap_or_default();
-    assert!(parse_counter(&text, "stdout log").len() >= 5, "stdout log: {text:?}");
+    assert!(
+        parse_counter(&text, "stdout log").len() >= 5,
+        "stdout log: {text:?}"
+    );
 
     thread::sleep(Duration::from_millis(300));
     let _ = events.kill();
@@ -516,7 +539,16 @@ fn containerd_checkpoint_and_restore_live_under_new_id() {
     assert_strictly_continues(&after[before.len()..], 10);
 
     // The restored task is reaped like any other: exec, kill, exit status, delete.
-    let e = c.ctr_out(&["task", "exec", "--exec-id", "r1", &id2, "sh", "-c", "echo alive"]);
+    let e = c.ctr_out(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "r1",
+        &id2,
+        "sh",
+        "-c",
+        "echo alive",
+    ]);
     assert_eq!(String::from_utf8_lossy(&e.stdout).trim(), "alive", "{e:?}");
     c.ctr(&["task", "kill", "-s", "KILL", &id2]);
     c.wait_status(&id2, "STOPPED");
@@ -525,11 +557,18 @@ fn containerd_checkpoint_and_restore_live_under_new_id() {
     // `ctr task checkpoint` of a running task (a container with a different spec: containerd
     // 1.6 refuses to store a second checkpoint whose spec blob it already has).
     let id3 = container_id("ctd-cr3");
-    c.run_counter(&id3, &data, &["--null-io", "--label", "x=y", "--env", "FERRY=3"]);
+    c.run_counter(
+        &id3,
+        &data,
+        &["--null-io", "--label", "x=y", "--env", "FERRY=3"],
+    );
     wait_counter_lines(&counter, after.len() + 5, T);
     let out = c.ctr(&["task", "checkpoint", &id3]);
     let image = out.trim().to_string();
-    assert!(image.starts_with("containerd.io/checkpoint/"), "ctr task checkpoint: {out}");
+    assert!(
+        image.starts_with("containerd.io/checkpoint/"),
+        "ctr task checkpoint: {out}"
+    );
     let imgs = c.ctr(&["images", "ls", "-q"]);
     assert!(imgs.lines().any(|l| l == image), "images: {imgs}");
     c.wait_status(&id3, "RUNNING");
@@ -564,7 +603,10 @@ fn containerd_failed_restore_leaves_containerd_consistent() {
     let r = c.ctr_out(&["container", "restore", "--live", &id2, &ckpt]);
     assert!(!r.status.success(), "restore should fail: {r:?}");
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("does not exist"), "error names the cause: {err}");
+    assert!(
+        err.contains("does not exist"),
+        "error names the cause: {err}"
+    );
     // containerd sees a task that failed: stopped, not running; delete works.
     let (_, st) = c.task(&id2).expect("failed task still listed");
     assert_eq!(st, "STOPPED");
@@ -678,11 +720,17 @@ fn containerd_task_live_migration_between_two_hosts() {
     let (dpid, _) = dst.task(&id).unwrap();
     assert_eq!(dpid, pid, "destination task pid");
     let info = dst.ctr(&["container", "info", &id]);
-    assert!(info.contains(RUNTIME), "runtime of the destination container: {info}");
+    assert!(
+        info.contains(RUNTIME),
+        "runtime of the destination container: {info}"
+    );
     // The source's task and container are gone.
     assert!(src.task(&id).is_none(), "source task still listed");
     let srcs = src.ctr(&["container", "ls", "-q"]);
-    assert!(!srcs.lines().any(|l| l == id), "source container still listed: {srcs}");
+    assert!(
+        !srcs.lines().any(|l| l == id),
+        "source container still listed: {srcs}"
+    );
     assert_no_shims(&src);
 
     // The counter goes on without a gap or a repeat.
@@ -698,7 +746,11 @@ fn containerd_task_live_migration_between_two_hosts() {
     assert_no_shims(&dst);
     let l = read_counter_lines(&counter).len();
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(read_counter_lines(&counter).len(), l, "counter still running after kill");
+    assert_eq!(
+        read_counter_lines(&counter).len(),
+        l,
+        "counter still running after kill"
+    );
 
     serve.stop();
     drop(dst);
@@ -724,7 +776,15 @@ fn shim_delete_action_is_idempotent() {
             Command::new(env!("CARGO_BIN_EXE_containerd-shim-ferry-v2"))
                 .current_dir(&bundle)
                 .env("TTRPC_ADDRESS", format!("{addr}.ttrpc"))
-                .args(["-namespace", NS, "-id", "never-created", "-address", &addr, "delete"]),
+                .args([
+                    "-namespace",
+                    NS,
+                    "-id",
+                    "never-created",
+                    "-address",
+                    &addr,
+                    "delete",
+                ]),
         );
         assert!(
             out.status.success(),

@@ -171,7 +171,11 @@ fn prepare_mountpoints(cfg: &BundleConfig) -> Result<(), OpError> {
         }
         // Never create through a symlink of the container's rootfs.
         let mut at = cfg.rootfs.clone();
-        for c in Path::new(rel).parent().into_iter().flat_map(|p| p.components()) {
+        for c in Path::new(rel)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.components())
+        {
             at.push(c);
             if std::fs::symlink_metadata(&at).is_ok_and(|md| md.file_type().is_symlink()) {
                 return Err(OpError::Invalid(format!(

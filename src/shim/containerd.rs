@@ -38,12 +38,12 @@ pub fn mark_for_adoption(root: &Path, id: &str, pid: i32) -> std::io::Result<()>
 
 /// Takes (removes) the adoption marker of `<root>/<id>`; the pid it names if there was one.
 pub fn take_adoption(root: &Path, id: &str) -> Option<i32> {
+    use std::io::Read;
     let path = root.join(id).join(ADOPT_MARKER);
-    let text = std::fs::read_to_string(&path).ok()?;
+    let mut text = String::new();
+    let read = std::fs::File::open(&path).and_then(|f| f.take(4096).read_to_string(&mut text));
     let _ = std::fs::remove_file(&path);
-    if text.len() > 4096 {
-        return None;
-    }
+    read.ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["pid"].as_i64().map(|p| p as i32).filter(|p| *p > 0)
 }
@@ -72,13 +72,26 @@ fn ctr(address: &str, namespace: &str, args: &[&str]) -> Result<String, String> 
 
 /// Registers the running container `id` (runc root `root`, bundle `bundle`) as a task of the
 /// containerd at `address`, running under the ferry shim.
-pub fn register(address: &str, namespace: &str, root: &Path, id: &str, bundle: &Path, pid: i32) -> Result<(), String> {
+pub fn register(
+    address: &str,
+    namespace: &str,
+    root: &Path,
+    id: &str,
+    bundle: &Path,
+    pid: i32,
+) -> Result<(), String> {
     let cfg_path = bundle.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    // The bundle's config was received from the source and checked by the engine (its
+    // size is capped on the wire).
+    let text =
+        std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
     let mut spec: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
     // containerd's bundle is elsewhere: the rootfs path must be absolute.
-    let root_path = spec["root"]["path"].as_str().unwrap_or("rootfs").to_string();
+    let root_path = spec["root"]["path"]
+        .as_str()
+        .unwrap_or("rootfs")
+        .to_string();
     let abs = if Path::new(&root_path).is_absolute() {
         PathBuf::from(root_path)
     } else {
@@ -86,7 +99,8 @@ pub fn register(address: &str, namespace: &str, root: &Path, id: &str, bundle: &
     };
     spec["root"]["path"] = serde_json::Value::String(abs.to_string_lossy().into_owned());
     let spec_path = bundle.join("config.containerd.json");
-    std::fs::write(&spec_path, spec.to_string()).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    std::fs::write(&spec_path, spec.to_string())
+        .map_err(|e| format!("{}: {e}", spec_path.display()))?;
     mark_for_adoption(root, id, pid).map_err(|e| format!("adoption marker: {e}"))?;
     let res = ctr(
         address,

@@ -24,15 +24,9 @@ pub enum ShimError {
     #[error("runc {args}: {why}")]
     Runc { args: String, why: String },
     #[error("{op}: {source}")]
-    Io {
-        op: String,
-        source: std::io::Error,
-    },
+    Io { op: String, source: std::io::Error },
     #[error("{op}: {source}")]
-    Op {
-        op: &'static str,
-        source: OpError,
-    },
+    Op { op: &'static str, source: OpError },
     #[error("{0}")]
     Internal(String),
 }

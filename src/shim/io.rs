@@ -46,8 +46,7 @@ fn devnull() -> Result<OwnedFd> {
 }
 
 fn pipe_pair() -> Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| ShimError::io("pipe")(std::io::Error::from(e)))
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(std::io::Error::from(e)))
 }
 
 /// An output destination: a fifo (opened read-write so that writing never blocks on a
@@ -92,8 +91,7 @@ impl ProcessIo {
         } else {
             let (r, w) = pipe_pair()?;
             let mut src = open_input(&spec.stdin)?;
-            let mut dst = pipe::Sender::from_owned_fd(w)
-                .map_err(ShimError::io("stdin pipe"))?;
+            let mut dst = pipe::Sender::from_owned_fd(w).map_err(ShimError::io("stdin pipe"))?;
             let close = Arc::new(Notify::new());
             let closed = close.clone();
             io.close_stdin = Some(close);
@@ -132,7 +130,9 @@ impl ProcessIo {
         io.console = Some(master.clone());
         if !spec.stdin.is_empty() {
             let mut src = open_input(&spec.stdin)?;
-            let m = master.try_clone().map_err(ShimError::io("dup pty master"))?;
+            let m = master
+                .try_clone()
+                .map_err(ShimError::io("dup pty master"))?;
             let close = Arc::new(Notify::new());
             let closed = close.clone();
             io.close_stdin = Some(close);
@@ -155,7 +155,9 @@ impl ProcessIo {
         }
         if !spec.stdout.is_empty() {
             let target = spec.stdout.clone();
-            let m = master.try_clone().map_err(ShimError::io("dup pty master"))?;
+            let m = master
+                .try_clone()
+                .map_err(ShimError::io("dup pty master"))?;
             let dst = open_output_blocking(&target)?;
             io.outputs.push(tokio::task::spawn_blocking(move || {
                 let mut r = std::fs::File::from(m);
@@ -198,7 +200,9 @@ impl ProcessIo {
         // call; the descriptor is owned by `m` and open.
         let r = unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if r < 0 {
-            return Err(ShimError::io("resizing the pty")(std::io::Error::last_os_error()));
+            return Err(ShimError::io("resizing the pty")(
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -234,7 +238,8 @@ pub struct ConsoleSocket {
 impl ConsoleSocket {
     /// Binds a socket under `dir` (kept short: socket paths are limited to 107 bytes).
     pub fn bind(dir: &Path) -> Result<ConsoleSocket> {
-        std::fs::create_dir_all(dir).map_err(ShimError::io(format!("creating {}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(ShimError::io(format!("creating {}", dir.display())))?;
         let mut rnd = [0u8; 8];
         getrandom::getrandom(&mut rnd).map_err(|e| ShimError::Internal(e.to_string()))?;
         let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
@@ -254,7 +259,8 @@ impl ConsoleSocket {
                 .await
                 .map_err(ShimError::io("accepting on the console socket"))?;
             let s = s.into_std().map_err(ShimError::io("console socket"))?;
-            s.set_nonblocking(false).map_err(ShimError::io("console socket"))?;
+            s.set_nonblocking(false)
+                .map_err(ShimError::io("console socket"))?;
             tokio::task::spawn_blocking(move || recv_fd(&s))
                 .await
                 .map_err(|e| ShimError::Internal(e.to_string()))?
@@ -276,10 +282,18 @@ fn recv_fd(s: &std::os::unix::net::UnixStream) -> Result<OwnedFd> {
     let mut buf = [0u8; 4096];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| ShimError::io("receiving the pty master")(e.into()))?;
+    let msg = recvmsg::<()>(
+        s.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| ShimError::io("receiving the pty master")(e.into()))?;
     let mut got: Option<OwnedFd> = None;
-    for c in msg.cmsgs().map_err(|e| ShimError::io("receiving the pty master")(e.into()))? {
+    for c in msg
+        .cmsgs()
+        .map_err(|e| ShimError::io("receiving the pty master")(e.into()))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = c {
             for fd in fds {
                 // SAFETY: SCM_RIGHTS just installed `fd` in this process; nothing else owns it.

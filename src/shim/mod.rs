@@ -25,9 +25,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use containerd_shim::api::DeleteResponse;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error, Flags, StartOpts};
-use containerd_shim::protos::protobuf::MessageField;
 
 use runc::RuncCli;
 use service::Service;

@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 
-use containerd_shim::monitor::{monitor_subscribe, monitor_unsubscribe, Subject, Subscription, Topic};
+use containerd_shim::monitor::{
+    monitor_subscribe, monitor_unsubscribe, Subject, Subscription, Topic,
+};
 
 use super::error::{Result, ShimError};
 
@@ -16,6 +18,8 @@ pub struct ExitWatch {
     sub: Option<Subscription>,
     /// Exits seen while waiting for another pid.
     seen: HashMap<i32, i32>,
+    /// Whether exits of other pids are remembered (until the pids that matter are known).
+    remember: bool,
 }
 
 /// Most exits of other processes remembered while waiting for one (each is 8 bytes; a watch
@@ -30,6 +34,7 @@ impl ExitWatch {
         Ok(ExitWatch {
             sub: Some(sub),
             seen: HashMap::new(),
+            remember: true,
         })
     }
 
@@ -42,11 +47,13 @@ impl ExitWatch {
         loop {
             match sub.rx.recv().await {
                 Some(ev) => {
-                    let Subject::Pid(p) = ev.subject else { continue };
+                    let Subject::Pid(p) = ev.subject else {
+                        continue;
+                    };
                     if p == pid {
                         return ev.exit_code;
                     }
-                    if self.seen.len() < MAX_SEEN {
+                    if self.remember && self.seen.len() < MAX_SEEN {
                         self.seen.insert(p, ev.exit_code);
                     }
                 }
@@ -56,10 +63,11 @@ impl ExitWatch {
         }
     }
 
-    /// Forgets the exits of other processes remembered so far (once the pids that matter
-    /// are known, the rest is noise).
+    /// Forgets the exits of other processes remembered so far and stops remembering new
+    /// ones (once the pids that matter are known, the rest is noise).
     pub fn forget_others(&mut self, keep: &[i32]) {
         self.seen.retain(|p, _| keep.contains(p));
+        self.remember = false;
     }
 }
 

@@ -99,9 +99,9 @@ impl RuncCli {
         }
     }
 
-    /// The last error runc wrote to its JSON log.
+    /// The last error runc wrote to its JSON log (read from its last 64 KiB).
     fn last_logged_error(&self) -> Option<String> {
-        let text = std::fs::read_to_string(&self.log).ok()?;
+        let text = read_tail(&self.log, 64 * 1024)?;
         text.lines().rev().find_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).ok()?;
             (v["level"] == "error").then(|| v["msg"].as_str().unwrap_or("").to_string())
@@ -167,12 +167,26 @@ impl RuncCli {
     }
 }
 
-/// Reads a pid file runc wrote.
+/// The last `max` bytes of a file, as text.
+fn read_tail(path: &Path, max: u64) -> Option<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Reads a pid file runc wrote (at most 64 bytes).
 pub fn read_pid_file(path: &Path) -> Result<i32> {
-    let text = std::fs::read_to_string(path).map_err(ShimError::io(format!(
-        "reading pid file {}",
-        path.display()
-    )))?;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64).read_to_string(&mut text))
+        .map_err(ShimError::io(format!(
+            "reading pid file {}",
+            path.display()
+        )))?;
     text.trim()
         .parse::<i32>()
         .ok()

@@ -18,9 +18,9 @@ use containerd_shim::protos::events::task::{
     TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO,
     TaskPaused, TaskResumed, TaskStart,
 };
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
 use containerd_shim::protos::shim::oci::{CheckpointOptions, ProcessDetails};
-use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, Task, TtrpcContext, TtrpcResult};
 use tokio::sync::{mpsc, Mutex};
@@ -76,10 +76,7 @@ impl Service {
         let ns = namespace.to_string();
         tokio::spawn(async move {
             while let Some((topic, ev)) = rx.recv().await {
-                if let Err(e) = publisher
-                    .publish(Context::default(), &topic, &ns, ev)
-                    .await
-                {
+                if let Err(e) = publisher.publish(Context::default(), &topic, &ns, ev).await {
                     tracing::warn!("publishing {topic}: {e}");
                 }
             }
@@ -335,8 +332,11 @@ impl Service {
 
     /// Restores the checkpoint containerd unpacked, through ferry's restore.
     async fn restore(&self, c: &mut Container, images: &Path) -> Result<()> {
-        let work = Path::new(crate::ops::restore::FERRY_RUN_DIR)
-            .join(format!("shim-restore-{}-{}", c.id, std::process::id()));
+        let work = Path::new(crate::ops::restore::FERRY_RUN_DIR).join(format!(
+            "shim-restore-{}-{}",
+            c.id,
+            std::process::id()
+        ));
         let _ = remove_tree(&work);
         let mut console = None;
         let mut stdio = None;
@@ -425,7 +425,15 @@ impl Service {
         let _ = std::fs::remove_file(&pid_file);
         let specf = spec_file.to_string_lossy().into_owned();
         let pidf = pid_file.to_string_lossy().into_owned();
-        let args = ["exec", "--detach", "--process", &specf, "--pid-file", &pidf, &cid];
+        let args = [
+            "exec",
+            "--detach",
+            "--process",
+            &specf,
+            "--pid-file",
+            &pidf,
+            &cid,
+        ];
         let mut watch = ExitWatch::new().await?;
         let res = if p.stdio.terminal {
             let sock = ConsoleSocket::bind(Path::new(CONSOLE_DIR))?;
@@ -669,7 +677,8 @@ pub fn dump_settings(o: &CheckpointOptions) -> Result<DumpSettings> {
 /// Copies the regular files of `from` (CRIU's images are one flat directory) into `to`.
 fn copy_flat_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).map_err(ShimError::io(format!("creating {}", to.display())))?;
-    let rd = std::fs::read_dir(from).map_err(ShimError::io(format!("reading {}", from.display())))?;
+    let rd =
+        std::fs::read_dir(from).map_err(ShimError::io(format!("reading {}", from.display())))?;
     for e in rd.flatten() {
         if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
             std::fs::copy(e.path(), to.join(e.file_name()))
@@ -797,9 +806,7 @@ impl Task for Service {
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let mut st = self.inner.state.lock().await;
         let c = container(&mut st, &req.id)?;
-        self.runc(&c.bundle)
-            .output(&["pause", &c.id], None)
-            .await?;
+        self.runc(&c.bundle).output(&["pause", &c.id], None).await?;
         if c.init.status == Status::RUNNING {
             c.init.status = Status::PAUSED;
         }
@@ -844,7 +851,9 @@ impl Task for Service {
         let c = container(&mut st, &req.id)?;
         if req.exec_id.is_empty() {
             if c.init.exit().is_some() && !req.all {
-                return Err(ShimError::NotFound(format!("process {} already finished", c.id)).into());
+                return Err(
+                    ShimError::NotFound(format!("process {} already finished", c.id)).into(),
+                );
             }
             if c.init.pid <= 0 {
                 return Err(ShimError::FailedPrecondition(format!(
@@ -867,11 +876,9 @@ impl Task for Service {
                 .get(&req.exec_id)
                 .ok_or_else(|| ShimError::NotFound(format!("exec {}", req.exec_id)))?;
             if p.pid <= 0 || p.exit().is_some() {
-                return Err(ShimError::NotFound(format!(
-                    "exec {} is not running",
-                    req.exec_id
-                ))
-                .into());
+                return Err(
+                    ShimError::NotFound(format!("exec {} is not running", req.exec_id)).into(),
+                );
             }
             let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
                 .map_err(|_| ShimError::InvalidArgument(format!("signal {}", req.signal)))?;
@@ -1004,11 +1011,9 @@ impl Task for Service {
             let mut st = self.inner.state.lock().await;
             let c = container(&mut st, &req.id)?;
             if c.init.pid <= 0 || c.init.exit().is_some() {
-                return Err(ShimError::FailedPrecondition(format!(
-                    "task {} is not running",
-                    c.id
-                ))
-                .into());
+                return Err(
+                    ShimError::FailedPrecondition(format!("task {} is not running", c.id)).into(),
+                );
             }
             c.init.pid
         };
@@ -1072,9 +1077,11 @@ mod tests {
         assert!(s.leave_running);
         assert!(!s.file_locks);
         let empty = Any::new();
-        assert!(dump_settings(&checkpoint_options(Some(&empty)).unwrap())
-            .unwrap()
-            .leave_running);
+        assert!(
+            dump_settings(&checkpoint_options(Some(&empty)).unwrap())
+                .unwrap()
+                .leave_running
+        );
 
         let mut o = CheckpointOptions::new();
         o.exit = true;

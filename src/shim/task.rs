@@ -136,7 +136,8 @@ pub async fn wait_foreign(pid: i32) -> i32 {
         }
     }
     if !watched {
-        while zombie_status(pid).is_none() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        while zombie_status(pid).is_none() && std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
@@ -203,7 +204,10 @@ mod tests {
         let stat = format!("12 (a) b) {}", fields.join(" "));
         assert_eq!(parse_zombie_status(&stat), Some(3));
         fields[0] = "S";
-        assert_eq!(parse_zombie_status(&format!("1 (x) {}", fields.join(" "))), None);
+        assert_eq!(
+            parse_zombie_status(&format!("1 (x) {}", fields.join(" "))),
+            None
+        );
     }
 
     #[test]
