@@ -331,6 +331,12 @@ impl Drop for Containerd {
         for m in self.state_mounts().iter().rev() {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
+        // The shims' (now empty) runc root for this containerd.
+        let root = ferry::shim::containerd::runc_root(&self.sock.to_string_lossy(), NS);
+        let _ = fs::remove_dir(&root);
+        if let Some(p) = root.parent() {
+            let _ = fs::remove_dir(p);
+        }
         // containerd's namespace cgroups (runc leaves parents in place).
         if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
             for e in rd.flatten() {
@@ -799,4 +805,8 @@ fn shim_delete_action_is_idempotent() {
         );
     }
     safe_remove_dir_all(&bundle);
+    // runc creates its (empty) root on any call.
+    let root = ferry::shim::containerd::runc_root(&addr, NS);
+    let _ = fs::remove_dir(&root);
+    let _ = root.parent().map(fs::remove_dir);
 }
