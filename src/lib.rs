@@ -6,7 +6,9 @@
 //! - [`images`]: CRIU image files ferry reads (stats),
 //! - [`oci`]: the runtime's state and the bundle, mapped onto CRIU options,
 //! - [`runtime`]: handing a restored container back to runc, cleanup that never crosses mounts,
-//! - [`ops`]: the operations (check, checkpoint, restore) that the binaries call.
+//! - [`ops`]: the operations (check, checkpoint, restore) that the binaries call,
+//! - [`migrate`]: live migration (`ferry serve` / `ferry migrate`),
+//! - [`shim`]: the containerd runtime shim `containerd-shim-ferry-v2`.
 
 pub mod criu;
 pub mod images;
@@ -14,6 +16,7 @@ pub mod migrate;
 pub mod oci;
 pub mod ops;
 pub mod runtime;
+pub mod shim;
 
 /// Generated CRIU protobuf types (from `criu-proto/`).
 pub mod proto {

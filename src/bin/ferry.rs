@@ -71,6 +71,13 @@ struct ServeArgs {
     /// Place restored containers' cgroups under this name.
     #[arg(long, value_name = "NAME")]
     cgroup_prefix: Option<String>,
+    /// Register received containers as tasks of this containerd (socket path), running
+    /// under containerd-shim-ferry-v2; replaces --runtime-root with the shim's.
+    #[arg(long, value_name = "ADDRESS")]
+    containerd: Option<String>,
+    /// containerd namespace for --containerd.
+    #[arg(long, value_name = "NS", default_value = "default")]
+    namespace: String,
 }
 
 #[derive(Args)]
@@ -99,6 +106,13 @@ struct MigrateArgs {
     /// runc's state root (runc --root).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
     runtime_root: PathBuf,
+    /// The container is a task of this containerd (socket path), running under
+    /// containerd-shim-ferry-v2; afterwards the task and container are deleted there.
+    #[arg(long, value_name = "ADDRESS")]
+    containerd: Option<String>,
+    /// containerd namespace for --containerd.
+    #[arg(long, value_name = "NS", default_value = "default")]
+    namespace: String,
     /// Keep established TCP connections.
     #[arg(long)]
     tcp_established: bool,
@@ -239,12 +253,25 @@ fn serve_cmd(criu: Criu, a: ServeArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     });
+    let mut runtime_root = a.runtime_root;
+    let mut on_committed = None;
+    if let Some(addr) = a.containerd.clone() {
+        use ferry::shim::containerd;
+        runtime_root = containerd::runc_root(&addr, &a.namespace);
+        let (root, ns) = (runtime_root.clone(), a.namespace.clone());
+        on_committed = Some(ferry::migrate::hook::CommitHook::new(
+            move |id: &str, bundle: &std::path::Path, pid: i32| {
+                containerd::register(&addr, &ns, &root, id, bundle, pid)
+            },
+        ));
+    }
     serve(
         listener,
         ServeConfig {
             token,
             bundles: a.bundles,
-            runtime_root: a.runtime_root,
+            runtime_root,
+            on_committed,
             work_dir: a.work_dir,
             cgroup_prefix: a.cgroup_prefix,
             io_timeout: std::time::Duration::from_secs(300),
@@ -289,12 +316,27 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         max_rounds: a.max_rounds,
         target_downtime_ms: a.target_downtime_ms,
         policy,
-        runtime_root: a.runtime_root,
+        runtime_root: match &a.containerd {
+            Some(addr) => ferry::shim::containerd::runc_root(addr, &a.namespace),
+            None => a.runtime_root,
+        },
         tcp_established: a.tcp_established,
         progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         io_timeout: std::time::Duration::from_secs(300),
     };
     let r = migrate(&criu, &req).map_err(|e| (e.to_string(), e.kind()))?;
+    if let Some(addr) = &a.containerd {
+        // The source's tasks ended at the commit; the shim reports the exit, and the task
+        // and container leave this containerd.
+        if let Err(e) = ferry::shim::containerd::remove(
+            addr,
+            &a.namespace,
+            &r.container,
+            std::time::Duration::from_secs(30),
+        ) {
+            tracing::warn!("migrated, but the source task is still in containerd: {e}");
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r).unwrap_or_default());
     } else {

@@ -46,6 +46,8 @@ pub struct ServeConfig {
     /// Restored containers' cgroups go under this name (two hosts sharing one cgroupfs).
     pub cgroup_prefix: Option<String>,
     pub io_timeout: Duration,
+    /// Called once a received container runs and is committed.
+    pub on_committed: Option<super::hook::CommitHook>,
 }
 
 struct Shared {
@@ -906,6 +908,9 @@ impl<'a> Receiver<'a> {
             let _ = self.ctl.stream.shutdown(std::net::Shutdown::Both);
         } else if let Err(e) = self.ctl.send(&Msg::Committed(Pid { pid: report.pid })) {
             tracing::warn!(id = %id, "the container runs here, but the source was not told: {e}");
+        }
+        if let Some(h) = &self.shared.cfg.on_committed {
+            h.call(&id, &self.bundle(), report.pid);
         }
         tracing::info!(id = %id, pid = report.pid, "migration received; container running");
         if let Some(l) = lazy {

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod destination;
+pub mod hook;
 pub mod policy;
 pub mod progress;
 pub mod relay;

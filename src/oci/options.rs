@@ -94,6 +94,8 @@ pub struct DumpSettings {
     pub file_locks: bool,
     pub shell_job: bool,
     pub cgroups_mode: Option<CriuCgMode>,
+    /// Namespaces (CLONE_NEW* bits) to restore empty (CRIU's `empty_ns`; only network).
+    pub empty_ns: u32,
 }
 
 /// Optional CRIU behaviour for restores.
@@ -276,6 +278,9 @@ pub fn dump_options(cfg: &BundleConfig, f: &DumpFacts, s: &DumpSettings) -> Criu
     o.set_shell_job(s.shell_job);
     if let Some(m) = s.cgroups_mode {
         o.set_manage_cgroups_mode(m);
+    }
+    if s.empty_ns != 0 {
+        o.set_empty_ns(s.empty_ns);
     }
     if let Some(fc) = &f.freeze_cgroup {
         o.set_freeze_cgroup(fc.clone());

@@ -137,13 +137,17 @@ fn validate(req: &RestoreRequest) -> Result<Validated, OpError> {
     })
 }
 
-/// Creates missing mount points for bind mounts in the rootfs (not below a tmpfs, whose
-/// content CRIU restores itself), as runc does before a restore.
+/// Creates missing mount points in the rootfs, as runc does before a restore: bind mounts get
+/// a directory or a file like their source, other filesystems a directory; nothing below a
+/// tmpfs (CRIU restores its content itself) and nothing for cgroup mounts (below /sys). A
+/// fresh rootfs (a containerd snapshot restored under a new id) lacks e.g. `/run`.
 fn prepare_mountpoints(cfg: &BundleConfig) -> Result<(), OpError> {
     let tmpfs = cfg.tmpfs_destinations();
     for m in &cfg.mounts {
-        let MountKind::Bind { source } = &m.kind else {
-            continue;
+        let source = match &m.kind {
+            MountKind::Bind { source } => Some(source),
+            MountKind::Cgroup => continue,
+            MountKind::Tmpfs | MountKind::Other => None,
         };
         if tmpfs
             .iter()
@@ -152,6 +156,9 @@ fn prepare_mountpoints(cfg: &BundleConfig) -> Result<(), OpError> {
             continue;
         }
         let rel = m.destination.trim_start_matches('/');
+        if rel.is_empty() {
+            continue;
+        }
         if rel.split('/').any(|c| c == "..") {
             return Err(OpError::Invalid(format!(
                 "mount destination {} escapes the rootfs",
@@ -162,14 +169,28 @@ fn prepare_mountpoints(cfg: &BundleConfig) -> Result<(), OpError> {
         if std::fs::symlink_metadata(&target).is_ok() {
             continue;
         }
-        let res = if source.is_dir() {
-            std::fs::create_dir_all(&target)
-        } else {
-            target
+        // Never create through a symlink of the container's rootfs.
+        let mut at = cfg.rootfs.clone();
+        for c in Path::new(rel)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.components())
+        {
+            at.push(c);
+            if std::fs::symlink_metadata(&at).is_ok_and(|md| md.file_type().is_symlink()) {
+                return Err(OpError::Invalid(format!(
+                    "mount destination {} is below a symlink in the rootfs",
+                    m.destination
+                )));
+            }
+        }
+        let res = match source {
+            Some(src) if !src.is_dir() => target
                 .parent()
                 .map(std::fs::create_dir_all)
                 .unwrap_or(Ok(()))
-                .and_then(|_| std::fs::File::create(&target).map(|_| ()))
+                .and_then(|_| std::fs::File::create(&target).map(|_| ())),
+            _ => std::fs::create_dir_all(&target),
         };
         res.map_err(|source| OciError::Write {
             path: target.clone(),
@@ -272,6 +293,17 @@ pub fn restore_gated(
     req: &RestoreRequest,
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
 ) -> Result<RestoreReport, OpError> {
+    restore_with_stdio(criu, req, None, gate)
+}
+
+/// Restore whose pipes are re-inherited from `stdio` (stdin, stdout, stderr) instead of
+/// ferry's own stdio or /dev/null (the shim passes new pipes to containerd's new fifos).
+pub fn restore_with_stdio(
+    criu: &Criu,
+    req: &RestoreRequest,
+    stdio: Option<[OwnedFd; 3]>,
+    gate: &mut dyn FnMut(i32) -> Result<(), String>,
+) -> Result<RestoreReport, OpError> {
     let started = Instant::now();
     require_root()?;
     let v = validate(req)?;
@@ -316,10 +348,10 @@ pub fn restore_gated(
         &req.settings,
     )?;
     let mut fds = ChildFds {
-        stdio: Some(if req.null_stdio {
-            null_stdio()?
-        } else {
-            dup_stdio()?
+        stdio: Some(match stdio {
+            Some(s) => s,
+            None if req.null_stdio => null_stdio()?,
+            None => dup_stdio()?,
         }),
         inherited: Vec::new(),
     };
