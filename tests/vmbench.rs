@@ -285,7 +285,7 @@ fn bench_modes_and_policies() {
                 )
             };
             let (a, p, o) = (get(2), get(3), get(4));
-            if results.get(&(mib, rate, 2)).is_none() {
+            if !results.contains_key(&(mib, rate, 2)) {
                 continue;
             }
             println!(
