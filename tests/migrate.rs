@@ -4,7 +4,7 @@
 //! The hosts are two network namespaces joined by a veth pair (192.0.2.1 = source,
 //! 192.0.2.2 = destination), each with its own runc root and bundles dir; see
 //! `common::TwoHosts`. They share the filesystem (so a bind-mount source has the same path on
-//! both) and the cgroup filesystem (the destination's containers go under `ferry-dst/`).
+//! both) and the cgroup filesystem (the destination's containers go under `ferry-dst-<pid>/`).
 //!
 //! Needs root, criu, runc, busybox-static, iproute2, util-linux (nsenter) and gcc; without
 //! them the tests print `skipping: …` and pass, unless `CI` is set. Run with
@@ -734,7 +734,7 @@ fn zz_no_leftovers() {
     let left = leftover_netns();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
     // Every `ferry serve` has stopped: none left its (empty) --cgroup-prefix dirs behind.
-    let prefix_dirs = cgroup_dirs_matching(&|n| n == DST_CGROUP_PREFIX);
+    let prefix_dirs = cgroup_dirs_matching(&|n| n == dst_cgroup_prefix());
     assert!(
         prefix_dirs.is_empty(),
         "--cgroup-prefix dirs left: {prefix_dirs:?}"

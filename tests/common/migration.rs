@@ -229,7 +229,7 @@ pub fn assert_migrated(th: &TwoHosts, id: &str, v: &Value) {
         &format!("runc exec {id} echo hi (destination)"),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
-    // --cgroup-prefix: the restored tasks live under ferry-dst/ (the hosts share cgroupfs).
+    // --cgroup-prefix: the restored tasks live under ferry-dst-<pid>/ (the hosts share cgroupfs).
     let pid = json_u64(v, "restored_pid");
     let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     let freezer = cg
@@ -237,8 +237,9 @@ pub fn assert_migrated(th: &TwoHosts, id: &str, v: &Value) {
         .find(|l| l.split(':').nth(1) == Some("freezer"))
         .unwrap_or_else(|| panic!("no freezer cgroup for pid {pid}:\n{cg}"));
     assert!(
-        freezer.contains(&format!("/{DST_CGROUP_PREFIX}/")) && freezer.contains(id),
-        "restored pid {pid} is not in a {DST_CGROUP_PREFIX}/ cgroup of {id}:\n{cg}"
+        freezer.contains(&format!("/{}/", dst_cgroup_prefix())) && freezer.contains(id),
+        "restored pid {pid} is not in a {}/ cgroup of {id}:\n{cg}",
+        dst_cgroup_prefix()
     );
     // The destination-clean check sees a live container (so its silence means something).
     let seen = th.dst_leftovers(id);

@@ -1503,8 +1503,11 @@ pub fn assert_memwriter_ok(path: &Path) -> Vec<MemLine> {
 pub const SRC_IP: &str = "192.0.2.1";
 /// Address of the emulated destination host.
 pub const DST_IP: &str = "192.0.2.2";
-/// `--cgroup-prefix` given to the destination's `ferry serve`.
-pub const DST_CGROUP_PREFIX: &str = "ferry-dst";
+/// The destination's `--cgroup-prefix`: one per test process, so that the suite's check for
+/// prefix dirs left behind sees only its own (other runs on the machine have their own).
+pub fn dst_cgroup_prefix() -> String {
+    format!("ferry-dst-{}", std::process::id())
+}
 /// How long `ferry serve` may take to print its `listening` line.
 pub const SERVE_START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -1656,7 +1659,7 @@ impl Drop for Serve {
 /// namespace with a fresh /sys, hiding /sys/fs/cgroup from ferry, runc and CRIU). runc
 /// itself, called by the tests, runs in the host namespaces. The filesystem (and so bind
 /// mount sources) and the cgroup filesystem are shared: the destination's restored
-/// containers live under `--cgroup-prefix ferry-dst`.
+/// containers live under `--cgroup-prefix ferry-dst-<pid>`.
 pub struct TwoHosts {
     pub name: String,
     pub src_ns: String,
@@ -1835,7 +1838,7 @@ impl TwoHosts {
 
     /// Start `ferry -v serve --listen 192.0.2.2:0 --token-file <token> --bundles <dst bundles>
     /// --runtime-root <dst runc root> --work-dir <dst work>/serve-work --cgroup-prefix
-    /// ferry-dst [extra…]` in the destination namespace and wait for its `listening` line.
+    /// ferry-dst-<pid> [extra…]` in the destination namespace and wait for its `listening` line.
     pub fn serve_with_token(&self, token: &Path, extra: &[&str]) -> Serve {
         self.serve_full(token, &[], extra)
     }
@@ -1867,7 +1870,7 @@ impl TwoHosts {
             .arg(&dst.root)
             .arg("--work-dir")
             .arg(&work)
-            .args(["--cgroup-prefix", DST_CGROUP_PREFIX])
+            .args(["--cgroup-prefix", &dst_cgroup_prefix()])
             .args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -2005,7 +2008,7 @@ impl TwoHosts {
 
     /// What a failed migration of `id` left on the destination: runc state, state dir,
     /// mounts below the destination's root or work dir or naming `id`, cgroups under
-    /// `ferry-dst/` named after `id` and processes in them, criu processes in either host's
+    /// `ferry-dst-<pid>/` named after `id` and processes in them, criu processes in either host's
     /// network namespace. Scoped to this test, unlike [`leak_check`], so that it can be
     /// polled while unrelated CRIU work runs on the machine.
     pub fn dst_leftovers(&self, id: &str) -> Vec<String> {
@@ -2030,7 +2033,7 @@ impl TwoHosts {
                 p.push(format!("leftover mount: {ms}"));
             }
         }
-        let marker = format!("/{DST_CGROUP_PREFIX}/");
+        let marker = format!("/{}/", dst_cgroup_prefix());
         p.extend(
             cgroup_dirs_matching(&|n| n.contains(id))
                 .into_iter()
@@ -2165,7 +2168,7 @@ impl TwoHosts {
                 .unwrap_or_default();
             kill(pid, &format!("criu process: {c}"));
         }
-        let marker = format!("/{DST_CGROUP_PREFIX}/");
+        let marker = format!("/{}/", dst_cgroup_prefix());
         let dirs: Vec<String> =
             cgroup_dirs_matching(&|n| ids.iter().any(|id| n.contains(id.as_str())))
                 .into_iter()
@@ -2189,9 +2192,9 @@ impl TwoHosts {
         });
     }
 
-    /// Empty cgroup dirs under `ferry-dst/` named after our ids (best effort, deepest first).
+    /// Empty cgroup dirs under `ferry-dst-<pid>/` named after our ids (best effort, deepest first).
     fn remove_dst_cgroups(ids: &[String]) {
-        let marker = format!("/{DST_CGROUP_PREFIX}/");
+        let marker = format!("/{}/", dst_cgroup_prefix());
         let mut dirs: Vec<String> =
             cgroup_dirs_matching(&|n| ids.iter().any(|id| n.contains(id.as_str())))
                 .into_iter()
