@@ -1508,6 +1508,15 @@ pub const DST_IP: &str = "192.0.2.2";
 pub fn dst_cgroup_prefix() -> String {
     format!("ferry-dst-{}", std::process::id())
 }
+
+/// Removes this process's (empty) `--cgroup-prefix` dirs, for tests in which `ferry serve`
+/// exited before the containers it received were deleted.
+pub fn remove_empty_prefix_dirs() {
+    let prefix = dst_cgroup_prefix();
+    for d in cgroup_dirs_matching(&|n| n == prefix) {
+        let _ = fs::remove_dir(&d);
+    }
+}
 /// How long `ferry serve` may take to print its `listening` line.
 pub const SERVE_START_TIMEOUT: Duration = Duration::from_secs(30);
 
