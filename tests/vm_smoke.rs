@@ -1,8 +1,8 @@
 //! Smoke tests of the VM rig (`tests/vm/run`): they run inside a guest whose kernel tracks
 //! dirty memory (CONFIG_MEM_SOFT_DIRTY) and prove that what the pre-copy tests need works
 //! there: `ferry check` reports memory tracking, CRIU's own pre-dump → dump → restore
-//! cycle works, and a live migration between the two emulated hosts (network namespaces,
-//! runc, cgroups v1) works as on the host.
+//! cycle works, and live migrations between the two emulated hosts (network namespaces,
+//! runc, cgroups v1; stop-copy, and post-copy for userfaultfd) work as on the host.
 //!
 //! Ignored in a plain `cargo test`: the rig runs them in the guest with `--ignored`, `CI`
 //! set (missing prerequisites fail, never skip), `FERRY_IN_VM=1`, `FERRY_MEMWRITER` (the
@@ -320,6 +320,9 @@ fn measure(what: &str, v: &Value) {
         json_u64(v, "downtime_ms")
     ));
     for (i, r) in v["rounds"].as_array().into_iter().flatten().enumerate() {
+        if json_u64(r, "pages_written") == 0 {
+            continue; // post-copy: the pages follow after the restore
+        }
         let (b, ms) = (json_u64(r, "bytes"), json_u64(r, "ms").max(1));
         vm::report(&format!(
             "{what}: page round {}: {:.1} MiB in {ms} ms ({:.1} MiB/s), {} pages written",
@@ -365,17 +368,11 @@ fn migrate_counter_stop_copy() {
     th.finish();
 }
 
-/// memwriter (64 MiB with --quick, else 256 MiB) migrated with `--mode stop-copy`: every
-/// page crosses the link, its memory checks stay ok on the destination. Prints the
-/// throughput.
-#[test]
-#[ignore = "runs inside the VM rig (tests/vm/run)"]
-fn migrate_memwriter_stop_copy() {
-    if !require_two_hosts() {
-        return;
-    }
+/// memwriter (64 MiB with --quick, else 256 MiB, 16 MiB/s dirtied) migrated in `mode`:
+/// every page reaches the destination, whose memory checks stay ok. Reports the timings.
+fn memwriter_migration(name: &str, mode: &str) {
     let mib = mem_mib();
-    let th = TwoHosts::new("vmmstop");
+    let th = TwoHosts::new(name);
     let src = th.src_runc();
     let id = src.id("");
     let data = src.mkdir("data");
@@ -398,20 +395,47 @@ fn migrate_memwriter_stop_copy() {
     ));
     assert_memwriter_ok(&log);
     let serve = th.serve(&[]);
-    let out = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
-    let v = migrate_report(&out, "stop-copy");
+    let out = th.migrate(&id, &serve.addr, &["--mode", mode]);
+    let v = migrate_report(&out, mode);
     eprintln!("migrate: {v}");
-    measure(&format!("stop-copy memwriter {mib} MiB"), &v);
+    measure(&format!("{mode} memwriter {mib} MiB"), &v);
+    assert_on_destination(&th, &id, &v);
+    // Post-copy: the first full check after the restore pulls in every remaining page.
+    let n = read_memwriter_lines(&log).len();
+    let t = Instant::now();
+    wait_memwriter_lines(&log, n + 3, MEM_T);
+    assert_memwriter_ok(&log);
+    vm::report(&format!(
+        "{mode} memwriter {mib} MiB: 3 ok check lines on the destination {:.1}s after the \
+         migration",
+        t.elapsed().as_secs_f64()
+    ));
     assert!(
         json_u64(&v, "bytes_sent") >= u64::from(mib) * MIB,
         "bytes_sent below the workload's {mib} MiB: {v}"
     );
-    assert_on_destination(&th, &id, &v);
-    let n = read_memwriter_lines(&log).len();
-    wait_memwriter_lines(&log, n + 3, MEM_T);
-    assert_memwriter_ok(&log);
     th.dst_runc().kill_and_delete(&id);
     th.finish();
+}
+
+/// Stop-copy: every page crosses the link while the container is frozen.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn migrate_memwriter_stop_copy() {
+    if !require_two_hosts() {
+        return;
+    }
+    memwriter_migration("vmmstop", "stop-copy");
+}
+
+/// Post-copy: proves userfaultfd and CRIU's lazy pages in the guest (hybrid mode needs them).
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn migrate_memwriter_post_copy() {
+    if !require_two_hosts() {
+        return;
+    }
+    memwriter_migration("vmmpost", "post-copy");
 }
 
 #[test]
