@@ -10,17 +10,18 @@
 mod common;
 
 use common::migration::*;
+use common::vm;
 use common::*;
 use serde_json::Value;
 
-const VM: &str = "runs inside the VM rig (tests/vm/run)";
-
-/// Memory of the memory-writer workload: at least 64 MiB.
+/// Memory of the memory-writer workload (≥ 64 MiB): big enough that its page transfer
+/// stands out from the freeze's fixed cost under emulation (seconds: CRIU starts ip,
+/// iptables and tar, each slow to start there).
 fn mem_mib() -> u32 {
-    if std::env::var_os("FERRY_VM_QUICK").is_some() {
-        64
+    if vm::quick() {
+        128
     } else {
-        96
+        256
     }
 }
 
@@ -68,14 +69,6 @@ fn migrate_memwriter(th: &TwoHosts, suffix: &str, mib: u32, rate: u32, args: &[&
     v
 }
 
-#[test]
-#[ignore = "runs inside the VM rig (tests/vm/run)"]
-fn vm_mem_track_is_available() {
-    let _ = VM;
-    require_two_hosts();
-    require_mem_track();
-}
-
 /// The acceptance case: a memory writer (≥ 64 MiB touched, a few MiB/s dirtied) with
 /// `--mode pre-copy`: ≥ 2 pre-dump rounds, pages per round falling, the final freeze shorter
 /// than stop-copy's of the same workload in the same run, memory intact after the restore.
@@ -104,11 +97,11 @@ fn precopy_memwriter_beats_stop_copy() {
     );
     assert_eq!(pre["mode"], "pre-copy");
     let pr = pre_rounds(&pre);
-    eprintln!(
-        "pre-dump rounds (pages): {pr:?}; final dump {} pages; stopped: {}",
+    vm::report(&format!(
+        "pre-copy {mib} MiB: pre-dump rounds (pages) {pr:?}, final dump {} pages; stopped: {}",
         pages(rounds(&pre).last().unwrap()),
         pre["rounds_reason"]
-    );
+    ));
     assert!(pr.len() >= 2, "fewer than 2 pre-dump rounds: {pre}");
     let whole = u64::from(mib) * 256;
     assert!(
@@ -132,10 +125,10 @@ fn precopy_memwriter_beats_stop_copy() {
         json_u64(&pre, "downtime_ms"),
     );
     let (fs, fp) = (json_u64(&stop, "frozen_ms"), json_u64(&pre, "frozen_ms"));
-    eprintln!(
-        "stop-copy: downtime {ds} ms (frozen {fs}); pre-copy: downtime {dp} ms (frozen {fp}); ratio {:.3}",
+    vm::report(&format!(
+        "{mib} MiB: stop-copy downtime {ds} ms (frozen {fs}); pre-copy downtime {dp} ms (frozen {fp}); ratio {:.3}",
         dp as f64 / ds.max(1) as f64
-    );
+    ));
     assert!(fp < fs, "pre-copy froze {fp} ms, stop-copy {fs} ms");
     assert!(dp < ds, "pre-copy downtime {dp} ms, stop-copy {ds} ms");
     th.finish();

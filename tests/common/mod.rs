@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -1360,11 +1361,31 @@ pub const MEMWRITER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/work
 
 static MEMWRITER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// The memwriter binary, built once per test process with `gcc -O2 -static` into cargo's
-/// target tmp dir (built under a temporary name, then renamed into place).
+/// Environment variable naming a prebuilt static memwriter, used instead of compiling one
+/// (the VM rig sets it: its guest has no gcc).
+pub const MEMWRITER_ENV: &str = "FERRY_MEMWRITER";
+
+/// The prebuilt memwriter named by [`MEMWRITER_ENV`], if set (non-empty).
+fn prebuilt_memwriter() -> Option<PathBuf> {
+    std::env::var_os(MEMWRITER_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The memwriter binary: the prebuilt one named by `FERRY_MEMWRITER` (which must be a
+/// static executable), else built once per test process with `gcc -O2 -static` into
+/// cargo's target tmp dir (built under a temporary name, then renamed into place).
 pub fn memwriter_bin() -> PathBuf {
     MEMWRITER
         .get_or_init(|| {
+            if let Some(bin) = prebuilt_memwriter() {
+                assert!(
+                    is_static_elf(&bin),
+                    "{MEMWRITER_ENV}={} is not a static executable",
+                    bin.display()
+                );
+                return bin;
+            }
             let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
             fs::create_dir_all(dir).expect("create CARGO_TARGET_TMPDIR");
             let tmp = dir.join(format!("memwriter.{}.tmp", std::process::id()));
@@ -1523,13 +1544,16 @@ pub const SERVE_START_TIMEOUT: Duration = Duration::from_secs(30);
 static TWO_HOSTS_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Like [`require_root_and_criu`], plus what the two-host rig needs: `ip` (iproute2),
-/// `nsenter` (util-linux) and `gcc` (memwriter).
+/// `nsenter` (util-linux) and `gcc` (memwriter; not when `FERRY_MEMWRITER` names a prebuilt
+/// one).
 pub fn require_two_hosts() -> bool {
     if !require_root_and_criu() {
         return false;
     }
-    let missing: Vec<&str> = ["ip", "nsenter", "gcc"]
+    let gcc = prebuilt_memwriter().is_none().then_some("gcc");
+    let missing: Vec<&str> = ["ip", "nsenter"]
         .into_iter()
+        .chain(gcc)
         .filter(|p| find_program(p).is_none())
         .collect();
     if missing.is_empty() {
