@@ -24,6 +24,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::migration::*;
+use common::vm;
 use common::*;
 
 fn env_list(name: &str, default: &str) -> Vec<u32> {
@@ -138,6 +139,14 @@ fn ferry_run(th: &TwoHosts, w: &Workload, addr: &str, args: &[&str]) -> Row {
     }
 }
 
+/// A line of the result table: printed, and reported to the VM rig's summary.
+fn out(line: String) {
+    println!("{line}");
+    if vm::in_vm() {
+        vm::report(&line);
+    }
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or(0)
@@ -207,12 +216,12 @@ fn bench_modes_and_policies() {
     }
     let rss = |mib: u32| u64::from(mib) << 20;
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
+    out(format!(
         "\nmigration benchmark on kernel {} ({}; ratios within this run only), medians of {repeat} run(s)",
         kernel.trim(),
         if std::env::var_os("FERRY_IN_VM").is_some() { "VM rig, software-emulated CPU" } else { "host" }
-    );
-    println!(
+    ));
+    out(format!(
         "{:>5} {:>5} {:<17} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10}  rounds (pages written) / note",
         "MiB",
         "MiB/s",
@@ -223,7 +232,7 @@ fn bench_modes_and_policies() {
         "down/base",
         "total/base",
         "bytes/RSS"
-    );
+    ));
     let mut best: BTreeMap<(u32, u32), (String, f64)> = BTreeMap::new();
     for &mib in &sizes {
         for &rate in &rates {
@@ -238,7 +247,7 @@ fn bench_modes_and_policies() {
                 let t = median(rows.iter().map(|r| r.total_ms).collect());
                 let b = median(rows.iter().map(|r| r.bytes).collect());
                 let last = rows.last().cloned().unwrap_or_default();
-                println!(
+                out(format!(
                     "{mib:>5} {rate:>5} {name:<17} {d:>11} {t:>9} {:>9.1} {:>9.3} {:>10.3} {:>10.3}  {:?} {}",
                     b as f64 / (1 << 20) as f64,
                     d as f64 / bd,
@@ -246,7 +255,7 @@ fn bench_modes_and_policies() {
                     b as f64 / rss(mib) as f64,
                     last.rounds,
                     last.note
-                );
+                ));
                 if mi > 0 {
                     let e = best
                         .entry((mib, rate))
@@ -258,23 +267,26 @@ fn bench_modes_and_policies() {
             }
         }
     }
-    println!("\nTargets (from the migration issue, measured in this run):");
+    out("\nTargets (from the migration issue, measured in this run):".to_string());
     for ((mib, rate), (name, ratio)) in &best {
-        println!(
+        out(format!(
             "  [{}] best-mode downtime <= 0.05x baseline at {mib} MiB, {rate} MiB/s: {name} {ratio:.3}x",
             if *ratio <= 0.05 { "PASS" } else { "FAIL" }
-        );
+        ));
     }
     for &mib in &sizes {
         if let Some(rows) = results.get(&(mib, 16, 2)) {
             let b = median(rows.iter().map(|r| r.bytes).collect()) as f64 / rss(mib) as f64;
-            println!(
+            out(format!(
                 "  [{}] pre-copy bytes sent <= 1.2x RSS at {mib} MiB, 16 MiB/s: {b:.3}x",
                 if b <= 1.2 { "PASS" } else { "FAIL" }
-            );
+            ));
         }
     }
-    println!("\nRounds policies (pre-copy): downtime / total, adaptive vs the anchors' rules:");
+    out(
+        "\nRounds policies (pre-copy): downtime / total, adaptive vs the anchors' rules:"
+            .to_string(),
+    );
     for &mib in &sizes {
         for &rate in &rates {
             let get = |mi: usize| {
@@ -288,10 +300,10 @@ fn bench_modes_and_policies() {
             if !results.contains_key(&(mib, rate, 2)) {
                 continue;
             }
-            println!(
+            out(format!(
                 "  {mib} MiB {rate} MiB/s: adaptive {}/{} ms, p.haul {}/{} ms, one-round {}/{} ms",
                 a.0, a.1, p.0, p.1, o.0, o.1
-            );
+            ));
         }
     }
     th.finish();
