@@ -35,6 +35,30 @@ pub struct DumpStats {
     pub pages_lazy: u64,
 }
 
+impl DumpStats {
+    /// What happened since `earlier`. CRIU keeps its dump statistics in memory shared by the
+    /// processes of one swrk session, so after pre-dump rounds on the same session every
+    /// counter and time in stats-dump is the running total of all rounds so far.
+    pub fn since(&self, earlier: &DumpStats) -> DumpStats {
+        DumpStats {
+            freezing_time_us: self
+                .freezing_time_us
+                .saturating_sub(earlier.freezing_time_us),
+            frozen_time_us: self.frozen_time_us.saturating_sub(earlier.frozen_time_us),
+            memdump_time_us: self.memdump_time_us.saturating_sub(earlier.memdump_time_us),
+            memwrite_time_us: self
+                .memwrite_time_us
+                .saturating_sub(earlier.memwrite_time_us),
+            pages_scanned: self.pages_scanned.saturating_sub(earlier.pages_scanned),
+            pages_skipped_parent: self
+                .pages_skipped_parent
+                .saturating_sub(earlier.pages_skipped_parent),
+            pages_written: self.pages_written.saturating_sub(earlier.pages_written),
+            pages_lazy: self.pages_lazy.saturating_sub(earlier.pages_lazy),
+        }
+    }
+}
+
 /// Restore statistics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RestoreStats {

@@ -487,9 +487,8 @@ impl<'a> Receiver<'a> {
                 }
                 let next = if r.next_final {
                     if self.lazy_final {
-                        // No page server for a lazy final dump: link the chain by hand.
-                        std::os::unix::fs::symlink(&prev, self.images().join("parent"))
-                            .map_err(|e| MigrateError::Rootfs(format!("parent link: {e}")))?;
+                        // No page server for a lazy final dump: only the link.
+                        super::source::link_parent(&self.images(), &prev)?;
                     } else {
                         self.start_page_server(".", Some(prev))?;
                     }
@@ -731,6 +730,7 @@ impl<'a> Receiver<'a> {
         };
         o.set_log_file(log.clone());
         if let Some(p) = parent {
+            super::source::link_parent(&images, &p)?;
             o.set_parent_img(p);
         }
         o.ps = protobuf::MessageField::some(ps);

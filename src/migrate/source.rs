@@ -538,6 +538,32 @@ struct Outcome {
     stats: crate::images::DumpStats,
 }
 
+/// Links `dir/parent` to `target` (relative to `dir`). CRIU creates this link itself only
+/// on its command line: over the RPC it applies `parent_img` after opening the images dir,
+/// so the link is ferry's to make (`parent_img` is still set: CRIU's dirty-page logic needs
+/// it).
+pub(crate) fn link_parent(dir: &Path, target: &str) -> Result<(), MigrateError> {
+    match std::os::unix::fs::symlink(target, dir.join("parent")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(MigrateError::Rootfs(format!(
+            "{}: parent link: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+/// What the pre-copy rounds did.
+struct PreRounds {
+    rounds: Vec<Round>,
+    /// The policy's reason for stopping.
+    reason: String,
+    /// The last round's directory name (the final dump's parent).
+    last_dir: String,
+    /// CRIU's running totals after the last round (the session's stats accumulate).
+    stats_total: crate::images::DumpStats,
+}
+
 /// The pre-copy rounds: PRE_DUMPs into the destination's page server while the container
 /// runs, until the policy says stop. Returns the rounds, the policy's reason and the last
 /// round's directory name (the final dump's parent).
@@ -551,10 +577,11 @@ fn pre_dump_rounds(
     ps_fd: std::os::fd::RawFd,
     images: &Path,
     progress: (&Progress, &Option<TcpStream>),
-) -> Result<(Vec<Round>, String, String), MigrateError> {
+) -> Result<PreRounds, MigrateError> {
     let mut policy = Policy::new(req.policy, req.max_rounds, req.target_downtime_ms);
     let mut rounds = Vec::new();
     let mut previous_start: Option<Instant> = None;
+    let mut before = crate::images::DumpStats::default();
     for k in 1u32.. {
         let name = format!("pre-{k}");
         let dir = images.join(&name);
@@ -562,7 +589,9 @@ fn pre_dump_rounds(
         let mut o = job.opts.clone();
         o.set_track_mem(true);
         if k > 1 {
-            o.set_parent_img(format!("../pre-{}", k - 1));
+            let parent = format!("../pre-{}", k - 1);
+            link_parent(&dir, &parent)?;
+            o.set_parent_img(parent);
         }
         let mut ps = CriuPageServerInfo::new();
         ps.set_fd(ps_fd);
@@ -581,7 +610,9 @@ fn pre_dump_rounds(
         run_pre_dump(session, request, &mut |_| Reply::Success, criu.timeout())
             .map_err(|e| MigrateError::Op(e.into()))?;
         let wall = start.elapsed();
-        let st = read_dump_stats(&dir).unwrap_or_default();
+        let total = read_dump_stats(&dir).unwrap_or_default();
+        let st = total.since(&before);
+        before = total;
         let facts = RoundFacts {
             pages_written: st.pages_written,
             write_ms: st.memwrite_time_us as f64 / 1000.0,
@@ -614,7 +645,12 @@ fn pre_dump_rounds(
         // Hybrid: the round's page maps come back first (see `receive_pagemaps`).
         receive_pagemaps(ctl, &dir)?;
         if decision.stop {
-            return Ok((rounds, decision.reason, name));
+            return Ok(PreRounds {
+                rounds,
+                reason: decision.reason,
+                last_dir: name,
+                stats_total: before,
+            });
         }
     }
     unreachable!("the rounds loop only ends by returning")
@@ -759,9 +795,10 @@ fn run(
     let (mut session, _) = criu.session(fds)?;
     let mut pre_rounds = Vec::new();
     let mut rounds_reason = String::new();
+    let mut stats_before = crate::images::DumpStats::default();
     if pre_copy {
         let fd = ps_fd.ok_or_else(|| MigrateError::Remote("no data connection".into()))?;
-        let (rounds, reason, last) = pre_dump_rounds(
+        let done = pre_dump_rounds(
             criu,
             req,
             job,
@@ -771,10 +808,12 @@ fn run(
             &images,
             (&progress, &probe),
         )?;
-        pre_rounds = rounds;
-        rounds_reason = reason;
+        pre_rounds = done.rounds;
+        rounds_reason = done.reason;
+        stats_before = done.stats_total;
         opts.set_track_mem(true);
-        opts.set_parent_img(last);
+        link_parent(&images, &done.last_dir)?;
+        opts.set_parent_img(done.last_dir);
     }
     if let Some((port_slot, _)) = lazy.as_mut() {
         let port = free_loopback_port()
@@ -919,8 +958,10 @@ fn run(
             )))
         }
     }
-    let mut stats = read_dump_stats(&images).unwrap_or_default();
-    if mode == Mode::PostCopy {
+    let mut stats = read_dump_stats(&images)
+        .unwrap_or_default()
+        .since(&stats_before);
+    if matches!(mode, Mode::PostCopy | Mode::Hybrid) {
         // CRIU's frozen_time of a lazy dump spans the whole page transfer; what the workload
         // feels is the freeze up to the hand-over.
         let frozen = post_dump_at
