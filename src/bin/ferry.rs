@@ -71,6 +71,34 @@ struct ServeArgs {
     /// Place restored containers' cgroups under this name.
     #[arg(long, value_name = "NAME")]
     cgroup_prefix: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS 1.3 with certificates on both sides: all three flags or none.
+#[derive(Args)]
+struct TlsArgs {
+    /// This host's certificate (PEM; with TLS, every connection requires one from the peer).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) the peer's certificate must be issued by (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(
+        &self,
+    ) -> Result<Option<ferry::migrate::tls::TlsFiles>, ferry::migrate::tls::TlsError> {
+        ferry::migrate::tls::TlsFiles::from_flags(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )
+    }
 }
 
 #[derive(Args)]
@@ -105,6 +133,8 @@ struct MigrateArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -222,7 +252,11 @@ fn install_stop_handlers() {
     }
 }
 
-fn serve_cmd(criu: Criu, a: ServeArgs) -> anyhow::Result<()> {
+fn serve_cmd(
+    criu: Criu,
+    a: ServeArgs,
+    tls: Option<ferry::migrate::tls::TlsServer>,
+) -> anyhow::Result<()> {
     use ferry::migrate::destination::{serve, ServeConfig};
     let token = ferry::migrate::auth::Token::load(&a.token_file)?;
     let listener = std::net::TcpListener::bind(&a.listen)?;
@@ -248,6 +282,7 @@ fn serve_cmd(criu: Criu, a: ServeArgs) -> anyhow::Result<()> {
             work_dir: a.work_dir,
             cgroup_prefix: a.cgroup_prefix,
             io_timeout: std::time::Duration::from_secs(300),
+            tls,
         },
         criu,
         stop,
@@ -281,6 +316,12 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         return Err(("--max-rounds must be at least 1".into(), ErrorKind::Invalid));
     }
     let token = Token::load(&a.token_file).map_err(|e| (e.to_string(), e.kind()))?;
+    // Certificates are read and checked before anything touches the container.
+    let tls_err = |e: ferry::migrate::tls::TlsError| (e.to_string(), ErrorKind::Invalid);
+    let tls = match a.tls.files().map_err(tls_err)? {
+        Some(files) => Some(files.client(&a.to).map_err(tls_err)?),
+        None => None,
+    };
     let req = MigrateRequest {
         id: a.id,
         to: a.to,
@@ -292,6 +333,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         runtime_root: a.runtime_root,
         tcp_established: a.tcp_established,
         io_timeout: std::time::Duration::from_secs(300),
+        tls,
     };
     let r = migrate(&criu, &req).map_err(|e| (e.to_string(), e.kind()))?;
     if a.json {
@@ -323,13 +365,27 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
 fn run(cli: Cli) -> Result<ExitCode, OpError> {
     let criu = Criu::from_env().with_timeout(std::time::Duration::from_secs(cli.timeout.max(1)));
     match cli.command {
-        Cmd::Serve(a) => match serve_cmd(criu, a) {
-            Ok(()) => Ok(ExitCode::SUCCESS),
-            Err(e) => {
-                eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));
-                Ok(ExitCode::from(exit_code(ErrorKind::Environment)))
+        Cmd::Serve(a) => {
+            // Certificates are read and checked before the port is opened.
+            let tls = match a
+                .tls
+                .files()
+                .and_then(|f| f.map(|f| f.server()).transpose())
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("ferry: error: {}", one_line(&e.to_string()));
+                    return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
+                }
+            };
+            match serve_cmd(criu, a, tls) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));
+                    Ok(ExitCode::from(exit_code(ErrorKind::Environment)))
+                }
             }
-        },
+        }
         Cmd::Migrate(a) => match migrate_cmd(criu, a) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err((msg, kind)) => {
