@@ -464,6 +464,12 @@ fn tls_refusals_then_counter_stop_copy() {
     let rogue_src = rogue.host("src", &format!("IP:{SRC_IP}"));
     let w = start_counter(th, "");
     let serve = h.serve_tls();
+    let threads = || {
+        fs::read_dir(format!("/proc/{}/task", serve.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let idle_threads = threads();
     let migrate = |flags: Vec<String>| {
         let mut a = vec!["--mode".to_string(), "stop-copy".to_string()];
         a.extend(flags);
@@ -511,12 +517,45 @@ fn tls_refusals_then_counter_stop_copy() {
         plain.stderr()
     );
 
+    // Garbage on the TLS port: the connection is dropped.
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: 192.0.2.2\r\n\r\n"[..],
+        &[0u8; 4096][..],
+    ] {
+        use std::io::{Read, Write};
+        let mut c = th.connect_from_src(&serve.addr);
+        let _ = c.write_all(junk);
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break, // closed (or reset)
+                Ok(_) => {}              // a TLS alert first
+            }
+        }
+    }
+
     // The TLS serve still works.
     let out = h.migrate_tls(&w.id, &serve.addr, "stop-copy");
     let v = migrate_json(&out, Some("stop-copy"));
     assert_migrated(th, &w.id, &v);
     let n = read_counter_lines(&w.out).len();
     assert_counter_continues(&w.out, n, 20);
+    // Every connection thread and TLS pump of this serve ended.
+    let start = Instant::now();
+    while threads() > idle_threads && start.elapsed() < Duration::from_secs(45) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        threads(),
+        idle_threads,
+        "ferry serve has threads left after the migrations ended"
+    );
+    eprintln!(
+        "serve back to {idle_threads} threads after {:?}",
+        start.elapsed()
+    );
+    assert!(serve.is_alive());
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
