@@ -1363,3 +1363,71 @@ pub(crate) mod tests {
         assert!(c.write_all(&[0u8; 1 << 16]).is_err());
     }
 }
+
+#[cfg(test)]
+mod throughput {
+    use super::tests::Pki;
+    use crate::migrate::auth::Token;
+    use crate::migrate::link::{self, Link};
+    use crate::migrate::wire::Role;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    /// MiB/s of `total` bytes one way through a pair of links (`tls`: both ends pumped).
+    fn one_way(tls: bool, total: usize) -> f64 {
+        let pki = Pki::new("ca");
+        let dst = pki.host("dst", &["127.0.0.1"]);
+        let src = pki.host("src", &[]);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = tls.then(|| dst.server().unwrap());
+        let h = std::thread::spawn(move || {
+            let (tcp, peer) = l.accept().unwrap();
+            let token = Token::new(b"0123456789abcdef0123").unwrap();
+            let (mut s, _, _) =
+                link::server(tcp, &peer.to_string(), server.as_ref(), &token, || {
+                    "s".into()
+                })
+                .unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0;
+            loop {
+                match s.read(&mut buf).unwrap() {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            n
+        });
+        let client = tls.then(|| src.client(&addr).unwrap());
+        let token = Token::new(b"0123456789abcdef0123").unwrap();
+        let tcp = TcpStream::connect(&addr).unwrap();
+        let (mut c, _) =
+            link::client(tcp, &addr, client.as_ref(), &token, Role::Data, Some("s")).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        let start = Instant::now();
+        for _ in 0..total / chunk.len() {
+            c.write_all(&chunk).unwrap();
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(h.join().unwrap(), total);
+        let secs = start.elapsed().as_secs_f64();
+        if let Link::Tls(t) = &c {
+            assert!(t.failure().is_none());
+        }
+        total as f64 / (1 << 20) as f64 / secs
+    }
+
+    /// Not a check: prints what the pumps cost on loopback (`cargo test --release --lib
+    /// throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn pump_throughput() {
+        for _ in 0..3 {
+            let plain = one_way(false, 1 << 30);
+            let tls = one_way(true, 1 << 30);
+            eprintln!("1 GiB over loopback: plain TCP {plain:.0} MiB/s, TLS pumps {tls:.0} MiB/s");
+        }
+    }
+}
