@@ -629,6 +629,34 @@ fn tls_flags_checked_first() {
     th.finish();
 }
 
+/// Run a TLS stop-copy migration of `w` to `serve` and call `inject` once 32 MiB crossed the
+/// link (memory is on its way). Returns the migration's result.
+fn migrate_tls_with_fault(
+    h: &TlsHosts,
+    w: &Workload,
+    serve: &Serve,
+    inject: impl FnOnce(),
+) -> FerryOut {
+    let th = &h.th;
+    let base = th.src_tx_bytes();
+    thread::scope(|sc| {
+        let m = sc.spawn(|| h.migrate_tls(&w.id, &serve.addr, "stop-copy"));
+        let start = Instant::now();
+        while !m.is_finished()
+            && th.src_tx_bytes().saturating_sub(base) < 32 * MIB
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!m.is_finished(), "the migration ended before the fault");
+        inject();
+        let t0 = Instant::now();
+        let out = m.join().unwrap();
+        eprintln!("ferry migrate ended {:?} after the fault", t0.elapsed());
+        out
+    })
+}
+
 /// `ferry serve` is SIGKILLed while memory crosses the TLS link: the pumps end, `ferry
 /// migrate` fails, the source memwriter resumes intact, nothing is left on the destination,
 /// and a retry to a fresh TLS serve succeeds.
@@ -641,26 +669,43 @@ fn tls_serve_killed_mid_transfer() {
     let th = &h.th;
     let w = start_memwriter(th, "", 256, 16);
     let serve = h.serve_tls();
-    let base = th.src_tx_bytes();
-    let out = thread::scope(|sc| {
-        let m = sc.spawn(|| h.migrate_tls(&w.id, &serve.addr, "stop-copy"));
-        let start = Instant::now();
-        while !m.is_finished()
-            && th.src_tx_bytes().saturating_sub(base) < 32 * MIB
-            && start.elapsed() < Duration::from_secs(60)
-        {
-            thread::sleep(Duration::from_millis(1));
-        }
-        assert!(!m.is_finished(), "the migration ended before the fault");
-        serve.kill_hard();
-        m.join().unwrap()
-    });
+    let out = migrate_tls_with_fault(&h, &w, &serve, || serve.kill_hard());
     assert_failed_with(&out, &[6, 8, 9]);
     assert_source_memwriter_healthy(th, &w);
     th.assert_dst_clean(&w.id, DST_CLEAN_T);
 
     let serve2 = h.serve_tls();
     let out = h.migrate_tls(&w.id, &serve2.addr, "stop-copy");
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_migrated(th, &w.id, &v);
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, 5);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// The link dies while memory crosses it over TLS and stays down: the pumps notice by the TCP
+/// timeouts (no hang), `ferry migrate` fails, the source resumes intact, the destination
+/// cleans up by itself; with the link back, a retry to the same TLS serve succeeds.
+#[test]
+fn tls_link_cut_during_dump() {
+    if !require_tls_rig() {
+        return;
+    }
+    let h = TlsHosts::new("tlslink");
+    let th = &h.th;
+    let w = start_memwriter(th, "", 256, 16);
+    let serve = h.serve_tls();
+    let t0 = Instant::now();
+    let out = migrate_tls_with_fault(&h, &w, &serve, || th.cut_link());
+    eprintln!("failed migration took {:?}", t0.elapsed());
+    assert_failed_with(&out, &[6, 8, 9]);
+    assert_source_memwriter_healthy(th, &w);
+    th.assert_dst_clean(&w.id, Duration::from_secs(120));
+    assert!(serve.is_alive(), "ferry serve exited after losing a peer");
+
+    th.restore_link();
+    let out = h.migrate_tls(&w.id, &serve.addr, "stop-copy");
     let v = migrate_json(&out, Some("stop-copy"));
     assert_migrated(th, &w.id, &v);
     let n = read_memwriter_lines(&w.out).len();
