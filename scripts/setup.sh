@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ferry needs on a Debian (bookworm) host: runc, containerd (the shim's tests
 # start their own instances; nothing is enabled), iptables/nftables, busybox-static
-# (demo and test containers), iproute2, a C toolchain, and the pinned CRIU built from source.
+# (demo and test containers), iproute2, openssl (TLS test certificates), a C toolchain, and
+# the pinned CRIU built from source.
 # Idempotent. Needs root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,7 +16,7 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 log "installing system packages"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    runc containerd iptables nftables busybox-static iproute2 build-essential pkg-config ca-certificates >/dev/null
+    runc containerd iptables nftables busybox-static iproute2 openssl build-essential pkg-config ca-certificates >/dev/null
 
 log "installing the pinned CRIU"
 bash vendor/criu/install.sh

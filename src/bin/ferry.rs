@@ -78,6 +78,34 @@ struct ServeArgs {
     /// containerd namespace for --containerd.
     #[arg(long, value_name = "NS", default_value = "default")]
     namespace: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS 1.3 with certificates on both sides: all three flags or none.
+#[derive(Args)]
+struct TlsArgs {
+    /// This host's certificate (PEM; with TLS, every connection requires one from the peer).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) the peer's certificate must be issued by (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(
+        &self,
+    ) -> Result<Option<ferry::migrate::tls::TlsFiles>, ferry::migrate::tls::TlsError> {
+        ferry::migrate::tls::TlsFiles::from_flags(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )
+    }
 }
 
 #[derive(Args)]
@@ -119,6 +147,8 @@ struct MigrateArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -236,7 +266,11 @@ fn install_stop_handlers() {
     }
 }
 
-fn serve_cmd(criu: Criu, a: ServeArgs) -> anyhow::Result<()> {
+fn serve_cmd(
+    criu: Criu,
+    a: ServeArgs,
+    tls: Option<ferry::migrate::tls::TlsServer>,
+) -> anyhow::Result<()> {
     use ferry::migrate::destination::{serve, ServeConfig};
     let token = ferry::migrate::auth::Token::load(&a.token_file)?;
     let listener = std::net::TcpListener::bind(&a.listen)?;
@@ -275,6 +309,7 @@ fn serve_cmd(criu: Criu, a: ServeArgs) -> anyhow::Result<()> {
             work_dir: a.work_dir,
             cgroup_prefix: a.cgroup_prefix,
             io_timeout: std::time::Duration::from_secs(300),
+            tls,
         },
         criu,
         stop,
@@ -308,6 +343,12 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         return Err(("--max-rounds must be at least 1".into(), ErrorKind::Invalid));
     }
     let token = Token::load(&a.token_file).map_err(|e| (e.to_string(), e.kind()))?;
+    // Certificates are read and checked before anything touches the container.
+    let tls_err = |e: ferry::migrate::tls::TlsError| (e.to_string(), ErrorKind::Invalid);
+    let tls = match a.tls.files().map_err(tls_err)? {
+        Some(files) => Some(files.client(&a.to).map_err(tls_err)?),
+        None => None,
+    };
     let req = MigrateRequest {
         id: a.id,
         to: a.to,
@@ -323,6 +364,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         tcp_established: a.tcp_established,
         progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         io_timeout: std::time::Duration::from_secs(300),
+        tls,
     };
     let r = migrate(&criu, &req).map_err(|e| (e.to_string(), e.kind()))?;
     if let Some(addr) = &a.containerd {
@@ -366,13 +408,27 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
 fn run(cli: Cli) -> Result<ExitCode, OpError> {
     let criu = Criu::from_env().with_timeout(std::time::Duration::from_secs(cli.timeout.max(1)));
     match cli.command {
-        Cmd::Serve(a) => match serve_cmd(criu, a) {
-            Ok(()) => Ok(ExitCode::SUCCESS),
-            Err(e) => {
-                eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));
-                Ok(ExitCode::from(exit_code(ErrorKind::Environment)))
+        Cmd::Serve(a) => {
+            // Certificates are read and checked before the port is opened.
+            let tls = match a
+                .tls
+                .files()
+                .and_then(|f| f.map(|f| f.server()).transpose())
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("ferry: error: {}", one_line(&e.to_string()));
+                    return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
+                }
+            };
+            match serve_cmd(criu, a, tls) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));
+                    Ok(ExitCode::from(exit_code(ErrorKind::Environment)))
+                }
             }
-        },
+        }
         Cmd::Migrate(a) => match migrate_cmd(criu, a) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err((msg, kind)) => {

@@ -18,9 +18,11 @@ use std::sync::mpsc::{sync_channel, Receiver as ChanReceiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::auth::{random_hex, server_handshake, Token};
+use super::auth::{random_hex, Token};
+use super::link::{self, Link};
 use super::rootfs::{check_rel, delete_extra, install, needed, staging_path};
 use super::source::{tune, Ctl};
+use super::tls::TlsServer;
 use super::wire::{
     Entry, ErrorMsg, FileStart, Msg, Pid, Prepare, Prepared, Role, Target, WireError,
 };
@@ -48,13 +50,15 @@ pub struct ServeConfig {
     pub io_timeout: Duration,
     /// Called once a received container runs and is committed.
     pub on_committed: Option<super::hook::CommitHook>,
+    /// TLS required on every connection (with `--tls-*`).
+    pub tls: Option<TlsServer>,
 }
 
 struct Shared {
     cfg: ServeConfig,
     criu: Criu,
     /// Control sessions waiting for their data connection.
-    sessions: Mutex<HashMap<String, SyncSender<TcpStream>>>,
+    sessions: Mutex<HashMap<String, SyncSender<Link>>>,
     /// Containers being received.
     busy: Mutex<HashSet<String>>,
     /// Set once `serve` is asked to stop: no new migrations.
@@ -146,9 +150,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(120);
 fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
     stream.set_nonblocking(false).map_err(WireError::Io)?;
     tune(&stream, Duration::from_secs(10));
-    let mut stream = stream;
-    let (hello, session) = server_handshake(&mut stream, &shared.cfg.token, || random_hex(16))?;
-    tune(&stream, shared.cfg.io_timeout);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let (mut stream, hello, session) = link::server(
+        stream,
+        &peer,
+        shared.cfg.tls.as_ref(),
+        &shared.cfg.token,
+        || random_hex(16),
+    )?;
+    stream.set_io_timeout(shared.cfg.io_timeout);
     match hello.role {
         Role::Data => {
             let tx = shared
@@ -213,7 +226,7 @@ impl LazyPages {
         criu: &Path,
         images: &Path,
         work: &Path,
-        data: TcpStream,
+        data: Link,
     ) -> Result<LazyPages, MigrateError> {
         let (port, relay) = super::relay::destination_relay(data, Duration::from_secs(120))
             .map_err(|e| MigrateError::Rootfs(format!("relay: {e}")))?;
@@ -312,7 +325,7 @@ impl State {
 pub struct Receiver<'a> {
     shared: &'a Shared,
     session: String,
-    data_rx: ChanReceiver<TcpStream>,
+    data_rx: ChanReceiver<Link>,
     ctl: Ctl,
     id: Option<String>,
     bundle_created: bool,
@@ -323,7 +336,7 @@ pub struct Receiver<'a> {
     /// Pre-dump rounds come first (pre-copy, hybrid).
     pre_copy: bool,
     /// The data connection: each page server gets a copy; a lazy final dump's relay takes it.
-    data: Option<TcpStream>,
+    data: Option<Link>,
 }
 
 const MAX_CONFIG: usize = 4 * 1024 * 1024;
@@ -337,7 +350,7 @@ impl<'a> Receiver<'a> {
     fn new(
         shared: &'a Shared,
         session: String,
-        data_rx: ChanReceiver<TcpStream>,
+        data_rx: ChanReceiver<Link>,
         ctl: Ctl,
     ) -> Receiver<'a> {
         Receiver {
@@ -702,7 +715,7 @@ impl<'a> Receiver<'a> {
     }
 
     /// The data connection of this session (the source opens it after the first sync).
-    fn take_data(&mut self) -> Result<TcpStream, MigrateError> {
+    fn take_data(&mut self) -> Result<Link, MigrateError> {
         self.data_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| MigrateError::Remote("no data connection within 30 s".into()))

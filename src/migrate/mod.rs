@@ -2,22 +2,27 @@
 //!
 //! - [`wire`]: frames and messages of the control channel, and the message sequence,
 //! - [`auth`]: shared-token mutual challenge–response,
+//! - [`tls`]: optional TLS 1.3 with certificates on both sides, and the pump that lets CRIU
+//!   and ferry use a TLS connection as a plain socket; [`link`]: a connection either way,
 //! - [`rootfs`]: rootfs manifests by content hash, deltas, and applying them safely,
 //! - [`policy`]: when the pre-copy rounds stop,
 //! - [`source`]: the source side, [`destination`]: the destination side.
 //!
 //! Memory never touches the source's disk: CRIU's page server on the destination receives
 //! the pages through an authenticated TCP connection that ferry opened and hands to both criu
-//! processes (`ps.fd`), so no port is ever opened for CRIU itself.
+//! processes (`ps.fd`), so no port is ever opened for CRIU itself. With TLS, what they get
+//! is the local end of a pump that encrypts onto that connection.
 
 pub mod auth;
 pub mod destination;
 pub mod hook;
+pub mod link;
 pub mod policy;
 pub mod progress;
 pub mod relay;
 pub mod rootfs;
 pub mod source;
+pub mod tls;
 pub mod wire;
 
 use crate::ops::{ErrorKind, OpError};
@@ -46,6 +51,8 @@ pub enum MigrateError {
     Op(#[from] OpError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
     #[error(
         "the connection was lost after the commit was sent; the destination may be running the \
          container, so the source is left paused: check the destination, then `runc resume` or \
@@ -57,12 +64,15 @@ pub enum MigrateError {
 impl MigrateError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            MigrateError::Token(_) | MigrateError::Auth(_) | MigrateError::Unsupported(_) => {
-                ErrorKind::Invalid
-            }
+            MigrateError::Token(_)
+            | MigrateError::Auth(_)
+            | MigrateError::Unsupported(_)
+            | MigrateError::Tls(_) => ErrorKind::Invalid,
             MigrateError::Incompatible(_) => ErrorKind::Environment,
             MigrateError::Connect { .. } | MigrateError::Ambiguous(_) => ErrorKind::Network,
-            MigrateError::Wire(WireError::Peer { kind, .. }) if kind == "auth" => {
+            MigrateError::Wire(WireError::Peer { kind, .. })
+                if kind == "auth" || kind == tls::PLAINTEXT_REFUSED =>
+            {
                 ErrorKind::Invalid
             }
             MigrateError::Wire(WireError::Peer { .. }) | MigrateError::Remote(_) => {

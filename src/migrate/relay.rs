@@ -1,20 +1,22 @@
 //! Byte relays for post-copy: CRIU's lazy-pages traffic crosses the authenticated data
 //! connection instead of a port CRIU opens to the network. On the source, CRIU's lazy page
 //! server listens on loopback only and ferry connects to it; on the destination, ferry listens
-//! on loopback for CRIU's lazy-pages daemon.
+//! on loopback for CRIU's lazy-pages daemon. The data connection is a [`Link`]: with TLS,
+//! the local end of its pump, so the relay is the same either way.
 
-use std::io::Read;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use super::link::{Duplex, Link};
 
 /// A relay thread; it yields the bytes copied each way.
 pub type RelayHandle = JoinHandle<std::io::Result<(u64, u64)>>;
 use std::time::{Duration, Instant};
 
 /// Copies both ways until both directions end; returns bytes (a→b, b→a).
-pub fn pump(a: TcpStream, b: TcpStream) -> std::io::Result<(u64, u64)> {
+pub fn pump<A: Duplex, B: Duplex>(a: A, b: B) -> std::io::Result<(u64, u64)> {
     let (a2, b2) = (a.try_clone()?, b.try_clone()?);
     let _ = a.set_read_timeout(None);
     let _ = b.set_read_timeout(None);
@@ -24,7 +26,7 @@ pub fn pump(a: TcpStream, b: TcpStream) -> std::io::Result<(u64, u64)> {
     Ok((fwd, back))
 }
 
-fn copy_then_close(mut from: TcpStream, mut to: TcpStream) -> u64 {
+fn copy_then_close(mut from: impl Duplex, mut to: impl Duplex) -> u64 {
     let mut buf = vec![0u8; 256 * 1024];
     let mut n = 0u64;
     loop {
@@ -56,7 +58,7 @@ pub struct SourceRelay {
 }
 
 impl SourceRelay {
-    pub fn start(port: u16, data: TcpStream, wait: Duration) -> SourceRelay {
+    pub fn start(port: u16, data: Link, wait: Duration) -> SourceRelay {
         let local: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
         let poisoned = Arc::new(AtomicBool::new(false));
         let (l2, p2) = (local.clone(), poisoned.clone());
@@ -130,7 +132,7 @@ fn poison_stream(s: &TcpStream) {
 
 /// Destination side: a loopback listener for CRIU's lazy-pages daemon; the first connection
 /// is relayed to `data`.
-pub fn destination_relay(data: TcpStream, wait: Duration) -> std::io::Result<(u16, RelayHandle)> {
+pub fn destination_relay(data: Link, wait: Duration) -> std::io::Result<(u16, RelayHandle)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let port = l.local_addr()?.port();
     l.set_nonblocking(true)?;
@@ -157,7 +159,7 @@ pub fn destination_relay(data: TcpStream, wait: Duration) -> std::io::Result<(u1
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
 
     #[test]
     fn relays_both_ways_and_closes() {
@@ -165,7 +167,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (y, _) = l.accept().unwrap();
-        let (port, h) = destination_relay(y, Duration::from_secs(5)).unwrap();
+        let (port, h) = destination_relay(Link::Tcp(y), Duration::from_secs(5)).unwrap();
         let mut z = TcpStream::connect(("127.0.0.1", port)).unwrap();
         z.write_all(b"request").unwrap();
         let mut buf = [0u8; 7];

@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::auth::{client_handshake, Token};
+use super::auth::Token;
+use super::link::{self, Link};
 use super::policy::{Policy, PolicyKind, RoundFacts};
 use super::progress::{bytes_acked, Progress};
 use super::relay::{free_loopback_port, SourceRelay};
 use super::rootfs::manifest;
+use super::tls::TlsClient;
 use super::wire::{
     check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, RoundDone, SyncDone,
     Target, WireError, CHUNK, MAX_FRAME,
@@ -85,6 +87,8 @@ pub struct MigrateRequest {
     pub progress: bool,
     /// Longest wait for any answer from the destination.
     pub io_timeout: Duration,
+    /// TLS on both connections (with `--tls-*`).
+    pub tls: Option<TlsClient>,
 }
 
 /// One memory transfer round.
@@ -120,7 +124,7 @@ pub struct MigrateReport {
 
 /// The control connection, counting what is sent.
 pub(crate) struct Ctl {
-    pub stream: TcpStream,
+    pub stream: Link,
     pub sent: u64,
 }
 
@@ -130,18 +134,21 @@ impl Ctl {
             inner: &mut self.stream,
             n: 0,
         };
-        m.write_to(&mut counter)?;
-        self.sent += counter.n;
+        let written = m.write_to(&mut counter);
+        let n = counter.n;
+        written.map_err(|e| self.stream.explain(e))?;
+        self.sent += n;
         Ok(())
     }
 
     pub fn recv(&mut self) -> Result<Msg, WireError> {
-        check_peer(Msg::read_from(&mut self.stream, MAX_FRAME)?)
+        let m = Msg::read_from(&mut self.stream, MAX_FRAME).map_err(|e| self.stream.explain(e))?;
+        check_peer(m)
     }
 }
 
 struct Counting<'a> {
-    inner: &'a mut TcpStream,
+    inner: &'a mut Link,
     n: u64,
 }
 
@@ -207,6 +214,16 @@ fn connect(addr: &str, io_timeout: Duration) -> Result<TcpStream, MigrateError> 
     let s = TcpStream::connect_timeout(&sa, Duration::from_secs(10)).map_err(conn_err)?;
     tune(&s, io_timeout);
     Ok(s)
+}
+
+/// A connection to the destination, authenticated (inside TLS when configured).
+fn open(
+    req: &MigrateRequest,
+    role: Role,
+    session: Option<&str>,
+) -> Result<(Link, String), MigrateError> {
+    let tcp = connect(&req.to, req.io_timeout)?;
+    link::client(tcp, &req.to, req.tls.as_ref(), &req.token, role, session)
 }
 
 fn expect_ok(ctl: &mut Ctl, state: &'static str) -> Result<(), MigrateError> {
@@ -444,11 +461,8 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     let config = std::fs::read_to_string(job.container.bundle.join("config.json"))
         .map_err(|e| MigrateError::Rootfs(format!("reading config.json: {e}")))?;
 
-    let mut ctl = Ctl {
-        stream: connect(&req.to, req.io_timeout)?,
-        sent: 0,
-    };
-    let session_id = client_handshake(&mut ctl.stream, &req.token, Role::Control, None)?;
+    let (stream, session_id) = open(req, Role::Control, None)?;
+    let mut ctl = Ctl { stream, sent: 0 };
     tracing::info!(to = %req.to, session = %session_id, "authenticated");
     ctl.send(&Msg::Prepare(Prepare {
         container: req.id.clone(),
@@ -481,6 +495,8 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     std::fs::create_dir_all(&work)
         .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", work.display())))?;
     let result = run(criu, req, mode, &job, &mut ctl, &session_id, &work);
+    // With TLS, a last message (the abort notice) must leave before the process does.
+    ctl.stream.finish(Duration::from_secs(5));
     if result.is_ok() {
         if let Err(e) = remove_tree(&work) {
             tracing::warn!("cleanup: {e}");
@@ -576,7 +592,7 @@ fn pre_dump_rounds(
     session: &mut crate::criu::swrk::Swrk,
     ps_fd: std::os::fd::RawFd,
     images: &Path,
-    progress: (&Progress, &Option<TcpStream>),
+    progress: (&Progress, &Option<Link>),
 ) -> Result<PreRounds, MigrateError> {
     let mut policy = Policy::new(req.policy, req.max_rounds, req.target_downtime_ms);
     let mut rounds = Vec::new();
@@ -657,8 +673,13 @@ fn pre_dump_rounds(
 }
 
 /// Bytes sent on the data connection, as seen through ferry's copy of it.
-fn sent_counter(probe: &Option<TcpStream>) -> impl Fn() -> u64 + Send + 'static {
-    let p = probe.as_ref().and_then(|p| p.try_clone().ok());
+/// (With TLS the data connection ferry holds is the local end of the pump, which the kernel
+/// keeps no TCP counters for: the line then shows time only.)
+fn sent_counter(probe: &Option<Link>) -> impl Fn() -> u64 + Send + 'static {
+    let p = match probe {
+        Some(Link::Tcp(s)) => s.try_clone().ok(),
+        _ => None,
+    };
     move || p.as_ref().map(bytes_acked).unwrap_or(0)
 }
 
@@ -753,8 +774,7 @@ fn run(
     let mut files_sent = sync_rootfs(ctl, &job.cfg.rootfs, false)?;
     tracing::info!(files = files_sent, "rootfs synced while running");
 
-    let mut data = connect(&req.to, req.io_timeout)?;
-    client_handshake(&mut data, &req.token, Role::Data, Some(session_id))?;
+    let (data, _) = open(req, Role::Data, Some(session_id))?;
     match ctl.recv()? {
         Msg::PageServerReady => {}
         other => {
@@ -774,7 +794,7 @@ fn run(
     let mut ps = CriuPageServerInfo::new();
     // Post-copy: CRIU's lazy page server listens on loopback only (the config file overrides
     // the RPC's any-address default) and ferry relays it through the data connection.
-    let mut lazy: Option<(u16, TcpStream)> = None;
+    let mut lazy: Option<(u16, Link)> = None;
     // Pre-copy: the data connection is inherited once by the criu session; every round
     // (CRIU runs each pre-dump in a child) and the final dump write into it.
     let mut ps_fd = None;

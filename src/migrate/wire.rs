@@ -38,6 +38,11 @@
 //! ```
 //! Any error before S receives `Committed` resumes the source; D undoes everything when the
 //! connection ends before `Commit`.
+//!
+//! With `--tls-*` on both sides, each connection starts with a TLS 1.3 handshake (certificates
+//! both ways, see [`super::tls`]) and this whole sequence, from Hello on, and the raw CRIU
+//! bytes of the data connection run inside TLS. A TLS destination answers a plaintext Hello
+//! with Error{kind: "tls"}; a plaintext destination reports a TLS record as a bad magic.
 
 use std::io::{Read, Write};
 
@@ -59,7 +64,7 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("peer closed the connection")]
     Closed,
-    #[error("bad frame magic {0:02x?}")]
+    #[error("bad frame magic {0:02x?}{hint}", hint = magic_hint(.0))]
     Magic([u8; 2]),
     #[error("unknown frame kind {0}")]
     UnknownKind(u16),
@@ -71,6 +76,16 @@ pub enum WireError {
     Unexpected { got: Kind, state: &'static str },
     #[error("peer error ({kind}): {message}")]
     Peer { kind: String, message: String },
+}
+
+/// What a bad magic most likely is: a TLS record (handshake 0x16 or alert 0x15, version
+/// 3.x) means the peer speaks TLS and this side does not.
+fn magic_hint(m: &[u8; 2]) -> &'static str {
+    if matches!(m, [0x15 | 0x16, 0x03]) {
+        " (a TLS record: the peer uses TLS, this side has no --tls-cert/--tls-key/--tls-ca)"
+    } else {
+        ""
+    }
 }
 
 /// Frame kinds; 0 is never valid.
