@@ -199,10 +199,10 @@ fn precopy_policy_stops_when_dirtying_outpaces_the_link() {
         ],
     );
     let pr = pre_rounds(&v);
-    eprintln!(
-        "pre-dump rounds (pages): {pr:?}; stopped: {}",
+    vm::report(&format!(
+        "fast dirtier: pre-dump rounds (pages) {pr:?}; stopped: {}",
         v["rounds_reason"]
-    );
+    ));
     assert!(pr.len() < 10, "the rounds went on to the cap of 10: {pr:?}");
     assert!(
         v["rounds_reason"]
@@ -235,6 +235,13 @@ fn hybrid_memwriter() {
         ],
     );
     assert_eq!(v["mode"], "hybrid");
+    vm::report(&format!(
+        "hybrid {} MiB: rounds (pages) {:?}, final round {} bytes; stopped: {}",
+        mem_mib(),
+        rounds(&v).iter().map(pages).collect::<Vec<_>>(),
+        json_u64(rounds(&v).last().unwrap(), "bytes"),
+        v["rounds_reason"]
+    ));
     let pr = pre_rounds(&v);
     assert!(!pr.is_empty(), "no pre-dump round: {v}");
     // The final round's bytes count the pages fetched lazily after the restore: only what
