@@ -48,6 +48,9 @@ pub struct ServeConfig {
     pub io_timeout: Duration,
     /// Called once a received container runs and is committed.
     pub on_committed: Option<super::hook::CommitHook>,
+    /// How a container with a network namespace given by path gets one here (`--bridge`,
+    /// `--netns-hook`); None refuses such containers.
+    pub net: Option<crate::net::dest::NetSetup>,
 }
 
 struct Shared {
@@ -324,6 +327,10 @@ pub struct Receiver<'a> {
     pre_copy: bool,
     /// The data connection: each page server gets a copy; a lazy final dump's relay takes it.
     data: Option<TcpStream>,
+    /// The container's network namespace here (see `crate::net::dest`), until committed.
+    net: Option<crate::net::dest::DestNet>,
+    tcp_established: bool,
+    tcp_close: bool,
 }
 
 const MAX_CONFIG: usize = 4 * 1024 * 1024;
@@ -351,6 +358,9 @@ impl<'a> Receiver<'a> {
             lazy_final: false,
             pre_copy: false,
             data: None,
+            net: None,
+            tcp_established: false,
+            tcp_close: false,
         }
     }
 
@@ -581,6 +591,10 @@ impl<'a> Receiver<'a> {
         let mut config: serde_json::Value = serde_json::from_str(&p.config)
             .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
         config["root"]["path"] = serde_json::Value::from("rootfs");
+        (self.tcp_established, self.tcp_close) = (p.tcp_established, p.tcp_close);
+        if let Some(facts) = &p.net {
+            self.prepare_net(&mut config, facts)?;
+        }
         let bundle = self.bundle();
         if !bundle.exists() {
             std::fs::create_dir_all(bundle.join("rootfs"))
@@ -601,6 +615,49 @@ impl<'a> Receiver<'a> {
                 .version()
                 .unwrap_or_default(),
         }))?;
+        Ok(())
+    }
+
+    /// The container's network namespace here, before the source freezes anything: created,
+    /// locked, configured, probed for a clash; config.json then names it.
+    fn prepare_net(
+        &mut self,
+        config: &mut serde_json::Value,
+        facts: &crate::net::facts::NetFacts,
+    ) -> Result<(), MigrateError> {
+        let setup = self.shared.cfg.net.clone().ok_or_else(|| {
+            MigrateError::Unsupported(
+                "the container has a network namespace given by path; this destination has no \
+                 network setup (ferry serve --bridge NAME or --netns-hook PROG)"
+                    .into(),
+            )
+        })?;
+        let source = self
+            .ctl
+            .stream
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let id = self.id.clone().unwrap_or_default();
+        let net =
+            crate::net::dest::DestNet::prepare(&setup, &id, facts, &source).map_err(
+                |e| match e {
+                    crate::net::NetError::Clash { .. } => {
+                        MigrateError::Op(crate::ops::OpError::Conflict(e.to_string()))
+                    }
+                    e => MigrateError::Net(e.to_string()),
+                },
+            )?;
+        let path = net.path.to_string_lossy().into_owned();
+        self.net = Some(net);
+        let namespaces = config["linux"]["namespaces"]
+            .as_array_mut()
+            .ok_or_else(|| MigrateError::Remote("config.json without namespaces".into()))?;
+        for n in namespaces.iter_mut() {
+            if n["type"] == "network" {
+                n["path"] = serde_json::Value::from(path.clone());
+            }
+        }
         Ok(())
     }
 
@@ -859,7 +916,12 @@ impl<'a> Receiver<'a> {
             rename: false,
             work_dir: Some(self.work().join("restore")),
             console_socket: None,
-            settings: Default::default(),
+            settings: crate::oci::options::RestoreSettings {
+                tcp_established: self.tcp_established,
+                tcp_close: self.tcp_close,
+                network_lock: self.net.as_ref().map(|n| n.method.criu()),
+                ..Default::default()
+            },
             cgroup_paths: Some(self.cgroup_paths(&meta)?),
             null_stdio: true,
         };
@@ -881,14 +943,22 @@ impl<'a> Receiver<'a> {
             req.settings.lazy_pages = true;
         }
         let ctl = &mut self.ctl;
+        let net = self.net.as_ref();
         let mut gate = |pid: i32| -> Result<(), String> {
             ctl.send(&Msg::Restored(Pid { pid }))
                 .map_err(|e| e.to_string())?;
             match ctl.recv() {
-                Ok(Msg::Commit) => Ok(()),
-                Ok(other) => Err(format!("expected commit, got {:?}", other.kind())),
-                Err(e) => Err(format!("source gone before commit: {e}")),
+                Ok(Msg::Commit) => {}
+                Ok(other) => return Err(format!("expected commit, got {:?}", other.kind())),
+                Err(e) => return Err(format!("source gone before commit: {e}")),
             }
+            // Committed: CRIU unlocks and turns TCP repair off next; ferry's lock goes first.
+            if let Some(n) = net {
+                if let Err(e) = n.unlock() {
+                    tracing::warn!("unlocking the container's network: {e}");
+                }
+            }
+            Ok(())
         };
         let restored = restore_gated(&self.shared.criu, &req, &mut gate);
         let report = match restored {
@@ -908,6 +978,12 @@ impl<'a> Receiver<'a> {
             let _ = self.ctl.stream.shutdown(std::net::Shutdown::Both);
         } else if let Err(e) = self.ctl.send(&Msg::Committed(Pid { pid: report.pid })) {
             tracing::warn!(id = %id, "the container runs here, but the source was not told: {e}");
+        }
+        if let Some(n) = self.net.take() {
+            // The namespace is the container's now; tell the neighbours where it went.
+            if let Err(e) = n.announce() {
+                tracing::warn!("gratuitous ARP: {e}");
+            }
         }
         if let Some(h) = &self.shared.cfg.on_committed {
             h.call(&id, &self.bundle(), report.pid);
@@ -957,6 +1033,9 @@ impl<'a> Receiver<'a> {
                 "migration failed; CRIU's logs are kept in {}",
                 work.display()
             );
+        }
+        if let Some(n) = self.net.take() {
+            n.remove();
         }
         if !ok && self.bundle_created {
             if let Err(e) = remove_tree(&self.bundle()) {
