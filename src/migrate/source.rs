@@ -848,9 +848,9 @@ fn run(
         // Frozen: the count cannot change any more.
         tcp = crate::net::established_tcp(job.container.init_pid);
         if fault == "fail-post-dump" {
-            tracing::warn!("FERRY_TEST_FAULT: failing the final dump at post-dump");
+            tracing::info!("FERRY_TEST_FAULT: failing the final dump at post-dump");
             failure = Some(MigrateError::Remote(
-                "FERRY_TEST_FAULT fail-post-dump".into(),
+                "injected fault (FERRY_TEST_FAULT=fail-post-dump): the final dump fails".into(),
             ));
             return Reply::Failure("FERRY_TEST_FAULT".into());
         }
