@@ -323,6 +323,85 @@ fn without_tcp_established_connections_are_closed_and_counted() {
     b.th.finish();
 }
 
+/// A test `--netns-hook`: logs every call (arguments and FERRY_* facts), refuses while a
+/// file `fail` exists beside it, and otherwise does what the built-in setup does.
+const HOOK: &str = r#"#!/bin/sh
+dir=$(dirname "$0")
+echo "$1 $2 $3 id=$FERRY_CONTAINER_ID netns=$FERRY_NETNS if=$FERRY_IFNAME addrs=$FERRY_ADDRS routes=$FERRY_ROUTES mtu=$FERRY_MTU source=$FERRY_SOURCE" >> "$dir/calls"
+[ "$1" = add ] || exit 0
+if [ -e "$dir/fail" ]; then echo "hook says: no capacity here" >&2; exit 3; fi
+ip link add "hk$$" type veth peer name "$FERRY_IFNAME" netns "$(basename "$3")" || exit 1
+ip link set "hk$$" master br0 up || exit 1
+nsenter --net="$3" -- ip link set lo up
+for a in $FERRY_ADDRS; do nsenter --net="$3" -- ip addr add "$a" dev "$FERRY_IFNAME" || exit 1; done
+nsenter --net="$3" -- ip link set "$FERRY_IFNAME" up
+for r in $FERRY_ROUTES; do
+  dst=${r%%,*}; via=${r#*,}
+  if [ "$via" = "$r" ]; then nsenter --net="$3" -- ip route add "$dst" dev "$FERRY_IFNAME" || exit 1
+  else nsenter --net="$3" -- ip route add "$dst" via "$via" dev "$FERRY_IFNAME" || exit 1; fi
+done
+"#;
+
+/// `ferry serve --netns-hook PROG`: a hook that refuses makes the migration fail before the
+/// freeze with its message (and is called again with `del`); once it accepts, the migration
+/// keeps the connections. The hook gets the documented arguments and facts.
+#[test]
+fn netns_hook_is_called_with_the_facts() {
+    if !require_two_hosts() {
+        return;
+    }
+    let b = BridgedHosts::new("nethook");
+    let hook_dir = b.th.dst_runc().mkdir("hook");
+    let hook = hook_dir.join("netns-hook");
+    std::fs::write(&hook, HOOK).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(hook_dir.join("fail"), "").unwrap();
+    let serve = b.th.serve(&["--netns-hook", s(&hook)]);
+    let (id, log) = b.start_server("");
+    let mut clients = start_clients(&b, 2);
+
+    let out = b.th.migrate(
+        &id,
+        &serve.addr,
+        &["--mode", "stop-copy", "--tcp-established"],
+    );
+    assert_failed_with(&out, &[8]);
+    assert!(out.stderr.contains("no capacity here"), "{out:?}");
+    assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
+    b.th.assert_dst_clean(&id, DST_CLEAN_T);
+    assert!(!BridgedHosts::dst_netns(&id).exists());
+    let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
+    let ns = BridgedHosts::dst_netns(&id);
+    let want_add = format!(
+        "add {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} mtu=1500 source={SRC_IP}",
+        ns.display(),
+        ns.display()
+    );
+    assert_eq!(
+        calls.lines().collect::<Vec<_>>(),
+        vec![want_add.as_str(), &format!("del {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} mtu=1500 source=", ns.display(), ns.display())],
+        "hook calls"
+    );
+
+    std::fs::remove_file(hook_dir.join("fail")).unwrap();
+    let out = b.th.migrate(
+        &id,
+        &serve.addr,
+        &["--mode", "stop-copy", "--tcp-established"],
+    );
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
+    wait_clients_progress(&clients, 25, slow(T_NET));
+    let kept = server_log(&log);
+    assert_clients_fine(&mut clients);
+    assert_server_kept(&kept, 2);
+    let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
+    assert_eq!(calls.lines().count(), 3, "hook calls: {calls}");
+    let rules = b.lock_rules();
+    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    b.th.finish();
+}
+
 #[test]
 fn zz_no_leftovers() {
     if !require_two_hosts() {

@@ -448,9 +448,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     // A namespace given by path (CNI style) is rebuilt on the destination from these facts.
     let netns = crate::net::netns_path(&job.cfg);
     let net = match &netns {
-        Some(p) => {
-            Some(crate::net::facts::gather(p).map_err(|e| MigrateError::Net(e.to_string()))?)
-        }
+        Some(p) => crate::net::facts::gather(p).map_err(|e| MigrateError::Net(e.to_string()))?,
         None => None,
     };
     let (mode, mode_reason) = choose_mode(req, features.mem_track, features.lazy_pages)?;

@@ -89,8 +89,9 @@ pub fn parse_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
     Some((a.parse().ok()?, len))
 }
 
-/// Reads the facts of the namespace at `netns` (`ip -j` inside it).
-pub fn gather(netns: &Path) -> Result<NetFacts, NetError> {
+/// Reads the facts of the namespace at `netns` (`ip -j` inside it); None when it has no
+/// interface with a global IPv4 address (nothing to rebuild: the path is used as it is).
+pub fn gather(netns: &Path) -> Result<Option<NetFacts>, NetError> {
     let addrs = run(in_ns_cmd(netns, "ip").args(["-j", "-4", "addr", "show"]))?;
     let links = run(in_ns_cmd(netns, "ip").args(["-j", "link", "show"]))?;
     let routes = run(in_ns_cmd(netns, "ip").args(["-j", "-4", "route", "show"]))?;
@@ -98,25 +99,22 @@ pub fn gather(netns: &Path) -> Result<NetFacts, NetError> {
 }
 
 /// The facts from `ip -j -4 addr`, `ip -j link` and `ip -j -4 route` output.
-pub fn from_json(addrs: &str, links: &str, routes: &str) -> Result<NetFacts, NetError> {
+pub fn from_json(addrs: &str, links: &str, routes: &str) -> Result<Option<NetFacts>, NetError> {
     let parse = |t: &str, what: &str| -> Result<Vec<serde_json::Value>, NetError> {
         serde_json::from_str(t).map_err(|e| NetError::Facts(format!("ip -j {what}: {e}")))
     };
     let addrs = parse(addrs, "addr")?;
     let links = parse(links, "link")?;
     let routes = parse(routes, "route")?;
-    let iface = addrs
-        .iter()
-        .find(|l| {
-            l["ifname"].as_str() != Some("lo")
-                && l["addr_info"].as_array().is_some_and(|a| {
-                    a.iter()
-                        .any(|i| i["family"] == "inet" && i["scope"] == "global")
-                })
-        })
-        .ok_or_else(|| {
-            NetError::Facts("no interface with a global IPv4 address in the namespace".into())
-        })?;
+    let Some(iface) = addrs.iter().find(|l| {
+        l["ifname"].as_str() != Some("lo")
+            && l["addr_info"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|i| i["family"] == "inet" && i["scope"] == "global")
+            })
+    }) else {
+        return Ok(None);
+    };
     let ifname = iface["ifname"].as_str().unwrap_or_default().to_string();
     let link = links
         .iter()
@@ -153,7 +151,7 @@ pub fn from_json(addrs: &str, links: &str, routes: &str) -> Result<NetFacts, Net
         routes,
     };
     f.validate()?;
-    Ok(f)
+    Ok(Some(f))
 }
 
 #[cfg(test)]
@@ -170,7 +168,7 @@ mod tests {
 
     #[test]
     fn facts_of_a_cni_namespace() {
-        let f = from_json(ADDRS, LINKS, ROUTES).unwrap();
+        let f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
         assert_eq!(f.ifname, "eth0");
         assert_eq!(f.mac, "02:42:0a:58:00:05");
         assert_eq!(f.mtu, 1450);
@@ -195,22 +193,24 @@ mod tests {
     }
 
     #[test]
-    fn no_address_is_an_error() {
-        assert!(from_json(r#"[{"ifname":"lo","addr_info":[]}]"#, LINKS, "[]").is_err());
+    fn no_address_means_nothing_to_carry() {
+        let f = from_json(r#"[{"ifname":"lo","addr_info":[]}]"#, LINKS, "[]").unwrap();
+        assert!(f.is_none());
+        assert!(from_json("not json", LINKS, "[]").is_err());
     }
 
     #[test]
     fn peer_facts_are_validated() {
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
         f.ifname = "eth0; rm -rf /".into();
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
         f.addrs = vec!["10.0.0.1/33".into()];
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
         f.routes[0].via = Some("x".into());
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
         f.addrs = vec!["10.0.0.1/24".into(); MAX_ITEMS + 1];
         assert!(f.validate().is_err());
     }
