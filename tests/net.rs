@@ -401,6 +401,50 @@ fn netns_hook_is_called_with_the_facts() {
     b.th.finish();
 }
 
+/// The nftables lock (`FERRY_NET_LOCK=nftables` on both hosts, which have both tools): a
+/// failed final dump leaves the source's connections alive and no table behind; then the
+/// migration keeps the connections, and no table is left anywhere.
+#[test]
+fn nftables_lock_method() {
+    if !require_two_hosts() {
+        return;
+    }
+    let b = BridgedHosts::new("netnft");
+    let serve =
+        b.th.serve_with_env(&[("FERRY_NET_LOCK", "nftables")], &["--bridge", "br0"]);
+    let (id, log) = b.start_server("");
+    let mut clients = start_clients(&b, 2);
+    let args = ["--mode", "stop-copy", "--tcp-established"];
+    let out =
+        b.th.migrate_cmd(&id, &serve.addr, &args)
+            .env("FERRY_NET_LOCK", "nftables")
+            .env("FERRY_TEST_FAULT", "fail-post-dump")
+            .run();
+    assert_failed_with(&out, &[8]);
+    assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
+    wait_clients_progress(&clients, 15, slow(T_NET));
+    let rules = b.lock_rules();
+    assert!(
+        rules.is_empty(),
+        "lock rules left after the failure: {rules:?}"
+    );
+    b.th.assert_dst_clean(&id, DST_CLEAN_T);
+
+    let out =
+        b.th.migrate_cmd(&id, &serve.addr, &args)
+            .env("FERRY_NET_LOCK", "nftables")
+            .run();
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
+    wait_clients_progress(&clients, 25, slow(T_NET));
+    let kept = server_log(&log);
+    assert_clients_fine(&mut clients);
+    assert_server_kept(&kept, 2);
+    let rules = b.lock_rules();
+    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    b.th.finish();
+}
+
 #[test]
 fn zz_no_leftovers() {
     if !require_two_hosts() {

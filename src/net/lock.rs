@@ -15,7 +15,7 @@
 //! would be answered with a RST.
 //!
 //! The method follows the host: iptables when `iptables-restore` is there (CRIU's default),
-//! otherwise nftables; the same choice is given to CRIU.
+//! otherwise nftables (`FERRY_NET_LOCK` overrides); the same choice is given to CRIU.
 
 use std::io::Write;
 use std::path::Path;
@@ -58,7 +58,13 @@ fn on_path(prog: &str) -> bool {
 }
 
 /// The method this host can use: iptables if present, else nftables, else none.
+/// `FERRY_NET_LOCK=iptables|nftables` overrides the choice (both on a host that has both).
 pub fn host_method() -> Option<LockMethod> {
+    match std::env::var("FERRY_NET_LOCK").as_deref() {
+        Ok("iptables") => return Some(LockMethod::Iptables),
+        Ok("nftables") => return Some(LockMethod::Nftables),
+        _ => {}
+    }
     if on_path("iptables-restore") {
         Some(LockMethod::Iptables)
     } else if on_path("nft") {
