@@ -771,6 +771,35 @@ fn serve_drains_a_migration_on_sigterm() {
     assert!(!serve.is_alive(), "ferry serve did not exit after draining");
     let n = read_memwriter_lines(&w.out).len();
     assert_memwriter_continues(&w.out, n, 3);
+    // serve exited while the container ran under its --cgroup-prefix, so it could not
+    // remove those dirs (it removes them only once empty): the test does, once the container
+    // is gone — exactly the prefix dirs above the restored container's cgroups.
+    let prefix_dirs = prefix_dirs_of(json_u64(&v, "restored_pid"));
     th.dst_runc().kill_and_delete(&w.id);
+    for d in &prefix_dirs {
+        let _ = std::fs::remove_dir(d);
+    }
     th.finish();
+}
+
+/// The `--cgroup-prefix` dirs (`…/ferry-dst`) above the cgroups of `pid`, per hierarchy.
+fn prefix_dirs_of(pid: u64) -> Vec<std::path::PathBuf> {
+    let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let marker = format!("/{DST_CGROUP_PREFIX}/");
+    cg.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+            let cut = path.find(&marker)?;
+            let hierarchy = match ctrls {
+                "" => "unified".to_string(),
+                c => c.trim_start_matches("name=").to_string(),
+            };
+            Some(
+                std::path::Path::new("/sys/fs/cgroup")
+                    .join(hierarchy)
+                    .join(path[1..cut + marker.len() - 1].to_string()),
+            )
+        })
+        .collect()
 }

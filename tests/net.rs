@@ -445,6 +445,40 @@ fn nftables_lock_method() {
     b.th.finish();
 }
 
+/// A network namespace shared with a process outside the container (another container of a
+/// pod, say) is refused before anything happens: its address cannot move without it.
+#[test]
+fn shared_netns_is_refused() {
+    if !require_two_hosts() {
+        return;
+    }
+    let b = BridgedHosts::new("netshared");
+    let serve = b.serve(&[]);
+    let (id, _log) = b.start_server("");
+    let mut holder = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.container_ns, "sleep", "60"])
+        .spawn()
+        .expect("spawn a process in the container's namespace");
+    thread_sleep_ms(300);
+    let out = b.th.migrate(
+        &id,
+        &serve.addr,
+        &["--mode", "stop-copy", "--tcp-established"],
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_failed_with(&out, &[4]);
+    assert!(out.stderr.contains("shared"), "{out:?}");
+    assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
+    assert!(b.container_netns().exists());
+    b.th.assert_dst_clean(&id, DST_CLEAN_T);
+    b.th.finish();
+}
+
+fn thread_sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
 #[test]
 fn zz_no_leftovers() {
     if !require_two_hosts() {

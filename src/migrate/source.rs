@@ -451,6 +451,17 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         Some(p) => crate::net::facts::gather(p).map_err(|e| MigrateError::Net(e.to_string()))?,
         None => None,
     };
+    if let (Some(p), Some(_)) = (&netns, &net) {
+        let others = crate::net::dest::foreign_users(p, job.container.init_pid)
+            .map_err(|e| MigrateError::Net(e.to_string()))?;
+        if !others.is_empty() {
+            return Err(MigrateError::Unsupported(format!(
+                "the network namespace {} is shared with processes outside the container \
+                 (pids {others:?}); its address cannot move without them",
+                p.display()
+            )));
+        }
+    }
     let (mode, mode_reason) = choose_mode(req, features.mem_track, features.lazy_pages)?;
     let runc_version = Runc::new(&req.runtime_root)
         .version()

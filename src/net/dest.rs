@@ -284,14 +284,71 @@ impl DestNet {
     }
 }
 
+/// Processes using the namespace at `netns` that are not the container's (whose init is
+/// `init_pid`; its processes share the init's pid namespace): another container of a pod,
+/// say. Moving the namespace's address away from them would break them.
+pub fn foreign_users(netns: &Path, init_pid: i32) -> Result<Vec<i32>, NetError> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino());
+    let net = std::fs::metadata(netns)
+        .map_err(|source| NetError::Netns {
+            path: netns.display().to_string(),
+            source,
+        })?
+        .ino();
+    let own_pid_ns =
+        ino(&format!("/proc/{init_pid}/ns/pid")).map_err(|source| NetError::Netns {
+            path: format!("/proc/{init_pid}/ns/pid"),
+            source,
+        })?;
+    Ok(users_of_netns(net)
+        .into_iter()
+        .filter(|p| ino(&format!("/proc/{p}/ns/pid")).ok() != Some(own_pid_ns))
+        .collect())
+}
+
+/// Processes whose network namespace is the one with inode `ino`.
+fn users_of_netns(ino: u64) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == ino)
+        })
+        .collect()
+}
+
 /// After a successful migration: removes the source's namespace file at `path` (a bind mount
-/// of a namespace, as `ip netns add` and CNI runtimes make; never a /proc path). The
-/// namespace dies with its last user, and its veth with it, which removes the host end from
-/// the bridge.
+/// of a namespace, as `ip netns add` and CNI runtimes make; never a /proc path, never while a
+/// process still uses it, e.g. another container of the same pod). The namespace dies with
+/// its last user, and its veth with it, which removes the host end from the bridge.
 pub fn remove_source_netns(path: &Path) -> Result<(), NetError> {
+    use std::os::unix::fs::MetadataExt;
     if path.starts_with("/proc") {
         return Err(NetError::Invalid(format!(
             "{} is a process's namespace, not removed",
+            path.display()
+        )));
+    }
+    let ino = std::fs::metadata(path)
+        .map_err(|source| NetError::Netns {
+            path: path.display().to_string(),
+            source,
+        })?
+        .ino();
+    // The dumped tasks were just killed: give them a moment to be gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut users = users_of_netns(ino);
+    while !users.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        users = users_of_netns(ino);
+    }
+    if !users.is_empty() {
+        return Err(NetError::Invalid(format!(
+            "{} is still used by pid(s) {users:?}, not removed",
             path.display()
         )));
     }
