@@ -798,7 +798,7 @@ fn prefix_dirs_of(pid: u64) -> Vec<std::path::PathBuf> {
             Some(
                 std::path::Path::new("/sys/fs/cgroup")
                     .join(hierarchy)
-                    .join(path[1..cut + marker.len() - 1].to_string()),
+                    .join(&path[1..cut + marker.len() - 1]),
             )
         })
         .collect()

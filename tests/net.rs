@@ -479,6 +479,34 @@ fn thread_sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
+/// Post-copy with `--tcp-established`: the destination runs the container before its memory
+/// has arrived; the connections go on all the same.
+#[test]
+fn post_copy_keeps_tcp_connections() {
+    if !require_two_hosts() {
+        return;
+    }
+    let b = BridgedHosts::new("netpost");
+    let serve = b.serve(&[]);
+    let (id, log) = b.start_server("");
+    let mut clients = start_clients(&b, 2);
+    let out = b.th.migrate(
+        &id,
+        &serve.addr,
+        &["--mode", "post-copy", "--tcp-established"],
+    );
+    let v = migrate_json(&out, Some("post-copy"));
+    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
+    assert_migrated(&b.th, &id, &v);
+    wait_clients_progress(&clients, 25, slow(T_NET));
+    let kept = server_log(&log);
+    assert_clients_fine(&mut clients);
+    assert_server_kept(&kept, 2);
+    let rules = b.lock_rules();
+    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    b.th.finish();
+}
+
 #[test]
 fn zz_no_leftovers() {
     if !require_two_hosts() {
