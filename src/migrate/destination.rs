@@ -948,19 +948,21 @@ impl<'a> Receiver<'a> {
             ctl.send(&Msg::Restored(Pid { pid }))
                 .map_err(|e| e.to_string())?;
             match ctl.recv() {
-                Ok(Msg::Commit) => {}
-                Ok(other) => return Err(format!("expected commit, got {:?}", other.kind())),
-                Err(e) => return Err(format!("source gone before commit: {e}")),
+                Ok(Msg::Commit) => Ok(()),
+                Ok(other) => Err(format!("expected commit, got {:?}", other.kind())),
+                Err(e) => Err(format!("source gone before commit: {e}")),
             }
-            // Committed: CRIU unlocks and turns TCP repair off next; ferry's lock goes first.
+        };
+        // Committed and handed to runc: CRIU unlocks and turns TCP repair off next, then
+        // resumes the tasks; ferry's lock goes first.
+        let mut unlock = || {
             if let Some(n) = net {
                 if let Err(e) = n.unlock() {
                     tracing::warn!("unlocking the container's network: {e}");
                 }
             }
-            Ok(())
         };
-        let restored = restore_gated(&self.shared.criu, &req, &mut gate);
+        let restored = restore_gated(&self.shared.criu, &req, &mut gate, &mut unlock);
         let report = match restored {
             Ok(r) => r,
             Err(e) => {
