@@ -8,11 +8,13 @@
 //! - [`runtime`]: handing a restored container back to runc, cleanup that never crosses mounts,
 //! - [`ops`]: the operations (check, checkpoint, restore) that the binaries call,
 //! - [`migrate`]: live migration (`ferry serve` / `ferry migrate`),
+//! - [`net`]: network continuity (locks, the destination namespace, ARP),
 //! - [`shim`]: the containerd runtime shim `containerd-shim-ferry-v2`.
 
 pub mod criu;
 pub mod images;
 pub mod migrate;
+pub mod net;
 pub mod oci;
 pub mod ops;
 pub mod runtime;

@@ -78,6 +78,14 @@ struct ServeArgs {
     /// containerd namespace for --containerd.
     #[arg(long, value_name = "NS", default_value = "default")]
     namespace: String,
+    /// Containers with a network namespace given by path get a new one here with a veth
+    /// into this bridge, their addresses and routes (built-in setup).
+    #[arg(long, value_name = "NAME", conflicts_with = "netns_hook")]
+    bridge: Option<String>,
+    /// Instead of the built-in setup: `PROG add|del <id> <netns-path>` configures the locked
+    /// namespace ferry created (facts in FERRY_* variables; see the README).
+    #[arg(long, value_name = "PROG")]
+    netns_hook: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -141,7 +149,8 @@ struct MigrateArgs {
     /// containerd namespace for --containerd.
     #[arg(long, value_name = "NS", default_value = "default")]
     namespace: String,
-    /// Keep established TCP connections.
+    /// Keep established TCP connections (CRIU's TCP repair, network locked while frozen);
+    /// without it they are closed on the destination (CRIU's tcp_close).
     #[arg(long)]
     tcp_established: bool,
     /// Print one JSON object on stdout.
@@ -309,6 +318,11 @@ fn serve_cmd(
             work_dir: a.work_dir,
             cgroup_prefix: a.cgroup_prefix,
             io_timeout: std::time::Duration::from_secs(300),
+            net: match (a.bridge, a.netns_hook) {
+                (Some(b), _) => Some(ferry::net::dest::NetSetup::Bridge(b)),
+                (None, Some(h)) => Some(ferry::net::dest::NetSetup::Hook(h)),
+                (None, None) => None,
+            },
             tls,
         },
         criu,
@@ -401,6 +415,14 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         if !r.rounds_reason.is_empty() {
             println!("  rounds stopped: {}", r.rounds_reason);
         }
+        if a.tcp_established {
+            println!("  TCP connections carried over: {}", r.tcp_connections);
+        } else if r.tcp_closed > 0 {
+            println!(
+                "  TCP connections closed (no --tcp-established): {}",
+                r.tcp_closed
+            );
+        }
     }
     Ok(())
 }
@@ -486,6 +508,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                 settings: DumpSettings {
                     leave_running: a.leave_running,
                     tcp_established: a.common.tcp_established,
+                    network_lock: ferry::net::lock::host_method().map(|m| m.criu()),
                     ext_unix_sk: a.common.ext_unix_sk,
                     file_locks: a.common.file_locks,
                     ..Default::default()
@@ -517,6 +540,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                 console_socket: a.console_socket,
                 settings: RestoreSettings {
                     tcp_established: a.common.tcp_established,
+                    network_lock: ferry::net::lock::host_method().map(|m| m.criu()),
                     ext_unix_sk: a.common.ext_unix_sk,
                     file_locks: a.common.file_locks,
                     ..Default::default()

@@ -52,6 +52,9 @@ pub struct ServeConfig {
     pub on_committed: Option<super::hook::CommitHook>,
     /// TLS required on every connection (with `--tls-*`).
     pub tls: Option<TlsServer>,
+    /// How a container with a network namespace given by path gets one here (`--bridge`,
+    /// `--netns-hook`); None refuses such containers.
+    pub net: Option<crate::net::dest::NetSetup>,
 }
 
 struct Shared {
@@ -154,6 +157,10 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
+    let peer_ip = stream
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let (mut stream, hello, session) = link::server(
         stream,
         &peer,
@@ -196,6 +203,7 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(session.clone(), tx);
             let mut r = Receiver::new(shared, session.clone(), rx, Ctl { stream, sent: 0 });
+            r.peer_ip = peer_ip;
             let result = r.run();
             shared
                 .sessions
@@ -337,6 +345,12 @@ pub struct Receiver<'a> {
     pre_copy: bool,
     /// The data connection: each page server gets a copy; a lazy final dump's relay takes it.
     data: Option<Link>,
+    /// The container's network namespace here (see `crate::net::dest`), until committed.
+    net: Option<crate::net::dest::DestNet>,
+    tcp_established: bool,
+    tcp_close: bool,
+    /// The source's IP address, as this connection came from it.
+    peer_ip: String,
 }
 
 const MAX_CONFIG: usize = 4 * 1024 * 1024;
@@ -364,6 +378,10 @@ impl<'a> Receiver<'a> {
             lazy_final: false,
             pre_copy: false,
             data: None,
+            net: None,
+            tcp_established: false,
+            tcp_close: false,
+            peer_ip: String::new(),
         }
     }
 
@@ -593,6 +611,10 @@ impl<'a> Receiver<'a> {
         let mut config: serde_json::Value = serde_json::from_str(&p.config)
             .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
         config["root"]["path"] = serde_json::Value::from("rootfs");
+        (self.tcp_established, self.tcp_close) = (p.tcp_established, p.tcp_close);
+        if let Some(facts) = &p.net {
+            self.prepare_net(&mut config, facts)?;
+        }
         let bundle = self.bundle();
         if !bundle.exists() {
             std::fs::create_dir_all(bundle.join("rootfs"))
@@ -613,6 +635,44 @@ impl<'a> Receiver<'a> {
                 .version()
                 .unwrap_or_default(),
         }))?;
+        Ok(())
+    }
+
+    /// The container's network namespace here, before the source freezes anything: created,
+    /// locked, configured, probed for a clash; config.json then names it.
+    fn prepare_net(
+        &mut self,
+        config: &mut serde_json::Value,
+        facts: &crate::net::facts::NetFacts,
+    ) -> Result<(), MigrateError> {
+        let setup = self.shared.cfg.net.clone().ok_or_else(|| {
+            MigrateError::Unsupported(
+                "the container has a network namespace given by path; this destination has no \
+                 network setup (ferry serve --bridge NAME or --netns-hook PROG)"
+                    .into(),
+            )
+        })?;
+        let source = self.peer_ip.clone();
+        let id = self.id.clone().unwrap_or_default();
+        let net =
+            crate::net::dest::DestNet::prepare(&setup, &id, facts, &source).map_err(
+                |e| match e {
+                    crate::net::NetError::Clash { .. } => {
+                        MigrateError::Op(crate::ops::OpError::Conflict(e.to_string()))
+                    }
+                    e => MigrateError::Net(e.to_string()),
+                },
+            )?;
+        let path = net.path.to_string_lossy().into_owned();
+        self.net = Some(net);
+        let namespaces = config["linux"]["namespaces"]
+            .as_array_mut()
+            .ok_or_else(|| MigrateError::Remote("config.json without namespaces".into()))?;
+        for n in namespaces.iter_mut() {
+            if n["type"] == "network" {
+                n["path"] = serde_json::Value::from(path.clone());
+            }
+        }
         Ok(())
     }
 
@@ -872,7 +932,12 @@ impl<'a> Receiver<'a> {
             rename: false,
             work_dir: Some(self.work().join("restore")),
             console_socket: None,
-            settings: Default::default(),
+            settings: crate::oci::options::RestoreSettings {
+                tcp_established: self.tcp_established,
+                tcp_close: self.tcp_close,
+                network_lock: self.net.as_ref().map(|n| n.method.criu()),
+                ..Default::default()
+            },
             cgroup_paths: Some(self.cgroup_paths(&meta)?),
             null_stdio: true,
         };
@@ -894,6 +959,7 @@ impl<'a> Receiver<'a> {
             req.settings.lazy_pages = true;
         }
         let ctl = &mut self.ctl;
+        let net = self.net.as_ref();
         let mut gate = |pid: i32| -> Result<(), String> {
             ctl.send(&Msg::Restored(Pid { pid }))
                 .map_err(|e| e.to_string())?;
@@ -903,7 +969,16 @@ impl<'a> Receiver<'a> {
                 Err(e) => Err(format!("source gone before commit: {e}")),
             }
         };
-        let restored = restore_gated(&self.shared.criu, &req, &mut gate);
+        // Committed and handed to runc: CRIU unlocks and turns TCP repair off next, then
+        // resumes the tasks; ferry's lock goes first.
+        let mut unlock = || {
+            if let Some(n) = net {
+                if let Err(e) = n.unlock() {
+                    tracing::warn!("unlocking the container's network: {e}");
+                }
+            }
+        };
+        let restored = restore_gated(&self.shared.criu, &req, &mut gate, &mut unlock);
         let report = match restored {
             Ok(r) => r,
             Err(e) => {
@@ -921,6 +996,12 @@ impl<'a> Receiver<'a> {
             let _ = self.ctl.stream.shutdown(std::net::Shutdown::Both);
         } else if let Err(e) = self.ctl.send(&Msg::Committed(Pid { pid: report.pid })) {
             tracing::warn!(id = %id, "the container runs here, but the source was not told: {e}");
+        }
+        if let Some(n) = self.net.take() {
+            // The namespace is the container's now; tell the neighbours where it went.
+            if let Err(e) = n.announce() {
+                tracing::warn!("gratuitous ARP: {e}");
+            }
         }
         if let Some(h) = &self.shared.cfg.on_committed {
             h.call(&id, &self.bundle(), report.pid);
@@ -970,6 +1051,9 @@ impl<'a> Receiver<'a> {
                 "migration failed; CRIU's logs are kept in {}",
                 work.display()
             );
+        }
+        if let Some(n) = self.net.take() {
+            n.remove();
         }
         if !ok && self.bundle_created {
             if let Err(e) = remove_tree(&self.bundle()) {

@@ -53,6 +53,8 @@ pub enum MigrateError {
     Unsupported(String),
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    #[error("network: {0}")]
+    Net(String),
     #[error(
         "the connection was lost after the commit was sent; the destination may be running the \
          container, so the source is left paused: check the destination, then `runc resume` or \
@@ -80,6 +82,7 @@ impl MigrateError {
             }
             MigrateError::Wire(_) => ErrorKind::Network,
             MigrateError::Rootfs(_) => ErrorKind::Internal,
+            MigrateError::Net(_) => ErrorKind::Environment,
             MigrateError::Op(e) => e.kind(),
         }
     }

@@ -120,6 +120,12 @@ pub struct MigrateReport {
     pub rootfs_files_sent: u64,
     pub restored_pid: i32,
     pub criu_version: String,
+    /// Established TCP connections carried over (`--tcp-established`), counted while frozen.
+    pub tcp_connections: u64,
+    /// Established TCP connections closed instead (without `--tcp-established`).
+    pub tcp_closed: u64,
+    /// The source's network namespace (given by path) was removed after the commit.
+    pub netns_removed: bool,
 }
 
 /// The control connection, counting what is sent.
@@ -451,9 +457,28 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     let settings = DumpSettings {
         leave_running: false,
         tcp_established: req.tcp_established,
+        tcp_close: !req.tcp_established,
+        network_lock: crate::net::lock::host_method().map(|m| m.criu()),
         ..Default::default()
     };
     let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;
+    // A namespace given by path (CNI style) is rebuilt on the destination from these facts.
+    let netns = crate::net::netns_path(&job.cfg);
+    let net = match &netns {
+        Some(p) => crate::net::facts::gather(p).map_err(|e| MigrateError::Net(e.to_string()))?,
+        None => None,
+    };
+    if let (Some(p), Some(_)) = (&netns, &net) {
+        let others = crate::net::dest::foreign_users(p, job.container.init_pid)
+            .map_err(|e| MigrateError::Net(e.to_string()))?;
+        if !others.is_empty() {
+            return Err(MigrateError::Unsupported(format!(
+                "the network namespace {} is shared with processes outside the container \
+                 (pids {others:?}); its address cannot move without them",
+                p.display()
+            )));
+        }
+    }
     let (mode, mode_reason) = choose_mode(req, features.mem_track, features.lazy_pages)?;
     let runc_version = Runc::new(&req.runtime_root)
         .version()
@@ -472,6 +497,9 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         mem_track: features.mem_track,
         lazy_pages: features.lazy_pages,
         mode: mode.name().into(),
+        tcp_established: req.tcp_established,
+        tcp_close: !req.tcp_established,
+        net: net.clone(),
     }))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {
@@ -516,6 +544,15 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
             req.id
         );
     }
+    // The container's namespace here (still locked by CRIU, its tasks gone) goes, and its
+    // veth with it: the address now lives on the destination.
+    let mut netns_removed = false;
+    if let (Some(p), Some(_)) = (&netns, &net) {
+        match crate::net::dest::remove_source_netns(p) {
+            Ok(()) => netns_removed = true,
+            Err(e) => tracing::warn!("migrated, but the source's network namespace stays: {e}"),
+        }
+    }
     let final_bytes = out.stats.pages_written * 4096 + out.relay_bytes;
     let mut rounds = out.pre_rounds;
     rounds.push(Round {
@@ -539,6 +576,9 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         rootfs_files_sent: out.files_sent,
         restored_pid: out.pid,
         criu_version: version.to_string(),
+        tcp_connections: if req.tcp_established { out.tcp } else { 0 },
+        tcp_closed: if req.tcp_established { 0 } else { out.tcp },
+        netns_removed,
     })
 }
 
@@ -552,6 +592,8 @@ struct Outcome {
     downtime_ms: u64,
     files_sent: u64,
     stats: crate::images::DumpStats,
+    /// Established TCP connections of the container when it was frozen.
+    tcp: u64,
 }
 
 /// Links `dir/parent` to `target` (relative to `dir`). CRIU creates this link itself only
@@ -864,11 +906,22 @@ fn run(
     let mut committer: Option<std::thread::JoinHandle<CommitResult>> = None;
     let freeze_start = Instant::now();
     let mut post_dump_at = None;
+    let mut tcp = 0;
+    let fault = std::env::var("FERRY_TEST_FAULT").unwrap_or_default();
     let mut notify = |n: Notification| -> Reply {
         if n.script != Script::PostDump {
             return Reply::Success;
         }
         post_dump_at = Some(Instant::now());
+        // Frozen: the count cannot change any more.
+        tcp = crate::net::established_tcp(job.container.init_pid);
+        if fault == "fail-post-dump" {
+            tracing::info!("FERRY_TEST_FAULT: failing the final dump at post-dump");
+            failure = Some(MigrateError::Remote(
+                "injected fault (FERRY_TEST_FAULT=fail-post-dump): the final dump fails".into(),
+            ));
+            return Reply::Failure("FERRY_TEST_FAULT".into());
+        }
         if let Err(e) = send_final(ctl, job, &images, &mut files_sent) {
             let text = e.to_string();
             failure = Some(e);
@@ -1000,5 +1053,6 @@ fn run(
         downtime_ms: downtime.as_millis() as u64,
         files_sent,
         stats,
+        tcp,
     })
 }

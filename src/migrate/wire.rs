@@ -11,7 +11,9 @@
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
 //! S→D Proof{nonce_s, mac_s}                D→S Welcome{mac_d, session}   (or Error, close)
-//! S→D Prepare{container, config, versions, features, mode}
+//! S→D Prepare{container, config, versions, features, mode, tcp_established, tcp_close, net}
+//!                                          with net: D creates the namespace, locks it,
+//!                                          configures it, ARP-probes the addresses
 //!                                          D→S Prepared{criu_version, features} | Error
 //! S→D File{cpuinfo} Chunk* FileEnd         (CPUINFO_CHECK on D)  D→S Ok | Error
 //! S→D Manifest{entries, last}*             D→S Need{paths}
@@ -187,6 +189,16 @@ pub struct Prepare {
     pub mem_track: bool,
     pub lazy_pages: bool,
     pub mode: String,
+    /// Established TCP connections travel (CRIU's TCP repair); otherwise they are closed
+    /// (tcp_close). Absent from older sources: false.
+    #[serde(default)]
+    pub tcp_established: bool,
+    #[serde(default)]
+    pub tcp_close: bool,
+    /// The container's network namespace given by path: what the destination rebuilds
+    /// (validated there, sizes capped: see `net::facts::NetFacts::validate`).
+    #[serde(default)]
+    pub net: Option<crate::net::facts::NetFacts>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

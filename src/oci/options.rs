@@ -24,7 +24,9 @@ use super::bundle::{BundleConfig, MountKind, NsKind};
 use super::meta::{CgroupBind, CheckpointMeta};
 use super::state::RuncContainer;
 use super::OciError;
-use crate::pb::{CgroupRoot, CriuCgMode, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
+use crate::pb::{
+    CgroupRoot, CriuCgMode, CriuNetworkLockMethod, CriuOpts, ExtMountMap, InheritFd, JoinNamespace,
+};
 
 /// CRIU's log verbosity used for dumps and restores (4 = debug: what runc uses).
 pub const LOG_LEVEL: i32 = 4;
@@ -90,6 +92,10 @@ pub struct DumpFacts {
 pub struct DumpSettings {
     pub leave_running: bool,
     pub tcp_established: bool,
+    /// Established connections are not dumped; the restore closes them (CRIU's tcp_close).
+    pub tcp_close: bool,
+    /// CRIU's network lock method (None: CRIU's default, iptables).
+    pub network_lock: Option<CriuNetworkLockMethod>,
     pub ext_unix_sk: bool,
     pub file_locks: bool,
     pub shell_job: bool,
@@ -102,6 +108,9 @@ pub struct DumpSettings {
 #[derive(Debug, Clone, Default)]
 pub struct RestoreSettings {
     pub tcp_established: bool,
+    /// The dump was made with tcp_close: restore those sockets closed.
+    pub tcp_close: bool,
+    pub network_lock: Option<CriuNetworkLockMethod>,
     pub ext_unix_sk: bool,
     pub file_locks: bool,
     pub shell_job: bool,
@@ -273,6 +282,12 @@ pub fn dump_options(cfg: &BundleConfig, f: &DumpFacts, s: &DumpSettings) -> Criu
     o.set_root(f.rootfs.to_string_lossy().into_owned());
     o.set_leave_running(s.leave_running);
     o.set_tcp_established(s.tcp_established);
+    if s.tcp_close {
+        o.set_tcp_close(true);
+    }
+    if let Some(m) = s.network_lock {
+        o.set_network_lock(m);
+    }
     o.set_ext_unix_sk(s.ext_unix_sk);
     o.set_file_locks(s.file_locks);
     o.set_shell_job(s.shell_job);
@@ -329,6 +344,12 @@ pub fn restore_options(
     o.set_rst_sibling(true);
     o.set_evasive_devices(true);
     o.set_tcp_established(s.tcp_established);
+    if s.tcp_close {
+        o.set_tcp_close(true);
+    }
+    if let Some(m) = s.network_lock {
+        o.set_network_lock(m);
+    }
     o.set_ext_unix_sk(s.ext_unix_sk);
     o.set_file_locks(s.file_locks);
     o.set_shell_job(s.shell_job);

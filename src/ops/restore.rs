@@ -282,18 +282,21 @@ fn descriptors_of(pid: i32) -> Vec<String> {
 }
 
 pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpError> {
-    restore_gated(criu, req, &mut |_| Ok(()))
+    restore_gated(criu, req, &mut |_| Ok(()), &mut || {})
 }
 
 /// Restore with a gate: at `post-restore` (tasks restored, not yet running) `gate` is called
 /// with the restored pid and may block; `Err` makes CRIU kill the restored tasks and the
 /// restore fail (a migration destination waits here for the source's commit).
+/// `on_network_unlock` runs at CRIU's `network-unlock` (after post-restore succeeded and
+/// runc's state is written, before TCP repair is turned off and the tasks resume).
 pub fn restore_gated(
     criu: &Criu,
     req: &RestoreRequest,
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
+    on_network_unlock: &mut dyn FnMut(),
 ) -> Result<RestoreReport, OpError> {
-    restore_with_stdio(criu, req, None, gate)
+    restore_inner(criu, req, None, gate, on_network_unlock)
 }
 
 /// Restore whose pipes are re-inherited from `stdio` (stdin, stdout, stderr) instead of
@@ -303,6 +306,16 @@ pub fn restore_with_stdio(
     req: &RestoreRequest,
     stdio: Option<[OwnedFd; 3]>,
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
+) -> Result<RestoreReport, OpError> {
+    restore_inner(criu, req, stdio, gate, &mut || {})
+}
+
+fn restore_inner(
+    criu: &Criu,
+    req: &RestoreRequest,
+    stdio: Option<[OwnedFd; 3]>,
+    gate: &mut dyn FnMut(i32) -> Result<(), String>,
+    on_network_unlock: &mut dyn FnMut(),
 ) -> Result<RestoreReport, OpError> {
     let started = Instant::now();
     require_root()?;
@@ -408,6 +421,10 @@ pub fn restore_with_stdio(
                     }
                     Err(e) => Reply::Failure(format!("handing the container to runc: {e}")),
                 }
+            }
+            Script::NetworkUnlock => {
+                on_network_unlock();
+                Reply::Success
             }
             Script::OrphanPtsMaster => match (n.fd, &req.console_socket) {
                 (Some(fd), Some(sock)) => match send_console(sock, fd) {

@@ -671,6 +671,7 @@ pub fn dump_settings(o: &CheckpointOptions) -> Result<DumpSettings> {
         shell_job: o.terminal,
         cgroups_mode: cgroups,
         empty_ns,
+        ..Default::default()
     })
 }
 

@@ -24,6 +24,9 @@ pub const MIGRATE_FIELDS: &[&str] = &[
     "total_ms",
     "bytes_sent",
     "restored_pid",
+    "tcp_connections",
+    "tcp_closed",
+    "netns_removed",
 ];
 
 pub const ROUND_FIELDS: &[&str] = &["pages_scanned", "pages_written", "bytes", "ms"];

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod net;
 pub mod vm;
 
 use std::collections::BTreeMap;
@@ -516,6 +517,10 @@ pub struct Bundle {
     hostname: Option<String>,
     binds: Vec<(PathBuf, String)>,
     memwriter: bool,
+    /// Host binaries copied into the rootfs as `/bin/<name>`.
+    binaries: Vec<(PathBuf, String)>,
+    /// The network namespace to join (path), instead of a new one.
+    netns: Option<PathBuf>,
 }
 
 impl Bundle {
@@ -526,7 +531,21 @@ impl Bundle {
             hostname: None,
             binds: Vec::new(),
             memwriter: false,
+            binaries: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Copy the host binary `bin` into the rootfs as `/bin/<name>`.
+    pub fn with_binary(mut self, bin: &Path, name: &str) -> Bundle {
+        self.binaries.push((bin.to_path_buf(), name.to_string()));
+        self
+    }
+
+    /// Join the network namespace at `path` (config.json's `linux.namespaces`, CNI style).
+    pub fn netns(mut self, path: &Path) -> Bundle {
+        self.netns = Some(path.to_path_buf());
+        self
     }
 
     /// Also install the memwriter workload as `/bin/memwriter` (see [`memwriter_args`]).
@@ -582,6 +601,11 @@ impl Bundle {
             fs::copy(memwriter_bin(), &target).expect("copy memwriter into rootfs");
             fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
         }
+        for (bin, name) in &self.binaries {
+            let target = rootfs.join("bin").join(name);
+            fs::copy(bin, &target).expect("copy a binary into rootfs");
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+        }
 
         let config = self.dir.join("config.json");
         let _ = fs::remove_file(&config);
@@ -596,6 +620,16 @@ impl Bundle {
         spec["root"]["readonly"] = Value::Bool(false);
         if let Some(h) = &self.hostname {
             spec["hostname"] = Value::from(h.clone());
+        }
+        if let Some(ns) = &self.netns {
+            for n in spec["linux"]["namespaces"]
+                .as_array_mut()
+                .expect("namespaces in runc spec")
+            {
+                if n["type"] == "network" {
+                    n["path"] = Value::from(ns.display().to_string());
+                }
+            }
         }
         let mounts = spec["mounts"]
             .as_array_mut()
@@ -1211,7 +1245,8 @@ fn criu_firewall_rules() -> Vec<String> {
         }
         if let Ok(out) = Command::new(prog).args(args).stdin(Stdio::null()).output() {
             for l in String::from_utf8_lossy(&out.stdout).lines() {
-                if l.contains("CRIU") {
+                // CRIU's network lock, or ferry's own (destination namespaces).
+                if l.contains("CRIU") || l.contains("FERRY-LOCK") {
                     v.push(format!("{prog}: {l}"));
                 }
             }
@@ -2269,14 +2304,23 @@ impl Drop for TwoHosts {
     }
 }
 
-/// Network namespaces made by this test process that still exist.
+/// Network namespaces made by this test process that still exist: the emulated hosts, the
+/// network rig's client, container and clash namespaces (`common::net`), and those `ferry
+/// serve` made for this process's containers (`ferry-ft-…-<pid>`).
 pub fn leftover_netns() -> Vec<String> {
     let out = ip(&["netns", "list"]);
     let mid = format!("-{}-", std::process::id());
+    let end = format!("-{}", std::process::id());
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| (n.starts_with("fsrc-") || n.starts_with("fdst-")) && n.contains(&mid))
+        .filter(|n| {
+            (["fsrc-", "fdst-", "fcli-", "fct-", "fclash-"]
+                .iter()
+                .any(|p| n.starts_with(p))
+                && n.contains(&mid))
+                || (n.starts_with("ferry-ft-") && n.ends_with(&end))
+        })
         .map(str::to_string)
         .collect()
 }

@@ -1,0 +1,186 @@
+//! The network lock.
+//!
+//! On the source CRIU locks the container's namespace itself: with the namespace external
+//! (given by path), CRIU still counts it as the dumped task's own (it differs from CRIU's),
+//! so at `network-lock` it switches into it and installs its `CRIU` rules (iptables chain or
+//! nftables table) that drop everything but its repair traffic. A failed dump unlocks
+//! (`network-unlock`); a successful one leaves the rules and the tasks die, and ferry then
+//! removes the whole namespace.
+//!
+//! On the destination the namespace is new and CRIU restores no rules into an external
+//! namespace, so ferry locks it itself, before an address exists in it, with rules of its
+//! own name ([`LOCK_NAME`]); they go when the restored container is committed (just before
+//! CRIU unlocks and turns TCP repair off) or with the namespace on failure. Without this, a
+//! packet of a migrating connection reaching the destination before its socket is restored
+//! would be answered with a RST.
+//!
+//! The method follows the host: iptables when `iptables-restore` is there (CRIU's default),
+//! otherwise nftables (`FERRY_NET_LOCK` overrides); the same choice is given to CRIU.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+
+use super::{in_ns_cmd, run, NetError};
+use crate::pb::CriuNetworkLockMethod;
+
+/// Name of ferry's lock chain (iptables) / table (nftables, family inet).
+pub const LOCK_NAME: &str = "FERRY-LOCK";
+/// CRIU's mark for its own repair traffic (libsoccr's SOCCR_MARK): let through like CRIU does.
+const SOCCR_MARK: &str = "0xC114";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMethod {
+    Iptables,
+    Nftables,
+}
+
+impl LockMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            LockMethod::Iptables => "iptables",
+            LockMethod::Nftables => "nftables",
+        }
+    }
+
+    pub fn criu(self) -> CriuNetworkLockMethod {
+        match self {
+            LockMethod::Iptables => CriuNetworkLockMethod::IPTABLES,
+            LockMethod::Nftables => CriuNetworkLockMethod::NFTABLES,
+        }
+    }
+}
+
+fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
+}
+
+/// The method this host can use: iptables if present, else nftables, else none.
+/// `FERRY_NET_LOCK=iptables|nftables` overrides the choice (both on a host that has both).
+pub fn host_method() -> Option<LockMethod> {
+    match std::env::var("FERRY_NET_LOCK").as_deref() {
+        Ok("iptables") => return Some(LockMethod::Iptables),
+        Ok("nftables") => return Some(LockMethod::Nftables),
+        _ => {}
+    }
+    if on_path("iptables-restore") {
+        Some(LockMethod::Iptables)
+    } else if on_path("nft") {
+        Some(LockMethod::Nftables)
+    } else {
+        None
+    }
+}
+
+/// The rules that lock a namespace (input for `iptables-restore --noflush` / `nft -f -`).
+pub fn lock_script(m: LockMethod) -> String {
+    match m {
+        LockMethod::Iptables => format!(
+            "*filter\n:{n} - [0:0]\n-I INPUT -j {n}\n-I OUTPUT -j {n}\n\
+             -A {n} -m mark --mark {SOCCR_MARK} -j ACCEPT\n-A {n} -j DROP\nCOMMIT\n",
+            n = LOCK_NAME
+        ),
+        LockMethod::Nftables => format!(
+            "table inet {n} {{\n\
+             \tchain input {{ type filter hook input priority -300; policy drop; meta mark {SOCCR_MARK} accept; }}\n\
+             \tchain output {{ type filter hook output priority -300; policy drop; meta mark {SOCCR_MARK} accept; }}\n}}\n",
+            n = LOCK_NAME
+        ),
+    }
+}
+
+/// The rules that undo [`lock_script`].
+pub fn unlock_script(m: LockMethod) -> String {
+    match m {
+        LockMethod::Iptables => format!(
+            "*filter\n:{n} - [0:0]\n-D INPUT -j {n}\n-D OUTPUT -j {n}\n-X {n}\nCOMMIT\n",
+            n = LOCK_NAME
+        ),
+        LockMethod::Nftables => format!("delete table inet {LOCK_NAME}\n"),
+    }
+}
+
+fn feed(netns: &Path, m: LockMethod, script: &str) -> Result<(), NetError> {
+    let mut cmd = match m {
+        LockMethod::Iptables => {
+            let mut c = in_ns_cmd(netns, "iptables-restore");
+            c.arg("--noflush");
+            c
+        }
+        LockMethod::Nftables => {
+            let mut c = in_ns_cmd(netns, "nft");
+            c.args(["-f", "-"]);
+            c
+        }
+    };
+    let what = format!("{} in {}", m.name(), netns.display());
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NetError::Command {
+            what: what.clone(),
+            why: e.to_string(),
+        })?;
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(script.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| NetError::Command {
+        what: what.clone(),
+        why: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Command {
+            what,
+            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Locks the namespace at `netns`: nothing in or out but CRIU's repair traffic.
+pub fn lock(netns: &Path, m: LockMethod) -> Result<(), NetError> {
+    feed(netns, m, &lock_script(m))?;
+    tracing::debug!(netns = %netns.display(), method = m.name(), "network locked");
+    Ok(())
+}
+
+/// Removes ferry's lock from the namespace (nothing to do if it is not there).
+pub fn unlock(netns: &Path, m: LockMethod) -> Result<(), NetError> {
+    if !is_locked(netns, m)? {
+        return Ok(());
+    }
+    feed(netns, m, &unlock_script(m))?;
+    tracing::debug!(netns = %netns.display(), method = m.name(), "network unlocked");
+    Ok(())
+}
+
+/// Whether ferry's lock is in the namespace.
+pub fn is_locked(netns: &Path, m: LockMethod) -> Result<bool, NetError> {
+    let text = match m {
+        LockMethod::Iptables => run(in_ns_cmd(netns, "iptables").args(["-S"]))?,
+        LockMethod::Nftables => run(in_ns_cmd(netns, "nft").args(["list", "tables"]))?,
+    };
+    Ok(text.contains(LOCK_NAME))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_name_the_lock_and_let_criu_through() {
+        for m in [LockMethod::Iptables, LockMethod::Nftables] {
+            let l = lock_script(m);
+            assert!(l.contains(LOCK_NAME) && l.contains(SOCCR_MARK), "{l}");
+            assert!(unlock_script(m).contains(LOCK_NAME));
+        }
+        assert!(lock_script(LockMethod::Nftables).contains("policy drop"));
+        assert!(lock_script(LockMethod::Iptables).contains("-j DROP"));
+        assert_eq!(LockMethod::Nftables.criu(), CriuNetworkLockMethod::NFTABLES);
+    }
+}

@@ -1,0 +1,162 @@
+//! Network continuity for containers whose network namespace is given by path (CNI style).
+//!
+//! - [`facts`]: what the source's namespace looks like (interface, MAC, addresses, routes),
+//!   read with `ip -j` inside it, carried to the destination in the Prepare message,
+//! - [`lock`]: the network lock (iptables or nftables, whichever the host has): the method
+//!   CRIU uses on the source, and ferry's own lock of the destination namespace from its
+//!   creation until the restored container may run,
+//! - [`arp`]: raw ARP frames: the clash probe (RFC 5227) and the gratuitous announcement,
+//! - [`dest`]: the destination's namespace: the built-in setup (veth into a bridge) or a
+//!   user's `--netns-hook`, the clash check, unlock, announcement, removal.
+
+pub mod arp;
+pub mod dest;
+pub mod facts;
+pub mod lock;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{what}: {why}")]
+    Command { what: String, why: String },
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("reading the network facts: {0}")]
+    Facts(String),
+    #[error("address {addr} is already in use on the destination (answered by {mac})")]
+    Clash { addr: String, mac: String },
+    #[error("ARP on {ifname}: {source}")]
+    Arp {
+        ifname: String,
+        source: std::io::Error,
+    },
+    #[error("--netns-hook {prog} {action}: {why}")]
+    Hook {
+        prog: String,
+        action: &'static str,
+        why: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Largest output accepted from `ip -j` or a hook.
+const MAX_OUTPUT: usize = 1024 * 1024;
+
+/// Runs a command to completion; its stdout on success, the last stderr line otherwise.
+pub(crate) fn run(cmd: &mut Command) -> Result<String, NetError> {
+    let what = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| NetError::Command {
+            what: what.clone(),
+            why: e.to_string(),
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(NetError::Command {
+            what,
+            why: format!("{} {last}", out.status),
+        });
+    }
+    if out.stdout.len() > MAX_OUTPUT {
+        return Err(NetError::Command {
+            what,
+            why: "output too large".into(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `nsenter --net=<path> -- <prog> <args…>`: a program inside a network namespace given by
+/// path (only the network namespace changes).
+pub(crate) fn in_ns_cmd(netns: &Path, prog: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(prog);
+    c
+}
+
+/// Runs `f` on a thread that joined the network namespace at `netns` (sockets it creates
+/// live there; the calling thread is untouched).
+pub(crate) fn on_ns_thread<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, NetError> {
+    let file = std::fs::File::open(netns).map_err(|source| NetError::Netns {
+        path: netns.display().to_string(),
+        source,
+    })?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: `file` is an open namespace file kept alive for the call; setns only
+            // changes the network namespace of this short-lived thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(NetError::Netns {
+                    path: netns.display().to_string(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetError::Invalid("network thread panicked".into())))
+    })
+}
+
+/// The path of the container's network namespace when config.json gives one.
+pub fn netns_path(cfg: &crate::oci::bundle::BundleConfig) -> Option<std::path::PathBuf> {
+    cfg.namespaces
+        .iter()
+        .find(|n| n.kind == crate::oci::bundle::NsKind::Net)
+        .and_then(|n| n.path.clone())
+}
+
+/// Established TCP connections in the network namespace of `pid` (IPv4 and IPv6), from
+/// /proc/<pid>/net/tcp{,6}: state `01`.
+pub fn established_tcp(pid: i32) -> u64 {
+    ["tcp", "tcp6"]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+                .map(|t| count_established(&t))
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Lines of a /proc/net/tcp table whose state column is `01` (ESTABLISHED).
+pub fn count_established(table: &str) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(3) == Some("01"))
+        .count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_established_rows() {
+        let t = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+                 0: 0100000A:1F90 00000000:0000 0A 00000000:00000000\n\
+                 1: 0100000A:1F90 6400000A:D1C2 01 00000000:00000000\n\
+                 2: 0100000A:1F90 6400000A:D1C4 01 00000000:00000000\n\
+                 3: 0100000A:1F90 6400000A:D1C6 06 00000000:00000000\n";
+        assert_eq!(super::count_established(t), 2);
+    }
+}

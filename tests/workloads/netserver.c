@@ -1,0 +1,141 @@
+/*
+ * netserver PORT LOGFILE — the network workload of tests/net.rs.
+ *
+ * TCP on PORT: every client sends lines "c <n>\n" with n = 1, 2, 3, ...; the server checks
+ * that each connection's sequence has no gap or repeat, and sends its own lines "s <k>\n"
+ * (k = 1, 2, 3, ... per connection) every 20 ms. UDP on PORT: every datagram is echoed.
+ * Every 100 ms it appends "<tick> conns=<open connections> bad=<sequence errors> udp=<n>\n"
+ * to LOGFILE, so a test sees whether the connection count ever dropped.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAXC 64
+
+struct conn {
+	int fd;
+	long expect; /* next client sequence number */
+	long sent;   /* last server sequence number sent */
+	char buf[256];
+	int len;
+};
+
+static long now_ms(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 3) {
+		fprintf(stderr, "usage: netserver PORT LOGFILE\n");
+		return 2;
+	}
+	int port = atoi(argv[1]);
+	FILE *log = fopen(argv[2], "a");
+	if (!log)
+		return 1;
+	setvbuf(log, NULL, _IOLBF, 0);
+
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+	int one = 1;
+	int lfd = socket(AF_INET, SOCK_STREAM, 0);
+	setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(lfd, (struct sockaddr *)&a, sizeof(a)) || listen(lfd, 16)) {
+		perror("tcp");
+		return 1;
+	}
+	int ufd = socket(AF_INET, SOCK_DGRAM, 0);
+	if (bind(ufd, (struct sockaddr *)&a, sizeof(a))) {
+		perror("udp");
+		return 1;
+	}
+
+	struct conn c[MAXC];
+	int n = 0;
+	long bad = 0, udp = 0, tick = 0;
+	long next_log = now_ms(), next_send = now_ms();
+	for (;;) {
+		struct pollfd p[MAXC + 2];
+		p[0] = (struct pollfd){ .fd = lfd, .events = POLLIN };
+		p[1] = (struct pollfd){ .fd = ufd, .events = POLLIN };
+		for (int i = 0; i < n; i++)
+			p[i + 2] = (struct pollfd){ .fd = c[i].fd, .events = POLLIN };
+		poll(p, n + 2, 10);
+		if ((p[0].revents & POLLIN) && n < MAXC) {
+			int fd = accept(lfd, NULL, NULL);
+			if (fd >= 0) {
+				fcntl(fd, F_SETFL, O_NONBLOCK);
+				c[n] = (struct conn){ .fd = fd, .expect = 1 };
+				n++;
+			}
+		}
+		if (p[1].revents & POLLIN) {
+			char d[512];
+			struct sockaddr_in from;
+			socklen_t fl = sizeof(from);
+			ssize_t r = recvfrom(ufd, d, sizeof(d), 0, (struct sockaddr *)&from, &fl);
+			if (r > 0) {
+				sendto(ufd, d, r, 0, (struct sockaddr *)&from, fl);
+				udp++;
+			}
+		}
+		for (int i = 0; i < n; i++) {
+			if (!(p[i + 2].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			ssize_t r = read(c[i].fd, c[i].buf + c[i].len, sizeof(c[i].buf) - 1 - c[i].len);
+			if (r == 0 || (r < 0 && errno != EAGAIN)) {
+				close(c[i].fd);
+				c[i].fd = -1;
+				continue;
+			}
+			if (r < 0)
+				continue;
+			c[i].len += r;
+			c[i].buf[c[i].len] = 0;
+			char *line = c[i].buf, *nl;
+			while ((nl = strchr(line, '\n'))) {
+				*nl = 0;
+				long v;
+				if (sscanf(line, "c %ld", &v) != 1 || v != c[i].expect)
+					bad++;
+				else
+					c[i].expect++;
+				line = nl + 1;
+			}
+			c[i].len = strlen(line);
+			memmove(c[i].buf, line, c[i].len + 1);
+			if (c[i].len > 200)
+				c[i].len = 0, bad++;
+		}
+		int k = 0;
+		for (int i = 0; i < n; i++)
+			if (c[i].fd >= 0)
+				c[k++] = c[i];
+		n = k;
+		long t = now_ms();
+		if (t >= next_send) {
+			next_send = t + 20;
+			for (int i = 0; i < n; i++) {
+				char s[64];
+				int l = snprintf(s, sizeof(s), "s %ld\n", c[i].sent + 1);
+				if (write(c[i].fd, s, l) == l)
+					c[i].sent++;
+			}
+		}
+		if (t >= next_log) {
+			next_log = t + 100;
+			fprintf(log, "%ld conns=%d bad=%ld udp=%ld\n", ++tick, n, bad, udp);
+		}
+	}
+}
