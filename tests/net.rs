@@ -43,6 +43,21 @@ fn assert_server_kept(lines: &[(u64, u64, u64, u64)], n: u64) {
 }
 
 #[track_caller]
+/// The clients go on (`more` exchanges each) on the same connections, and the server's log
+/// shows the `n` connections kept throughout.
+fn assert_connections_kept(clients: &mut [TcpClient], log: &std::path::Path, more: u64, n: u64) {
+    wait_clients_progress(clients, more, slow(T_NET));
+    let kept = server_log(log);
+    assert_clients_fine(clients);
+    assert_server_kept(&kept, n);
+}
+
+/// No FERRY-LOCK / CRIU lock rule is left in either host.
+fn assert_no_lock_rules(b: &BridgedHosts) {
+    let rules = b.lock_rules();
+    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+}
+
 fn assert_clients_fine(clients: &mut [TcpClient]) -> Vec<ClientReport> {
     let reps: Vec<ClientReport> = clients.iter_mut().map(|c| c.stop()).collect();
     for r in &reps {
@@ -88,12 +103,8 @@ fn local_checkpoint_restore_keeps_tcp_connections() {
     ])
     .ok();
     assert_eq!(src.status(&id).as_deref(), Some("running"));
-    wait_clients_progress(&clients, 20, slow(T_NET));
-    let kept = server_log(&log);
-    assert_clients_fine(&mut clients);
-    assert_server_kept(&kept, 2);
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_connections_kept(&mut clients, &log, 20, 2);
+    assert_no_lock_rules(&b);
     b.th.finish();
 }
 
@@ -152,8 +163,7 @@ fn migrate_keeps_tcp_connections_and_udp_flow() {
         Some(dst_mac.as_str()),
         "the client's neighbour entry did not move to the destination's MAC"
     );
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_no_lock_rules(&b);
     drop(udp);
     b.th.finish();
 }
@@ -243,17 +253,13 @@ fn address_clash_is_refused_before_the_freeze() {
     );
     assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
     assert!(b.container_netns().exists());
-    wait_clients_progress(&clients, 15, slow(T_NET));
-    let kept = server_log(&log);
-    assert_clients_fine(&mut clients);
-    assert_server_kept(&kept, 2);
+    assert_connections_kept(&mut clients, &log, 15, 2);
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
     assert!(
         !BridgedHosts::dst_netns(&id).exists(),
         "the destination kept its namespace for {id}"
     );
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_no_lock_rules(&b);
     b.th.finish();
 }
 
@@ -279,14 +285,10 @@ fn final_dump_failure_keeps_the_source_connections() {
         .run();
     assert_failed_with(&out, &[8]);
     assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
-    wait_clients_progress(&clients, 25, slow(T_NET));
-    let kept = server_log(&log);
-    assert_clients_fine(&mut clients);
-    assert_server_kept(&kept, 3);
+    assert_connections_kept(&mut clients, &log, 25, 3);
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
     assert!(!BridgedHosts::dst_netns(&id).exists());
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_no_lock_rules(&b);
     b.th.finish();
 }
 
@@ -317,8 +319,7 @@ fn without_tcp_established_connections_are_closed_and_counted() {
     wait_clients_progress(&fresh, 10, slow(T_NET));
     drop(fresh);
     drop(clients);
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_no_lock_rules(&b);
     b.th.finish();
 }
 
@@ -390,14 +391,10 @@ fn netns_hook_is_called_with_the_facts() {
     );
     let v = migrate_json(&out, Some("stop-copy"));
     assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
-    wait_clients_progress(&clients, 25, slow(T_NET));
-    let kept = server_log(&log);
-    assert_clients_fine(&mut clients);
-    assert_server_kept(&kept, 2);
+    assert_connections_kept(&mut clients, &log, 25, 2);
     let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
     assert_eq!(calls.lines().count(), 3, "hook calls: {calls}");
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_no_lock_rules(&b);
     b.th.finish();
 }
 
@@ -436,12 +433,8 @@ fn nftables_lock_method() {
             .run();
     let v = migrate_json(&out, Some("stop-copy"));
     assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
-    wait_clients_progress(&clients, 25, slow(T_NET));
-    let kept = server_log(&log);
-    assert_clients_fine(&mut clients);
-    assert_server_kept(&kept, 2);
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_connections_kept(&mut clients, &log, 25, 2);
+    assert_no_lock_rules(&b);
     b.th.finish();
 }
 
@@ -498,12 +491,8 @@ fn post_copy_keeps_tcp_connections() {
     let v = migrate_json(&out, Some("post-copy"));
     assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
     assert_migrated(&b.th, &id, &v);
-    wait_clients_progress(&clients, 25, slow(T_NET));
-    let kept = server_log(&log);
-    assert_clients_fine(&mut clients);
-    assert_server_kept(&kept, 2);
-    let rules = b.lock_rules();
-    assert!(rules.is_empty(), "lock rules left: {rules:?}");
+    assert_connections_kept(&mut clients, &log, 25, 2);
+    assert_no_lock_rules(&b);
     b.th.finish();
 }
 
