@@ -668,7 +668,8 @@ fn pre_dump_rounds(
         run_pre_dump(session, request, &mut |_| Reply::Success, criu.timeout())
             .map_err(|e| MigrateError::Op(e.into()))?;
         let wall = start.elapsed();
-        let total = read_dump_stats(&dir).unwrap_or_default();
+        // (Unreadable stats count as an empty round and keep the running totals.)
+        let total = read_dump_stats(&dir).unwrap_or_else(|_| before.clone());
         let st = total.since(&before);
         before = total;
         let facts = RoundFacts {
