@@ -327,16 +327,7 @@ fn rig_memwriter_survives_local_checkpoint_restore() {
 
 fn counter_migration(name: &str, mode: &str) {
     let th = TwoHosts::new(name);
-    let w = start_counter(&th, "");
-    let serve = th.serve(&[]);
-    let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
-    let v = migrate_json(&out, Some(mode));
-    eprintln!("migrate ({mode}): {v}");
-    assert_migrated(&th, &w.id, &v);
-    let n = read_counter_lines(&w.out).len();
-    assert_counter_continues(&w.out, n, 20);
-    assert!(serve.is_alive(), "ferry serve exited after a migration");
-    th.dst_runc().kill_and_delete(&w.id);
+    migrate_counter(&th, mode);
     th.finish();
 }
 

@@ -295,16 +295,8 @@ fn migrate_counter_stop_copy() {
         return;
     }
     let th = TwoHosts::new("vmcstop");
-    let w = start_counter(&th, "");
-    let serve = th.serve(&[]);
-    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
-    let v = migrate_json(&out, Some("stop-copy"));
-    eprintln!("migrate: {v}");
+    let v = migrate_counter(&th, "stop-copy");
     measure("stop-copy counter", &v);
-    assert_migrated(&th, &w.id, &v);
-    let n = read_counter_lines(&w.out).len();
-    assert_counter_continues(&w.out, n, 20);
-    th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
 

@@ -267,3 +267,21 @@ pub fn assert_failed_with(out: &FerryOut, codes: &[i32]) {
     );
     out.assert_error(out.code.unwrap());
 }
+
+/// The busybox counter migrated with `--mode mode` to a fresh `ferry serve`: the report has
+/// the right shape and mode, the container runs on the destination, the counter continues
+/// strictly, serve stays up; the container is then removed. Returns the report.
+#[track_caller]
+pub fn migrate_counter(th: &TwoHosts, mode: &str) -> Value {
+    let w = start_counter(th, "");
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+    let v = migrate_json(&out, Some(mode));
+    eprintln!("migrate ({mode}): {v}");
+    assert_migrated(th, &w.id, &v);
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, 20);
+    assert!(serve.is_alive(), "ferry serve exited after a migration");
+    th.dst_runc().kill_and_delete(&w.id);
+    v
+}
