@@ -9,7 +9,6 @@
 //! connection is logged and closed, and serving goes on.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -678,39 +677,7 @@ impl<'a> Receiver<'a> {
 
     /// Receives one file's chunks into `dest` (created), checking the announced size.
     fn receive_into(&mut self, f: &FileStart, dest: &Path, cap: u64) -> Result<(), MigrateError> {
-        if f.size > cap {
-            return Err(MigrateError::Remote(format!(
-                "{} announced {} bytes (cap {cap})",
-                f.path, f.size
-            )));
-        }
-        let mut out = std::fs::File::create(dest)
-            .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", dest.display())))?;
-        let mut got = 0u64;
-        loop {
-            match self.ctl.recv()? {
-                Msg::Chunk(b) => {
-                    got += b.len() as u64;
-                    if got > f.size.max(4096) {
-                        return Err(MigrateError::Remote(format!(
-                            "{} is longer than announced",
-                            f.path
-                        )));
-                    }
-                    out.write_all(&b)
-                        .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", dest.display())))?;
-                }
-                Msg::FileEnd => break,
-                other => {
-                    return Err(WireError::Unexpected {
-                        got: other.kind(),
-                        state: "receiving a file",
-                    }
-                    .into())
-                }
-            }
-        }
-        Ok(())
+        super::source::receive_file(&mut self.ctl, f, dest, cap, f.size.max(4096))
     }
 
     fn cpuinfo(&mut self, f: FileStart) -> Result<(), MigrateError> {

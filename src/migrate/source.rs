@@ -726,6 +726,48 @@ fn sent_counter(probe: &Option<Link>) -> impl Fn() -> u64 + Send + 'static {
     move || p.as_ref().map(bytes_acked).unwrap_or(0)
 }
 
+/// Receives one file's Chunk* FileEnd into `dest` (created), refusing an announced size over
+/// `cap` and more than `longest` bytes of chunks.
+pub(crate) fn receive_file(
+    ctl: &mut Ctl,
+    f: &FileStart,
+    dest: &Path,
+    cap: u64,
+    longest: u64,
+) -> Result<(), MigrateError> {
+    if f.size > cap {
+        return Err(MigrateError::Remote(format!(
+            "{} announced {} bytes (cap {cap})",
+            f.path, f.size
+        )));
+    }
+    let io = |e: std::io::Error| MigrateError::Rootfs(format!("{}: {e}", dest.display()));
+    let mut out = std::fs::File::create(dest).map_err(io)?;
+    let mut got = 0u64;
+    loop {
+        match ctl.recv()? {
+            Msg::Chunk(b) => {
+                got += b.len() as u64;
+                if got > longest {
+                    return Err(MigrateError::Remote(format!(
+                        "{} is longer than announced",
+                        f.path
+                    )));
+                }
+                std::io::Write::write_all(&mut out, &b).map_err(io)?;
+            }
+            Msg::FileEnd => return Ok(()),
+            other => {
+                return Err(WireError::Unexpected {
+                    got: other.kind(),
+                    state: "receiving a file",
+                }
+                .into())
+            }
+        }
+    }
+}
+
 /// Largest page map accepted back from the destination.
 const MAX_PAGEMAP: u64 = 256 * 1024 * 1024;
 
@@ -749,38 +791,13 @@ fn receive_pagemaps(ctl: &mut Ctl, dir: &Path) -> Result<(), MigrateError> {
         let plain = name.components().count() == 1
             && f.path.ends_with(".img")
             && (f.path.starts_with("pagemap-") || f.path.starts_with("pages-"));
-        if !plain || f.size > MAX_PAGEMAP {
+        if !plain {
             return Err(MigrateError::Remote(format!(
                 "unexpected image {:?} ({} bytes) sent back",
                 f.path, f.size
             )));
         }
-        let dest = dir.join(name);
-        let io = |e: std::io::Error| MigrateError::Rootfs(format!("{}: {e}", dest.display()));
-        let mut out = std::fs::File::create(&dest).map_err(io)?;
-        let mut got = 0u64;
-        loop {
-            match ctl.recv()? {
-                Msg::Chunk(b) => {
-                    got += b.len() as u64;
-                    if got > f.size {
-                        return Err(MigrateError::Remote(format!(
-                            "{} is longer than announced",
-                            f.path
-                        )));
-                    }
-                    std::io::Write::write_all(&mut out, &b).map_err(io)?;
-                }
-                Msg::FileEnd => break,
-                other => {
-                    return Err(WireError::Unexpected {
-                        got: other.kind(),
-                        state: "receiving a page map",
-                    }
-                    .into())
-                }
-            }
-        }
+        receive_file(ctl, &f, &dir.join(name), MAX_PAGEMAP, f.size)?;
     }
 }
 
