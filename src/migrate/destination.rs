@@ -152,14 +152,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(120);
 fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
     stream.set_nonblocking(false).map_err(WireError::Io)?;
     tune(&stream, Duration::from_secs(10));
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let peer_ip = stream
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
+    let addr = stream.peer_addr().ok();
+    let peer = addr.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+    let peer_ip = addr.map(|a| a.ip().to_string()).unwrap_or_default();
     let (mut stream, hello, session) = link::server(
         stream,
         &peer,
