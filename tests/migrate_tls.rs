@@ -546,10 +546,35 @@ fn tls_refusals_then_counter_stop_copy() {
     while threads() > idle_threads && start.elapsed() < Duration::from_secs(45) {
         thread::sleep(Duration::from_millis(100));
     }
+    // Where each of serve's threads waits (kernel wait channel, syscall), for the message.
+    let waits = || {
+        fs::read_dir(format!("/proc/{}/task", serve.pid()))
+            .map(|d| {
+                d.flatten()
+                    .map(|t| {
+                        let read = |f: &str| {
+                            fs::read_to_string(t.path().join(f))
+                                .unwrap_or_default()
+                                .trim()
+                                .to_string()
+                        };
+                        let syscall = read("syscall");
+                        let nr = syscall.split(' ').next().unwrap_or("").to_string();
+                        format!(
+                            "{}: wchan {} syscall {nr}",
+                            t.file_name().to_string_lossy(),
+                            read("wchan")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
     assert_eq!(
         threads(),
         idle_threads,
-        "ferry serve has threads left after the migrations ended"
+        "ferry serve has threads left after the migrations ended: {:?}",
+        waits()
     );
     eprintln!(
         "serve back to {idle_threads} threads after {:?}",
