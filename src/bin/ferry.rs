@@ -283,19 +283,12 @@ fn serve_cmd(
     use ferry::migrate::destination::{serve, ServeConfig};
     let token = ferry::migrate::auth::Token::load(&a.token_file)?;
     let listener = std::net::TcpListener::bind(&a.listen)?;
+    // Everything serve needs (handlers included) is in place before "listening": callers
+    // take that line as ready.
+    install_stop_handlers();
     println!("listening {}", listener.local_addr()?);
     use std::io::Write;
     std::io::stdout().flush()?;
-    install_stop_handlers();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    std::thread::spawn(move || loop {
-        if STOP.load(std::sync::atomic::Ordering::Relaxed) {
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    });
     let mut runtime_root = a.runtime_root;
     let mut on_committed = None;
     if let Some(addr) = a.containerd.clone() {
@@ -326,7 +319,7 @@ fn serve_cmd(
             tls,
         },
         criu,
-        stop,
+        &STOP,
     )?;
     Ok(())
 }

@@ -74,7 +74,7 @@ pub fn serve(
     listener: TcpListener,
     cfg: ServeConfig,
     criu: Criu,
-    shutdown: Arc<AtomicBool>,
+    shutdown: &AtomicBool,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(&cfg.bundles)?;
     std::fs::create_dir_all(&cfg.work_dir)?;
