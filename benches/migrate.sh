@@ -399,7 +399,7 @@ def report(results, rawfile, mem_track, sizes, rates, modes):
     import re
     print()
     print("Breakdown (medians): baseline = runc checkpoint / copy (tar over TCP) / runc restore;"
-          " ferry = CRIU frozen_ms / page round (CRIU memdump+memwrite).")
+          " ferry = CRIU frozen_ms / page round (CRIU memdump: collecting and writing the pages).")
     for key in sorted(agg, key=lambda k: (k[0], k[1], order.get(k[2], 99))):
         runs = [r for r in agg[key]["runs"] if r["status"] == "ok"]
         if not runs:
@@ -444,7 +444,7 @@ def report(results, rawfile, mem_track, sizes, rates, modes):
             page = a["page_bytes"] / MiB / (a["page_ms"] / 1000)
             conservative = a["bytes"] / MiB / (a["down"] / 1000) if a["down"] else None
             print(f"stop-copy page throughput ({k[0]} MiB at {k[1]} MiB/s): "
-                  f"{a['page_bytes'] / MiB:.1f} MiB in {a['page_ms']:.0f} ms of CRIU memdump+memwrite"
+                  f"{a['page_bytes'] / MiB:.1f} MiB in {a['page_ms']:.0f} ms of CRIU memdump (collect + write)"
                   f" = {page:.0f} MiB/s; bytes_sent / downtime = {conservative:.0f} MiB/s")
     # targets
     print()
