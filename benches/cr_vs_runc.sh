@@ -44,29 +44,9 @@ mkdir -p "$rroot"
 
 runc_() { runc --root "$rroot" "$@"; }
 
-# Mount points at or below $1 (from our mount namespace), deepest first.
-mounts_below() {
-    awk -v d="$1" '{ mp = $5; gsub(/\\040/, " ", mp); if (mp == d || index(mp, d "/") == 1) print mp }' \
-        /proc/self/mountinfo | awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2-
-}
-
-unmount_below() {
-    local m
-    while IFS= read -r m; do
-        [ -n "$m" ] && umount -l "$m" 2>/dev/null || true
-    done < <(mounts_below "$1")
-}
-
-# Remove a scratch dir, never through a mount point.
-safe_rm() {
-    [ -e "$1" ] || return 0
-    unmount_below "$1"
-    if [ -n "$(mounts_below "$1")" ]; then
-        echo "cr_vs_runc: not removing $1: still mounted below it" >&2
-        return 0
-    fi
-    rm -rf -- "$1"
-}
+BENCH_NAME=cr_vs_runc
+# shellcheck source=benches/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 stop_container() {
     if runc_ state "$id" >/dev/null 2>&1; then

@@ -98,28 +98,9 @@ bg_pids=()   # background helpers (receivers, gap watcher): killed by cleanup if
 netns_made=""
 orig_pipe_max=""
 
-mounts_below() {
-    awk -v d="$1" '{ mp = $5; gsub(/\\040/, " ", mp); if (mp == d || index(mp, d "/") == 1) print mp }' \
-        /proc/self/mountinfo | awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2-
-}
-
-unmount_below() {
-    local m
-    while IFS= read -r m; do
-        [ -n "$m" ] && umount -l "$m" 2>/dev/null || true
-    done < <(mounts_below "$1")
-}
-
-# Remove a scratch dir, never through a mount point.
-safe_rm() {
-    [ -e "$1" ] || return 0
-    unmount_below "$1"
-    if [ -n "$(mounts_below "$1")" ]; then
-        echo "migrate-bench: not removing $1: still mounted below it" >&2
-        return 0
-    fi
-    rm -rf -- "$1"
-}
+BENCH_NAME=migrate-bench
+# shellcheck source=benches/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 in_src() { nsenter --net="/run/netns/$src_ns" -- "$@"; }
 in_dst() { nsenter --net="/run/netns/$dst_ns" -- "$@"; }
