@@ -123,6 +123,38 @@ fn ferry_restore(rc: &Runc, id: &str, images: &Path, extra: &[&str]) -> u64 {
     pid
 }
 
+/// ferry.json says the dump took no network lock (a namespace with only lo, no
+/// --tcp-established), so the restore takes none either.
+#[track_caller]
+fn assert_lock_skipped(images: &Path) {
+    let meta: Value =
+        serde_json::from_slice(&fs::read(images.join("ferry.json")).unwrap()).unwrap();
+    assert_eq!(meta["network_lock_skipped"], true, "ferry.json: {meta}");
+}
+
+/// No CRIU (or ferry) lock rule in the network namespace of `pid`: a rule left there
+/// would drop the container's loopback traffic.
+#[track_caller]
+fn assert_no_lock_rules(pid: u64) {
+    let pid = pid.to_string();
+    for (prog, args) in [
+        ("iptables-save", &[][..]),
+        ("ip6tables-save", &[][..]),
+        ("nft", &["list", "ruleset"][..]),
+    ] {
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-n", prog])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("nsenter {prog}: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("CRIU") && !text.contains("FERRY-LOCK"),
+            "lock rules left in the namespace of {pid} ({prog}):\n{text}"
+        );
+    }
+}
+
 #[track_caller]
 fn assert_exec_works(rc: &Runc, id: &str) {
     let out = must(
@@ -249,6 +281,8 @@ fn counter_checkpoint_restore_continues() {
     // Cycle 1.
     let images = rc.mkdir("images1");
     ferry_checkpoint(&rc, &id, &images, false);
+    // The container's own namespace has only lo: dumped without CRIU's network lock.
+    assert_lock_skipped(&images);
     assert!(
         !rc.list_ids().contains(&id),
         "{id} still in runc list after checkpoint"
@@ -256,10 +290,11 @@ fn counter_checkpoint_restore_continues() {
     assert_stopped_writing(&out);
     let n1 = read_counter_lines(&out).len();
 
-    ferry_restore(&rc, &id, &images, &[]);
+    let pid = ferry_restore(&rc, &id, &images, &[]);
     wait_counter_lines(&out, n1 + 20, T);
     assert_file_counts_from_one(&out, n1 + 20);
     assert_exec_works(&rc, &id);
+    assert_no_lock_rules(pid);
 
     // Cycle 2 on the restored container.
     let images2 = rc.mkdir("images2");
@@ -298,9 +333,11 @@ fn leave_running_images_restorable() {
     ferry_checkpoint(&rc, &a, &images, true);
     let hi = read_counter_lines(&out).len() as u64;
     let snap = snapshot_tree(&images);
+    assert_lock_skipped(&images);
 
-    // The original keeps running and counting, undisturbed.
+    // The original keeps running and counting, undisturbed, with no lock rule left.
     assert_eq!(rc.status(&a).as_deref(), Some("running"));
+    assert_no_lock_rules(json_u64(&rc.state(&a), "pid"));
     wait_counter_lines(&out, hi as usize + 20, T);
     assert_file_counts_from_one(&out, hi as usize + 20);
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{read_capped, validate_id, write_atomic, OciError};
+use super::{read_capped, validate_id, write_replace, OciError};
 
 pub const META_FILE: &str = "ferry.json";
 pub const META_FORMAT: u32 = 1;
@@ -46,6 +46,10 @@ pub struct CheckpointMeta {
     pub terminal: bool,
     /// runc's state.json at checkpoint time.
     pub runc_state: serde_json::Value,
+    /// The dump took no network lock (see `options::skips_network_lock`), so the restore
+    /// takes none either: CRIU would otherwise look for lock rules the images do not have.
+    #[serde(default)]
+    pub network_lock_skipped: bool,
 }
 
 impl CheckpointMeta {
@@ -87,11 +91,13 @@ impl CheckpointMeta {
         Ok(m)
     }
 
+    /// Writes ferry.json into an images directory (called while the container is frozen; no
+    /// fsync: the images CRIU wrote beside it are not synced either).
     pub fn save(&self, dir: &Path) -> Result<(), OciError> {
         let data = serde_json::to_vec_pretty(self).map_err(|source| OciError::Json {
             path: dir.join(META_FILE),
             source,
         })?;
-        write_atomic(&dir.join(META_FILE), &data, 0o600)
+        write_replace(&dir.join(META_FILE), &data, 0o600)
     }
 }

@@ -93,6 +93,26 @@ pub(crate) fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, O
 
 /// Writes a file atomically: temporary file in the same directory, fsync, rename, fsync dir.
 pub(crate) fn write_atomic(path: &std::path::Path, data: &[u8], mode: u32) -> Result<(), OciError> {
+    write_via_tmp(path, data, mode, true)
+}
+
+/// Replaces a file atomically (temporary file, rename) without waiting for the disk: for files
+/// that are only worth as much as the unsynced files beside them (CRIU's images), written
+/// while a container is frozen, where an fsync can wait for everything the dump just wrote.
+pub(crate) fn write_replace(
+    path: &std::path::Path,
+    data: &[u8],
+    mode: u32,
+) -> Result<(), OciError> {
+    write_via_tmp(path, data, mode, false)
+}
+
+fn write_via_tmp(
+    path: &std::path::Path,
+    data: &[u8],
+    mode: u32,
+    sync: bool,
+) -> Result<(), OciError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let write = |source| OciError::Write {
@@ -112,14 +132,18 @@ pub(crate) fn write_atomic(path: &std::path::Path, data: &[u8], mode: u32) -> Re
         .mode(mode)
         .open(&tmp)
         .map_err(write)?;
-    let res = f.write_all(data).and_then(|_| f.sync_all());
+    let res = f
+        .write_all(data)
+        .and_then(|_| if sync { f.sync_all() } else { Ok(()) });
     drop(f);
     if let Err(e) = res.and_then(|_| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(write(e));
     }
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if sync {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }

@@ -43,6 +43,8 @@ pub trait Host {
     fn mountinfo(&self, pid: i32) -> std::io::Result<String>;
     /// readlink /proc/<pid>/fd/<fd>.
     fn fd_target(&self, pid: i32, fd: i32) -> std::io::Result<String>;
+    /// Names of the network interfaces in `pid`'s network namespace (/proc/<pid>/net/dev).
+    fn net_devices(&self, pid: i32) -> std::io::Result<Vec<String>>;
 }
 
 /// The real OS.
@@ -72,6 +74,27 @@ impl Host for RealHost {
             .to_string_lossy()
             .into_owned())
     }
+
+    fn net_devices(&self, pid: i32) -> std::io::Result<Vec<String>> {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::open(format!("/proc/{pid}/net/dev"))?
+            .take(MAX_NET_DEV)
+            .read_to_string(&mut text)?;
+        Ok(parse_net_dev(&text))
+    }
+}
+
+/// Cap on /proc/<pid>/net/dev (about 130 bytes a device).
+const MAX_NET_DEV: u64 = 1 << 20;
+
+/// Interface names from /proc/net/dev (two header lines, then `name: counters…`).
+fn parse_net_dev(text: &str) -> Vec<String> {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, _)| name.trim().to_string())
+        .collect()
 }
 
 /// Facts about a running container needed to dump it.
@@ -85,6 +108,9 @@ pub struct DumpFacts {
     pub masked_files: Vec<String>,
     pub cgroup_binds: Vec<CgroupBind>,
     pub descriptors: Vec<String>,
+    /// The container has a network namespace of its own (runc made it, not given by path)
+    /// with no interface but `lo`: nothing outside can reach it.
+    pub loopback_only_netns: bool,
 }
 
 /// Optional CRIU behaviour for dumps (runc's CheckpointOptions, roughly).
@@ -245,6 +271,12 @@ pub fn gather_dump_facts(
                 .unwrap_or_else(|_| "/dev/null".into()),
         );
     }
+    let own_netns = cfg.namespace(NsKind::Net).is_some_and(|n| n.path.is_none());
+    let loopback_only_netns = own_netns
+        && host
+            .net_devices(pid)
+            .map(|d| d.iter().all(|n| n == "lo"))
+            .unwrap_or(false);
     Ok(DumpFacts {
         pid,
         rootfs: cfg.rootfs.clone(),
@@ -253,7 +285,17 @@ pub fn gather_dump_facts(
         masked_files,
         cgroup_binds,
         descriptors,
+        loopback_only_netns,
     })
+}
+
+/// Whether the dump can go without CRIU's network lock: the container's own namespace has
+/// only `lo` (no packet from outside can arrive while it is frozen) and no established
+/// connection is carried over in repair mode (`tcp_established`), which is what the lock
+/// protects. The lock costs a freeze `iptables-restore` runs (two on the dump, two more on
+/// the restore to remove the rules again), tens of milliseconds each.
+pub fn skips_network_lock(f: &DumpFacts, s: &DumpSettings) -> bool {
+    f.loopback_only_netns && !s.tcp_established
 }
 
 fn ext_mnt(key: &str, val: &str) -> ExtMountMap {
@@ -285,7 +327,9 @@ pub fn dump_options(cfg: &BundleConfig, f: &DumpFacts, s: &DumpSettings) -> Criu
     if s.tcp_close {
         o.set_tcp_close(true);
     }
-    if let Some(m) = s.network_lock {
+    if skips_network_lock(f, s) {
+        o.set_network_lock(CriuNetworkLockMethod::SKIP);
+    } else if let Some(m) = s.network_lock {
         o.set_network_lock(m);
     }
     o.set_ext_unix_sk(s.ext_unix_sk);
@@ -347,7 +391,10 @@ pub fn restore_options(
     if s.tcp_close {
         o.set_tcp_close(true);
     }
-    if let Some(m) = s.network_lock {
+    // A dump without the lock left no rules to remove (and a lock taken now would stay).
+    if meta.network_lock_skipped {
+        o.set_network_lock(CriuNetworkLockMethod::SKIP);
+    } else if let Some(m) = s.network_lock {
         o.set_network_lock(m);
     }
     o.set_ext_unix_sk(s.ext_unix_sk);
@@ -462,6 +509,9 @@ mod tests {
                 "pipe:[777]".into()
             })
         }
+        fn net_devices(&self, _pid: i32) -> std::io::Result<Vec<String>> {
+            Ok(vec!["lo".into()])
+        }
     }
 
     fn container() -> RuncContainer {
@@ -534,6 +584,7 @@ mod tests {
             masked_files: f.masked_files.clone(),
             terminal: false,
             runc_state: serde_json::Value::Null,
+            network_lock_skipped: false,
         };
         let mut cg = BTreeMap::new();
         cg.insert(
@@ -585,6 +636,24 @@ mod tests {
             vec![("pipe:[777]".to_string(), 1), ("pipe:[777]".to_string(), 2)]
         );
 
+        // The restore takes the lock the dump took: none when it skipped it.
+        let iptables = RestoreSettings {
+            network_lock: Some(CriuNetworkLockMethod::IPTABLES),
+            ..Default::default()
+        };
+        let lock = |meta: &CheckpointMeta| {
+            restore_options(&cfg, meta, Path::new("/r"), &cg, &iptables)
+                .unwrap()
+                .opts
+                .network_lock()
+        };
+        assert_eq!(lock(&meta), CriuNetworkLockMethod::IPTABLES);
+        let skipped = CheckpointMeta {
+            network_lock_skipped: true,
+            ..meta.clone()
+        };
+        assert_eq!(lock(&skipped), CriuNetworkLockMethod::SKIP);
+
         cg.remove("cpu");
         assert!(restore_options(
             &cfg,
@@ -594,6 +663,56 @@ mod tests {
             &RestoreSettings::default()
         )
         .is_err());
+    }
+
+    #[test]
+    fn net_dev_names() {
+        let text = "Inter-|   Receive |  Transmit\n face |bytes    packets\n    \
+                    lo: 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n  eth0: 1 2 0 0 0 0 0 0 3 4 0 0 0 0 0 0\n";
+        assert_eq!(parse_net_dev(text), vec!["lo", "eth0"]);
+        assert!(parse_net_dev("").is_empty());
+    }
+
+    /// The lock is skipped only for a namespace of the container's own with nothing but `lo`,
+    /// and never when established connections are carried over; the restore follows the
+    /// dump's choice whatever the host's method.
+    #[test]
+    fn network_lock_skipped_only_for_a_loopback_only_namespace() {
+        let mut cfg = sample_config();
+        let mut f = gather_dump_facts(&FakeHost, &cfg, &container()).unwrap();
+        // sample_config's network namespace is given by path: never skipped.
+        assert!(!f.loopback_only_netns);
+        let iptables = DumpSettings {
+            network_lock: Some(CriuNetworkLockMethod::IPTABLES),
+            ..Default::default()
+        };
+        assert_eq!(
+            dump_options(&cfg, &f, &iptables).network_lock(),
+            CriuNetworkLockMethod::IPTABLES
+        );
+        for ns in cfg.namespaces.iter_mut() {
+            if ns.kind == NsKind::Net {
+                ns.path = None;
+            }
+        }
+        f = gather_dump_facts(&FakeHost, &cfg, &container()).unwrap();
+        assert!(f.loopback_only_netns);
+        assert!(skips_network_lock(&f, &iptables));
+        assert_eq!(
+            dump_options(&cfg, &f, &iptables).network_lock(),
+            CriuNetworkLockMethod::SKIP
+        );
+        let kept = DumpSettings {
+            tcp_established: true,
+            ..iptables.clone()
+        };
+        assert!(!skips_network_lock(&f, &kept));
+        assert_eq!(
+            dump_options(&cfg, &f, &kept).network_lock(),
+            CriuNetworkLockMethod::IPTABLES
+        );
+        f.loopback_only_netns = false;
+        assert!(!skips_network_lock(&f, &iptables));
     }
 
     #[test]

@@ -18,7 +18,9 @@ use crate::images::stats::DUMP_STATS_FILE;
 use crate::images::{read_dump_stats, DumpStats};
 use crate::oci::bundle::BundleConfig;
 use crate::oci::meta::{CheckpointMeta, META_FILE, META_FORMAT};
-use crate::oci::options::{dump_options, gather_dump_facts, DumpSettings, RealHost, DUMP_LOG};
+use crate::oci::options::{
+    dump_options, gather_dump_facts, skips_network_lock, DumpSettings, RealHost, DUMP_LOG,
+};
 use crate::oci::state::{RuncContainer, RuncRoot};
 use crate::oci::OciError;
 use crate::pb::CriuOpts;
@@ -125,6 +127,7 @@ impl DumpJob {
             masked_files: facts.masked_files.clone(),
             terminal: cfg.terminal,
             runc_state: c.raw.clone(),
+            network_lock_skipped: skips_network_lock(&facts, settings),
         };
         let freezer = c.freeze_cgroup().map(PathBuf::from);
         let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);
