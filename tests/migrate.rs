@@ -325,13 +325,21 @@ fn rig_memwriter_survives_local_checkpoint_restore() {
 // Successful migrations
 // ---------------------------------------------------------------------------------------
 
+/// Skips (returns) without the two-host rig.
 fn counter_migration(name: &str, mode: &str) {
+    if !require_two_hosts() {
+        return;
+    }
     let th = TwoHosts::new(name);
     migrate_counter(&th, mode);
     th.finish();
 }
 
+/// Skips (returns) without the two-host rig.
 fn memwriter_migration(name: &str, mode: &str) {
+    if !require_two_hosts() {
+        return;
+    }
     let th = TwoHosts::new(name);
     let w = start_memwriter(&th, "", 256, 16);
     let serve = th.serve(&[]);
@@ -356,33 +364,21 @@ fn memwriter_migration(name: &str, mode: &str) {
 
 #[test]
 fn migrate_counter_stop_copy() {
-    if !require_two_hosts() {
-        return;
-    }
     counter_migration("mcstop", "stop-copy");
 }
 
 #[test]
 fn migrate_memwriter_stop_copy_256m() {
-    if !require_two_hosts() {
-        return;
-    }
     memwriter_migration("mmstop", "stop-copy");
 }
 
 #[test]
 fn migrate_counter_post_copy() {
-    if !require_two_hosts() {
-        return;
-    }
     counter_migration("mcpost", "post-copy");
 }
 
 #[test]
 fn migrate_memwriter_post_copy_256m() {
-    if !require_two_hosts() {
-        return;
-    }
     memwriter_migration("mmpost", "post-copy");
 }
 
