@@ -278,37 +278,28 @@ fn counter_checkpoint_restore_continues() {
     let (out, _bundle) = start_file_counter(&rc, &id);
     wait_counter_lines(&out, 20, T);
 
-    // Cycle 1.
-    let images = rc.mkdir("images1");
-    ferry_checkpoint(&rc, &id, &images, false);
-    // The container's own namespace has only lo: dumped without CRIU's network lock.
-    assert_lock_skipped(&images);
-    assert!(
-        !rc.list_ids().contains(&id),
-        "{id} still in runc list after checkpoint"
-    );
-    assert_stopped_writing(&out);
-    let n1 = read_counter_lines(&out).len();
-
-    let pid = ferry_restore(&rc, &id, &images, &[]);
-    wait_counter_lines(&out, n1 + 20, T);
-    assert_file_counts_from_one(&out, n1 + 20);
-    assert_exec_works(&rc, &id);
-    assert_no_lock_rules(pid);
-
+    // One cycle: checkpoint into a new `images` dir (the container is gone and silent), restore
+    // (it counts on from where it stopped and takes `runc exec`).
+    let cycle = |images: &str, which: &str| {
+        let images = rc.mkdir(images);
+        ferry_checkpoint(&rc, &id, &images, false);
+        // The container's own namespace has only lo: dumped without CRIU's network lock.
+        assert_lock_skipped(&images);
+        assert!(
+            !rc.list_ids().contains(&id),
+            "{id} still in runc list after {which}checkpoint"
+        );
+        assert_stopped_writing(&out);
+        let n = read_counter_lines(&out).len();
+        let pid = ferry_restore(&rc, &id, &images, &[]);
+        wait_counter_lines(&out, n + 20, T);
+        assert_file_counts_from_one(&out, n + 20);
+        assert_exec_works(&rc, &id);
+        assert_no_lock_rules(pid);
+    };
+    cycle("images1", "");
     // Cycle 2 on the restored container.
-    let images2 = rc.mkdir("images2");
-    ferry_checkpoint(&rc, &id, &images2, false);
-    assert!(
-        !rc.list_ids().contains(&id),
-        "{id} still in runc list after 2nd checkpoint"
-    );
-    assert_stopped_writing(&out);
-    let n2 = read_counter_lines(&out).len();
-    ferry_restore(&rc, &id, &images2, &[]);
-    wait_counter_lines(&out, n2 + 20, T);
-    assert_file_counts_from_one(&out, n2 + 20);
-    assert_exec_works(&rc, &id);
+    cycle("images2", "2nd ");
 
     rc.kill_and_delete(&id);
     assert!(!rc.list_ids().contains(&id));
@@ -489,6 +480,42 @@ impl Source {
         s(&self.rc.root)
     }
 
+    /// `ferry <verb> <id> --images DIR [extra…] --runtime-root <the source's runc root>`.
+    fn cmd(&self, verb: &str, id: &str, images: &Path, extra: &[&str]) -> FerryCmd {
+        cr_cmd(verb, id, images, extra, self.root())
+    }
+
+    /// `cmd`, a checkpoint into `images`, fails with `code`; `images` is still there and the
+    /// source is unharmed.
+    #[track_caller]
+    fn assert_checkpoint_refused(&self, cmd: FerryCmd, images: &Path, code: i32) {
+        cmd.run().assert_error(code);
+        assert!(images.is_dir(), "images dir removed");
+        self.assert_healthy();
+    }
+
+    /// `ferry restore <id> --images DIR [extra…]` fails with `code`, leaves the images as they
+    /// were and (unless `id` is the running source's) no container `id` registered; the
+    /// source is unharmed. Returns the failed run.
+    #[track_caller]
+    fn assert_restore_refused(
+        &self,
+        id: &str,
+        images: &Path,
+        extra: &[&str],
+        code: i32,
+    ) -> FerryOut {
+        let snap = snapshot_tree(images);
+        let out = self.cmd("restore", id, images, extra).run();
+        out.assert_error(code);
+        assert_tree_kept(images, &snap);
+        if id != self.id {
+            self.assert_not_created(id);
+        }
+        self.assert_healthy();
+        out
+    }
+
     /// Still running, still counting without a break, bundle intact.
     #[track_caller]
     fn assert_healthy(&self) {
@@ -520,6 +547,14 @@ impl Source {
     }
 }
 
+/// `ferry <verb> <id> --images DIR [extra…] --runtime-root ROOT`, not yet run.
+fn cr_cmd(verb: &str, id: &str, images: &Path, extra: &[&str], root: &str) -> FerryCmd {
+    let mut args = vec![verb, id, "--images", s(images)];
+    args.extend_from_slice(extra);
+    args.extend(["--runtime-root", root]);
+    ferry_cmd(&args)
+}
+
 #[test]
 fn bad_input_unknown_container() {
     if !require_root_and_criu() {
@@ -528,17 +563,7 @@ fn bad_input_unknown_container() {
     let src = Source::start("badunknown");
     let images = src.rc.mkdir("images");
     let nosuch = src.rc.id("-nosuch");
-    ferry(&[
-        "checkpoint",
-        &nosuch,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        src.root(),
-    ])
-    .assert_error(3);
-    assert!(images.is_dir(), "images dir removed");
-    src.assert_healthy();
+    src.assert_checkpoint_refused(src.cmd("checkpoint", &nosuch, &images, &[]), &images, 3);
     src.finish();
 }
 
@@ -552,18 +577,9 @@ fn bad_input_runtime_root_not_runc() {
     let notrunc = src.rc.mkdir("notrunc");
     fs::write(notrunc.join("random.txt"), "not a runc state dir\n").unwrap();
     let snap = snapshot_tree(&notrunc);
-    ferry(&[
-        "checkpoint",
-        &src.id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        s(&notrunc),
-    ])
-    .assert_error(4);
+    let cmd = cr_cmd("checkpoint", &src.id, &images, &[], s(&notrunc));
+    src.assert_checkpoint_refused(cmd, &images, 4);
     assert_tree_kept(&notrunc, &snap);
-    assert!(images.is_dir(), "images dir removed");
-    src.assert_healthy();
     src.finish();
 }
 
@@ -577,32 +593,16 @@ fn bad_input_restore_empty_or_missing_images_dir() {
     let empty = src.rc.mkdir("empty");
     let bundle = s(&src.bundle).to_string();
 
-    ferry(&[
-        "restore",
-        &other,
-        "--images",
-        s(&empty),
-        "--bundle",
-        &bundle,
-        "--runtime-root",
-        src.root(),
-    ])
-    .assert_error(4);
+    src.cmd("restore", &other, &empty, &["--bundle", &bundle])
+        .run()
+        .assert_error(4);
     assert!(empty.is_dir(), "empty images dir removed");
     src.assert_not_created(&other);
 
     let missing = src.rc.path("no-such-images");
-    ferry(&[
-        "restore",
-        &other,
-        "--images",
-        s(&missing),
-        "--bundle",
-        &bundle,
-        "--runtime-root",
-        src.root(),
-    ])
-    .assert_error(3);
+    src.cmd("restore", &other, &missing, &["--bundle", &bundle])
+        .run()
+        .assert_error(3);
     src.assert_not_created(&other);
 
     src.assert_healthy();
@@ -617,24 +617,12 @@ fn bad_input_restore_other_containers_images_without_rename() {
     let src = Source::start("badrename");
     let images = src.rc.mkdir("images");
     ferry_checkpoint(&src.rc, &src.id, &images, true);
-    let snap = snapshot_tree(&images);
     let other = src.rc.id("-other");
-    let r = ferry(&[
-        "restore",
-        &other,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        src.root(),
-    ]);
-    r.assert_error(4);
+    let r = src.assert_restore_refused(&other, &images, &[], 4);
     assert!(
         r.stderr.contains(&src.id),
         "error should name the checkpointed container: {r:?}"
     );
-    assert_tree_kept(&images, &snap);
-    src.assert_not_created(&other);
-    src.assert_healthy();
     src.finish();
 }
 
@@ -650,21 +638,8 @@ fn bad_input_restore_truncated_stats() {
     let data = fs::read(&stats).expect("checkpoint wrote stats-dump");
     assert!(data.len() > 5);
     fs::write(&stats, &data[..5]).unwrap();
-    let snap = snapshot_tree(&images);
     let other = src.rc.id("-other");
-    ferry(&[
-        "restore",
-        &other,
-        "--images",
-        s(&images),
-        "--rename",
-        "--runtime-root",
-        src.root(),
-    ])
-    .assert_error(4);
-    assert_tree_kept(&images, &snap);
-    src.assert_not_created(&other);
-    src.assert_healthy();
+    src.assert_restore_refused(&other, &images, &["--rename"], 4);
     src.finish();
 }
 
@@ -676,19 +651,8 @@ fn bad_input_restore_existing_id() {
     let src = Source::start("badexists");
     let images = src.rc.mkdir("images");
     ferry_checkpoint(&src.rc, &src.id, &images, true);
-    let snap = snapshot_tree(&images);
     // The source is still running under that id.
-    ferry(&[
-        "restore",
-        &src.id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        src.root(),
-    ])
-    .assert_error(7);
-    assert_tree_kept(&images, &snap);
-    src.assert_healthy();
+    src.assert_restore_refused(&src.id, &images, &[], 7);
     src.finish();
 }
 
@@ -703,18 +667,8 @@ fn bad_input_checkpoint_stopped_container() {
     src.rc.run_detached(&done, &bundle, Out::Null);
     src.rc.wait_status(&done, "stopped", T);
     let images = src.rc.mkdir("images");
-    ferry(&[
-        "checkpoint",
-        &done,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        src.root(),
-    ])
-    .assert_error(7);
-    assert!(images.is_dir());
+    src.assert_checkpoint_refused(src.cmd("checkpoint", &done, &images, &[]), &images, 7);
     must(src.rc.delete(&done, false), "runc delete stopped container");
-    src.assert_healthy();
     src.finish();
 }
 
@@ -731,19 +685,8 @@ fn bad_input_criu_missing() {
     let src = Source::start("badnocriu");
     let images = src.rc.mkdir("images");
     let missing = src.rc.path("no-such-dir/criu");
-    ferry_cmd(&[
-        "checkpoint",
-        &src.id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        src.root(),
-    ])
-    .env("FERRY_CRIU", s(&missing))
-    .run()
-    .assert_error(5);
-    assert!(images.is_dir());
-    src.assert_healthy();
+    let cmd = src.cmd("checkpoint", &src.id, &images, &[]);
+    src.assert_checkpoint_refused(cmd.env("FERRY_CRIU", s(&missing)), &images, 5);
     src.finish();
 }
 
@@ -769,19 +712,8 @@ fn bad_input_criu_too_old_or_broken() {
     );
 
     for fake in [&old, &broken] {
-        ferry_cmd(&[
-            "checkpoint",
-            &src.id,
-            "--images",
-            s(&images),
-            "--runtime-root",
-            src.root(),
-        ])
-        .env("FERRY_CRIU", s(fake))
-        .run()
-        .assert_error(5);
-        assert!(images.is_dir());
-        src.assert_healthy();
+        let cmd = src.cmd("checkpoint", &src.id, &images, &[]);
+        src.assert_checkpoint_refused(cmd.env("FERRY_CRIU", s(fake)), &images, 5);
     }
     src.finish();
 }
@@ -949,16 +881,9 @@ fn terminal_container_restores_through_console_socket() {
     let last = *before.last().unwrap();
 
     // Without a console socket the restore is refused up front.
-    let root = rc.root.clone();
-    ferry(&[
-        "restore",
-        &id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        s(&root),
-    ])
-    .assert_error(4);
+    cr_cmd("restore", &id, &images, &[], s(&rc.root))
+        .run()
+        .assert_error(4);
 
     let out2 = rc.path("tty2.txt");
     let sock2 = rc.path("console2.sock");

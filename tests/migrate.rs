@@ -325,13 +325,21 @@ fn rig_memwriter_survives_local_checkpoint_restore() {
 // Successful migrations
 // ---------------------------------------------------------------------------------------
 
+/// Skips (returns) without the two-host rig.
 fn counter_migration(name: &str, mode: &str) {
+    if !require_two_hosts() {
+        return;
+    }
     let th = TwoHosts::new(name);
     migrate_counter(&th, mode);
     th.finish();
 }
 
+/// Skips (returns) without the two-host rig.
 fn memwriter_migration(name: &str, mode: &str) {
+    if !require_two_hosts() {
+        return;
+    }
     let th = TwoHosts::new(name);
     let w = start_memwriter(&th, "", 256, 16);
     let serve = th.serve(&[]);
@@ -356,33 +364,21 @@ fn memwriter_migration(name: &str, mode: &str) {
 
 #[test]
 fn migrate_counter_stop_copy() {
-    if !require_two_hosts() {
-        return;
-    }
     counter_migration("mcstop", "stop-copy");
 }
 
 #[test]
 fn migrate_memwriter_stop_copy_256m() {
-    if !require_two_hosts() {
-        return;
-    }
     memwriter_migration("mmstop", "stop-copy");
 }
 
 #[test]
 fn migrate_counter_post_copy() {
-    if !require_two_hosts() {
-        return;
-    }
     counter_migration("mcpost", "post-copy");
 }
 
 #[test]
 fn migrate_memwriter_post_copy_256m() {
-    if !require_two_hosts() {
-        return;
-    }
     memwriter_migration("mmpost", "post-copy");
 }
 
@@ -432,9 +428,7 @@ fn wrong_token() {
     write_token_file(&other, &random_hex(16));
     let serve = th.serve_with_token(&other, &[]);
     let out = th.migrate(&w.id, &serve.addr, &[]);
-    assert_failed_with(&out, &[4]);
-    assert_source_counter_healthy(&th, &w);
-    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert_counter_not_migrated(&th, &w, &out, &[4], DST_CLEAN_T);
     assert!(
         !th.dst_bundle(&w.id).join("rootfs").exists(),
         "an unauthenticated peer got a rootfs copied"
@@ -481,9 +475,7 @@ fn restore_fails_on_destination() {
 
     let serve = th.serve(&[]);
     let out = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
-    assert_failed_with(&out, &[8]);
-    assert_source_counter_healthy(&th, &w);
-    th.assert_dst_clean(&id, DST_CLEAN_T);
+    assert_counter_not_migrated(&th, &w, &out, &[8], DST_CLEAN_T);
     assert!(
         serve.is_alive(),
         "ferry serve exited after a failed migration"
@@ -492,10 +484,7 @@ fn restore_fails_on_destination() {
     // Retry with the source directory back in place.
     fs::rename(&moved, &extra).unwrap();
     let out = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_migrated(&th, &id, &v);
-    let n = read_counter_lines(&w.out).len();
-    assert_counter_continues(&w.out, n, 20);
+    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
     th.dst_runc().kill_and_delete(&id);
     th.finish();
 }
@@ -514,16 +503,11 @@ fn serve_killed_mid_transfer() {
     let out = migrate_with_fault(&th, &w.id, &serve.addr, "stop-copy", || serve.kill_hard());
     // Network failure, the destination failing, or CRIU failing because its page
     // connection broke: all say the migration did not happen.
-    assert_failed_with(&out, &[6, 8, 9]);
-    assert_source_memwriter_healthy(&th, &w);
-    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert_memwriter_not_migrated(&th, &w, &out, &[6, 8, 9], DST_CLEAN_T);
 
     let serve2 = th.serve(&[]);
     let out = th.migrate(&w.id, &serve2.addr, &["--mode", "stop-copy"]);
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_migrated(&th, &w.id, &v);
-    let n = read_memwriter_lines(&w.out).len();
-    assert_memwriter_continues(&w.out, n, 10);
+    assert_memwriter_migrated(&th, &w, &out, Some("stop-copy"), 10);
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
@@ -542,17 +526,12 @@ fn link_cut_during_dump() {
     let t0 = Instant::now();
     let out = migrate_with_fault(&th, &w.id, &serve.addr, "stop-copy", || th.cut_link());
     eprintln!("failed migration took {:?}", t0.elapsed());
-    assert_failed_with(&out, &[6, 8, 9]);
-    assert_source_memwriter_healthy(&th, &w);
-    th.assert_dst_clean(&w.id, DST_CLEAN_DEAD_LINK_T);
+    assert_memwriter_not_migrated(&th, &w, &out, &[6, 8, 9], DST_CLEAN_DEAD_LINK_T);
     assert!(serve.is_alive(), "ferry serve exited after losing a peer");
 
     th.restore_link();
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_migrated(&th, &w.id, &v);
-    let n = read_memwriter_lines(&w.out).len();
-    assert_memwriter_continues(&w.out, n, 10);
+    assert_memwriter_migrated(&th, &w, &out, Some("stop-copy"), 10);
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
@@ -702,10 +681,7 @@ fn garbage_and_oversized_frames() {
     );
 
     let out = th.migrate(&w.id, &serve.addr, &[]);
-    let v = migrate_json(&out, None);
-    assert_migrated(&th, &w.id, &v);
-    let n = read_counter_lines(&w.out).len();
-    assert_counter_continues(&w.out, n, 20);
+    assert_counter_migrated(&th, &w, &out, None, 20);
     assert!(serve.is_alive());
     drop((hanging1, hanging2));
     th.dst_runc().kill_and_delete(&w.id);

@@ -537,10 +537,7 @@ fn tls_refusals_then_counter_stop_copy() {
 
     // The TLS serve still works.
     let out = h.migrate_tls(&w.id, &serve.addr, "stop-copy");
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_migrated(th, &w.id, &v);
-    let n = read_counter_lines(&w.out).len();
-    assert_counter_continues(&w.out, n, 20);
+    assert_counter_migrated(th, &w, &out, Some("stop-copy"), 20);
     // Every connection thread and TLS pump of this serve ended.
     let start = Instant::now();
     while threads() > idle_threads && start.elapsed() < Duration::from_secs(45) {
@@ -695,16 +692,11 @@ fn tls_serve_killed_mid_transfer() {
     let w = start_memwriter(th, "", 256, 16);
     let serve = h.serve_tls();
     let out = migrate_tls_with_fault(&h, &w, &serve, || serve.kill_hard());
-    assert_failed_with(&out, &[6, 8, 9]);
-    assert_source_memwriter_healthy(th, &w);
-    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert_memwriter_not_migrated(th, &w, &out, &[6, 8, 9], DST_CLEAN_T);
 
     let serve2 = h.serve_tls();
     let out = h.migrate_tls(&w.id, &serve2.addr, "stop-copy");
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_migrated(th, &w.id, &v);
-    let n = read_memwriter_lines(&w.out).len();
-    assert_memwriter_continues(&w.out, n, 5);
+    assert_memwriter_migrated(th, &w, &out, Some("stop-copy"), 5);
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
@@ -724,17 +716,12 @@ fn tls_link_cut_during_dump() {
     let t0 = Instant::now();
     let out = migrate_tls_with_fault(&h, &w, &serve, || th.cut_link());
     eprintln!("failed migration took {:?}", t0.elapsed());
-    assert_failed_with(&out, &[6, 8, 9]);
-    assert_source_memwriter_healthy(th, &w);
-    th.assert_dst_clean(&w.id, Duration::from_secs(120));
+    assert_memwriter_not_migrated(th, &w, &out, &[6, 8, 9], Duration::from_secs(120));
     assert!(serve.is_alive(), "ferry serve exited after losing a peer");
 
     th.restore_link();
     let out = h.migrate_tls(&w.id, &serve.addr, "stop-copy");
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_migrated(th, &w.id, &v);
-    let n = read_memwriter_lines(&w.out).len();
-    assert_memwriter_continues(&w.out, n, 5);
+    assert_memwriter_migrated(th, &w, &out, Some("stop-copy"), 5);
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }

@@ -268,6 +268,72 @@ pub fn assert_failed_with(out: &FerryOut, codes: &[i32]) {
     out.assert_error(out.code.unwrap());
 }
 
+/// `out`, a migration of the counter `w`, failed with one of `codes`: the source counter
+/// runs on unbroken and the destination is clean within `clean_t`.
+#[track_caller]
+pub fn assert_counter_not_migrated(
+    th: &TwoHosts,
+    w: &Workload,
+    out: &FerryOut,
+    codes: &[i32],
+    clean_t: Duration,
+) {
+    assert_failed_with(out, codes);
+    assert_source_counter_healthy(th, w);
+    th.assert_dst_clean(&w.id, clean_t);
+}
+
+/// `out`, a migration of the memwriter `w`, failed with one of `codes`: the source
+/// memwriter runs on intact and the destination is clean within `clean_t`.
+#[track_caller]
+pub fn assert_memwriter_not_migrated(
+    th: &TwoHosts,
+    w: &Workload,
+    out: &FerryOut,
+    codes: &[i32],
+    clean_t: Duration,
+) {
+    assert_failed_with(out, codes);
+    assert_source_memwriter_healthy(th, w);
+    th.assert_dst_clean(&w.id, clean_t);
+}
+
+/// `out` migrated the counter `w` (with `mode`, when given): the report has the right
+/// shape, the container runs on the destination and the counter goes on strictly for
+/// `more` values. Returns the report.
+#[track_caller]
+pub fn assert_counter_migrated(
+    th: &TwoHosts,
+    w: &Workload,
+    out: &FerryOut,
+    mode: Option<&str>,
+    more: usize,
+) -> Value {
+    let v = migrate_json(out, mode);
+    assert_migrated(th, &w.id, &v);
+    let n = read_counter_lines(&w.out).len();
+    assert_counter_continues(&w.out, n, more);
+    v
+}
+
+/// `out` migrated the memwriter `w` (with `mode`, when given): the report has the right
+/// shape, the container runs on the destination and the memwriter goes on intact for
+/// `more` lines. Returns the report.
+#[track_caller]
+pub fn assert_memwriter_migrated(
+    th: &TwoHosts,
+    w: &Workload,
+    out: &FerryOut,
+    mode: Option<&str>,
+    more: usize,
+) -> Value {
+    let v = migrate_json(out, mode);
+    assert_migrated(th, &w.id, &v);
+    let n = read_memwriter_lines(&w.out).len();
+    assert_memwriter_continues(&w.out, n, more);
+    v
+}
+
 /// The busybox counter migrated with `--mode mode` to a fresh `ferry serve`: the report has
 /// the right shape and mode, the container runs on the destination, the counter continues
 /// strictly, serve stays up; the container is then removed. Returns the report.
