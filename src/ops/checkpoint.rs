@@ -111,6 +111,11 @@ impl DumpJob {
         let cfg = BundleConfig::load(&c.bundle)?;
         let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
         let opts = dump_options(&cfg, &facts, settings);
+        tracing::debug!(
+            lock = ?opts.network_lock(),
+            loopback_only_netns = facts.loopback_only_netns,
+            "network lock for the dump"
+        );
         let meta = CheckpointMeta {
             format: META_FORMAT,
             container: id.to_string(),
