@@ -292,8 +292,10 @@ pub fn gather_dump_facts(
 /// Whether the dump can go without CRIU's network lock: the container's own namespace has
 /// only `lo` (no packet from outside can arrive while it is frozen) and no established
 /// connection is carried over in repair mode (`tcp_established`), which is what the lock
-/// protects. The lock costs a freeze `iptables-restore` runs (two on the dump, two more on
-/// the restore to remove the rules again), tens of milliseconds each.
+/// protects. The lock costs the freeze its `iptables-restore` runs (two on the dump, two
+/// more on the restore to remove the rules again), tens of milliseconds each. The interfaces
+/// are read before the freeze; one moved into the namespace in between would go unlocked
+/// (which needs a host administrator doing so during a checkpoint).
 pub fn skips_network_lock(f: &DumpFacts, s: &DumpSettings) -> bool {
     f.loopback_only_netns && !s.tcp_established
 }
