@@ -82,6 +82,13 @@ fn assert_no_lock_rules(b: &BridgedHosts) {
     assert!(rules.is_empty(), "lock rules left: {rules:?}");
 }
 
+/// The end of a test: no lock rule is left, then [`TwoHosts::finish`].
+#[track_caller]
+fn finish(b: &BridgedHosts) {
+    assert_no_lock_rules(b);
+    b.th.finish();
+}
+
 fn assert_clients_fine(clients: &mut [TcpClient]) -> Vec<ClientReport> {
     let reps: Vec<ClientReport> = clients.iter_mut().map(|c| c.stop()).collect();
     for r in &reps {
@@ -128,8 +135,7 @@ fn local_checkpoint_restore_keeps_tcp_connections() {
     .ok();
     assert_eq!(src.status(&id).as_deref(), Some("running"));
     assert_connections_kept(&mut clients, &log, 20, 2);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// The acceptance case: several clients, one long connection each, streaming both ways,
@@ -275,8 +281,7 @@ fn address_clash_is_refused_before_the_freeze() {
         !BridgedHosts::dst_netns(&id).exists(),
         "the destination kept its namespace for {id}"
     );
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// The final dump fails (post-dump answered with a failure) under `--tcp-established`: the
@@ -300,8 +305,7 @@ fn final_dump_failure_keeps_the_source_connections() {
     assert_connections_kept(&mut clients, &log, 25, 3);
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
     assert!(!BridgedHosts::dst_netns(&id).exists());
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// Without `--tcp-established` the connections are closed on the destination (CRIU's
@@ -327,8 +331,7 @@ fn without_tcp_established_connections_are_closed_and_counted() {
     wait_clients_progress(&fresh, 10, slow(T_NET));
     drop(fresh);
     drop(clients);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// A test `--netns-hook`: logs every call (arguments and FERRY_* facts), refuses while a
@@ -402,8 +405,7 @@ fn netns_hook_is_called_with_the_facts() {
     assert_connections_kept(&mut clients, &log, 25, 2);
     let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
     assert_eq!(calls.lines().count(), 3, "hook calls: {calls}");
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// The nftables lock (`FERRY_NET_LOCK=nftables` on both hosts, which have both tools): a
@@ -439,8 +441,7 @@ fn nftables_lock_method() {
     let v = migrate_json(&out, Some("stop-copy"));
     assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
     assert_connections_kept(&mut clients, &log, 25, 2);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// A network namespace shared with a process outside the container (another container of a
@@ -490,8 +491,7 @@ fn post_copy_keeps_tcp_connections() {
     assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
     assert_migrated(&b.th, &id, &v);
     assert_connections_kept(&mut clients, &log, 25, 2);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 #[test]
