@@ -111,28 +111,19 @@ fn local_checkpoint_restore_keeps_tcp_connections() {
     let src = b.th.src_runc();
     let images = src.path("images");
     let root = s(&src.root).to_string();
-    ferry(&[
-        "checkpoint",
-        &id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        &root,
-        "--tcp-established",
-        "--json",
-    ])
-    .ok();
-    ferry(&[
-        "restore",
-        &id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        &root,
-        "--tcp-established",
-        "--json",
-    ])
-    .ok();
+    for cmd in ["checkpoint", "restore"] {
+        ferry(&[
+            cmd,
+            &id,
+            "--images",
+            s(&images),
+            "--runtime-root",
+            &root,
+            "--tcp-established",
+            "--json",
+        ])
+        .ok();
+    }
     assert_eq!(src.status(&id).as_deref(), Some("running"));
     assert_connections_kept(&mut clients, &log, 20, 2);
     finish(&b);
