@@ -697,9 +697,7 @@ fn zz_no_leftovers() {
     if !require_two_hosts() {
         return;
     }
-    global_leak_check();
-    let left = leftover_netns();
-    assert!(left.is_empty(), "network namespaces left: {left:?}");
+    assert_no_leftovers();
     // Every `ferry serve` has stopped: none left its (empty) --cgroup-prefix dirs behind.
     let prefix_dirs = cgroup_dirs_matching(&|n| n == dst_cgroup_prefix());
     assert!(

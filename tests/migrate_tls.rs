@@ -731,7 +731,5 @@ fn zz_no_leftovers() {
     if !require_tls_rig() {
         return;
     }
-    global_leak_check();
-    let left = leftover_netns();
-    assert!(left.is_empty(), "network namespaces left: {left:?}");
+    assert_no_leftovers();
 }

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::migration::*;
@@ -21,6 +22,29 @@ fn start_clients(b: &BridgedHosts, n: usize) -> Vec<TcpClient> {
     let c: Vec<TcpClient> = (0..n).map(|_| TcpClient::start(&b.client_ns)).collect();
     wait_clients_progress(&c, 10, slow(T_NET));
     c
+}
+
+/// What a migration test starts from: the rig, `ferry serve` on the destination, the server
+/// container's id and log on the source, and the TCP clients exchanging data with it. Bind it
+/// in this order, so that the clients go first and the rig last (reverse order of binding).
+type Net = (BridgedHosts, Serve, String, PathBuf, Vec<TcpClient>);
+
+/// [`Net`] on the rig `name`: `serve` starts `ferry serve` (given the rig), then the server
+/// and `n` clients start. None (the test is skipped) without the two emulated hosts.
+fn start_net(name: &str, n: usize, serve: impl FnOnce(&BridgedHosts) -> Serve) -> Option<Net> {
+    if !require_two_hosts() {
+        return None;
+    }
+    let b = BridgedHosts::new(name);
+    let serve = serve(&b);
+    let (id, log) = b.start_server("");
+    let clients = start_clients(&b, n);
+    Some((b, serve, id, log, clients))
+}
+
+/// `ferry serve --bridge br0`, the destination most tests use.
+fn serve_bridge(b: &BridgedHosts) -> Serve {
+    b.serve(&[])
 }
 
 /// Once the server had `n` connections, it never had fewer; no sequence error anywhere.
@@ -58,6 +82,13 @@ fn assert_no_lock_rules(b: &BridgedHosts) {
     assert!(rules.is_empty(), "lock rules left: {rules:?}");
 }
 
+/// The end of a test: no lock rule is left, then [`TwoHosts::finish`].
+#[track_caller]
+fn finish(b: &BridgedHosts) {
+    assert_no_lock_rules(b);
+    b.th.finish();
+}
+
 fn assert_clients_fine(clients: &mut [TcpClient]) -> Vec<ClientReport> {
     let reps: Vec<ClientReport> = clients.iter_mut().map(|c| c.stop()).collect();
     for r in &reps {
@@ -80,32 +111,22 @@ fn local_checkpoint_restore_keeps_tcp_connections() {
     let src = b.th.src_runc();
     let images = src.path("images");
     let root = s(&src.root).to_string();
-    ferry(&[
-        "checkpoint",
-        &id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        &root,
-        "--tcp-established",
-        "--json",
-    ])
-    .ok();
-    ferry(&[
-        "restore",
-        &id,
-        "--images",
-        s(&images),
-        "--runtime-root",
-        &root,
-        "--tcp-established",
-        "--json",
-    ])
-    .ok();
+    for cmd in ["checkpoint", "restore"] {
+        ferry(&[
+            cmd,
+            &id,
+            "--images",
+            s(&images),
+            "--runtime-root",
+            &root,
+            "--tcp-established",
+            "--json",
+        ])
+        .ok();
+    }
     assert_eq!(src.status(&id).as_deref(), Some("running"));
     assert_connections_kept(&mut clients, &log, 20, 2);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// The acceptance case: several clients, one long connection each, streaming both ways,
@@ -116,13 +137,9 @@ fn local_checkpoint_restore_keeps_tcp_connections() {
 /// no lock rule anywhere.
 #[test]
 fn migrate_keeps_tcp_connections_and_udp_flow() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, log, mut clients)) = start_net("netmig", CLIENTS, serve_bridge) else {
         return;
-    }
-    let b = BridgedHosts::new("netmig");
-    let serve = b.serve(&[]);
-    let (id, log) = b.start_server("");
-    let mut clients = start_clients(&b, CLIENTS);
+    };
     let udp = UdpFlow::start(&b.client_ns);
     wait_for(slow(T_NET), "UDP echoes", || udp.snapshot().2 >= 5);
 
@@ -173,13 +190,9 @@ fn migrate_keeps_tcp_connections_and_udp_flow() {
 /// connections, the destination keeps nothing.
 #[test]
 fn address_clash_is_refused_before_the_freeze() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, log, mut clients)) = start_net("netclash", 2, serve_bridge) else {
         return;
-    }
-    let b = BridgedHosts::new("netclash");
-    let serve = b.serve(&[]);
-    let (id, log) = b.start_server("");
-    let mut clients = start_clients(&b, 2);
+    };
     // Another holder of the address on the destination's bridge.
     let clash = format!(
         "fclash-{}-{}",
@@ -259,8 +272,7 @@ fn address_clash_is_refused_before_the_freeze() {
         !BridgedHosts::dst_netns(&id).exists(),
         "the destination kept its namespace for {id}"
     );
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// The final dump fails (post-dump answered with a failure) under `--tcp-established`: the
@@ -268,13 +280,9 @@ fn address_clash_is_refused_before_the_freeze() {
 /// namespace, the destination's namespace (and lock) are gone.
 #[test]
 fn final_dump_failure_keeps_the_source_connections() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, log, mut clients)) = start_net("netfail", 3, serve_bridge) else {
         return;
-    }
-    let b = BridgedHosts::new("netfail");
-    let serve = b.serve(&[]);
-    let (id, log) = b.start_server("");
-    let mut clients = start_clients(&b, 3);
+    };
     let out =
         b.th.migrate_cmd(
             &id,
@@ -288,8 +296,7 @@ fn final_dump_failure_keeps_the_source_connections() {
     assert_connections_kept(&mut clients, &log, 25, 3);
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
     assert!(!BridgedHosts::dst_netns(&id).exists());
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// Without `--tcp-established` the connections are closed on the destination (CRIU's
@@ -297,13 +304,9 @@ fn final_dump_failure_keeps_the_source_connections() {
 /// server takes new connections.
 #[test]
 fn without_tcp_established_connections_are_closed_and_counted() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, log, clients)) = start_net("netclose", 3, serve_bridge) else {
         return;
-    }
-    let b = BridgedHosts::new("netclose");
-    let serve = b.serve(&[]);
-    let (id, log) = b.start_server("");
-    let clients = start_clients(&b, 3);
+    };
     let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
     let v = migrate_json(&out, Some("stop-copy"));
     assert_eq!(json_u64(&v, "tcp_closed"), 3, "report: {v}");
@@ -319,8 +322,7 @@ fn without_tcp_established_connections_are_closed_and_counted() {
     wait_clients_progress(&fresh, 10, slow(T_NET));
     drop(fresh);
     drop(clients);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// A test `--netns-hook`: logs every call (arguments and FERRY_* facts), refuses while a
@@ -347,18 +349,18 @@ done
 /// keeps the connections. The hook gets the documented arguments and facts.
 #[test]
 fn netns_hook_is_called_with_the_facts() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, log, mut clients)) = start_net("nethook", 2, |b| {
+        let hook_dir = b.th.dst_runc().mkdir("hook");
+        let hook = hook_dir.join("netns-hook");
+        std::fs::write(&hook, HOOK).unwrap();
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::write(hook_dir.join("fail"), "").unwrap();
+        b.th.serve(&["--netns-hook", s(&hook)])
+    }) else {
         return;
-    }
-    let b = BridgedHosts::new("nethook");
-    let hook_dir = b.th.dst_runc().mkdir("hook");
-    let hook = hook_dir.join("netns-hook");
-    std::fs::write(&hook, HOOK).unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::write(hook_dir.join("fail"), "").unwrap();
-    let serve = b.th.serve(&["--netns-hook", s(&hook)]);
-    let (id, log) = b.start_server("");
-    let mut clients = start_clients(&b, 2);
+    };
+    let hook_dir = b.th.dst_runc().path("hook");
 
     let out = b.th.migrate(
         &id,
@@ -394,8 +396,7 @@ fn netns_hook_is_called_with_the_facts() {
     assert_connections_kept(&mut clients, &log, 25, 2);
     let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
     assert_eq!(calls.lines().count(), 3, "hook calls: {calls}");
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// The nftables lock (`FERRY_NET_LOCK=nftables` on both hosts, which have both tools): a
@@ -403,14 +404,11 @@ fn netns_hook_is_called_with_the_facts() {
 /// migration keeps the connections, and no table is left anywhere.
 #[test]
 fn nftables_lock_method() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, log, mut clients)) = start_net("netnft", 2, |b| {
+        b.th.serve_with_env(&[("FERRY_NET_LOCK", "nftables")], &["--bridge", "br0"])
+    }) else {
         return;
-    }
-    let b = BridgedHosts::new("netnft");
-    let serve =
-        b.th.serve_with_env(&[("FERRY_NET_LOCK", "nftables")], &["--bridge", "br0"]);
-    let (id, log) = b.start_server("");
-    let mut clients = start_clients(&b, 2);
+    };
     let args = ["--mode", "stop-copy", "--tcp-established"];
     let out =
         b.th.migrate_cmd(&id, &serve.addr, &args)
@@ -434,20 +432,16 @@ fn nftables_lock_method() {
     let v = migrate_json(&out, Some("stop-copy"));
     assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
     assert_connections_kept(&mut clients, &log, 25, 2);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 /// A network namespace shared with a process outside the container (another container of a
 /// pod, say) is refused before anything happens: its address cannot move without it.
 #[test]
 fn shared_netns_is_refused() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, _log, _clients)) = start_net("netshared", 0, serve_bridge) else {
         return;
-    }
-    let b = BridgedHosts::new("netshared");
-    let serve = b.serve(&[]);
-    let (id, _log) = b.start_server("");
+    };
     let mut holder = std::process::Command::new("ip")
         .args(["netns", "exec", &b.container_ns, "sleep", "60"])
         .spawn()
@@ -476,13 +470,9 @@ fn thread_sleep_ms(ms: u64) {
 /// has arrived; the connections go on all the same.
 #[test]
 fn post_copy_keeps_tcp_connections() {
-    if !require_two_hosts() {
+    let Some((b, serve, id, log, mut clients)) = start_net("netpost", 2, serve_bridge) else {
         return;
-    }
-    let b = BridgedHosts::new("netpost");
-    let serve = b.serve(&[]);
-    let (id, log) = b.start_server("");
-    let mut clients = start_clients(&b, 2);
+    };
     let out = b.th.migrate(
         &id,
         &serve.addr,
@@ -492,8 +482,7 @@ fn post_copy_keeps_tcp_connections() {
     assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
     assert_migrated(&b.th, &id, &v);
     assert_connections_kept(&mut clients, &log, 25, 2);
-    assert_no_lock_rules(&b);
-    b.th.finish();
+    finish(&b);
 }
 
 #[test]
@@ -501,7 +490,5 @@ fn zz_no_leftovers() {
     if !require_two_hosts() {
         return;
     }
-    global_leak_check();
-    let left = leftover_netns();
-    assert!(left.is_empty(), "network namespaces left: {left:?}");
+    assert_no_leftovers();
 }

@@ -260,7 +260,5 @@ fn hybrid_memwriter() {
 #[ignore = "runs inside the VM rig (tests/vm/run)"]
 fn zz_no_leftovers() {
     require_two_hosts();
-    global_leak_check();
-    let left = leftover_netns();
-    assert!(left.is_empty(), "network namespaces left: {left:?}");
+    assert_no_leftovers();
 }

@@ -337,7 +337,5 @@ fn zz_no_leftovers() {
     if !require_two_hosts() {
         return;
     }
-    global_leak_check();
-    let left = leftover_netns();
-    assert!(left.is_empty(), "network namespaces left: {left:?}");
+    assert_no_leftovers();
 }

@@ -2304,6 +2304,15 @@ impl Drop for TwoHosts {
     }
 }
 
+/// The last check of a two-host test binary (its `zz_no_leftovers`): [`global_leak_check`],
+/// and no network namespace of this process is left ([`leftover_netns`]).
+#[track_caller]
+pub fn assert_no_leftovers() {
+    global_leak_check();
+    let left = leftover_netns();
+    assert!(left.is_empty(), "network namespaces left: {left:?}");
+}
+
 /// Network namespaces made by this test process that still exist: the emulated hosts, the
 /// network rig's client, container and clash namespaces (`common::net`), and those `ferry
 /// serve` made for this process's containers (`ferry-ft-…-<pid>`).
