@@ -742,3 +742,80 @@ fn serve_drains_a_migration_on_sigterm() {
     remove_empty_prefix_dirs();
     th.finish();
 }
+
+/// The rootfs moves while the container writes to it: files created, appended to and
+/// deleted between the sync while running and the freeze arrive with the final delta (both
+/// sides re-read only what changed since the first round). The workload appends every value
+/// to /var/w/acc, writes each value to its own file and deletes it five values later, except
+/// every tenth, which it keeps. On the destination, paused right after the migration: acc is
+/// 1, 2, …, N without a gap, every kept file up to N is there with its value, and no other
+/// file older than N-5 is left.
+#[test]
+fn rootfs_changes_while_running_arrive_with_the_final_delta() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("rootfsdelta");
+    let src = th.src_runc();
+    let id = src.id("");
+    let data = src.mkdir("data");
+    let script = "mkdir -p /var/w; i=0; while true; do i=$((i+1)); echo $i >> /var/w/acc; \
+                  echo $i > /var/w/f$i; j=$((i-5)); [ $((j % 10)) -eq 0 ] || rm -f /var/w/f$j; \
+                  echo $i >> /data/counter; sleep 0.05; done";
+    let bundle = src
+        .bundle("rootfsdelta")
+        .bind(&data, "/data")
+        .args(&["sh", "-c", script])
+        .build();
+    src.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 30, slow(T));
+
+    let serve = th.serve(&[]);
+    let migrated = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    let v = migrate_json(&migrated, Some("stop-copy"));
+    assert_migrated(&th, &id, &v);
+    let dst = th.dst_runc();
+    let paused = Command::new("runc")
+        .arg("--root")
+        .arg(&dst.root)
+        .args(["pause", &id])
+        .output()
+        .expect("runc pause");
+    assert!(paused.status.success(), "runc pause: {paused:?}");
+
+    let w = th.dst_bundle(&id).join("rootfs/var/w");
+    let acc: Vec<u64> = fs::read_to_string(w.join("acc"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let n = *acc.last().expect("acc is empty");
+    assert_eq!(
+        acc,
+        (1..=n).collect::<Vec<_>>(),
+        "acc on the destination has a gap or a repeat"
+    );
+    for k in (10..=n).step_by(10) {
+        let f = w.join(format!("f{k}"));
+        assert_eq!(
+            fs::read_to_string(&f).map(|s| s.trim().to_string()).ok(),
+            Some(k.to_string()),
+            "kept file {} missing or wrong on the destination",
+            f.display()
+        );
+    }
+    for e in fs::read_dir(&w).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(k) = name.strip_prefix('f').and_then(|k| k.parse::<u64>().ok()) else {
+            continue;
+        };
+        assert!(
+            k % 10 == 0 || k + 5 >= n,
+            "{name} should have been deleted (last value {n}) on the destination"
+        );
+    }
+    eprintln!("rootfs on the destination: acc 1..{n}, kept files and deletions as on the source");
+    dst.kill_and_delete(&id);
+    th.finish();
+}

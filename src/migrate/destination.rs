@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use super::auth::{random_hex, Token};
 use super::link::{self, Link};
-use super::rootfs::{check_rel, delete_extra, install, needed, staging_path};
+use super::rootfs::{check_rel, delete_extra, install, needed, staging_path, HashCache};
 use super::source::{tune, Ctl};
 use super::tls::TlsServer;
 use super::wire::{
@@ -345,6 +345,9 @@ pub struct Receiver<'a> {
     tcp_close: bool,
     /// The source's IP address, as this connection came from it.
     peer_ip: String,
+    /// Hashes of this side's rootfs copy, so that the final round (frozen) reads only what
+    /// changed.
+    hashes: HashCache,
 }
 
 const MAX_CONFIG: usize = 4 * 1024 * 1024;
@@ -376,6 +379,7 @@ impl<'a> Receiver<'a> {
             tcp_established: false,
             tcp_close: false,
             peer_ip: String::new(),
+            hashes: HashCache::default(),
         }
     }
 
@@ -449,7 +453,15 @@ impl<'a> Receiver<'a> {
                     });
                 }
                 let rootfs = self.bundle().join("rootfs");
-                let need = needed(&rootfs, &entries)?;
+                let read_before = self.hashes.reads;
+                let need = needed(&rootfs, &entries, &mut self.hashes)?;
+                tracing::debug!(
+                    entries = entries.len(),
+                    need = need.len(),
+                    files_read = self.hashes.reads - read_before,
+                    final_sync,
+                    "rootfs compared"
+                );
                 self.ctl
                     .send(&Msg::Need(super::wire::Need { paths: need }))?;
                 Ok(State::Files {
@@ -720,7 +732,11 @@ impl<'a> Receiver<'a> {
             install(&rootfs, &e, &tmp, Some(&String::from_utf8_lossy(&target)))
         } else {
             self.receive_into(&f, &tmp, e.size)?;
-            install(&rootfs, &e, &tmp, None)
+            install(&rootfs, &e, &tmp, None)?;
+            let target = super::rootfs::safe_target(&rootfs, &e.path)?;
+            self.hashes
+                .learn(&target)
+                .map_err(|x| MigrateError::Rootfs(format!("{}: {x}", target.display())))
         }
     }
 

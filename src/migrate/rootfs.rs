@@ -5,11 +5,19 @@
 //! and the source sends those. The final round, during the freeze, also deletes on the
 //! destination what the source no longer has. Paths from the peer are relative, checked
 //! component by component, and never written through a symlink.
+//!
+//! Both sides keep a [`HashCache`] for the session: the final round runs while the container
+//! is frozen, and re-reading a rootfs of a few hundred MiB there would cost seconds. A file
+//! whose stamp (device, inode, size, mtime, ctime) is unchanged since it was hashed keeps its
+//! hash; ctime moves on every write and cannot be set, and a file changed shortly before it
+//! was hashed ("racy": a later change could keep the same coarse timestamps) is read again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::Metadata;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -43,8 +51,92 @@ fn hash_bytes(b: &[u8]) -> String {
     hex(&Sha256::digest(b))
 }
 
-/// Lists `root` (paths relative to it, parents before children).
-pub fn manifest(root: &Path) -> Result<Vec<Entry>, MigrateError> {
+/// What identifies a file's content without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(m: &Metadata) -> Stamp {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// A change this close before hashing may share its timestamps with a later one.
+const RACY: Duration = Duration::from_secs(2);
+
+/// Content hashes of files by path, valid while their [`Stamp`] is unchanged.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    map: HashMap<PathBuf, (Stamp, String)>,
+    /// Files read to hash them (for tests and logs).
+    pub reads: u64,
+}
+
+impl HashCache {
+    /// The sha256 of `p`, whose metadata is `m`: from the cache when the file is unchanged
+    /// since it was hashed, else read.
+    pub fn hash(&mut self, p: &Path, m: &Metadata) -> std::io::Result<String> {
+        let stamp = Stamp::of(m);
+        if let Some((s, h)) = self.map.get(p) {
+            if *s == stamp {
+                return Ok(h.clone());
+            }
+        }
+        let before = SystemTime::now();
+        let h = hash_file(p)?;
+        self.reads += 1;
+        self.remember(p, m, h.clone(), before);
+        Ok(h)
+    }
+
+    /// Records `hash` for `p` (metadata `m`), read or written at `at`; a file changed within
+    /// [`RACY`] of that is not remembered.
+    fn remember(&mut self, p: &Path, m: &Metadata, hash: String, at: SystemTime) {
+        let stamp = Stamp::of(m);
+        let changed = SystemTime::UNIX_EPOCH
+            + Duration::from_nanos(u64::try_from(stamp.ctime_ns.max(0)).unwrap_or(u64::MAX));
+        if changed + RACY < at {
+            self.map.insert(p.to_path_buf(), (stamp, hash));
+        } else {
+            self.map.remove(p);
+        }
+    }
+
+    /// Hashes a file this side just wrote (reading it back) and remembers it: its content is
+    /// what arrived, whatever the manifest said. No racy rule here: ferry is the only writer
+    /// of the copy it receives, and it learns each file again after writing it.
+    pub fn learn(&mut self, p: &Path) -> std::io::Result<()> {
+        let m = std::fs::symlink_metadata(p)?;
+        let h = hash_file(p)?;
+        self.reads += 1;
+        self.map.insert(p.to_path_buf(), (Stamp::of(&m), h));
+        Ok(())
+    }
+}
+
+/// Lists `root` (paths relative to it, parents before children) with content hashes.
+pub fn manifest(root: &Path, cache: &mut HashCache) -> Result<Vec<Entry>, MigrateError> {
+    walk(root, &mut |p, m| cache.hash(p, m))
+}
+
+/// Lists `root` like [`manifest`], hashing files with `hash_of`.
+fn walk(
+    root: &Path,
+    hash_of: &mut dyn FnMut(&Path, &Metadata) -> std::io::Result<String>,
+) -> Result<Vec<Entry>, MigrateError> {
     let dev = std::fs::symlink_metadata(root)
         .map_err(|e| err(format!("{}: {e}", root.display())))?
         .dev();
@@ -80,8 +172,11 @@ pub fn manifest(root: &Path) -> Result<Vec<Entry>, MigrateError> {
                     hash: String::new(),
                 }
             } else if ft.is_symlink() {
-                let target =
-                    std::fs::read_link(&p).map_err(|e| err(format!("{}: {e}", p.display())))?;
+                let target = match std::fs::read_link(&p) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // gone
+                    Err(e) => return Err(err(format!("{}: {e}", p.display()))),
+                };
                 let t = target.to_string_lossy().into_owned();
                 Entry {
                     path,
@@ -91,7 +186,12 @@ pub fn manifest(root: &Path) -> Result<Vec<Entry>, MigrateError> {
                     hash: hash_bytes(t.as_bytes()),
                 }
             } else if ft.is_file() {
-                let hash = hash_file(&p).map_err(|e| err(format!("{}: {e}", p.display())))?;
+                let hash = match hash_of(&p, &m) {
+                    Ok(h) => h,
+                    // Deleted since it was listed (the container runs during the first round).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(err(format!("{}: {e}", p.display()))),
+                };
                 Entry {
                     path,
                     kind: "f".into(),
@@ -149,7 +249,11 @@ pub fn safe_target(root: &Path, rel: &str) -> Result<PathBuf, MigrateError> {
 
 /// What the destination needs of `entries`, given its copy at `root`; directories are
 /// created here with their modes.
-pub fn needed(root: &Path, entries: &[Entry]) -> Result<Vec<String>, MigrateError> {
+pub fn needed(
+    root: &Path,
+    entries: &[Entry],
+    cache: &mut HashCache,
+) -> Result<Vec<String>, MigrateError> {
     let mut need = Vec::new();
     for e in entries {
         let target = safe_target(root, &e.path)?;
@@ -179,10 +283,11 @@ pub fn needed(root: &Path, entries: &[Entry]) -> Result<Vec<String>, MigrateErro
                 }
             }
             "f" => {
-                let same = local
-                    .as_ref()
-                    .is_some_and(|m| m.is_file() && m.len() == e.size)
-                    && hash_file(&target).map(|h| h == e.hash).unwrap_or(false);
+                let same = local.as_ref().is_some_and(|m| {
+                    m.is_file()
+                        && m.len() == e.size
+                        && cache.hash(&target, m).map(|h| h == e.hash).unwrap_or(false)
+                });
                 if !same {
                     need.push(e.path.clone());
                 } else if local
@@ -241,7 +346,8 @@ fn remove_local_tree(p: &Path) -> Result<(), MigrateError> {
 /// Deletes what `root` has beyond `entries` (the final round). Refuses to touch mounts.
 pub fn delete_extra(root: &Path, entries: &[Entry]) -> Result<Vec<String>, MigrateError> {
     let keep: BTreeSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
-    let local = manifest(root)?;
+    // Only the paths matter here: nothing is hashed.
+    let local = walk(root, &mut |_, _| Ok(String::new()))?;
     let mut gone = Vec::new();
     // Deepest first, so a directory is empty by the time it is considered.
     let mut extra: Vec<&Entry> = local
@@ -282,8 +388,9 @@ mod tests {
         std::fs::write(dst.path().join("same"), b"x").unwrap();
         std::fs::write(dst.path().join("stale"), b"old").unwrap();
 
-        let m = manifest(src.path()).unwrap();
-        let need = needed(dst.path(), &m).unwrap();
+        let mut cache = HashCache::default();
+        let m = manifest(src.path(), &mut cache).unwrap();
+        let need = needed(dst.path(), &m, &mut cache).unwrap();
         assert_eq!(need, vec!["bin/app".to_string(), "bin/sh".to_string()]);
         let idx = index(&m);
         let (_, tmp) = staging_path(dst.path(), idx["bin/app"]).unwrap();
@@ -295,11 +402,68 @@ mod tests {
             delete_extra(dst.path(), &m).unwrap(),
             vec!["stale".to_string()]
         );
-        assert!(needed(dst.path(), &m).unwrap().is_empty());
+        assert!(needed(dst.path(), &m, &mut cache).unwrap().is_empty());
         assert_eq!(
             std::fs::read_link(dst.path().join("bin/sh")).unwrap(),
             PathBuf::from("app")
         );
+    }
+
+    /// A file is read again only when its stamp changed or when it had changed just before it
+    /// was hashed; a rewrite keeping size and mtime is still caught (ctime moves).
+    #[test]
+    fn unchanged_files_are_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        let fresh = dir.path().join("fresh");
+        std::fs::write(&old, b"aaaa").unwrap();
+        std::fs::write(&fresh, b"bbbb").unwrap();
+        // `old` last changed well before it is hashed; `fresh` just now (racy).
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        let mut cache = HashCache::default();
+        // ctime cannot be set back: remember `old` as if hashed an hour later than it moved.
+        let m = std::fs::symlink_metadata(&old).unwrap();
+        cache.remember(
+            &old,
+            &m,
+            hash_file(&old).unwrap(),
+            SystemTime::now() + RACY * 2,
+        );
+        let h1 = manifest(dir.path(), &mut cache).unwrap();
+        assert_eq!(cache.reads, 1, "only the racy file is read");
+        let h2 = manifest(dir.path(), &mut cache).unwrap();
+        assert_eq!(
+            cache.reads, 2,
+            "the racy file is read again, the other is not"
+        );
+        assert_eq!(h1, h2);
+
+        // Same size, mtime put back: ctime moved, so it is read and the new hash seen.
+        std::fs::write(&old, b"cccc").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        let h3 = manifest(dir.path(), &mut cache).unwrap();
+        assert_eq!(cache.reads, 4);
+        let e = |m: &[Entry]| m.iter().find(|e| e.path == "old").unwrap().hash.clone();
+        assert_ne!(e(&h1), e(&h3));
+        assert_eq!(e(&h3), hash_bytes(b"cccc"));
+
+        // What this side wrote itself is learned and not read again when compared.
+        let mut dst = HashCache::default();
+        dst.learn(&fresh).unwrap();
+        let m = std::fs::symlink_metadata(&fresh).unwrap();
+        assert_eq!(dst.hash(&fresh, &m).unwrap(), hash_bytes(b"bbbb"));
+        assert_eq!(dst.reads, 1);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::link::{self, Link};
 use super::policy::{Policy, PolicyKind, RoundFacts};
 use super::progress::{bytes_acked, Progress};
 use super::relay::{free_loopback_port, SourceRelay};
-use super::rootfs::manifest;
+use super::rootfs::{manifest, HashCache};
 use super::tls::TlsClient;
 use super::wire::{
     check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, RoundDone, SyncDone,
@@ -251,9 +251,46 @@ pub(crate) fn send_file(
     path: &Path,
     mode: u32,
 ) -> Result<u64, MigrateError> {
+    send_file_as(ctl, target, name, path, mode, Changing::Fails)
+        .map(|sent| sent.unwrap_or_default())
+}
+
+/// What a file that changes while it is being sent does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Changing {
+    /// The send fails (images; the rootfs while frozen: nothing may change it then).
+    Fails,
+    /// Best effort (the rootfs while the container runs): a file gone is skipped, one that
+    /// grew is cut at the size the manifest gave (`at_most`: the destination accepts no
+    /// more), one that shrank while read is padded with zeros. The final round compares
+    /// hashes and sends it again as it is then.
+    Tolerated { at_most: u64 },
+}
+
+/// Sends a file; `None` when it vanished and `changing` tolerates that.
+fn send_file_as(
+    ctl: &mut Ctl,
+    target: Target,
+    name: &str,
+    path: &Path,
+    mode: u32,
+    changing: Changing,
+) -> Result<Option<u64>, MigrateError> {
     let io = |e: std::io::Error| MigrateError::Rootfs(format!("{}: {e}", path.display()));
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let size = f.metadata().map_err(io)?.len();
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && matches!(changing, Changing::Tolerated { .. }) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let mut size = f.metadata().map_err(io)?.len();
+    if let Changing::Tolerated { at_most } = changing {
+        size = size.min(at_most);
+    }
     ctl.send(&Msg::File(FileStart {
         target,
         path: name.to_string(),
@@ -262,33 +299,47 @@ pub(crate) fn send_file(
     }))?;
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
+    while total < size {
+        let want = usize::try_from((size - total).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let mut n = f.read(&mut buf[..want]).map_err(io)?;
         if n == 0 {
-            break;
+            if changing == Changing::Fails {
+                return Err(MigrateError::Rootfs(format!(
+                    "{} shrank while being sent",
+                    path.display()
+                )));
+            }
+            buf[..want].fill(0);
+            n = want;
         }
         total += n as u64;
-        if total > size {
-            return Err(MigrateError::Rootfs(format!(
-                "{} grew while being sent",
-                path.display()
-            )));
-        }
         ctl.send(&Msg::Chunk(buf[..n].to_vec()))?;
     }
-    if total != size {
+    if changing == Changing::Fails && f.read(&mut buf[..1]).map_err(io)? != 0 {
         return Err(MigrateError::Rootfs(format!(
-            "{} shrank while being sent",
+            "{} grew while being sent",
             path.display()
         )));
     }
     ctl.send(&Msg::FileEnd)?;
-    Ok(total)
+    Ok(Some(total))
 }
 
 /// One rootfs round: manifest, the destination's needs, the files. Returns files sent.
-fn sync_rootfs(ctl: &mut Ctl, rootfs: &Path, final_sync: bool) -> Result<u64, MigrateError> {
-    let entries = manifest(rootfs)?;
+fn sync_rootfs(
+    ctl: &mut Ctl,
+    rootfs: &Path,
+    final_sync: bool,
+    hashes: &mut HashCache,
+) -> Result<u64, MigrateError> {
+    let read_before = hashes.reads;
+    let entries = manifest(rootfs, hashes)?;
+    tracing::debug!(
+        entries = entries.len(),
+        files_read = hashes.reads - read_before,
+        final_sync,
+        "rootfs manifest"
+    );
     let mut parts = entries.chunks(4096).peekable();
     if parts.peek().is_none() {
         ctl.send(&Msg::Manifest(Manifest {
@@ -321,8 +372,11 @@ fn sync_rootfs(ctl: &mut Ctl, rootfs: &Path, final_sync: bool) -> Result<u64, Mi
         })?;
         let full = rootfs.join(super::rootfs::check_rel(p)?);
         if e.kind == "l" {
-            let t = std::fs::read_link(&full)
-                .map_err(|x| MigrateError::Rootfs(format!("{}: {x}", full.display())))?;
+            let t = match std::fs::read_link(&full) {
+                Ok(t) => t,
+                Err(x) if x.kind() == std::io::ErrorKind::NotFound && !final_sync => continue,
+                Err(x) => return Err(MigrateError::Rootfs(format!("{}: {x}", full.display()))),
+            };
             ctl.send(&Msg::File(FileStart {
                 target: Target::Rootfs,
                 path: p.clone(),
@@ -332,7 +386,14 @@ fn sync_rootfs(ctl: &mut Ctl, rootfs: &Path, final_sync: bool) -> Result<u64, Mi
             ctl.send(&Msg::Chunk(t.to_string_lossy().as_bytes().to_vec()))?;
             ctl.send(&Msg::FileEnd)?;
         } else {
-            send_file(ctl, Target::Rootfs, p, &full, e.mode)?;
+            let changing = if final_sync {
+                Changing::Fails
+            } else {
+                Changing::Tolerated { at_most: e.size }
+            };
+            if send_file_as(ctl, Target::Rootfs, p, &full, e.mode, changing)?.is_none() {
+                continue; // gone since the manifest; the final round settles it
+            }
         }
         sent += 1;
     }
@@ -367,8 +428,9 @@ fn send_final(
     job: &DumpJob,
     images: &Path,
     files_sent: &mut u64,
+    hashes: &mut HashCache,
 ) -> Result<(), MigrateError> {
-    *files_sent += sync_rootfs(ctl, &job.cfg.rootfs, true)?;
+    *files_sent += sync_rootfs(ctl, &job.cfg.rootfs, true, hashes)?;
     let mut names: Vec<_> = std::fs::read_dir(images)
         .map_err(|e| MigrateError::Rootfs(e.to_string()))?
         .flatten()
@@ -833,7 +895,9 @@ fn run(
     )?;
     expect_ok(ctl, "waiting for the CPU check")?;
 
-    let mut files_sent = sync_rootfs(ctl, &job.cfg.rootfs, false)?;
+    // The final round (frozen) re-reads only what changed since this one.
+    let mut hashes = HashCache::default();
+    let mut files_sent = sync_rootfs(ctl, &job.cfg.rootfs, false, &mut hashes)?;
     tracing::info!(files = files_sent, "rootfs synced while running");
 
     let (data, _) = open(req, Role::Data, Some(session_id))?;
@@ -942,7 +1006,7 @@ fn run(
             ));
             return Reply::Failure("FERRY_TEST_FAULT".into());
         }
-        if let Err(e) = send_final(ctl, job, &images, &mut files_sent) {
+        if let Err(e) = send_final(ctl, job, &images, &mut files_sent, &mut hashes) {
             let text = e.to_string();
             failure = Some(e);
             return Reply::Failure(text);
