@@ -17,6 +17,8 @@
 #            (default /var/tmp/ferry-bench-logs-<pid>)
 #   TRACE    if set, ferry migrate runs with -vv and its stderr is kept in LOG_DIR
 #   SERVE_WORK  ferry serve --work-dir (default under /var/tmp; e.g. a tmpfs to compare)
+#   ROOTFS_MIB  extra MiB of files (random, 8 MiB each) in every container's rootfs, as a
+#            real image would have (default 0: busybox + memwriter, ≈2 MiB)
 #
 # The two hosts are network namespaces joined by a veth pair (source 192.0.2.1, destination
 # 192.0.2.2, documentation range), each with its own runc root and bundles dir; they share
@@ -56,8 +58,9 @@ SIZES=${SIZES:-64 256 1024}
 RATES=${RATES:-0 16 64}
 REPEAT=${REPEAT:-3}
 RAW_MIB=${RAW_MIB:-1024}
-for v in $SIZES $RATES $REPEAT $RAW_MIB; do
-    [[ $v =~ ^[0-9]+$ ]] || die "SIZES, RATES, REPEAT and RAW_MIB take non-negative integers (got '$v')"
+ROOTFS_MIB=${ROOTFS_MIB:-0}
+for v in $SIZES $RATES $REPEAT $RAW_MIB $ROOTFS_MIB; do
+    [[ $v =~ ^[0-9]+$ ]] || die "SIZES, RATES, REPEAT, RAW_MIB and ROOTFS_MIB take non-negative integers (got '$v')"
 done
 [ "$REPEAT" -ge 1 ] || die "REPEAT must be ≥ 1"
 
@@ -531,6 +534,12 @@ for a in $("$busybox" --list); do
     [ "$a" = busybox ] || ln -sf busybox "$template/rootfs/bin/$a"
 done
 install -m 0755 "$memwriter" "$template/rootfs/bin/memwriter"
+if [ "$ROOTFS_MIB" -gt 0 ]; then
+    mkdir -p "$template/rootfs/opt/app"
+    for i in $(seq $(((ROOTFS_MIB + 7) / 8))); do
+        head -c $((8 << 20)) /dev/urandom >"$template/rootfs/opt/app/blob-$i"
+    done
+fi
 (cd "$template" && runc spec)
 
 # --- token and ferry serve ---------------------------------------------------------------------
@@ -776,7 +785,7 @@ log "runs took $(( $(date +%s) - started )) s"
 
 echo
 echo "ferry $(cd "$repo" && git describe --always --dirty 2>/dev/null || echo '?'), criu $(criu --version | awk '/Version/ { print $2; exit }'), $(runc --version | head -n1), kernel $(uname -r), $(nproc) CPUs; $(date -u '+%F %H:%M UTC')"
-echo "SIZES=\"$SIZES\" RATES=\"$RATES\" MODES=\"$MODES\" REPEAT=$REPEAT RAW_MIB=$RAW_MIB"
+echo "SIZES=\"$SIZES\" RATES=\"$RATES\" MODES=\"$MODES\" REPEAT=$REPEAT RAW_MIB=$RAW_MIB ROOTFS_MIB=$ROOTFS_MIB"
 echo
 "$python" "$helper" report "$results" "$rawfile" "$mem_track" "$SIZES" "$RATES" "$MODES"
 echo
