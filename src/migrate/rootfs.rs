@@ -419,13 +419,15 @@ mod tests {
         std::fs::write(&old, b"aaaa").unwrap();
         std::fs::write(&fresh, b"bbbb").unwrap();
         // `old` last changed well before it is hashed; `fresh` just now (racy).
-        let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options()
-            .write(true)
-            .open(&old)
-            .unwrap()
-            .set_modified(long_ago)
-            .unwrap();
+        let backdate = |p: &Path| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(3600))
+                .unwrap()
+        };
+        backdate(&old);
         let mut cache = HashCache::default();
         // ctime cannot be set back: remember `old` as if hashed an hour later than it moved.
         let m = std::fs::symlink_metadata(&old).unwrap();
@@ -446,12 +448,7 @@ mod tests {
 
         // Same size, mtime put back: ctime moved, so it is read and the new hash seen.
         std::fs::write(&old, b"cccc").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&old)
-            .unwrap()
-            .set_modified(long_ago)
-            .unwrap();
+        backdate(&old);
         let h3 = manifest(dir.path(), &mut cache).unwrap();
         assert_eq!(cache.reads, 4);
         let e = |m: &[Entry]| m.iter().find(|e| e.path == "old").unwrap().hash.clone();
