@@ -419,12 +419,13 @@ mod tests {
         std::fs::write(&old, b"aaaa").unwrap();
         std::fs::write(&fresh, b"bbbb").unwrap();
         // `old` last changed well before it is hashed; `fresh` just now (racy).
+        let long_ago = SystemTime::now() - Duration::from_secs(3600);
         let backdate = |p: &Path| {
             std::fs::File::options()
                 .write(true)
                 .open(p)
                 .unwrap()
-                .set_modified(SystemTime::now() - Duration::from_secs(3600))
+                .set_modified(long_ago)
                 .unwrap()
         };
         backdate(&old);
