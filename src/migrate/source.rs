@@ -287,8 +287,12 @@ fn send_file_as(
         }
         Err(e) => return Err(io(e)),
     };
-    let mut size = f.metadata().map_err(io)?.len();
+    let md = f.metadata().map_err(io)?;
+    let mut size = md.len();
     if let Changing::Tolerated { at_most } = changing {
+        if !md.is_file() {
+            return Ok(None); // replaced by a directory or other since the manifest
+        }
         size = size.min(at_most);
     }
     ctl.send(&Msg::File(FileStart {
