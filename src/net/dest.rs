@@ -23,6 +23,7 @@ use super::arp::{self, fmt_mac, parse_mac, Mac};
 use super::facts::NetFacts;
 use super::lock::{self, LockMethod};
 use super::{in_ns_cmd, on_ns_thread, run, NetError};
+use crate::runtime::last_line;
 
 /// Where ferry creates destination namespaces (`ip netns` keeps them there).
 pub const NETNS_DIR: &str = "/run/netns";
@@ -215,12 +216,7 @@ impl DestNet {
         if out.status.success() {
             return Ok(());
         }
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
+        let last = last_line(&out.stderr).unwrap_or_default();
         Err(NetError::Hook {
             prog: prog.display().to_string(),
             action,

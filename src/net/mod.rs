@@ -14,6 +14,7 @@ pub mod dest;
 pub mod facts;
 pub mod lock;
 
+use crate::runtime::last_line;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
@@ -60,15 +61,13 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String, NetError> {
             why: e.to_string(),
         })?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
         return Err(NetError::Command {
             what,
-            why: format!("{} {last}", out.status),
+            why: format!(
+                "{} {}",
+                out.status,
+                last_line(&out.stderr).unwrap_or_default()
+            ),
         });
     }
     if out.stdout.len() > MAX_OUTPUT {

@@ -12,6 +12,17 @@ pub mod runc;
 
 use std::path::PathBuf;
 
+/// The last non-blank line of a program's output, trimmed: what it said last, usually why
+/// it failed.
+pub fn last_line(output: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(output)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("mount {what} on {target}: {source}")]
@@ -42,4 +53,17 @@ pub(crate) fn io_err(
 ) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let path = path.into();
     move |source| RuntimeError::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn last_line_skips_blank_lines() {
+        assert_eq!(
+            super::last_line(b"warning: x\n  error: it broke  \n\n \n").as_deref(),
+            Some("error: it broke")
+        );
+        assert_eq!(super::last_line(b"\n\n"), None);
+        assert_eq!(super::last_line(b""), None);
+    }
 }

@@ -79,14 +79,7 @@ impl RuncCli {
         let out = out.await.unwrap_or_default();
         let err = err.await.unwrap_or_default();
         if code != 0 {
-            let text = String::from_utf8_lossy(&err);
-            let why = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("failed")
-                .trim()
-                .to_string();
+            let why = crate::runtime::last_line(&err).unwrap_or_else(|| "failed".into());
             return Err(self.fail(args, format!("{why} (exit {code})")));
         }
         Ok(out)
