@@ -1037,6 +1037,17 @@ pub(crate) mod tests {
         (addr, h)
     }
 
+    /// A TLS connection over loopback between hosts of one CA, authenticated: (client, server).
+    fn tls_pair() -> (Link, Link) {
+        let pki = Pki::new("ca");
+        let dst = pki.host("dst", &["127.0.0.1"]);
+        let (addr, h) = serve_one(Some(dst.server().unwrap()));
+        let client = pki.host("src", &[]).client(&addr).unwrap();
+        let c = dial(&addr, &addr, Some(&client)).unwrap();
+        let (s, _) = h.join().unwrap().unwrap();
+        (c, s)
+    }
+
     fn dial(addr: &str, to: &str, tls: Option<&TlsClient>) -> Result<Link, MigrateError> {
         let tcp = TcpStream::connect(addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -1234,12 +1245,7 @@ pub(crate) mod tests {
     /// buffers while the other side waits for it.
     #[test]
     fn ping_pong_never_stalls() {
-        let pki = Pki::new("ca");
-        let dst = pki.host("dst", &["127.0.0.1"]);
-        let (addr, h) = serve_one(Some(dst.server().unwrap()));
-        let client = pki.host("src", &[]).client(&addr).unwrap();
-        let mut c = dial(&addr, &addr, Some(&client)).unwrap();
-        let (mut s, _) = h.join().unwrap().unwrap();
+        let (mut c, mut s) = tls_pair();
         let sizes = [
             1usize,
             4095,
@@ -1272,12 +1278,7 @@ pub(crate) mod tests {
     /// while the peer waits for an answer (nothing may stay behind in them).
     #[test]
     fn a_late_reader_gets_everything() {
-        let pki = Pki::new("ca");
-        let dst = pki.host("dst", &["127.0.0.1"]);
-        let (addr, h) = serve_one(Some(dst.server().unwrap()));
-        let client = pki.host("src", &[]).client(&addr).unwrap();
-        let mut c = dial(&addr, &addr, Some(&client)).unwrap();
-        let (mut s, _) = h.join().unwrap().unwrap();
+        let (mut c, mut s) = tls_pair();
         for round in 0..4u8 {
             let m = pattern((2 << 20) + 12_345 * usize::from(round), round);
             let (m2, n) = (m.clone(), m.len());
@@ -1298,12 +1299,7 @@ pub(crate) mod tests {
 
     #[test]
     fn finish_sends_everything_before_returning() {
-        let pki = Pki::new("ca");
-        let dst = pki.host("dst", &["127.0.0.1"]);
-        let (addr, h) = serve_one(Some(dst.server().unwrap()));
-        let client = pki.host("src", &[]).client(&addr).unwrap();
-        let mut c = dial(&addr, &addr, Some(&client)).unwrap();
-        let (mut s, _) = h.join().unwrap().unwrap();
+        let (mut c, mut s) = tls_pair();
         let data = pattern(3 << 20, 7);
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
