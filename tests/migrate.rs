@@ -344,7 +344,8 @@ fn memwriter_migration(name: &str, mode: &str) {
     let w = start_memwriter(&th, "", 256, 16);
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
-    let v = migrate_json(&out, Some(mode));
+    // Post-copy: the first full check after the restore pulls in every remaining page.
+    let v = assert_memwriter_migrated(&th, &w, &out, Some(mode), 10);
     eprintln!("migrate ({mode}): {v}");
     if mode == "stop-copy" {
         // Every page of the 256 MiB crossed the link before the restore.
@@ -353,10 +354,6 @@ fn memwriter_migration(name: &str, mode: &str) {
             "bytes_sent below the workload's 256 MiB: {v}"
         );
     }
-    assert_migrated(&th, &w.id, &v);
-    let n = read_memwriter_lines(&w.out).len();
-    // Post-copy: the first full check after the restore pulls in every remaining page.
-    assert_memwriter_continues(&w.out, n, 10);
     assert!(serve.is_alive(), "ferry serve exited after a migration");
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();

@@ -419,11 +419,8 @@ fn tls_memwriter_post_copy_256m() {
     let w = start_memwriter(th, "", 256, 16);
     let serve = h.serve_tls();
     let out = h.migrate_tls(&w.id, &serve.addr, "post-copy");
-    let v = migrate_json(&out, Some("post-copy"));
+    let v = assert_memwriter_migrated(th, &w, &out, Some("post-copy"), 10);
     eprintln!("migrate (post-copy, TLS): {v}");
-    assert_migrated(th, &w.id, &v);
-    let n = read_memwriter_lines(&w.out).len();
-    assert_memwriter_continues(&w.out, n, 10);
     assert!(serve.is_alive(), "ferry serve exited after a migration");
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();

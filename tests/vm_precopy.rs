@@ -70,11 +70,8 @@ fn migrate_memwriter(th: &TwoHosts, suffix: &str, mib: u32, rate: u32, args: &[&
     let w = start_memwriter(th, suffix, mib, rate);
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, args);
-    let v = migrate_json(&out, None);
+    let v = assert_memwriter_migrated(th, &w, &out, None, 3);
     eprintln!("migrate {args:?}: {v}");
-    assert_migrated(th, &w.id, &v);
-    let n = read_memwriter_lines(&w.out).len();
-    assert_memwriter_continues(&w.out, n, 3);
     th.dst_runc().kill_and_delete(&w.id);
     v
 }

@@ -342,11 +342,8 @@ pub fn migrate_counter(th: &TwoHosts, mode: &str) -> Value {
     let w = start_counter(th, "");
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
-    let v = migrate_json(&out, Some(mode));
+    let v = assert_counter_migrated(th, &w, &out, Some(mode), 20);
     eprintln!("migrate ({mode}): {v}");
-    assert_migrated(th, &w.id, &v);
-    let n = read_counter_lines(&w.out).len();
-    assert_counter_continues(&w.out, n, 20);
     assert!(serve.is_alive(), "ferry serve exited after a migration");
     th.dst_runc().kill_and_delete(&w.id);
     v
