@@ -17,7 +17,9 @@ use std::sync::mpsc::{sync_channel, Receiver as ChanReceiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::auth::{random_hex, Token};
+use sha2::{Digest, Sha256};
+
+use super::auth::{hex, random_hex, Token};
 use super::link::{self, Link};
 use super::rootfs::{check_rel, delete_extra, install, needed, staging_path, HashCache};
 use super::source::{tune, Ctl};
@@ -684,7 +686,7 @@ impl<'a> Receiver<'a> {
 
     /// Receives one file's chunks into `dest` (created), checking the announced size.
     fn receive_into(&mut self, f: &FileStart, dest: &Path, cap: u64) -> Result<(), MigrateError> {
-        super::source::receive_file(&mut self.ctl, f, dest, cap, f.size.max(4096))
+        super::source::receive_file(&mut self.ctl, f, dest, cap, f.size.max(4096), None)
     }
 
     fn cpuinfo(&mut self, f: FileStart) -> Result<(), MigrateError> {
@@ -731,11 +733,21 @@ impl<'a> Receiver<'a> {
             }
             install(&rootfs, &e, &tmp, Some(&String::from_utf8_lossy(&target)))
         } else {
-            self.receive_into(&f, &tmp, e.size)?;
+            // Hashed as it arrives: the cache learns what was written, not what the manifest
+            // said (the source's file may have changed in between).
+            let mut digest = Sha256::new();
+            super::source::receive_file(
+                &mut self.ctl,
+                &f,
+                &tmp,
+                e.size,
+                f.size.max(4096),
+                Some(&mut digest),
+            )?;
             install(&rootfs, &e, &tmp, None)?;
             let target = super::rootfs::safe_target(&rootfs, &e.path)?;
             self.hashes
-                .learn(&target)
+                .learn(&target, hex(&digest.finalize()))
                 .map_err(|x| MigrateError::Rootfs(format!("{}: {x}", target.display())))
         }
     }

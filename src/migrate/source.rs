@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::auth::Token;
 use super::link::{self, Link};
@@ -802,6 +803,7 @@ pub(crate) fn receive_file(
     dest: &Path,
     cap: u64,
     longest: u64,
+    mut digest: Option<&mut Sha256>,
 ) -> Result<(), MigrateError> {
     if f.size > cap {
         return Err(MigrateError::Remote(format!(
@@ -823,6 +825,9 @@ pub(crate) fn receive_file(
                     )));
                 }
                 std::io::Write::write_all(&mut out, &b).map_err(io)?;
+                if let Some(d) = digest.as_deref_mut() {
+                    d.update(&b);
+                }
             }
             Msg::FileEnd => return Ok(()),
             other => {
@@ -865,7 +870,7 @@ fn receive_pagemaps(ctl: &mut Ctl, dir: &Path) -> Result<(), MigrateError> {
                 f.path, f.size
             )));
         }
-        receive_file(ctl, &f, &dir.join(name), MAX_PAGEMAP, f.size)?;
+        receive_file(ctl, &f, &dir.join(name), MAX_PAGEMAP, f.size, None)?;
     }
 }
 
