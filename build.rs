@@ -2,7 +2,11 @@
 //! protobuf parser, so no `protoc` is needed at build time.
 
 fn main() {
-    let protos = ["criu-proto/rpc.proto", "criu-proto/stats.proto"];
+    let protos = [
+        "criu-proto/rpc.proto",
+        "criu-proto/stats.proto",
+        "criu-proto/pagemap.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

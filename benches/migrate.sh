@@ -17,6 +17,8 @@
 #            (default /var/tmp/ferry-bench-logs-<pid>)
 #   TRACE    if set, ferry migrate runs with -vv and its stderr is kept in LOG_DIR
 #   SERVE_WORK  ferry serve --work-dir (default under /var/tmp; e.g. a tmpfs to compare)
+#   PAGE_SERVER  ferry serve --page-server: ferry (its own receiver, the default) or criu
+#            (a CRIU page server per round), to compare the two
 #   ROOTFS_MIB  extra MiB of files (random, 8 MiB each) in every container's rootfs, as a
 #            real image would have (default 0: busybox + memwriter, ≈2 MiB)
 #
@@ -59,6 +61,7 @@ RATES=${RATES:-0 16 64}
 REPEAT=${REPEAT:-3}
 RAW_MIB=${RAW_MIB:-1024}
 ROOTFS_MIB=${ROOTFS_MIB:-0}
+PAGE_SERVER=${PAGE_SERVER:-ferry}
 for v in $SIZES $RATES $REPEAT $RAW_MIB $ROOTFS_MIB; do
     [[ $v =~ ^[0-9]+$ ]] || die "SIZES, RATES, REPEAT, RAW_MIB and ROOTFS_MIB take non-negative integers (got '$v')"
 done
@@ -547,7 +550,7 @@ fi
 chmod 600 "$token"
 NO_COLOR=1 nsenter --net="/run/netns/$dst_ns" -- "$ferry" -v serve --listen "$DST_IP:0" --token-file "$token" --bundles "$dst_bundles" \
     --runtime-root "$dst_root" --work-dir "$serve_work" --cgroup-prefix "$CG_PREFIX" \
-    </dev/null >"$work/serve.out" 2>"$work/serve.err" &
+    --page-server "$PAGE_SERVER" </dev/null >"$work/serve.out" 2>"$work/serve.err" &
 serve_pid=$!
 addr=""
 for _ in $(seq 200); do
@@ -791,7 +794,7 @@ log "runs took $(( $(date +%s) - started )) s"
 
 echo
 echo "ferry $(cd "$repo" && git describe --always --dirty 2>/dev/null || echo '?'), criu $(criu --version | awk '/Version/ { print $2; exit }'), $(runc --version | head -n1), kernel $(uname -r), $(nproc) CPUs; $(date -u '+%F %H:%M UTC')"
-echo "SIZES=\"$SIZES\" RATES=\"$RATES\" MODES=\"$MODES\" REPEAT=$REPEAT RAW_MIB=$RAW_MIB ROOTFS_MIB=$ROOTFS_MIB"
+echo "SIZES=\"$SIZES\" RATES=\"$RATES\" MODES=\"$MODES\" REPEAT=$REPEAT RAW_MIB=$RAW_MIB ROOTFS_MIB=$ROOTFS_MIB PAGE_SERVER=$PAGE_SERVER"
 echo
 "$python" "$helper" report "$results" "$rawfile" "$mem_track" "$SIZES" "$RATES" "$MODES"
 echo

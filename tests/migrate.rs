@@ -336,13 +336,13 @@ fn counter_migration(name: &str, mode: &str) {
 }
 
 /// Skips (returns) without the two-host rig.
-fn memwriter_migration(name: &str, mode: &str) {
+fn memwriter_migration(name: &str, mode: &str, serve_args: &[&str]) {
     if !require_two_hosts() {
         return;
     }
     let th = TwoHosts::new(name);
     let w = start_memwriter(&th, "", 256, 16);
-    let serve = th.serve(&[]);
+    let serve = th.serve(serve_args);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
     // Post-copy: the first full check after the restore pulls in every remaining page.
     let v = assert_memwriter_migrated(&th, &w, &out, Some(mode), 10);
@@ -355,6 +355,21 @@ fn memwriter_migration(name: &str, mode: &str) {
         );
     }
     assert!(serve.is_alive(), "ferry serve exited after a migration");
+    // Who wrote the pages: ferry's receiver logs each stream it took; a CRIU page server
+    // does not (post-copy's final dump sends none).
+    let log = std::fs::read_to_string(&serve.stderr_path).unwrap_or_default();
+    let ferry_received = log.contains("page stream received");
+    let criu = serve_args.contains(&"criu");
+    assert_eq!(
+        ferry_received,
+        mode == "stop-copy" && !criu,
+        "ferry serve {serve_args:?}, {mode}: its log {} ferry's page receiver",
+        if ferry_received {
+            "names"
+        } else {
+            "does not name"
+        }
+    );
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
@@ -366,7 +381,14 @@ fn migrate_counter_stop_copy() {
 
 #[test]
 fn migrate_memwriter_stop_copy_256m() {
-    memwriter_migration("mmstop", "stop-copy");
+    memwriter_migration("mmstop", "stop-copy", &[]);
+}
+
+/// `ferry serve --page-server criu`: a CRIU page server (started through the RPC) writes
+/// the pages instead of ferry's receiver; the memory arrives intact all the same.
+#[test]
+fn migrate_memwriter_stop_copy_256m_criu_page_server() {
+    memwriter_migration("mmcriu", "stop-copy", &["--page-server", "criu"]);
 }
 
 #[test]
@@ -376,7 +398,7 @@ fn migrate_counter_post_copy() {
 
 #[test]
 fn migrate_memwriter_post_copy_256m() {
-    memwriter_migration("mmpost", "post-copy");
+    memwriter_migration("mmpost", "post-copy", &[]);
 }
 
 /// Two containers migrated at the same time to one `ferry serve` (mode auto): both arrive
@@ -412,6 +434,31 @@ fn two_containers_concurrently() {
 // ---------------------------------------------------------------------------------------
 // Failures: the source keeps running, the destination is left clean
 // ---------------------------------------------------------------------------------------
+
+/// `ferry serve --page-server` other than ferry or criu: one line, exit 4, no `listening`.
+#[test]
+fn serve_refuses_an_unknown_page_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    write_token_file(&token, &random_hex(16));
+    let token = token.display().to_string();
+    let out = ferry(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        &token,
+        "--page-server",
+        "rsync",
+    ]);
+    out.assert_error(4);
+    assert!(out.stdout.is_empty(), "serve started: {out:?}");
+    assert!(
+        out.stderr
+            .contains("unknown --page-server \"rsync\" (ferry, criu)"),
+        "{out:?}"
+    );
+}
 
 /// `ferry serve` with another token: refused (exit 4), nothing happens on either side.
 #[test]

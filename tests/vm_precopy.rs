@@ -138,13 +138,14 @@ fn precopy_memwriter_beats_stop_copy() {
 }
 
 /// The busybox counter with `--mode pre-copy`: continues on the destination, no reset, no
-/// repeat.
+/// repeat. Its rounds go to CRIU page servers (`--page-server criu`, each with the previous
+/// round as parent); the other tests here use ferry's receiver, the default.
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run)"]
 fn precopy_counter_continues() {
     require_two_hosts();
     let th = TwoHosts::new("vprec");
-    let v = migrate_counter(&th, "pre-copy");
+    let v = migrate_counter_via(&th, "pre-copy", &["--page-server", "criu"]);
     assert!(!pre_rounds(&v).is_empty(), "no pre-dump round: {v}");
     th.finish();
 }

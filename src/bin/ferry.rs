@@ -86,6 +86,10 @@ struct ServeArgs {
     /// namespace ferry created (facts in FERRY_* variables; see the README).
     #[arg(long, value_name = "PROG")]
     netns_hook: Option<PathBuf>,
+    /// Who writes the incoming pages: ferry (its own receiver of CRIU's page-server
+    /// protocol, 1 MiB steps) or criu (a CRIU page server per round, 64 KiB steps).
+    #[arg(long, value_name = "ferry|criu", default_value = "ferry")]
+    page_server: String,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -279,6 +283,7 @@ fn serve_cmd(
     criu: Criu,
     a: ServeArgs,
     tls: Option<ferry::migrate::tls::TlsServer>,
+    page_receiver: ferry::migrate::destination::PageReceiver,
 ) -> anyhow::Result<()> {
     use ferry::migrate::destination::{serve, ServeConfig};
     let token = ferry::migrate::auth::Token::load(&a.token_file)?;
@@ -317,6 +322,7 @@ fn serve_cmd(
                 (None, None) => None,
             },
             tls,
+            page_receiver,
         },
         criu,
         &STOP,
@@ -436,7 +442,15 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                     return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
                 }
             };
-            match serve_cmd(criu, a, tls) {
+            use ferry::migrate::destination::PageReceiver;
+            let Some(page_receiver) = PageReceiver::parse(&a.page_server) else {
+                eprintln!(
+                    "ferry: error: unknown --page-server {:?} (ferry, criu)",
+                    a.page_server
+                );
+                return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
+            };
+            match serve_cmd(criu, a, tls, page_receiver) {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));

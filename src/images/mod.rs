@@ -1,9 +1,10 @@
-//! CRIU image files that ferry reads.
+//! CRIU image files that ferry reads (and the memory images its page receiver writes).
 //!
 //! A CRIU image starts with magic numbers, then holds entries, each a u32 (little endian)
 //! length followed by a packed protobuf message. Every length is checked against a cap and
 //! against the bytes that remain before anything is allocated or decoded.
 
+pub mod pagemap;
 pub mod stats;
 
 pub use stats::{read_dump_stats, read_restore_stats, DumpStats, RestoreStats};

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::{hex, random_hex, Token};
 use super::link::{self, Link};
+use super::pages::PageSink;
 use super::rootfs::{check_rel, delete_extra, install, needed, staging_path, HashCache};
 use super::source::{tune, Ctl};
 use super::tls::TlsServer;
@@ -56,6 +57,34 @@ pub struct ServeConfig {
     /// How a container with a network namespace given by path gets one here (`--bridge`,
     /// `--netns-hook`); None refuses such containers.
     pub net: Option<crate::net::dest::NetSetup>,
+    /// Who writes the pages the source dumps (`--page-server`).
+    pub page_receiver: PageReceiver,
+}
+
+/// The destination's end of the source's page stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PageReceiver {
+    /// ferry's own receiver ([`super::pages`]): a 1 MiB transfer pipe.
+    #[default]
+    Ferry,
+    /// A CRIU page server per round, started through the RPC (64 KiB steps).
+    Criu,
+}
+
+impl PageReceiver {
+    pub fn parse(s: &str) -> Option<PageReceiver> {
+        match s {
+            "ferry" => Some(PageReceiver::Ferry),
+            "criu" => Some(PageReceiver::Criu),
+            _ => None,
+        }
+    }
+}
+
+/// A round's page receiver while it runs.
+enum PageServerRun {
+    Ferry(PageSink),
+    Criu(PageServer, Swrk),
 }
 
 struct Shared {
@@ -333,7 +362,7 @@ pub struct Receiver<'a> {
     ctl: Ctl,
     id: Option<String>,
     bundle_created: bool,
-    page_server: Option<(PageServer, Swrk)>,
+    page_server: Option<PageServerRun>,
     /// The final dump is lazy (post-copy, hybrid): its pages come through the lazy-pages
     /// daemon after the restore started.
     lazy_final: bool,
@@ -782,6 +811,14 @@ impl<'a> Receiver<'a> {
             .map_err(WireError::Io)?;
         let images = self.images().join(dir);
         std::fs::create_dir_all(&images).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        if self.shared.cfg.page_receiver == PageReceiver::Ferry {
+            if let Some(p) = parent {
+                super::source::link_parent(&images, &p)?;
+            }
+            let sink = PageSink::spawn(OwnedFd::from(data), images).map_err(WireError::Io)?;
+            self.page_server = Some(PageServerRun::Ferry(sink));
+            return Ok(());
+        }
         let mut fds = ChildFds::default();
         let mut ps = CriuPageServerInfo::new();
         ps.set_fd(fds.inherit(OwnedFd::from(data)));
@@ -803,7 +840,8 @@ impl<'a> Receiver<'a> {
             work_dir: Some(open_dir(&self.work())?),
             log_path: Some(self.work().join(&log)),
         };
-        self.page_server = Some(self.shared.criu.page_server(req, fds, true)?);
+        let (ps, s) = self.shared.criu.page_server(req, fds, true)?;
+        self.page_server = Some(PageServerRun::Criu(ps, s));
         Ok(())
     }
 
@@ -845,8 +883,15 @@ impl<'a> Receiver<'a> {
 
     /// Waits for the running page server to write out what it received and exit.
     fn end_page_server(&mut self, round: u32) -> Result<(), MigrateError> {
-        let Some((ps, s)) = self.page_server.take() else {
-            return Ok(());
+        let (ps, s) = match self.page_server.take() {
+            None => return Ok(()),
+            Some(PageServerRun::Ferry(sink)) => {
+                return match sink.wait(PAGE_SERVER_EXIT) {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(MigrateError::Remote(format!("round {round}: {e}"))),
+                }
+            }
+            Some(PageServerRun::Criu(ps, s)) => (ps, s),
         };
         let done = ps.wait_exit(PAGE_SERVER_EXIT);
         s.finish(Duration::from_secs(5));
@@ -1013,15 +1058,19 @@ impl<'a> Receiver<'a> {
                 let _ = d.shutdown(std::net::Shutdown::Both);
             }
         }
-        if let Some((ps, s)) = self.page_server.take() {
-            if !ps.wait_exit(Duration::from_secs(5)) && ps.pid > 0 {
-                tracing::warn!(pid = ps.pid, "page server still running; killing it");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(ps.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+        match self.page_server.take() {
+            Some(PageServerRun::Ferry(sink)) => sink.abort(),
+            Some(PageServerRun::Criu(ps, s)) => {
+                if !ps.wait_exit(Duration::from_secs(5)) && ps.pid > 0 {
+                    tracing::warn!(pid = ps.pid, "page server still running; killing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(ps.pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                s.finish(Duration::from_secs(5));
             }
-            s.finish(Duration::from_secs(5));
+            None => {}
         }
         let work = self.work();
         let _ = crate::runtime::mounts::unmount_under(&work);

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod destination;
 pub mod hook;
 pub mod link;
+pub mod pages;
 pub mod policy;
 pub mod progress;
 pub mod relay;

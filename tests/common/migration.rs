@@ -339,8 +339,13 @@ pub fn assert_memwriter_migrated(
 /// strictly, serve stays up; the container is then removed. Returns the report.
 #[track_caller]
 pub fn migrate_counter(th: &TwoHosts, mode: &str) -> Value {
+    migrate_counter_via(th, mode, &[])
+}
+
+/// [`migrate_counter`] with extra `ferry serve` arguments.
+pub fn migrate_counter_via(th: &TwoHosts, mode: &str, serve_args: &[&str]) -> Value {
     let w = start_counter(th, "");
-    let serve = th.serve(&[]);
+    let serve = th.serve(serve_args);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
     let v = assert_counter_migrated(th, &w, &out, Some(mode), 20);
     eprintln!("migrate ({mode}): {v}");
