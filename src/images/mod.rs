@@ -27,3 +27,24 @@ pub enum ImageError {
     #[error("{path}: bad entry: {what}")]
     BadEntry { path: PathBuf, what: String },
 }
+
+/// Reads a whole image file of at most `cap` bytes (larger ones are refused unread).
+pub fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, ImageError> {
+    use std::io::Read;
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    if size > cap {
+        return Err(ImageError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            cap,
+        });
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    f.take(cap).read_to_end(&mut buf).map_err(io)?;
+    Ok(buf)
+}

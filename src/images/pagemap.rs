@@ -7,7 +7,7 @@
 //! in entry order.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -149,21 +149,7 @@ pub type PageRun = (u64, u64, u32);
 
 /// Reads a pagemap image: the pages file id and the entries.
 pub fn read_pagemap(path: &Path) -> Result<(u32, Vec<PageRun>), ImageError> {
-    let io = |source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let f = File::open(path).map_err(io)?;
-    let size = f.metadata().map_err(io)?.len();
-    if size > MAX_PAGEMAP_FILE {
-        return Err(ImageError::TooLarge {
-            path: path.to_path_buf(),
-            size,
-            cap: MAX_PAGEMAP_FILE,
-        });
-    }
-    let mut buf = Vec::with_capacity(size as usize);
-    f.take(MAX_PAGEMAP_FILE).read_to_end(&mut buf).map_err(io)?;
+    let buf = super::read_capped(path, MAX_PAGEMAP_FILE)?;
     let truncated = |what: &str| ImageError::Truncated {
         path: path.to_path_buf(),
         what: what.into(),

@@ -3,7 +3,6 @@
 //! Layout: u32 service magic (0x55105940), u32 stats magic (0x57093306), then one entry
 //! (u32 length + packed `stats_entry`). CRIU writes them to its work directory.
 
-use std::io::Read;
 use std::path::Path;
 
 use protobuf::Message;
@@ -136,22 +135,7 @@ pub fn parse_stats(path: &Path, buf: &[u8]) -> Result<StatsEntry, ImageError> {
 
 /// Reads a stats image from a file (capped at [`MAX_STATS_FILE`]).
 pub fn read_stats(path: &Path) -> Result<StatsEntry, ImageError> {
-    let io = |source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let size = f.metadata().map_err(io)?.len();
-    if size > MAX_STATS_FILE {
-        return Err(ImageError::TooLarge {
-            path: path.to_path_buf(),
-            size,
-            cap: MAX_STATS_FILE,
-        });
-    }
-    let mut buf = Vec::with_capacity(size as usize);
-    f.take(MAX_STATS_FILE).read_to_end(&mut buf).map_err(io)?;
-    parse_stats(path, &buf)
+    parse_stats(path, &super::read_capped(path, MAX_STATS_FILE)?)
 }
 
 /// Reads `stats-dump` from a directory.
