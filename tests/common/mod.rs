@@ -1624,6 +1624,26 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// The inode of the named network namespace `/run/netns/<ns>`.
+fn netns_file_inode(ns: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/run/netns/{ns}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The inode of the network namespace process `pid` is in (None once it is gone).
+fn netns_of_pid(pid: &str) -> Option<u64> {
+    // "net:[<inode>]"
+    fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()?
+        .to_string_lossy()
+        .trim_start_matches("net:[")
+        .trim_end_matches(']')
+        .parse::<u64>()
+        .ok()
+}
+
 /// A running `ferry serve` (on the destination host).
 pub struct Serve {
     /// `192.0.2.2:<port>` as printed on the `listening` line.
@@ -2134,22 +2154,55 @@ impl TwoHosts {
                 .into_iter()
                 .map(|c| format!("criu process: {c}")),
         );
+        // ferry's page receiver is a thread of `ferry serve` (named "pages"), where CRIU's
+        // page server was a criu process: while it runs, a session is still under way.
+        p.extend(
+            self.page_receivers_in_destination()
+                .into_iter()
+                .map(|t| format!("page receiver still running: {t}")),
+        );
         p
+    }
+
+    /// Threads named `pages` (ferry's page receiver) of processes in the destination's
+    /// network namespace.
+    pub fn page_receivers_in_destination(&self) -> Vec<String> {
+        let want = netns_file_inode(&self.dst_ns);
+        let mut v = Vec::new();
+        let Ok(rd) = fs::read_dir("/proc") else {
+            return v;
+        };
+        for e in rd.flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if want.is_none() || netns_of_pid(&pid) != want {
+                continue;
+            }
+            let Ok(tasks) = fs::read_dir(e.path().join("task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                if comm.trim() == "pages" {
+                    v.push(format!(
+                        "pid {pid} thread {}",
+                        t.file_name().to_string_lossy()
+                    ));
+                }
+            }
+        }
+        v
     }
 
     /// criu processes running in either emulated host's network namespace (started by
     /// `ferry serve` or `ferry migrate`; a container's own namespaces are nested, so a
     /// criu process is in the host's).
     pub fn criu_processes_in_hosts(&self) -> Vec<String> {
-        use std::os::unix::fs::MetadataExt;
-        let ns_ino = |ns: &str| {
-            fs::metadata(format!("/run/netns/{ns}"))
-                .ok()
-                .map(|m| m.ino())
-        };
         let hosts: Vec<(u64, &str)> = [(&self.src_ns, "source"), (&self.dst_ns, "destination")]
             .into_iter()
-            .filter_map(|(ns, what)| Some((ns_ino(ns)?, what)))
+            .filter_map(|(ns, what)| Some((netns_file_inode(ns)?, what)))
             .collect();
         let mut v = Vec::new();
         for c in criu_processes() {
@@ -2157,17 +2210,10 @@ impl TwoHosts {
                 .strip_prefix("pid ")
                 .and_then(|r| r.split(':').next())
                 .unwrap_or_default();
-            let Ok(link) = fs::read_link(format!("/proc/{pid}/ns/net")) else {
+            let Some(ino) = netns_of_pid(pid) else {
                 continue; // gone meanwhile
             };
-            // "net:[<inode>]"
-            let ino = link
-                .to_string_lossy()
-                .trim_start_matches("net:[")
-                .trim_end_matches(']')
-                .parse::<u64>()
-                .ok();
-            if let Some((_, what)) = hosts.iter().find(|(i, _)| Some(*i) == ino) {
+            if let Some((_, what)) = hosts.iter().find(|(i, _)| *i == ino) {
                 v.push(format!("{c} (in the {what} namespace)"));
             }
         }
