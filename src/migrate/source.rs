@@ -997,7 +997,8 @@ fn run(
     let mut committed_at = None;
     let mut relay: Option<SourceRelay> = None;
     let mut committer: Option<std::thread::JoinHandle<CommitResult>> = None;
-    let freeze_start = Instant::now();
+    // Until the dump says when it froze the container (a paused one: from here).
+    let mut freeze_start = Instant::now();
     let mut post_dump_at = None;
     let mut tcp = 0;
     let fault = std::env::var("FERRY_TEST_FAULT").unwrap_or_default();
@@ -1069,6 +1070,10 @@ fn run(
     };
     let line = progress.stage(label.to_string(), sent_counter(&probe));
     let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
+    if let Ok(Some(at)) = &dumped {
+        freeze_start = *at;
+    }
+    let dumped = dumped.map(|_| ());
     session.finish(Duration::from_secs(5));
     let mut relay_bytes = 0;
     if let Some(h) = committer {

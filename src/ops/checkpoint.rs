@@ -146,20 +146,41 @@ impl DumpJob {
         })
     }
 
-    /// Freezes the container (1 ms polls; CRIU's own loop sleeps 100 ms), then DUMPs on the
-    /// session. Call [`DumpJob::settle_freezer`] afterwards in every case.
+    /// DUMPs on the session, freezing the container itself (1 ms polls; CRIU's own loop
+    /// sleeps 100 ms) as late as CRIU lets it: at CRIU's `pre-dump` notification, which
+    /// comes after CRIU took the request and before it looks at the freezer and seizes the
+    /// tasks (it waits for the answer). Returns when the freeze began (None when the
+    /// container was frozen already, or CRIU froze it). Call [`DumpJob::settle_freezer`]
+    /// afterwards in every case.
     pub fn run(
         &self,
         session: &mut Swrk,
         request: Request,
         notify: &mut dyn Notify,
         timeout: Duration,
-    ) -> Result<(), OpError> {
-        if let (Some(f), false) = (self.freezer.as_deref(), self.was_frozen) {
-            freeze(f, Duration::from_secs(10))?;
+    ) -> Result<Option<Instant>, OpError> {
+        let to_freeze = self.freezer.as_deref().filter(|_| !self.was_frozen);
+        let mut frozen_at = None;
+        let mut freeze_failed = None;
+        let mut freezing_notify = |n: Notification| -> Reply {
+            if let (true, Some(f), None) = (n.script == Script::PreDump, to_freeze, frozen_at) {
+                let at = Instant::now();
+                frozen_at = Some(at);
+                if let Err(e) = freeze(f, Duration::from_secs(10)) {
+                    let text = e.to_string();
+                    freeze_failed = Some(e);
+                    return Reply::Failure(text);
+                }
+                tracing::debug!(ms = at.elapsed().as_millis() as u64, "container frozen");
+            }
+            notify.notify(n)
+        };
+        let dumped = run_dump(session, request, &mut freezing_notify, timeout);
+        if let Some(e) = freeze_failed {
+            return Err(e.into());
         }
-        run_dump(session, request, notify, timeout)?;
-        Ok(())
+        dumped?;
+        Ok(frozen_at)
     }
 
     /// CRIU puts the freezer back in the state it found, which is frozen since ferry froze it
