@@ -28,6 +28,9 @@
 # --cgroup-prefix ferry-bench-dst). ferry and the baseline's network ends run in the hosts'
 # namespaces through `nsenter --net` (not `ip netns exec`, which would hide /sys/fs/cgroup).
 #
+# Between runs the script syncs (untimed), so that no run is throttled by the writeback of
+# the images an earlier run left dirty in the page cache.
+#
 # Each run starts a fresh container on the source (busybox + memwriter rootfs, stdio
 # /dev/null, a host dir bind-mounted at /data where memwriter appends its check lines), waits
 # until its memory is filled and checked, migrates it, then checks that it keeps writing
@@ -651,6 +654,9 @@ teardown_run() {
     safe_rm "$src_bundles/$id"
     safe_rm "$work/data/$id"
     safe_rm "$work/base/$id"
+    # Flush what this run wrote (the baseline's images and copy: 2 GiB at 1 GiB), untimed, so
+    # that the next run does not wait for this one's writeback.
+    sync
 }
 
 record() { # size rate mode rep status down total bytes rss page_bytes page_ms frozen gap note
