@@ -811,10 +811,11 @@ impl<'a> Receiver<'a> {
             .map_err(WireError::Io)?;
         let images = self.images().join(dir);
         std::fs::create_dir_all(&images).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        // Either receiver finds the previous round through the `parent` link.
+        if let Some(p) = &parent {
+            super::source::link_parent(&images, p)?;
+        }
         if self.shared.cfg.page_receiver == PageReceiver::Ferry {
-            if let Some(p) = parent {
-                super::source::link_parent(&images, &p)?;
-            }
             let sink = PageSink::spawn(OwnedFd::from(data), images).map_err(WireError::Io)?;
             self.page_server = Some(PageServerRun::Ferry(sink));
             return Ok(());
@@ -830,7 +831,6 @@ impl<'a> Receiver<'a> {
         };
         o.set_log_file(log.clone());
         if let Some(p) = parent {
-            super::source::link_parent(&images, &p)?;
             o.set_parent_img(p);
         }
         o.ps = protobuf::MessageField::some(ps);
