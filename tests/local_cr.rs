@@ -308,6 +308,75 @@ fn counter_checkpoint_restore_continues() {
     leak_check(&rc.ids());
 }
 
+/// `--images`, `--work-dir` and `--bundle` relative to ferry's current directory: CRIU runs
+/// in its work dir, so ferry must not hand it relative paths (a relative restore work dir
+/// made CRIU fail to mount its root).
+#[test]
+fn relative_paths_checkpoint_restore() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("relpath");
+    let id = rc.id("");
+    let (out, bundle) = start_file_counter(&rc, &id);
+    wait_counter_lines(&out, 10, T);
+    let here = rc.path("");
+    let bundle_rel = bundle
+        .strip_prefix(&here)
+        .expect("bundle inside the work dir");
+    let root = rc.root.clone();
+
+    ferry_cmd(&[
+        "checkpoint",
+        &id,
+        "--images",
+        "images",
+        "--work-dir",
+        "wd-dump",
+        "--runtime-root",
+        s(&root),
+    ])
+    .current_dir(&here)
+    .run()
+    .ok();
+    assert!(
+        here.join("wd-dump/dump.log").is_file(),
+        "no dump.log in the relative work dir"
+    );
+    assert_stopped_writing(&out);
+    let n = read_counter_lines(&out).len();
+
+    rc.track(&id);
+    ferry_cmd(&[
+        "restore",
+        &id,
+        "--images",
+        "images",
+        "--work-dir",
+        "wd-restore",
+        "--bundle",
+        s(bundle_rel),
+        "--runtime-root",
+        s(&root),
+    ])
+    .current_dir(&here)
+    .run()
+    .ok();
+    let st = rc.state(&id);
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(
+        st["bundle"].as_str().map(Path::new),
+        Some(bundle.as_path()),
+        "runc records the bundle's absolute path: {st}"
+    );
+    wait_counter_lines(&out, n + 10, T);
+    assert_file_counts_from_one(&out, n + 10);
+
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
 #[test]
 fn leave_running_images_restorable() {
     if !require_root_and_criu() {

@@ -57,16 +57,16 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     listen: String,
     /// File holding the shared token (mode 0600).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_parser = abs_path, value_name = "FILE")]
     token_file: PathBuf,
     /// Where received bundles go (<DIR>/<id>).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/bundles")]
+    #[arg(long, value_parser = abs_path, value_name = "DIR", default_value = "/var/lib/ferry/bundles")]
     bundles: PathBuf,
     /// runc's state root on this host.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
+    #[arg(long, value_parser = abs_path, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
     runtime_root: PathBuf,
     /// Scratch space for incoming images.
-    #[arg(long, value_name = "DIR", default_value = "/run/ferry/serve")]
+    #[arg(long, value_parser = abs_path, value_name = "DIR", default_value = "/run/ferry/serve")]
     work_dir: PathBuf,
     /// Place restored containers' cgroups under this name.
     #[arg(long, value_name = "NAME")]
@@ -84,7 +84,7 @@ struct ServeArgs {
     bridge: Option<String>,
     /// Instead of the built-in setup: `PROG add|del <id> <netns-path>` configures the locked
     /// namespace ferry created (facts in FERRY_* variables; see the README).
-    #[arg(long, value_name = "PROG")]
+    #[arg(long, value_parser = abs_path, value_name = "PROG")]
     netns_hook: Option<PathBuf>,
     /// Who writes the incoming pages: ferry (its own receiver of CRIU's page-server
     /// protocol, 1 MiB steps) or criu (a CRIU page server per round, 64 KiB steps).
@@ -98,13 +98,13 @@ struct ServeArgs {
 #[derive(Args)]
 struct TlsArgs {
     /// This host's certificate (PEM; with TLS, every connection requires one from the peer).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_parser = abs_path, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM, mode 0600).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_parser = abs_path, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// CA certificate(s) the peer's certificate must be issued by (PEM).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_parser = abs_path, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
 }
 
@@ -128,7 +128,7 @@ struct MigrateArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     to: String,
     /// File holding the shared token (mode 0600).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_parser = abs_path, value_name = "FILE")]
     token_file: PathBuf,
     /// auto, stop-copy, pre-copy, post-copy or hybrid.
     #[arg(long, default_value = "auto")]
@@ -144,7 +144,7 @@ struct MigrateArgs {
     #[arg(long, default_value = "adaptive", value_name = "POLICY")]
     rounds_policy: String,
     /// runc's state root (runc --root).
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
+    #[arg(long, value_parser = abs_path, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
     runtime_root: PathBuf,
     /// The container is a task of this containerd (socket path), running under
     /// containerd-shim-ferry-v2; afterwards the task and container are deleted there.
@@ -167,7 +167,7 @@ struct MigrateArgs {
 #[derive(Args)]
 struct Common {
     /// runc's state root (runc --root).
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
+    #[arg(long, value_parser = abs_path, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
     runtime_root: PathBuf,
     /// Print one JSON object on stdout.
     #[arg(long)]
@@ -182,7 +182,7 @@ struct Common {
     #[arg(long)]
     file_locks: bool,
     /// CRIU's work directory (log, stats).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = abs_path, value_name = "DIR")]
     work_dir: Option<PathBuf>,
 }
 
@@ -192,7 +192,7 @@ struct CheckpointArgs {
     id: String,
     /// Directory for CRIU's images (created if missing; must be empty or hold an earlier
     /// checkpoint of the same container).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = abs_path, value_name = "DIR")]
     images: PathBuf,
     /// Leave the container running after the checkpoint.
     #[arg(long)]
@@ -206,19 +206,30 @@ struct RestoreArgs {
     /// Container id to restore as.
     id: String,
     /// Directory holding a ferry checkpoint.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = abs_path, value_name = "DIR")]
     images: PathBuf,
     /// Bundle to restore into (default: the bundle recorded at checkpoint).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = abs_path, value_name = "DIR")]
     bundle: Option<PathBuf>,
     /// Restore another container's checkpoint under this id.
     #[arg(long)]
     rename: bool,
     /// Unix socket that receives the pty master of a container with a terminal.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_parser = abs_path, value_name = "PATH")]
     console_socket: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
+}
+
+/// Path arguments are made absolute against the current directory at parse time: CRIU runs
+/// in its work directory and runc records the bundle path, so a relative path would be read
+/// against the wrong directory later (a relative --work-dir made CRIU's restore fail to
+/// mount its root).
+fn abs_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("empty path".into());
+    }
+    std::path::absolute(s).map_err(|e| format!("cannot make {s} absolute: {e}"))
 }
 
 fn exit_code(kind: ErrorKind) -> u8 {

@@ -1042,6 +1042,7 @@ pub struct FerryCmd {
     envs: Vec<(String, String)>,
     stdout: Option<Out>,
     prefix: Vec<String>,
+    cwd: Option<PathBuf>,
 }
 
 pub fn ferry_cmd<S: AsRef<str>>(args: &[S]) -> FerryCmd {
@@ -1050,6 +1051,7 @@ pub fn ferry_cmd<S: AsRef<str>>(args: &[S]) -> FerryCmd {
         envs: Vec::new(),
         stdout: None,
         prefix: Vec::new(),
+        cwd: None,
     }
 }
 
@@ -1068,6 +1070,12 @@ impl FerryCmd {
 
     pub fn env(mut self, k: &str, v: &str) -> FerryCmd {
         self.envs.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// Run ferry in this directory (for relative path arguments).
+    pub fn current_dir(mut self, dir: &Path) -> FerryCmd {
+        self.cwd = Some(dir.to_path_buf());
         self
     }
 
@@ -1093,6 +1101,9 @@ impl FerryCmd {
             .stderr(err_f.try_clone().unwrap());
         for (k, v) in &self.envs {
             c.env(k, v);
+        }
+        if let Some(d) = &self.cwd {
+            c.current_dir(d);
         }
         match &self.stdout {
             Some(o) => c.stdout(o.stdio()),
