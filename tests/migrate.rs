@@ -488,10 +488,21 @@ fn wrong_token() {
 /// retry to the same `ferry serve` succeeds.
 #[test]
 fn restore_fails_on_destination() {
+    restore_fails_on_destination_in("mrestfail", "stop-copy");
+}
+
+/// The same in post-copy, where the restore fails while the source's CRIU already serves
+/// lazy pages: the source must resume at once, not when some relay times out.
+#[test]
+fn restore_fails_on_destination_post_copy() {
+    restore_fails_on_destination_in("mrestfailpc", "post-copy");
+}
+
+fn restore_fails_on_destination_in(name: &str, mode: &str) {
     if !require_two_hosts() {
         return;
     }
-    let th = TwoHosts::new("mrestfail");
+    let th = TwoHosts::new(name);
     let src = th.src_runc();
     let id = src.id("");
     let data = src.mkdir("data");
@@ -518,7 +529,14 @@ fn restore_fails_on_destination() {
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello\n");
 
     let serve = th.serve(&[]);
-    let out = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    let t0 = Instant::now();
+    let out = th.migrate(&id, &serve.addr, &["--mode", mode]);
+    eprintln!("failed {mode} migration took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the source stayed frozen {:?} after the destination's restore failed",
+        t0.elapsed()
+    );
     assert_counter_not_migrated(&th, &w, &out, &[8], DST_CLEAN_T);
     assert!(
         serve.is_alive(),
@@ -527,8 +545,8 @@ fn restore_fails_on_destination() {
 
     // Retry with the source directory back in place.
     fs::rename(&moved, &extra).unwrap();
-    let out = th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
-    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+    let out = th.migrate(&id, &serve.addr, &["--mode", mode]);
+    assert_counter_migrated(&th, &w, &out, Some(mode), 20);
     th.dst_runc().kill_and_delete(&id);
     th.finish();
 }

@@ -251,7 +251,7 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
 /// CRIU's lazy-pages daemon on the destination, fed through a loopback relay.
 struct LazyPages {
     child: std::process::Child,
-    relay: super::relay::RelayHandle,
+    relay: super::relay::DestinationRelay,
 }
 
 impl LazyPages {
@@ -261,8 +261,9 @@ impl LazyPages {
         work: &Path,
         data: Link,
     ) -> Result<LazyPages, MigrateError> {
-        let (port, relay) = super::relay::destination_relay(data, Duration::from_secs(120))
+        let relay = super::relay::destination_relay(data, Duration::from_secs(120))
             .map_err(|e| MigrateError::Rootfs(format!("relay: {e}")))?;
+        let port = relay.port;
         let child = std::process::Command::new(criu)
             .arg("lazy-pages")
             .arg("--page-server")
@@ -287,13 +288,13 @@ impl LazyPages {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
             if let Ok(Some(st)) = me.child.try_wait() {
+                me.stop();
                 return Err(MigrateError::Remote(format!(
                     "criu lazy-pages exited early ({st})"
                 )));
             }
             if std::time::Instant::now() > deadline {
-                me.child.kill().ok();
-                me.child.wait().ok();
+                me.stop();
                 return Err(MigrateError::Remote("criu lazy-pages did not start".into()));
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -301,9 +302,13 @@ impl LazyPages {
         Ok(me)
     }
 
+    /// The migration failed: the daemon goes, and so does the relay with the data
+    /// connection, so that the source's lazy page server fails at once and the source
+    /// resumes (a relay still waiting for the daemon kept it frozen for two minutes).
     fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.relay.cancel();
     }
 
     fn wait(mut self) {
@@ -945,6 +950,7 @@ impl<'a> Receiver<'a> {
     }
 
     fn restore(&mut self, meta: serde_json::Value) -> Result<(), MigrateError> {
+        tracing::debug!("images received, restore requested");
         // The page server has everything once the source disconnected from it.
         self.end_page_server(0)?;
         let mut meta: CheckpointMeta = serde_json::from_value(meta)
@@ -991,6 +997,7 @@ impl<'a> Receiver<'a> {
                 &restore_work,
                 data,
             )?);
+            tracing::debug!("criu lazy-pages daemon listening");
             req.settings.lazy_pages = true;
         }
         let ctl = &mut self.ctl;

@@ -6,7 +6,7 @@
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use super::link::{Duplex, Link};
@@ -51,20 +51,36 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
 
 /// Source side: connects to CRIU's lazy page server on 127.0.0.1:`port` as soon as it
 /// listens (it starts after post-dump), then relays it to `data`.
+///
+/// CRIU takes an orderly close of its page-server connection for a finished transfer and
+/// then ends the dumped tasks; so the end of the destination's stream reaches CRIU as such
+/// only once the destination confirmed the commit ([`Verdict::commit`]). Until then, and
+/// after [`Verdict::fail`], CRIU gets a broken command instead: its dump fails and the
+/// source tasks stay. (The destination closes the stream both when its lazy-pages daemon has
+/// every page — possibly before the confirmation arrives — and when its restore failed.)
 pub struct SourceRelay {
     handle: RelayHandle,
-    local: Arc<Mutex<Option<TcpStream>>>,
-    poisoned: Arc<AtomicBool>,
+    verdict: Verdict,
 }
 
 impl SourceRelay {
     pub fn start(port: u16, data: Link, wait: Duration) -> SourceRelay {
-        let local: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
-        let poisoned = Arc::new(AtomicBool::new(false));
-        let (l2, p2) = (local.clone(), poisoned.clone());
+        let verdict = Verdict {
+            inner: Arc::new(VerdictInner {
+                decided: Mutex::new(None),
+                changed: Condvar::new(),
+                local: Mutex::new(None),
+                data_end: data.try_clone().ok(),
+            }),
+        };
+        let v2 = verdict.clone();
         let handle = std::thread::spawn(move || {
             let deadline = Instant::now() + wait;
             let conn = loop {
+                if v2.decided() == Some(false) {
+                    // CRIU may never listen (its dump failed first): stop trying.
+                    return Err(std::io::Error::other("poisoned"));
+                }
                 match TcpStream::connect(("127.0.0.1", port)) {
                     Ok(s) => break s,
                     Err(e) if Instant::now() > deadline => return Err(e),
@@ -72,26 +88,32 @@ impl SourceRelay {
                 }
             };
             let _ = conn.set_nodelay(true);
-            *l2.lock().unwrap_or_else(|e| e.into_inner()) = conn.try_clone().ok();
-            if p2.load(Ordering::SeqCst) {
+            *v2.inner.local.lock().unwrap_or_else(|e| e.into_inner()) = conn.try_clone().ok();
+            if v2.decided() == Some(false) {
                 poison_stream(&conn);
                 return Err(std::io::Error::other("poisoned"));
             }
-            pump(data, conn)
+            let (data2, conn2) = (data.try_clone()?, conn.try_clone()?);
+            let _ = data.set_read_timeout(None);
+            let _ = conn.set_read_timeout(None);
+            // CRIU → destination: pages, until CRIU closes.
+            let back = std::thread::spawn(move || copy_then_close(conn2, data2));
+            // Destination → CRIU: requests, until the destination closes; then the verdict.
+            let fwd = copy_until_end(data, &conn);
+            if v2.wait(wait) == Some(true) {
+                let _ = conn.shutdown(Shutdown::Write);
+            } else {
+                poison_stream(&conn);
+            }
+            let back = back.join().unwrap_or(0);
+            Ok((fwd, back))
         });
-        SourceRelay {
-            handle,
-            local,
-            poisoned,
-        }
+        SourceRelay { handle, verdict }
     }
 
-    /// A handle that can poison this relay from another thread.
-    pub fn poisoner(&self) -> Poisoner {
-        Poisoner {
-            local: self.local.clone(),
-            poisoned: self.poisoned.clone(),
-        }
+    /// The handle through which the commit's outcome reaches the relay.
+    pub fn verdict(&self) -> Verdict {
+        self.verdict.clone()
     }
 
     pub fn join(self) -> std::io::Result<(u64, u64)> {
@@ -101,18 +123,52 @@ impl SourceRelay {
     }
 }
 
-/// Makes CRIU's lazy page server fail, so that the source dump fails and CRIU resumes the
-/// tasks instead of ending them (an orderly close would count as a finished transfer).
-#[derive(Clone)]
-pub struct Poisoner {
-    local: Arc<Mutex<Option<TcpStream>>>,
-    poisoned: Arc<AtomicBool>,
+/// Copies `from` into `to` until `from` ends (EOF or error); `to` stays open.
+fn copy_until_end(mut from: impl Duplex, mut to: &TcpStream) -> u64 {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                if std::io::Write::write_all(&mut to, &buf[..k]).is_err() {
+                    break;
+                }
+                n += k as u64;
+            }
+        }
+    }
+    n
 }
 
-impl Poisoner {
-    pub fn poison(&self) {
-        self.poisoned.store(true, Ordering::SeqCst);
+struct VerdictInner {
+    decided: Mutex<Option<bool>>,
+    changed: Condvar,
+    local: Mutex<Option<TcpStream>>,
+    data_end: Option<Link>,
+}
+
+/// The commit's outcome for a [`SourceRelay`]: decided once, by the first call.
+#[derive(Clone)]
+pub struct Verdict {
+    inner: Arc<VerdictInner>,
+}
+
+impl Verdict {
+    /// The destination confirmed: CRIU may finish the transfer when the stream ends.
+    pub fn commit(&self) {
+        self.decide(true);
+    }
+
+    /// The migration failed: CRIU's lazy page server gets a broken command now (its dump
+    /// fails, the tasks stay), and the stream to the destination ends, so that neither
+    /// side's relay waits for the other.
+    pub fn fail(&self) {
+        if !self.decide(false) {
+            return;
+        }
         if let Some(s) = self
+            .inner
             .local
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -120,6 +176,35 @@ impl Poisoner {
         {
             poison_stream(s);
         }
+        if let Some(d) = self.inner.data_end.as_ref() {
+            let _ = d.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Records `v` unless already decided; true if this call decided.
+    fn decide(&self, v: bool) -> bool {
+        let mut d = self.inner.decided.lock().unwrap_or_else(|e| e.into_inner());
+        if d.is_some() {
+            return false;
+        }
+        *d = Some(v);
+        self.inner.changed.notify_all();
+        true
+    }
+
+    fn decided(&self) -> Option<bool> {
+        *self.inner.decided.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `limit` for the outcome.
+    fn wait(&self, limit: Duration) -> Option<bool> {
+        let d = self.inner.decided.lock().unwrap_or_else(|e| e.into_inner());
+        let (d, _) = self
+            .inner
+            .changed
+            .wait_timeout_while(d, limit, |d| d.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *d
     }
 }
 
@@ -132,13 +217,19 @@ fn poison_stream(s: &TcpStream) {
 
 /// Destination side: a loopback listener for CRIU's lazy-pages daemon; the first connection
 /// is relayed to `data`.
-pub fn destination_relay(data: Link, wait: Duration) -> std::io::Result<(u16, RelayHandle)> {
+pub fn destination_relay(data: Link, wait: Duration) -> std::io::Result<DestinationRelay> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let port = l.local_addr()?.port();
     l.set_nonblocking(true)?;
-    let h = std::thread::spawn(move || {
+    let data_end = data.try_clone()?;
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let c2 = cancelled.clone();
+    let handle = std::thread::spawn(move || {
         let deadline = Instant::now() + wait;
         let local = loop {
+            if c2.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("cancelled"));
+            }
             match l.accept() {
                 Ok((s, _)) => break s,
                 Err(e)
@@ -153,7 +244,39 @@ pub fn destination_relay(data: Link, wait: Duration) -> std::io::Result<(u16, Re
         let _ = local.set_nodelay(true);
         pump(local, data)
     });
-    Ok((port, h))
+    Ok(DestinationRelay {
+        port,
+        handle,
+        data_end,
+        cancelled,
+    })
+}
+
+/// The destination's relay thread and what ends it early.
+pub struct DestinationRelay {
+    /// Where the lazy-pages daemon is to connect.
+    pub port: u16,
+    handle: RelayHandle,
+    data_end: Link,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl DestinationRelay {
+    /// Waits until both directions ended; yields the bytes copied each way.
+    pub fn join(self) -> std::io::Result<(u64, u64)> {
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("relay panicked")))
+    }
+
+    /// The migration failed: close the data connection (the source's CRIU sees its lazy
+    /// page server's peer go and fails, so the source resumes) and stop waiting for a
+    /// daemon that will not come.
+    pub fn cancel(self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        let _ = self.data_end.shutdown(Shutdown::Both);
+        let _ = self.join();
+    }
 }
 
 #[cfg(test)]
@@ -167,8 +290,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (y, _) = l.accept().unwrap();
-        let (port, h) = destination_relay(Link::Tcp(y), Duration::from_secs(5)).unwrap();
-        let mut z = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let h = destination_relay(Link::Tcp(y), Duration::from_secs(5)).unwrap();
+        let mut z = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
         z.write_all(b"request").unwrap();
         let mut buf = [0u8; 7];
         x.read_exact(&mut buf).unwrap();
@@ -179,7 +302,83 @@ mod tests {
         assert_eq!(&buf, b"pages");
         drop(z);
         x.shutdown(Shutdown::Write).unwrap();
-        let (a, b) = h.join().unwrap().unwrap();
+        let (a, b) = h.join().unwrap();
         assert_eq!((a, b), (7, 5));
+    }
+
+    /// A cancelled relay whose daemon never connected closes the data connection at once
+    /// (the peer reads EOF) and its thread ends well before its wait.
+    #[test]
+    fn cancel_before_the_daemon_connects_closes_the_data_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (y, _) = l.accept().unwrap();
+        let h = destination_relay(Link::Tcp(y), Duration::from_secs(120)).unwrap();
+        x.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t0 = Instant::now();
+        h.cancel();
+        let mut buf = [0u8; 1];
+        assert_eq!(x.read(&mut buf).unwrap(), 0, "data connection not closed");
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    }
+
+    /// The destination ends its stream before the commit is confirmed (its lazy-pages
+    /// daemon can have every page by then): CRIU sees the orderly end only after commit().
+    /// Ended by a failure instead, CRIU reads a broken command.
+    #[test]
+    fn source_relay_ends_criu_s_stream_by_the_verdict() {
+        for committed in [true, false] {
+            let criu = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = criu.local_addr().unwrap().port();
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (y, _) = l.accept().unwrap();
+            let r = SourceRelay::start(port, Link::Tcp(y), Duration::from_secs(20));
+            let (mut c, _) = criu.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            x.write_all(b"req").unwrap();
+            x.shutdown(Shutdown::Write).unwrap();
+            let mut buf = [0u8; 3];
+            c.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"req");
+            let e = c.read(&mut buf).unwrap_err();
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "CRIU saw the stream end before the verdict: {e}"
+            );
+            if committed {
+                r.verdict().commit();
+            } else {
+                r.verdict().fail();
+            }
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+            if committed {
+                assert!(rest.is_empty(), "{rest:?}");
+            } else {
+                assert_eq!(rest, [0xff]);
+            }
+            drop(c);
+            r.join().unwrap();
+        }
+    }
+
+    /// A poisoned source relay stops trying to reach a CRIU that never listens.
+    #[test]
+    fn poisoned_source_relay_stops_connecting() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (y, _) = l.accept().unwrap();
+        let port = free_loopback_port().unwrap();
+        let r = SourceRelay::start(port, Link::Tcp(y), Duration::from_secs(120));
+        let t0 = Instant::now();
+        r.verdict().fail();
+        assert!(r.join().is_err());
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
 }

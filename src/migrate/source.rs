@@ -436,6 +436,7 @@ fn send_final(
     hashes: &mut HashCache,
 ) -> Result<(), MigrateError> {
     *files_sent += sync_rootfs(ctl, &job.cfg.rootfs, true, hashes)?;
+    tracing::debug!("final rootfs delta applied on the destination");
     let mut names: Vec<_> = std::fs::read_dir(images)
         .map_err(|e| MigrateError::Rootfs(e.to_string()))?
         .flatten()
@@ -449,6 +450,7 @@ fn send_final(
     }
     let meta = serde_json::to_value(&job.meta).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
     ctl.send(&Msg::Restore(RestoreMsg { meta }))?;
+    tracing::debug!(images = names.len(), "images sent, restore requested");
     Ok(())
 }
 
@@ -1024,24 +1026,26 @@ fn run(
         if let Some((port, data)) = lazy.take() {
             // Post-copy: the restore on the destination already needs pages, which CRIU serves
             // only after post-dump: answer now and commit alongside. Should the destination
-            // fail, the relay is poisoned so that CRIU's lazy dump fails and the tasks resume.
+            // fail, the relay breaks CRIU's connection so that its lazy dump fails and the
+            // tasks stay; the end of the page stream counts as such only once committed.
             let r = SourceRelay::start(port, data, Duration::from_secs(60));
-            let poisoner = r.poisoner();
+            let verdict = r.verdict();
             relay = Some(r);
             match ctl.stream.try_clone() {
                 Ok(stream) => {
                     committer = Some(std::thread::spawn(move || {
                         let mut c2 = Ctl { stream, sent: 0 };
                         let res = commit(&mut c2);
-                        if res.is_err() {
-                            poisoner.poison();
+                        match &res {
+                            Ok(_) => verdict.commit(),
+                            Err(_) => verdict.fail(),
                         }
                         res.map(|pid| (pid, Instant::now()))
                     }));
                     Reply::Success
                 }
                 Err(e) => {
-                    poisoner.poison();
+                    verdict.fail();
                     failure = Some(MigrateError::Wire(WireError::Io(e)));
                     Reply::Failure("cannot share the control connection".into())
                 }
@@ -1092,6 +1096,11 @@ fn run(
         }
     }
     if let Some(r) = relay {
+        if dumped.is_err() || failure.is_some() {
+            // Failed: nothing more is to cross (a relay still connecting to a CRIU that
+            // failed before listening would otherwise wait out its deadline).
+            r.verdict().fail();
+        }
         match r.join() {
             Ok((requests, pages)) => {
                 relay_bytes = pages;
