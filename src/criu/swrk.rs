@@ -317,13 +317,19 @@ impl Drop for Swrk {
     }
 }
 
-/// Polls a child for exit for up to `grace`.
+/// Polls a child for exit for up to `grace`: every millisecond at first (criu usually exits
+/// right after its last answer, and a restore's hand-over waits for that), backing off to
+/// every 10 ms.
 fn wait_briefly(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + grace;
+    let mut nap = Duration::from_millis(1);
     loop {
         match child.try_wait() {
             Ok(Some(st)) => return Some(st),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(10));
+            }
             _ => return None,
         }
     }
