@@ -262,6 +262,15 @@ fn check_json_reports_ok() {
     }
     assert!(v["kernel"].as_str().is_some_and(|k| !k.is_empty()), "{v}");
     assert!(v["missing"].as_array().is_some_and(|m| m.is_empty()), "{v}");
+    // scripts/setup.sh (vendor/criu/install.sh) gives CRIU a tmpfs for its kernel-facts
+    // cache; without it every restore probes the kernel again.
+    let warnings = v["warnings"].as_array().expect("warnings array");
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("kernel-facts cache"))),
+        "CRIU cannot keep its kernel-facts cache: {v}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -106,6 +106,11 @@ pub fn check(criu: &Criu) -> CheckReport {
     if criu_version.is_some() && !features.lazy_pages {
         warnings.push("no lazy pages (userfaultfd): post-copy migration is unavailable".into());
     }
+    if criu_version.is_some() {
+        if let Some(w) = kdat_cache_warning(criu.path()) {
+            warnings.push(w);
+        }
+    }
     let iptables = on_path("iptables-restore");
     let nftables = on_path("nft");
     if !iptables && !nftables {
@@ -128,5 +133,55 @@ pub fn check(criu: &Criu) -> CheckReport {
         runc_version,
         missing,
         warnings,
+    }
+}
+
+/// CRIU keeps what it learnt about the kernel in `<RUNDIR>/criu.kdat` (RUNDIR is compiled in,
+/// `/run` by default) and only on a tmpfs; without it every CRIU run probes the kernel again,
+/// ≈ 40–80 ms on the development VM, inside a restore and so inside a migration's downtime.
+/// The directory is read from the binary; no warning when it cannot be found.
+fn kdat_cache_warning(criu: &std::path::Path) -> Option<String> {
+    const MAX_BINARY: u64 = 64 * 1024 * 1024;
+    let bin = crate::images::read_capped(criu, MAX_BINARY).ok()?;
+    let dir = kdat_cache_dir(&bin)?;
+    let on_tmpfs = nix::sys::statfs::statfs(dir.as_path())
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false);
+    (!on_tmpfs).then(|| {
+        format!(
+            "{} is not a tmpfs, so CRIU cannot keep its kernel-facts cache there and probes the \
+             kernel on every run (tens of ms per restore); vendor/criu/install.sh builds CRIU \
+             for a tmpfs of its own on such hosts",
+            dir.display()
+        )
+    })
+}
+
+/// The directory of the absolute `…/criu.kdat` path string compiled into a CRIU binary.
+fn kdat_cache_dir(bin: &[u8]) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    const NAME: &[u8] = b"/criu.kdat\0";
+    let at = bin.windows(NAME.len()).position(|w| w == NAME)?;
+    let start = bin[..at].iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+    let dir = &bin[start..at];
+    (dir.first() == Some(&b'/') && dir.iter().all(|b| b.is_ascii_graphic()))
+        .then(|| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kdat_cache_dir;
+    use std::path::Path;
+
+    #[test]
+    fn finds_the_compiled_in_cache_directory() {
+        let bin = b"\x7fELF\0junk\0/run/criu/criu.kdat\0/run/criu/criu.kdat.tmp\0more\0";
+        assert_eq!(kdat_cache_dir(bin).as_deref(), Some(Path::new("/run/criu")));
+        let bin = b"abc\0/run/criu.kdat\0";
+        assert_eq!(kdat_cache_dir(bin).as_deref(), Some(Path::new("/run")));
+        assert_eq!(kdat_cache_dir(b"no such string\0"), None);
+        // A relative or odd string is not taken for a path.
+        assert_eq!(kdat_cache_dir(b"\0criu.kdat\0"), None);
+        assert_eq!(kdat_cache_dir(b"\0%s/criu.kdat\0"), None);
     }
 }
