@@ -84,7 +84,7 @@ struct ServeArgs {
     bridge: Option<String>,
     /// Instead of the built-in setup: `PROG add|del <id> <netns-path>` configures the locked
     /// namespace ferry created (facts in FERRY_* variables; see the README).
-    #[arg(long, value_parser = abs_path, value_name = "PROG")]
+    #[arg(long, value_name = "PROG")]
     netns_hook: Option<PathBuf>,
     /// Who writes the incoming pages: ferry (its own receiver of CRIU's page-server
     /// protocol, 1 MiB steps) or criu (a CRIU page server per round, 64 KiB steps).
