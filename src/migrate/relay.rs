@@ -26,22 +26,33 @@ pub fn pump<A: Duplex, B: Duplex>(a: A, b: B) -> std::io::Result<(u64, u64)> {
     Ok((fwd, back))
 }
 
-fn copy_then_close(mut from: impl Duplex, mut to: impl Duplex) -> u64 {
+fn copy_then_close(from: impl Duplex, mut to: impl Duplex) -> u64 {
+    let n = copy_until_end(from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+    n
+}
+
+/// Copies `from` into `to` until `from` ends (EOF or error) or `to` fails; `to` stays open.
+fn copy_until_end(mut from: impl std::io::Read, to: &mut impl std::io::Write) -> u64 {
     let mut buf = vec![0u8; 256 * 1024];
     let mut n = 0u64;
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(k) => {
-                if std::io::Write::write_all(&mut to, &buf[..k]).is_err() {
+                if to.write_all(&buf[..k]).is_err() {
                     break;
                 }
                 n += k as u64;
             }
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
     n
+}
+
+fn join_relay(h: RelayHandle) -> std::io::Result<(u64, u64)> {
+    h.join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("relay panicked")))
 }
 
 /// A free loopback port (bound and released: CRIU binds it right after).
@@ -99,7 +110,7 @@ impl SourceRelay {
             // CRIU → destination: pages, until CRIU closes.
             let back = std::thread::spawn(move || copy_then_close(conn2, data2));
             // Destination → CRIU: requests, until the destination closes; then the verdict.
-            let fwd = copy_until_end(data, &conn);
+            let fwd = copy_until_end(data, &mut &conn);
             if v2.wait(wait) == Some(true) {
                 let _ = conn.shutdown(Shutdown::Write);
             } else {
@@ -117,28 +128,8 @@ impl SourceRelay {
     }
 
     pub fn join(self) -> std::io::Result<(u64, u64)> {
-        self.handle
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("relay panicked")))
+        join_relay(self.handle)
     }
-}
-
-/// Copies `from` into `to` until `from` ends (EOF or error); `to` stays open.
-fn copy_until_end(mut from: impl Duplex, mut to: &TcpStream) -> u64 {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut n = 0u64;
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => {
-                if std::io::Write::write_all(&mut to, &buf[..k]).is_err() {
-                    break;
-                }
-                n += k as u64;
-            }
-        }
-    }
-    n
 }
 
 struct VerdictInner {
@@ -264,9 +255,7 @@ pub struct DestinationRelay {
 impl DestinationRelay {
     /// Waits until both directions ended; yields the bytes copied each way.
     pub fn join(self) -> std::io::Result<(u64, u64)> {
-        self.handle
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("relay panicked")))
+        join_relay(self.handle)
     }
 
     /// The migration failed: close the data connection (the source's CRIU sees its lazy
