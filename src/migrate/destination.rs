@@ -36,7 +36,7 @@ use crate::oci::meta::CheckpointMeta;
 use crate::oci::state::RuncRoot;
 use crate::oci::validate_id;
 use crate::ops::open_dir;
-use crate::ops::restore::{restore_gated, RestoreRequest};
+use crate::ops::restore::{restore_gated_when_ready, RestoreRequest};
 use crate::pb::{CriuOpts, CriuPageServerInfo};
 use crate::runtime::mounts::remove_tree;
 use crate::runtime::runc::Runc;
@@ -248,10 +248,13 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
     }
 }
 
-/// CRIU's lazy-pages daemon on the destination, fed through a loopback relay.
+/// CRIU's lazy-pages daemon on the destination, fed through a loopback relay. Started
+/// without waiting: the restore waits for its socket ([`LazyPages::wait_listening`]) just
+/// before its request goes out.
 struct LazyPages {
     child: std::process::Child,
     relay: super::relay::DestinationRelay,
+    socket: PathBuf,
 }
 
 impl LazyPages {
@@ -276,30 +279,37 @@ impl LazyPages {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                MigrateError::Op(crate::ops::OpError::Environment(format!(
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                relay.cancel();
+                return Err(MigrateError::Op(crate::ops::OpError::Environment(format!(
                     "criu lazy-pages: {e}"
-                )))
-            })?;
-        let mut me = LazyPages { child, relay };
-        // Ready once its socket exists (the restore connects to it).
-        let sock = work.join("lazy-pages.socket");
+                ))));
+            }
+        };
+        Ok(LazyPages {
+            child,
+            relay,
+            socket: work.join("lazy-pages.socket"),
+        })
+    }
+
+    /// Waits until the daemon listens on its socket (the restore connects to it first thing).
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            if let Ok(Some(st)) = me.child.try_wait() {
-                me.stop();
-                return Err(MigrateError::Remote(format!(
-                    "criu lazy-pages exited early ({st})"
-                )));
+        while !self.socket.exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!("criu lazy-pages exited early ({st})"));
             }
             if std::time::Instant::now() > deadline {
-                me.stop();
-                return Err(MigrateError::Remote("criu lazy-pages did not start".into()));
+                return Err("criu lazy-pages did not start within 10 s".into());
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(me)
+        tracing::debug!("criu lazy-pages daemon listening");
+        Ok(())
     }
 
     /// The migration failed: the daemon goes, and so does the relay with the data
@@ -997,7 +1007,6 @@ impl<'a> Receiver<'a> {
                 &restore_work,
                 data,
             )?);
-            tracing::debug!("criu lazy-pages daemon listening");
             req.settings.lazy_pages = true;
         }
         let ctl = &mut self.ctl;
@@ -1020,7 +1029,13 @@ impl<'a> Receiver<'a> {
                 }
             }
         };
-        let restored = restore_gated(&self.shared.criu, &req, &mut gate, &mut unlock);
+        // The daemon starts while criu does; the request waits for its socket.
+        let mut ready = || match lazy.as_mut() {
+            Some(l) => l.wait_listening(),
+            None => Ok(()),
+        };
+        let restored =
+            restore_gated_when_ready(&self.shared.criu, &req, &mut gate, &mut unlock, &mut ready);
         let report = match restored {
             Ok(r) => r,
             Err(e) => {

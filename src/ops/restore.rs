@@ -296,7 +296,21 @@ pub fn restore_gated(
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
     on_network_unlock: &mut dyn FnMut(),
 ) -> Result<RestoreReport, OpError> {
-    restore_inner(criu, req, None, gate, on_network_unlock)
+    restore_inner(criu, req, None, gate, on_network_unlock, &mut || Ok(()))
+}
+
+/// [`restore_gated`] with `ready`, called once criu runs (in the container's cgroups) and
+/// before the RESTORE request goes out; an `Err` fails the restore. The destination of a
+/// post-copy migration waits there for the lazy-pages daemon it started just before, so
+/// that the daemon's start overlaps criu's.
+pub fn restore_gated_when_ready(
+    criu: &Criu,
+    req: &RestoreRequest,
+    gate: &mut dyn FnMut(i32) -> Result<(), String>,
+    on_network_unlock: &mut dyn FnMut(),
+    ready: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<RestoreReport, OpError> {
+    restore_inner(criu, req, None, gate, on_network_unlock, ready)
 }
 
 /// Restore whose pipes are re-inherited from `stdio` (stdin, stdout, stderr) instead of
@@ -307,7 +321,7 @@ pub fn restore_with_stdio(
     stdio: Option<[OwnedFd; 3]>,
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
 ) -> Result<RestoreReport, OpError> {
-    restore_inner(criu, req, stdio, gate, &mut || {})
+    restore_inner(criu, req, stdio, gate, &mut || {}, &mut || Ok(()))
 }
 
 fn restore_inner(
@@ -316,6 +330,7 @@ fn restore_inner(
     stdio: Option<[OwnedFd; 3]>,
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
     on_network_unlock: &mut dyn FnMut(),
+    ready: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<RestoreReport, OpError> {
     let started = Instant::now();
     require_root()?;
@@ -442,7 +457,7 @@ fn restore_inner(
         let cg = std::fs::read_to_string(format!("/proc/{criu_pid}/cgroup"))
             .map_err(|e| e.to_string())?;
         opts.cg_root.extend(cgroup_roots(&cg));
-        Ok(())
+        ready()
     };
     tracing::info!(id = %req.id, images = %req.images.display(), "restoring");
     let result = criu.restore(request, fds, before, &mut notify);
