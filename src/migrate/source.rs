@@ -1002,15 +1002,17 @@ fn run(
     // Until the dump says when it froze the container (a paused one: from here).
     let mut freeze_start = Instant::now();
     let mut post_dump_at = None;
-    let mut tcp = 0;
+    let mut tcp = None;
     let fault = std::env::var("FERRY_TEST_FAULT").unwrap_or_default();
     let mut notify = |n: Notification| -> Reply {
         if n.script != Script::PostDump {
             return Reply::Success;
         }
         post_dump_at = Some(Instant::now());
-        // Frozen: the count cannot change any more.
-        tcp = crate::net::established_tcp(job.container.init_pid);
+        // Frozen: the count cannot change any more (counted off the freeze's path).
+        tcp = Some(crate::net::established_tcp_in_background(
+            job.container.init_pid,
+        ));
         if fault == "fail-post-dump" {
             tracing::info!("FERRY_TEST_FAULT: failing the final dump at post-dump");
             failure = Some(MigrateError::Remote(
@@ -1161,6 +1163,6 @@ fn run(
         downtime_ms: downtime.as_millis() as u64,
         files_sent,
         stats,
-        tcp,
+        tcp: tcp.and_then(|h| h.join().ok()).unwrap_or(0),
     })
 }
