@@ -974,8 +974,33 @@ impl Drop for Runc {
         }
         if std::env::var_os("FERRY_TEST_KEEP").is_none() {
             safe_remove_dir_all(&self.work);
+            // A passing test's expected failures leave CRIU's logs in ferry's run dir (kept
+            // for operators); a failing test's stay for whoever looks into it.
+            if !thread::panicking() {
+                remove_ferry_logs_of(&self.ids());
+            }
         } else {
             eprintln!("FERRY_TEST_KEEP set: keeping {}", self.work.display());
+        }
+    }
+}
+
+/// Removes `/run/ferry/<op>-<id>-<pid>` directories (what a failed checkpoint, restore or
+/// migration keeps) of these container ids.
+fn remove_ferry_logs_of(ids: &[String]) {
+    let Ok(entries) = fs::read_dir("/run/ferry") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = ids.iter().any(|id| {
+            name.split_once(&format!("-{id}-"))
+                .is_some_and(|(op, pid)| {
+                    !op.contains('-') && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                })
+        });
+        if ours && e.file_type().is_ok_and(|t| t.is_dir()) {
+            safe_remove_dir_all(&e.path());
         }
     }
 }
