@@ -127,8 +127,8 @@ pub fn netns_path(cfg: &crate::oci::bundle::BundleConfig) -> Option<std::path::P
 
 /// Established TCP connections in the network namespace of `pid` (IPv4 and IPv6), from
 /// /proc/<pid>/net/tcp{,6} (state `01`), counted on a thread: the tables are opened now (an
-/// open table keeps its namespace), read there. Reading them walks the kernel's whole TCP hash table,
-/// ≈ 5 ms each here — too long for a migration's freeze, where the count is taken.
+/// open table keeps its namespace), read there. Reading one walks the kernel's whole TCP
+/// hash table, ≈ 5 ms here: too long for a migration's freeze, where the count is taken.
 pub fn established_tcp_in_background(pid: i32) -> std::thread::JoinHandle<u64> {
     let files: Vec<std::fs::File> = ["tcp", "tcp6"]
         .iter()
