@@ -336,27 +336,31 @@ impl Msg {
         }
     }
 
-    fn payload(&self) -> Vec<u8> {
-        fn j<T: Serialize>(v: &T) -> Vec<u8> {
-            serde_json::to_vec(v).unwrap_or_default()
+    /// Appends the payload to `out` (JSON, or a chunk's bytes as they are).
+    fn write_payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        fn j<T: Serialize>(out: &mut Vec<u8>, v: &T) -> serde_json::Result<()> {
+            serde_json::to_writer(out, v)
         }
         match self {
-            Msg::Hello(m) => j(m),
-            Msg::Challenge(m) => j(m),
-            Msg::Proof(m) => j(m),
-            Msg::Welcome(m) => j(m),
-            Msg::Prepare(m) => j(m),
-            Msg::Prepared(m) => j(m),
-            Msg::Manifest(m) => j(m),
-            Msg::Need(m) => j(m),
-            Msg::File(m) => j(m),
-            Msg::Chunk(b) => b.clone(),
-            Msg::SyncDone(m) => j(m),
-            Msg::Restore(m) => j(m),
-            Msg::Restored(m) | Msg::Committed(m) => j(m),
-            Msg::Error(m) => j(m),
-            Msg::RoundDone(m) => j(m),
-            Msg::FileEnd | Msg::PageServerReady | Msg::Commit | Msg::Ok => j(&Empty {}),
+            Msg::Hello(m) => j(out, m),
+            Msg::Challenge(m) => j(out, m),
+            Msg::Proof(m) => j(out, m),
+            Msg::Welcome(m) => j(out, m),
+            Msg::Prepare(m) => j(out, m),
+            Msg::Prepared(m) => j(out, m),
+            Msg::Manifest(m) => j(out, m),
+            Msg::Need(m) => j(out, m),
+            Msg::File(m) => j(out, m),
+            Msg::Chunk(b) => {
+                out.extend_from_slice(b);
+                Ok(())
+            }
+            Msg::SyncDone(m) => j(out, m),
+            Msg::Restore(m) => j(out, m),
+            Msg::Restored(m) | Msg::Committed(m) => j(out, m),
+            Msg::Error(m) => j(out, m),
+            Msg::RoundDone(m) => j(out, m),
+            Msg::FileEnd | Msg::PageServerReady | Msg::Commit | Msg::Ok => j(out, &Empty {}),
         }
     }
 
@@ -404,23 +408,24 @@ impl Msg {
         })
     }
 
-    /// Writes the frame.
+    /// Writes the frame, header and payload in one write: one segment for a small frame, not
+    /// two (the final phase sends ≈ 100 small frames while the container is frozen).
     pub fn write_to(&self, w: &mut impl Write) -> Result<(), WireError> {
-        let payload = self.payload();
-        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let mut frame = Vec::with_capacity(HEADER_LEN + 256);
+        frame.extend_from_slice(&MAGIC);
+        frame.extend_from_slice(&(self.kind() as u16).to_be_bytes());
+        frame.extend_from_slice(&[0; 4]); // the length, below
+        if self.write_payload(&mut frame).is_err() {
+            frame.truncate(HEADER_LEN); // as before: an unserializable message goes empty
+        }
+        let len = u32::try_from(frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
         if len > MAX_FRAME {
             return Err(WireError::TooLarge {
                 len,
                 cap: MAX_FRAME,
             });
         }
-        // Header and payload in one write: one segment for a small frame, not two (the
-        // final phase sends ≈ 100 small frames while the container is frozen).
-        let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-        frame.extend_from_slice(&MAGIC);
-        frame.extend_from_slice(&(self.kind() as u16).to_be_bytes());
-        frame.extend_from_slice(&len.to_be_bytes());
-        frame.extend_from_slice(&payload);
+        frame[4..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
         w.write_all(&frame)?;
         w.flush()?;
         Ok(())
@@ -577,6 +582,17 @@ mod tests {
             Msg::read_from(&mut &truncated[..], MAX_FRAME),
             Err(WireError::Closed)
         ));
+    }
+
+    #[test]
+    fn an_oversized_frame_is_not_written() {
+        let mut out = Vec::new();
+        let m = Msg::Chunk(vec![0; MAX_FRAME as usize + 1]);
+        assert!(matches!(
+            m.write_to(&mut out),
+            Err(WireError::TooLarge { cap: MAX_FRAME, .. })
+        ));
+        assert!(out.is_empty());
     }
 
     #[test]
