@@ -11,6 +11,7 @@
 //! - [`net`]: network continuity (locks, the destination namespace, ARP),
 //! - [`shim`]: the containerd runtime shim `containerd-shim-ferry-v2`.
 
+mod capped;
 pub mod criu;
 pub mod images;
 pub mod migrate;

@@ -30,21 +30,21 @@ pub enum ImageError {
 
 /// Reads a whole image file of at most `cap` bytes (larger ones are refused unread).
 pub fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, ImageError> {
-    use std::io::Read;
-    let io = |source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let size = f.metadata().map_err(io)?.len();
-    if size > cap {
-        return Err(ImageError::TooLarge {
+    crate::capped::read_capped(path, cap).map_err(|e| match e {
+        crate::capped::CappedError::Io(source) => ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        crate::capped::CappedError::TooLarge(size) => ImageError::TooLarge {
             path: path.to_path_buf(),
             size,
             cap,
-        });
-    }
-    let mut buf = Vec::with_capacity(size as usize);
-    f.take(cap).read_to_end(&mut buf).map_err(io)?;
-    Ok(buf)
+        },
+    })
+}
+
+/// The little-endian u32 at `at`, if the buffer holds it.
+pub(crate) fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+    buf.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use protobuf::Message;
 
 use super::stats::IMG_COMMON_MAGIC;
-use super::ImageError;
+use super::{u32_at, ImageError};
 use crate::pb::{PagemapEntry, PagemapHead};
 
 pub const PAGEMAP_MAGIC: u32 = 0x5608_4025;
@@ -153,10 +153,6 @@ pub fn read_pagemap(path: &Path) -> Result<(u32, Vec<PageRun>), ImageError> {
     let truncated = |what: &str| ImageError::Truncated {
         path: path.to_path_buf(),
         what: what.into(),
-    };
-    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
-        b.get(at..at + 4)
-            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
     };
     if u32_at(&buf, 0) != Some(IMG_COMMON_MAGIC) || u32_at(&buf, 4) != Some(PAGEMAP_MAGIC) {
         return Err(ImageError::Foreign {

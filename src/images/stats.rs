@@ -7,7 +7,7 @@ use std::path::Path;
 
 use protobuf::Message;
 
-use super::ImageError;
+use super::{u32_at, ImageError};
 use crate::pb::StatsEntry;
 
 pub const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
@@ -66,11 +66,6 @@ pub struct RestoreStats {
     pub forking_time_us: u64,
     pub restore_time_us: u64,
     pub pages_restored: u64,
-}
-
-fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
-    buf.get(at..at + 4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Decodes a whole stats image held in memory.

@@ -73,22 +73,16 @@ pub fn validate_id(id: &str) -> Result<(), OciError> {
 
 /// Reads a small file with a size cap, failing on larger files.
 pub(crate) fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, OciError> {
-    use std::io::Read;
-    let read = |source| OciError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(read)?;
-    let len = f.metadata().map_err(read)?.len();
-    if len > cap {
-        return Err(OciError::BadState {
+    crate::capped::read_capped(path, cap).map_err(|e| match e {
+        crate::capped::CappedError::Io(source) => OciError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+        crate::capped::CappedError::TooLarge(len) => OciError::BadState {
             path: path.to_path_buf(),
             what: format!("{len} bytes exceed the cap of {cap}"),
-        });
-    }
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(cap).read_to_end(&mut buf).map_err(read)?;
-    Ok(buf)
+        },
+    })
 }
 
 /// Writes a file atomically: temporary file in the same directory, fsync, rename, fsync dir.

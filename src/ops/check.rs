@@ -142,7 +142,7 @@ pub fn check(criu: &Criu) -> CheckReport {
 /// The directory is read from the binary; no warning when it cannot be found.
 fn kdat_cache_warning(criu: &std::path::Path) -> Option<String> {
     const MAX_BINARY: u64 = 64 * 1024 * 1024;
-    let bin = crate::images::read_capped(criu, MAX_BINARY).ok()?;
+    let bin = crate::capped::read_capped(criu, MAX_BINARY).ok()?;
     let dir = kdat_cache_dir(&bin)?;
     let on_tmpfs = nix::sys::statfs::statfs(dir.as_path())
         .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
