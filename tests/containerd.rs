@@ -1,6 +1,7 @@
 //! containerd-shim-ferry-v2 on a real containerd (Debian's, 1.6.20 on bookworm), driven with
-//! `ctr`: lifecycle, exec, pause/resume, events, checkpoint, restore under a new id, a failed
-//! restore, and live migration of a containerd task between two emulated hosts.
+//! `ctr`: lifecycle, exec, pause/resume, events, stdin and terminals (exec and init, window
+//! size), checkpoint, restore under a new id, a failed restore, and live migration of a
+//! containerd task between two emulated hosts.
 //!
 //! Each test starts its own containerd with a temporary config (CRI plugin disabled, state
 //! and socket under /run/fctd-<pid>-<n>, root under /var/tmp/ferry-test), imports a busybox
@@ -809,4 +810,104 @@ fn shim_delete_action_is_idempotent() {
     let root = ferry::shim::containerd::runc_root(&addr, NS);
     let _ = fs::remove_dir(&root);
     let _ = root.parent().map(fs::remove_dir);
+}
+
+/// `script -qec CMD /dev/null`: CMD on a fresh pseudo-terminal (ctr's `-t` needs one), its
+/// exit code and everything it wrote to the terminal.
+fn on_a_terminal(cmd: &str) -> std::process::Output {
+    run_output(
+        Command::new("script")
+            .args(["-qec", cmd, "/dev/null"])
+            .stdin(Stdio::null()),
+    )
+}
+
+#[test]
+fn containerd_stdin_and_terminals() {
+    if !require_containerd() {
+        return;
+    }
+    if find_program("script").is_none() {
+        // util-linux's `script` (Debian: bsdutils, an essential package).
+        panic!("`script` not found (apt-get install bsdutils)");
+    }
+    let c = Containerd::start(None);
+    c.import_image();
+    let id = container_id("ctd-io");
+    let data = data_dir("io");
+    c.run_counter(&id, &data, &[]);
+    wait_counter_lines(&data.join("counter"), 2, T);
+
+    // stdin through an exec's fifo: ctr writes 4 MiB and says CloseIO at its end. The process
+    // reads all but the last 96 KiB, pauses for a second (ctr meanwhile hands over the rest,
+    // which waits in the fifo and the shim's pipe, and says CloseIO), then reads on; it must
+    // get every byte, then EOF.
+    let input: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let input_file = data.join("stdin.bin");
+    fs::write(&input_file, &input).unwrap();
+    let out = c
+        .ctr_cmd(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "in1",
+            &id,
+            "sh",
+            "-c",
+            "busybox head -c 4096000 > /tmp/in; sleep 1; busybox cat >> /tmp/in; \
+             busybox sha256sum < /tmp/in",
+        ])
+        .stdin(fs::File::open(&input_file).unwrap())
+        .output()
+        .expect("run ctr");
+    let out = must(out, "ctr task exec with stdin");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        printed.split_whitespace().next(),
+        Some(sha256_hex(&input).as_str()),
+        "sha256 of the exec's stdin: {printed}"
+    );
+
+    // An exec with a terminal: ctr passes its window size on (ResizePty), the process sees
+    // a tty, and its exit code comes back. ctr resizes only once the process has started
+    // (as with runc's shim), so the process waits up to 10 s for the size to arrive.
+    let sock = c.sock.display().to_string();
+    let exec_t = format!(
+        "stty rows 33 cols 101; exec ctr -a {sock} -n {NS} task exec -t --exec-id t1 {id} \
+         sh -c 'i=0; while [ \"$(busybox stty size)\" != \"33 101\" ] && [ $i -lt 100 ]; \
+         do sleep 0.1; i=$((i+1)); done; busybox stty size; busybox tty; exit 5'"
+    );
+    let out = on_a_terminal(&exec_t);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "exec -t exit: {out:?}");
+    assert!(text.contains("33 101"), "exec -t window size: {text:?}");
+    assert!(text.contains("/dev/pts/"), "exec -t tty: {text:?}");
+
+    // A container whose init has a terminal, run to its end and removed (`--rm`).
+    let id2 = container_id("ctd-tty");
+    c.track(&id2);
+    let run_t = format!(
+        "stty rows 21 cols 77; exec ctr -a {sock} -n {NS} run -t --rm --runtime {RUNTIME} \
+         {IMAGE} {id2} sh -c 'i=0; while [ \"$(busybox stty size)\" != \"21 77\" ] && [ $i -lt 100 ]; \
+         do sleep 0.1; i=$((i+1)); done; busybox stty size; busybox tty; exit 4'"
+    );
+    let out = on_a_terminal(&run_t);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "run -t exit: {out:?}");
+    assert!(text.contains("21 77"), "run -t window size: {text:?}");
+    assert!(
+        text.contains("/dev/console") || text.contains("/dev/pts/"),
+        "run -t tty: {text:?}"
+    );
+    assert!(c.task(&id2).is_none(), "run -t --rm left its task");
+
+    // The counter went on throughout.
+    let n = read_counter_lines(&data.join("counter")).len();
+    wait_counter_lines(&data.join("counter"), n + 2, T);
+    c.remove(&id);
+    assert_no_shims(&c);
+    leak_check(&[id, id2]);
+    safe_remove_dir_all(&data);
 }

@@ -73,12 +73,59 @@ async fn open_output(target: &str) -> Result<Box<dyn tokio::io::AsyncWrite + Unp
     Ok(Box::new(s))
 }
 
-fn open_input(target: &str) -> Result<pipe::Receiver> {
-    // Read-write: we never see EOF when the writer closes; containerd says CloseIO instead.
-    pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(target)
-        .map_err(ShimError::io(format!("opening fifo {target}")))
+/// A process's stdin fifo, read until containerd says CloseIO and then until it is empty.
+///
+/// The fifo is opened read-write, so it never reports EOF (a client that detaches and
+/// attaches again does not end the process's stdin); containerd says CloseIO instead. ctr
+/// and containerd's clients send CloseIO once they have written everything (ctr even before
+/// closing their end), so what is in the fifo then still belongs to the process: it is read
+/// out, without waiting for more, before the stdin ends.
+struct StdinSource {
+    fifo: pipe::Receiver,
+    closed: Arc<Notify>,
+    closing: bool,
+}
+
+impl StdinSource {
+    fn open(target: &str, io: &mut ProcessIo) -> Result<StdinSource> {
+        let fifo = pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(target)
+            .map_err(ShimError::io(format!("opening fifo {target}")))?;
+        let closed = Arc::new(Notify::new());
+        io.close_stdin = Some(closed.clone());
+        Ok(StdinSource {
+            fifo,
+            closed,
+            closing: false,
+        })
+    }
+
+    /// The next chunk into `buf`: its length, or `None` when the stdin is over (CloseIO and
+    /// the fifo drained, or a read error).
+    async fn next(&mut self, buf: &mut [u8]) -> Option<usize> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.closing {
+                // A read(2) of the (non-blocking) fifo, not tokio's `try_read`: that one
+                // trusts the reactor's readiness, which may not have seen the last write yet.
+                return match nix::unistd::read(self.fifo.as_raw_fd(), buf) {
+                    Ok(n) if n > 0 => Some(n),
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    _ => None,
+                };
+            }
+            // Both branches are cancel-safe: a read that loses the race took no data, and a
+            // CloseIO that comes first is kept by `Notify` as a permit.
+            tokio::select! {
+                r = self.fifo.read(buf) => return match r {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => None,
+                },
+                _ = self.closed.notified() => self.closing = true,
+            }
+        }
+    }
 }
 
 impl ProcessIo {
@@ -90,15 +137,14 @@ impl ProcessIo {
             devnull()?
         } else {
             let (r, w) = pipe_pair()?;
-            let mut src = open_input(&spec.stdin)?;
+            let mut src = StdinSource::open(&spec.stdin, &mut io)?;
             let mut dst = pipe::Sender::from_owned_fd(w).map_err(ShimError::io("stdin pipe"))?;
-            let close = Arc::new(Notify::new());
-            let closed = close.clone();
-            io.close_stdin = Some(close);
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = tokio::io::copy(&mut src, &mut dst) => {}
-                    _ = closed.notified() => {}
+                let mut buf = vec![0u8; 32 * 1024];
+                while let Some(n) = src.next(&mut buf).await {
+                    if dst.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
                 // Dropping `dst` closes the process's stdin.
             });
@@ -129,22 +175,14 @@ impl ProcessIo {
         let master = Arc::new(master);
         io.console = Some(master.clone());
         if !spec.stdin.is_empty() {
-            let mut src = open_input(&spec.stdin)?;
+            let mut src = StdinSource::open(&spec.stdin, &mut io)?;
             let m = master
                 .try_clone()
                 .map_err(ShimError::io("dup pty master"))?;
-            let close = Arc::new(Notify::new());
-            let closed = close.clone();
-            io.close_stdin = Some(close);
             tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
                 let mut w = std::fs::File::from(m);
                 let mut buf = vec![0u8; 32 * 1024];
-                loop {
-                    let n = tokio::select! {
-                        r = src.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
-                        _ = closed.notified() => break,
-                    };
+                while let Some(n) = src.next(&mut buf).await {
                     use std::io::Write;
                     // A pty accepts small writes at once; a blocked write only delays this task.
                     if tokio::task::block_in_place(|| w.write_all(&buf[..n])).is_err() {
@@ -305,4 +343,61 @@ fn recv_fd(s: &std::os::unix::net::UnixStream) -> Result<OwnedFd> {
         }
     }
     got.ok_or_else(|| ShimError::Internal("console socket message without a descriptor".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// What a client wrote into the stdin fifo before it said CloseIO reaches the process,
+    /// all of it, even while the process is slow to read; then the process sees EOF.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_io_delivers_everything_written_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdin");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let spec = StdioSpec {
+            stdin: fifo.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let ([stdin, _, _], io) = ProcessIo::pipes(&spec).await.unwrap();
+
+        const LEN: usize = 1 << 20;
+        let data: Vec<u8> = (0..LEN).map(|i| (i * 7 % 251) as u8).collect();
+        // The process: starts reading late, then slowly.
+        let reader = std::thread::spawn(move || {
+            let mut f = std::fs::File::from(stdin);
+            std::thread::sleep(Duration::from_millis(200));
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match f.read(&mut buf).unwrap() {
+                    0 => break got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        // The client: writes it all (the fifo takes it as the shim copies it on), then
+        // CloseIO, then closes its end (ctr's order).
+        let expect = data.clone();
+        let fifo2 = fifo.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(fifo2).unwrap();
+            w.write_all(&data).unwrap();
+            w
+        })
+        .await
+        .map(|w| {
+            io.close_stdin();
+            drop(w);
+        })
+        .unwrap();
+        let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(got.len(), expect.len(), "bytes reaching the process");
+        assert!(got == expect, "stdin content differs");
+    }
 }
