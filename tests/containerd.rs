@@ -1,7 +1,8 @@
 //! containerd-shim-ferry-v2 on a real containerd (Debian's, 1.6.20 on bookworm), driven with
 //! `ctr`: lifecycle, exec, pause/resume, events, stdin and terminals (exec and init, window
-//! size), checkpoint, restore under a new id, a failed restore, and live migration of a
-//! containerd task between two emulated hosts.
+//! size), resource updates (over the shim's ttrpc: ctr 1.6 has no update), checkpoint,
+//! restore under a new id, a failed restore, and live migration of a containerd task between
+//! two emulated hosts.
 //!
 //! Each test starts its own containerd with a temporary config (CRI plugin disabled, state
 //! and socket under /run/fctd-<pid>-<n>, root under /var/tmp/ferry-test), imports a busybox
@@ -909,5 +910,105 @@ fn containerd_stdin_and_terminals() {
     c.remove(&id);
     assert_no_shims(&c);
     leak_check(&[id, id2]);
+    safe_remove_dir_all(&data);
+}
+
+/// A ttrpc client of the shim that serves container `id` (containerd keeps its address in
+/// the task's state dir).
+fn shim_client(c: &Containerd, id: &str) -> containerd_shim::protos::TaskClient {
+    let addr_file = c
+        .run
+        .join("state/io.containerd.runtime.v2.task")
+        .join(NS)
+        .join(id)
+        .join("address");
+    let addr =
+        fs::read_to_string(&addr_file).unwrap_or_else(|e| panic!("{}: {e}", addr_file.display()));
+    let client = containerd_shim::protos::Client::connect(addr.trim())
+        .unwrap_or_else(|e| panic!("connecting to the shim at {addr}: {e}"));
+    containerd_shim::protos::TaskClient::new(client)
+}
+
+/// The v1 controller dir (or the unified one) of `pid`'s cgroup for `controller`.
+fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for l in text.lines() {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        if ctrls.split(',').any(|x| x == controller) {
+            return Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(path.trim_start_matches('/'));
+        }
+    }
+    panic!("no {controller} cgroup for pid {pid}: {text}");
+}
+
+/// Task.Update as containerd sends it (runtime-spec LinuxResources as JSON in an Any): the
+/// limits land in the container's cgroups; a bad request is refused and changes nothing.
+#[test]
+fn containerd_update_resources() {
+    use containerd_shim::protos::api::UpdateTaskRequest;
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+    use containerd_shim::protos::ttrpc::context;
+
+    if !require_containerd() {
+        return;
+    }
+    let c = Containerd::start(None);
+    c.import_image();
+    let id = container_id("ctd-upd");
+    let data = data_dir("upd");
+    c.run_counter(&id, &data, &[]);
+    wait_counter_lines(&data.join("counter"), 2, T);
+    let (pid, _) = c.task(&id).expect("task listed");
+    let mem = cgroup_dir(pid, "memory").join("memory.limit_in_bytes");
+    let pids = cgroup_dir(pid, "pids").join("pids.max");
+
+    let task = shim_client(&c, &id);
+    let ctx = || context::with_timeout(10_000_000_000);
+    let update = |resources: Option<&str>| {
+        let req = UpdateTaskRequest {
+            id: id.clone(),
+            resources: resources
+                .map(|json| Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+                        .into(),
+                    value: json.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .into(),
+            ..Default::default()
+        };
+        task.update(ctx(), &req)
+    };
+    update(Some(
+        r#"{"memory":{"limit":100663296},"pids":{"limit":77}}"#,
+    ))
+    .expect("update with memory and pids limits");
+    assert_eq!(fs::read_to_string(&mem).unwrap().trim(), "100663296");
+    assert_eq!(fs::read_to_string(&pids).unwrap().trim(), "77");
+
+    // Refused, one message each, the limits as they were.
+    let e = update(None).expect_err("an update without resources");
+    assert!(
+        format!("{e:?}").contains("INVALID_ARGUMENT")
+            && format!("{e:?}").contains("without resources"),
+        "{e:?}"
+    );
+    let e = update(Some("{not json")).expect_err("an update with broken JSON");
+    assert!(
+        format!("{e:?}").contains("INVALID_ARGUMENT") && format!("{e:?}").contains("not JSON"),
+        "{e:?}"
+    );
+    assert_eq!(fs::read_to_string(&mem).unwrap().trim(), "100663296");
+    assert_eq!(fs::read_to_string(&pids).unwrap().trim(), "77");
+
+    // The container runs on.
+    let n = read_counter_lines(&data.join("counter")).len();
+    wait_counter_lines(&data.join("counter"), n + 2, T);
+    c.remove(&id);
+    assert_no_shims(&c);
+    leak_check(&[id]);
     safe_remove_dir_all(&data);
 }

@@ -969,6 +969,24 @@ impl Task for Service {
             .as_ref()
             .map(|a| a.value.clone())
             .ok_or_else(|| ShimError::InvalidArgument("update without resources".into()))?;
+        // containerd sends runtime-spec LinuxResources as JSON; anything else is the caller's
+        // mistake, not a runc failure.
+        match serde_json::from_slice::<serde_json::Value>(&resources) {
+            Ok(serde_json::Value::Object(_)) => {}
+            Ok(_) => {
+                return Err(ShimError::InvalidArgument(
+                    "update: the resources are not a JSON object (runtime-spec LinuxResources)"
+                        .into(),
+                )
+                .into())
+            }
+            Err(e) => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "update: the resources are not JSON (runtime-spec LinuxResources): {e}"
+                ))
+                .into())
+            }
+        }
         self.runc(&bundle)
             .output(&["update", "--resources", "-", &req.id], Some(resources))
             .await?;
