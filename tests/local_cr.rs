@@ -844,6 +844,9 @@ fn failed_restore_by_criu_cleans_up_without_touching_the_rootfs() {
     fs::write(&pages, b"").unwrap();
     let rootfs_snap = snapshot_tree(&src.bundle.join("rootfs"));
     let other = src.rc.id("-other");
+    // Twenty old failures' logs of processes long gone: this failure keeps its own logs
+    // and prunes the oldest others, so that at most 16 stay.
+    let planted = plant_kept_logs(&other, 20);
     // An empty pages image sends CRIU 4.2.1 into an endless loop: ferry's per-answer
     // timeout must end it and the cleanup must kill what CRIU left in the cgroups.
     let out = ferry(&[
@@ -869,8 +872,58 @@ fn failed_restore_by_criu_cleans_up_without_touching_the_rootfs() {
         let d = Path::new("/sys/fs/cgroup").join(ctrl).join(&other);
         assert!(!d.exists(), "cgroup {} left behind", d.display());
     }
+    let own = fs::read_dir("/run/ferry")
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("restore-{other}-"))
+        })
+        .expect("the failed restore's logs are kept");
+    assert!(own.path().join("restore.log").exists());
+    let kept_dead = fs::read_dir("/run/ferry")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let pid = n.rsplit('-').next().unwrap_or("");
+            n.starts_with("restore-")
+                && !Path::new("/proc").join(pid).exists()
+                && e.path() != own.path()
+        })
+        .count();
+    assert!(
+        kept_dead <= 16,
+        "{kept_dead} earlier failures' dirs kept besides this one's"
+    );
+    for (i, p) in planted.iter().enumerate() {
+        // planted[0] is the oldest.
+        if i < 4 {
+            assert!(!p.exists(), "not pruned: {}", p.display());
+        }
+        safe_remove_dir_all(p);
+    }
     src.assert_healthy();
     src.finish();
+}
+
+/// `n` dirs like a failed restore's kept logs (`/run/ferry/restore-<id>.<i>-<pid>`), of a
+/// process that is gone, the oldest first (a year old, then a minute younger each).
+fn plant_kept_logs(id: &str, n: u64) -> Vec<PathBuf> {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let dead = c.id();
+    c.wait().unwrap();
+    (0..n)
+        .map(|i| {
+            let d = Path::new("/run/ferry").join(format!("restore-{id}.old{i}-{dead}"));
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("restore.log"), "an old failure\n").unwrap();
+            let t = std::time::SystemTime::now() - Duration::from_secs(365 * 86400 - i * 60);
+            fs::File::open(&d).unwrap().set_modified(t).unwrap();
+            d
+        })
+        .collect()
 }
 
 /// Receives one pty master over a console socket (runc's protocol: SCM_RIGHTS), then copies

@@ -436,6 +436,24 @@ impl<'a> Receiver<'a> {
             .join(format!("session-{}", self.session))
     }
 
+    /// Bounds the failed sessions' dirs kept in the work dir: a candidate is no session of
+    /// this serve's that is still going, and has no images (a session has them from its
+    /// start; a failed one's went), so another serve sharing the dir keeps its own.
+    fn prune_kept_sessions(&self) {
+        let live: HashSet<String> = self
+            .shared
+            .sessions
+            .lock()
+            .map(|s| s.keys().map(|k| format!("session-{k}")).collect())
+            .unwrap_or_default();
+        let dir = &self.shared.cfg.work_dir;
+        crate::ops::kept::prune(dir, crate::ops::kept::KEEP, &|name| {
+            name.starts_with("session-")
+                && !live.contains(name)
+                && !dir.join(name).join("images").exists()
+        });
+    }
+
     fn images(&self) -> PathBuf {
         self.work().join("images")
     }
@@ -1112,6 +1130,7 @@ impl<'a> Receiver<'a> {
                 "migration failed; CRIU's logs are kept in {}",
                 work.display()
             );
+            self.prune_kept_sessions();
         }
         if let Some(n) = self.net.take() {
             n.remove();

@@ -601,6 +601,10 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     } else {
         // Keep CRIU's logs for the operator; the images (process state) go.
         discard_images(&work.join("images"));
+        crate::ops::kept::prune_failed_ops(
+            Path::new(crate::ops::restore::FERRY_RUN_DIR),
+            crate::ops::kept::KEEP,
+        );
         tracing::info!(
             "migration failed; CRIU's logs are kept in {}",
             work.display()

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod checkpoint;
+pub mod kept;
 pub mod restore;
 
 use std::path::PathBuf;

@@ -218,6 +218,9 @@ impl Drop for Undo {
             if let Err(e) = unmount_under(&w) {
                 tracing::warn!("cleanup: {e}");
             }
+            if w.parent() == Some(Path::new(FERRY_RUN_DIR)) {
+                super::kept::prune_failed_ops(Path::new(FERRY_RUN_DIR), super::kept::KEEP);
+            }
         }
         if let Some(d) = self.state_dir.take() {
             if let Err(e) = remove_tree(&d) {
