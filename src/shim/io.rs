@@ -383,17 +383,15 @@ mod tests {
         // CloseIO, then closes its end (ctr's order).
         let expect = data.clone();
         let fifo2 = fifo.clone();
-        tokio::task::spawn_blocking(move || {
+        let w = tokio::task::spawn_blocking(move || {
             let mut w = std::fs::OpenOptions::new().write(true).open(fifo2).unwrap();
             w.write_all(&data).unwrap();
             w
         })
         .await
-        .map(|w| {
-            io.close_stdin();
-            drop(w);
-        })
         .unwrap();
+        io.close_stdin();
+        drop(w);
         let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
             .await
             .unwrap();
