@@ -462,6 +462,46 @@ fn shared_netns_is_refused() {
     b.th.finish();
 }
 
+/// ferry carries IPv4 only: a container whose interface also has a global IPv6 address is
+/// refused before anything happens, rather than arriving without it.
+#[test]
+fn ipv6_address_is_refused() {
+    let Some((b, serve, id, _log, _clients)) = start_net("netv6", 0, serve_bridge) else {
+        return;
+    };
+    let ip = |args: &[&str]| {
+        let mut a = vec!["-n", b.container_ns.as_str()];
+        a.extend_from_slice(args);
+        must(
+            run_output(std::process::Command::new("ip").args(&a)),
+            "ip in the container's namespace",
+        );
+    };
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:77::10/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_failed_with(&out, &[4]);
+    assert!(
+        out.stderr.contains("IPv6 address fd00:77::10/64"),
+        "{out:?}"
+    );
+    assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
+    b.th.assert_dst_clean(&id, DST_CLEAN_T);
+    // Without it, the same container moves.
+    ip(&["-6", "addr", "del", "fd00:77::10/64", "dev", "eth0"]);
+    let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_migrated(&b.th, &id, &v);
+    b.th.finish();
+}
+
 fn thread_sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }

@@ -534,7 +534,10 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     // A namespace given by path (CNI style) is rebuilt on the destination from these facts.
     let netns = crate::net::netns_path(&job.cfg);
     let net = match &netns {
-        Some(p) => crate::net::facts::gather(p).map_err(|e| MigrateError::Net(e.to_string()))?,
+        Some(p) => crate::net::facts::gather(p).map_err(|e| match e {
+            crate::net::NetError::Unsupported(why) => MigrateError::Unsupported(why),
+            e => MigrateError::Net(e.to_string()),
+        })?,
         None => None,
     };
     if let (Some(p), Some(_)) = (&netns, &net) {

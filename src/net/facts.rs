@@ -3,7 +3,9 @@
 //! One interface is carried: the first non-loopback interface with a global IPv4 address
 //! (a CNI container has exactly one, usually `eth0`). Its IPv4 addresses (with prefix
 //! lengths), MTU and MAC, and the namespace's IPv4 routes that the kernel did not add by
-//! itself (the default route through the bridge's gateway, say). IPv6 is not carried.
+//! itself (the default route through the bridge's gateway, say). IPv6 is not carried: a
+//! namespace with a global IPv6 address (on any interface but `lo`) is refused, since the
+//! container would come up on the destination without it.
 
 use std::path::Path;
 
@@ -92,10 +94,45 @@ pub fn parse_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
 /// Reads the facts of the namespace at `netns` (`ip -j` inside it); None when it has no
 /// interface with a global IPv4 address (nothing to rebuild: the path is used as it is).
 pub fn gather(netns: &Path) -> Result<Option<NetFacts>, NetError> {
+    // A kernel without IPv6 (or with it off) has no address to lose.
+    match run(in_ns_cmd(netns, "ip").args(["-j", "-6", "addr", "show", "scope", "global"])) {
+        Ok(addrs6) => refuse_ipv6(&addrs6)?,
+        Err(e) => tracing::debug!("no IPv6 addresses read: {e}"),
+    }
     let addrs = run(in_ns_cmd(netns, "ip").args(["-j", "-4", "addr", "show"]))?;
     let links = run(in_ns_cmd(netns, "ip").args(["-j", "link", "show"]))?;
     let routes = run(in_ns_cmd(netns, "ip").args(["-j", "-4", "route", "show"]))?;
     from_json(&addrs, &links, &routes)
+}
+
+/// Refuses, from `ip -j -6 addr show` output, a namespace where an interface other than `lo`
+/// holds a global IPv6 address (link-local ones are made anew by the kernel on any host).
+pub fn refuse_ipv6(addrs6: &str) -> Result<(), NetError> {
+    if addrs6.trim().is_empty() {
+        return Ok(());
+    }
+    let ifaces: Vec<serde_json::Value> =
+        serde_json::from_str(addrs6).map_err(|e| NetError::Facts(format!("ip -j -6 addr: {e}")))?;
+    for l in &ifaces {
+        let ifname = l["ifname"].as_str().unwrap_or("?");
+        if ifname == "lo" {
+            continue;
+        }
+        let global = l["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["family"] == "inet6" && i["scope"] == "global");
+        if let Some(a) = global {
+            return Err(NetError::Unsupported(format!(
+                "{ifname} has the IPv6 address {}/{}; ferry moves IPv4 addresses and routes \
+                 only, and the container would lose it",
+                a["local"].as_str().unwrap_or("?"),
+                a["prefixlen"].as_u64().unwrap_or(0)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The facts from `ip -j -4 addr`, `ip -j link` and `ip -j -4 route` output.
@@ -197,6 +234,25 @@ mod tests {
         let f = from_json(r#"[{"ifname":"lo","addr_info":[]}]"#, LINKS, "[]").unwrap();
         assert!(f.is_none());
         assert!(from_json("not json", LINKS, "[]").is_err());
+    }
+
+    #[test]
+    fn a_global_ipv6_address_is_refused_link_local_and_lo_are_not() {
+        let ok = r#"[{"ifname":"lo","addr_info":[{"family":"inet6","local":"::1","prefixlen":128,"scope":"host"}]},
+            {"ifname":"eth0","addr_info":[{"family":"inet6","local":"fe80::42:aff:fe58:5","prefixlen":64,"scope":"link"}]}]"#;
+        refuse_ipv6(ok).unwrap();
+        refuse_ipv6("[]").unwrap();
+        refuse_ipv6("\n").unwrap();
+        let v6 = r#"[{"ifname":"eth0","addr_info":[{"family":"inet6","local":"fd00:88::5","prefixlen":64,"scope":"global"},
+            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
+        let e = refuse_ipv6(v6).unwrap_err();
+        assert!(matches!(e, NetError::Unsupported(_)));
+        assert_eq!(
+            e.to_string(),
+            "eth0 has the IPv6 address fd00:88::5/64; ferry moves IPv4 addresses and routes \
+             only, and the container would lose it"
+        );
+        assert!(refuse_ipv6("not json").is_err());
     }
 
     #[test]

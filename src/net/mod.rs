@@ -45,6 +45,9 @@ pub enum NetError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// What this namespace holds that ferry cannot carry.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Largest output accepted from `ip -j` or a hook.
