@@ -460,6 +460,53 @@ fn serve_refuses_an_unknown_page_server() {
     );
 }
 
+/// `ferry serve` with a token or an address it cannot use: one line naming it, no
+/// `listening`; exit 4 for what the caller wrote wrong, 5 for an address this host lacks.
+#[test]
+fn serve_refuses_a_bad_token_or_listen_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("token");
+    write_token_file(&good, &random_hex(16));
+    let short = dir.path().join("short");
+    write_token_file(&short, "abc");
+    let serve = |token: &std::path::Path, listen: &str| {
+        ferry(&[
+            "serve",
+            "--listen",
+            listen,
+            "--token-file",
+            &token.display().to_string(),
+        ])
+    };
+    for (token, listen, code, says) in [
+        (
+            &short,
+            "127.0.0.1:0",
+            4,
+            "short: 3 bytes long; at least 16 are needed",
+        ),
+        (
+            &good,
+            "127.0.0.1:99999",
+            4,
+            "--listen 127.0.0.1:99999: invalid port value",
+        ),
+        (&good, "7000", 4, "--listen 7000: invalid socket address"),
+        // TEST-NET-1 is on no interface here.
+        (
+            &good,
+            "192.0.2.77:7000",
+            5,
+            "--listen 192.0.2.77:7000: cannot listen there",
+        ),
+    ] {
+        let out = serve(token, listen);
+        out.assert_error(code);
+        assert!(out.stdout.is_empty(), "serve started: {out:?}");
+        assert!(out.stderr.contains(says), "{out:?}");
+    }
+}
+
 /// `ferry serve` with another token: refused (exit 4), nothing happens on either side.
 #[test]
 fn wrong_token() {

@@ -293,12 +293,14 @@ fn install_stop_handlers() {
 fn serve_cmd(
     criu: Criu,
     a: ServeArgs,
+    token: ferry::migrate::auth::Token,
     tls: Option<ferry::migrate::tls::TlsServer>,
     page_receiver: ferry::migrate::destination::PageReceiver,
 ) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use ferry::migrate::destination::{serve, ServeConfig};
-    let token = ferry::migrate::auth::Token::load(&a.token_file)?;
-    let listener = std::net::TcpListener::bind(&a.listen)?;
+    let listener = std::net::TcpListener::bind(&a.listen)
+        .with_context(|| format!("--listen {}: cannot listen there", a.listen))?;
     // Everything serve needs (handlers included) is in place before "listening": callers
     // take that line as ready.
     install_stop_handlers();
@@ -461,7 +463,24 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                 );
                 return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
             };
-            match serve_cmd(criu, a, tls, page_receiver) {
+            // The token and the address are the caller's to get right: checked (exit 4)
+            // before anything else, as the certificates are.
+            let token = match ferry::migrate::auth::Token::load(&a.token_file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("ferry: error: {}", one_line(&e.to_string()));
+                    return Ok(ExitCode::from(exit_code(e.kind())));
+                }
+            };
+            if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(a.listen.as_str()) {
+                eprintln!(
+                    "ferry: error: --listen {}: {}",
+                    a.listen,
+                    one_line(&e.to_string())
+                );
+                return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
+            }
+            match serve_cmd(criu, a, token, tls, page_receiver) {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));

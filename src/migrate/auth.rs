@@ -39,7 +39,7 @@ impl Token {
     pub fn new(secret: &[u8]) -> Result<Token, MigrateError> {
         if secret.len() < MIN_TOKEN_LEN {
             return Err(MigrateError::Token(format!(
-                "token is {} bytes; at least {MIN_TOKEN_LEN} are needed",
+                "{} bytes long; at least {MIN_TOKEN_LEN} are needed",
                 secret.len()
             )));
         }
@@ -65,7 +65,10 @@ impl Token {
             .read_to_end(&mut buf)
             .map_err(|e| bad(e.to_string()))?;
         let text = String::from_utf8_lossy(&buf);
-        Token::new(text.trim().as_bytes()).map_err(|e| bad(e.to_string()))
+        Token::new(text.trim().as_bytes()).map_err(|e| match e {
+            MigrateError::Token(why) => bad(why),
+            e => e,
+        })
     }
 
     fn mac(&self, parts: &[&[u8]]) -> Hmac<Sha256> {
