@@ -507,6 +507,30 @@ fn serve_refuses_a_bad_token_or_listen_address() {
     }
 }
 
+/// `ferry migrate --to` not in HOST:PORT form: one line, exit 4, before anything is looked at
+/// (the container does not even exist here).
+#[test]
+fn migrate_refuses_a_malformed_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    write_token_file(&token, &random_hex(16));
+    let token = token.display().to_string();
+    for (to, says) in [
+        ("127.0.0.1", "--to 127.0.0.1: needs HOST:PORT"),
+        ("127.0.0.1:0", "--to 127.0.0.1:0: the port must be 1-65535"),
+        ("host:70000", "--to host:70000: the port must be 1-65535"),
+        (":7000", "--to :7000: needs HOST:PORT"),
+        (
+            "::1:7000",
+            "--to ::1:7000: needs HOST:PORT (an IPv6 address in brackets)",
+        ),
+    ] {
+        let out = ferry(&["migrate", "no-such-ctr", "--to", to, "--token-file", &token]);
+        out.assert_error(4);
+        assert!(out.stderr.contains(says), "{out:?}");
+    }
+}
+
 /// `ferry serve` with another token: refused (exit 4), nothing happens on either side.
 #[test]
 fn wrong_token() {

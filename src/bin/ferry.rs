@@ -343,6 +343,19 @@ fn serve_cmd(
     Ok(())
 }
 
+/// `HOST:PORT` (`[v6]:PORT` for an IPv6 address) in form; whether HOST resolves is the
+/// connection's business.
+fn host_and_port(to: &str) -> Result<(), &'static str> {
+    let (host, port) = to.rsplit_once(':').ok_or("needs HOST:PORT")?;
+    if host.is_empty() || (host.contains(':') && !(host.starts_with('[') && host.ends_with(']'))) {
+        return Err("needs HOST:PORT (an IPv6 address in brackets)");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err("the port must be 1-65535"),
+    }
+}
+
 fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
     use ferry::migrate::auth::Token;
     use ferry::migrate::policy::PolicyKind;
@@ -367,6 +380,9 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
     })?;
     if a.max_rounds == 0 {
         return Err(("--max-rounds must be at least 1".into(), ErrorKind::Invalid));
+    }
+    if let Err(why) = host_and_port(&a.to) {
+        return Err((format!("--to {}: {why}", a.to), ErrorKind::Invalid));
     }
     let token = Token::load(&a.token_file).map_err(|e| (e.to_string(), e.kind()))?;
     // Certificates are read and checked before anything touches the container.
