@@ -36,7 +36,7 @@ use crate::oci::meta::CheckpointMeta;
 use crate::oci::state::RuncRoot;
 use crate::oci::validate_id;
 use crate::ops::open_dir;
-use crate::ops::restore::{restore_gated_when_ready, RestoreRequest};
+use crate::ops::restore::{restore_gated, RestoreRequest};
 use crate::pb::{CriuOpts, CriuPageServerInfo};
 use crate::runtime::mounts::remove_tree;
 use crate::runtime::runc::Runc;
@@ -1052,8 +1052,7 @@ impl<'a> Receiver<'a> {
             Some(l) => l.wait_listening(),
             None => Ok(()),
         };
-        let restored =
-            restore_gated_when_ready(&self.shared.criu, &req, &mut gate, &mut unlock, &mut ready);
+        let restored = restore_gated(&self.shared.criu, &req, &mut gate, &mut unlock, &mut ready);
         let report = match restored {
             Ok(r) => r,
             Err(e) => {

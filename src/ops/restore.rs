@@ -285,7 +285,7 @@ fn descriptors_of(pid: i32) -> Vec<String> {
 }
 
 pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpError> {
-    restore_gated(criu, req, &mut |_| Ok(()), &mut || {})
+    restore_inner(criu, req, None, &mut |_| Ok(()), &mut || {}, &mut || Ok(()))
 }
 
 /// Restore with a gate: at `post-restore` (tasks restored, not yet running) `gate` is called
@@ -293,20 +293,11 @@ pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpErr
 /// restore fail (a migration destination waits here for the source's commit).
 /// `on_network_unlock` runs at CRIU's `network-unlock` (after post-restore succeeded and
 /// runc's state is written, before TCP repair is turned off and the tasks resume).
+/// `ready` is called once criu runs (in the container's cgroups) and before the RESTORE
+/// request goes out; an `Err` fails the restore. The destination of a post-copy migration
+/// waits there for the lazy-pages daemon it started just before, so that the daemon's start
+/// overlaps criu's.
 pub fn restore_gated(
-    criu: &Criu,
-    req: &RestoreRequest,
-    gate: &mut dyn FnMut(i32) -> Result<(), String>,
-    on_network_unlock: &mut dyn FnMut(),
-) -> Result<RestoreReport, OpError> {
-    restore_inner(criu, req, None, gate, on_network_unlock, &mut || Ok(()))
-}
-
-/// [`restore_gated`] with `ready`, called once criu runs (in the container's cgroups) and
-/// before the RESTORE request goes out; an `Err` fails the restore. The destination of a
-/// post-copy migration waits there for the lazy-pages daemon it started just before, so
-/// that the daemon's start overlaps criu's.
-pub fn restore_gated_when_ready(
     criu: &Criu,
     req: &RestoreRequest,
     gate: &mut dyn FnMut(i32) -> Result<(), String>,
