@@ -4,9 +4,9 @@
 //! neighbours' caches and the bridges' forwarding tables to the new location.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use super::packet::PacketSocket;
 use super::NetError;
 
 pub type Mac = [u8; 6];
@@ -62,110 +62,6 @@ pub fn parse(f: &[u8]) -> Option<(u16, Mac, Ipv4Addr)> {
     Some((op, sha, spa))
 }
 
-/// A packet socket bound to one interface of the calling thread's namespace.
-struct ArpSocket {
-    fd: OwnedFd,
-    ifname: String,
-}
-
-impl ArpSocket {
-    fn open(ifname: &str) -> Result<ArpSocket, NetError> {
-        let err = |source: std::io::Error| NetError::Arp {
-            ifname: ifname.to_string(),
-            source,
-        };
-        let cname = std::ffi::CString::new(ifname)
-            .map_err(|_| err(std::io::ErrorKind::InvalidInput.into()))?;
-        // SAFETY: if_nametoindex reads a NUL-terminated string that lives across the call.
-        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-        if index == 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: socket(2) with constant arguments; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(ETH_P_ARP.to_be()),
-            )
-        };
-        if raw < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_ARP.to_be();
-        sll.sll_ifindex = index as i32;
-        // SAFETY: bind with a pointer to a live sockaddr_ll and its exact size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        Ok(ArpSocket {
-            fd,
-            ifname: ifname.to_string(),
-        })
-    }
-
-    fn err(&self, source: std::io::Error) -> NetError {
-        NetError::Arp {
-            ifname: self.ifname.clone(),
-            source,
-        }
-    }
-
-    fn send(&self, f: &[u8]) -> Result<(), NetError> {
-        // SAFETY: send from a live buffer of the given length on our own socket.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-        if n < 0 {
-            return Err(self.err(std::io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-
-    /// One frame, or None after `wait`.
-    fn recv(&self, wait: Duration) -> Result<Option<Vec<u8>>, NetError> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = wait.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: poll on one live pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            return Err(self.err(std::io::Error::last_os_error()));
-        }
-        if rc == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0u8; 1600];
-        // SAFETY: recv into a live buffer of the given length on our own socket.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            return Err(self.err(std::io::Error::last_os_error()));
-        }
-        buf.truncate(n as usize);
-        Ok(Some(buf))
-    }
-}
-
 /// RFC 5227 probe for `target` on `ifname` (in the calling thread's namespace) sent from
 /// `own` with sender address 0.0.0.0: the MAC of anyone but `allowed` that claims the
 /// address within `wait`, or None.
@@ -176,7 +72,7 @@ pub fn probe(
     allowed: &[Mac],
     wait: Duration,
 ) -> Result<Option<Mac>, NetError> {
-    let s = ArpSocket::open(ifname)?;
+    let s = PacketSocket::open(ifname, ETH_P_ARP, "ARP")?;
     let req = frame(1, BROADCAST, own, Ipv4Addr::UNSPECIFIED, [0; 6], target);
     let start = Instant::now();
     let mut next_send = start;
@@ -201,7 +97,7 @@ pub fn probe(
 
 /// Gratuitous ARP for each of `addrs` from `mac` on `ifname`, `times` rounds 100 ms apart.
 pub fn announce(ifname: &str, mac: Mac, addrs: &[Ipv4Addr], times: u32) -> Result<(), NetError> {
-    let s = ArpSocket::open(ifname)?;
+    let s = PacketSocket::open(ifname, ETH_P_ARP, "ARP")?;
     for k in 0..times {
         if k > 0 {
             std::thread::sleep(Duration::from_millis(100));

@@ -6,6 +6,8 @@
 //!   CRIU uses on the source, and ferry's own lock of the destination namespace from its
 //!   creation until the restored container may run,
 //! - [`arp`]: raw ARP frames: the clash probe (RFC 5227) and the gratuitous announcement,
+//! - [`ndp`]: the same for IPv6 (neighbour solicitations as in duplicate address detection,
+//!   unsolicited neighbour advertisements),
 //! - [`dest`]: the destination's namespace: the built-in setup (veth into a bridge) or a
 //!   user's `--netns-hook`, the clash check, unlock, announcement, removal.
 
@@ -13,6 +15,8 @@ pub mod arp;
 pub mod dest;
 pub mod facts;
 pub mod lock;
+pub mod ndp;
+mod packet;
 
 use crate::runtime::last_line;
 use std::os::fd::AsRawFd;
@@ -32,8 +36,9 @@ pub enum NetError {
     Facts(String),
     #[error("address {addr} is already in use on the destination (answered by {mac})")]
     Clash { addr: String, mac: String },
-    #[error("ARP on {ifname}: {source}")]
-    Arp {
+    #[error("{proto} on {ifname}: {source}")]
+    Packet {
+        proto: &'static str,
         ifname: String,
         source: std::io::Error,
     },
