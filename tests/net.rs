@@ -194,54 +194,7 @@ fn address_clash_is_refused_before_the_freeze() {
         return;
     };
     // Another holder of the address on the destination's bridge.
-    let clash = format!(
-        "fclash-{}-{}",
-        std::process::id(),
-        b.container_ns.rsplit('-').next().unwrap()
-    );
-    b.extra_ns.lock().unwrap().push(clash.clone());
-    for args in [
-        vec!["netns", "add", clash.as_str()],
-        vec![
-            "-n",
-            clash.as_str(),
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "vx0",
-            "netns",
-            b.th.dst_ns.as_str(),
-        ],
-        vec![
-            "-n",
-            b.th.dst_ns.as_str(),
-            "link",
-            "set",
-            "vx0",
-            "master",
-            "br0",
-            "up",
-        ],
-        vec![
-            "-n",
-            clash.as_str(),
-            "addr",
-            "add",
-            "10.77.0.10/24",
-            "dev",
-            "eth0",
-        ],
-        vec!["-n", clash.as_str(), "link", "set", "eth0", "up"],
-    ] {
-        must(
-            run_output(std::process::Command::new("ip").args(&args)),
-            &format!("ip {args:?}"),
-        );
-    }
+    b.add_address_holder(&["addr", "add", "10.77.0.10/24", "dev", "eth0"]);
 
     let out = b.th.migrate(
         &id,
@@ -329,27 +282,32 @@ fn without_tcp_established_connections_are_closed_and_counted() {
 /// file `fail` exists beside it, and otherwise does what the built-in setup does.
 const HOOK: &str = r#"#!/bin/sh
 dir=$(dirname "$0")
-echo "$1 $2 $3 id=$FERRY_CONTAINER_ID netns=$FERRY_NETNS if=$FERRY_IFNAME addrs=$FERRY_ADDRS routes=$FERRY_ROUTES mtu=$FERRY_MTU source=$FERRY_SOURCE" >> "$dir/calls"
+echo "$1 $2 $3 id=$FERRY_CONTAINER_ID netns=$FERRY_NETNS if=$FERRY_IFNAME addrs=$FERRY_ADDRS routes=$FERRY_ROUTES addrs6=$FERRY_ADDRS6 routes6=$FERRY_ROUTES6 mtu=$FERRY_MTU source=$FERRY_SOURCE" >> "$dir/calls"
 [ "$1" = add ] || exit 0
 if [ -e "$dir/fail" ]; then echo "hook says: no capacity here" >&2; exit 3; fi
 ip link add "hk$$" type veth peer name "$FERRY_IFNAME" netns "$(basename "$3")" || exit 1
 ip link set "hk$$" master br0 up || exit 1
 nsenter --net="$3" -- ip link set lo up
 for a in $FERRY_ADDRS; do nsenter --net="$3" -- ip addr add "$a" dev "$FERRY_IFNAME" || exit 1; done
+for a in $FERRY_ADDRS6; do nsenter --net="$3" -- ip -6 addr add "$a" dev "$FERRY_IFNAME" nodad || exit 1; done
 nsenter --net="$3" -- ip link set "$FERRY_IFNAME" up
-for r in $FERRY_ROUTES; do
-  dst=${r%%,*}; via=${r#*,}
-  if [ "$via" = "$r" ]; then nsenter --net="$3" -- ip route add "$dst" dev "$FERRY_IFNAME" || exit 1
-  else nsenter --net="$3" -- ip route add "$dst" via "$via" dev "$FERRY_IFNAME" || exit 1; fi
+for f in 4 6; do
+  if [ $f = 4 ]; then routes=$FERRY_ROUTES; else routes=$FERRY_ROUTES6; fi
+  for r in $routes; do
+    dst=${r%%,*}; via=${r#*,}
+    if [ "$via" = "$r" ]; then nsenter --net="$3" -- ip -$f route add "$dst" dev "$FERRY_IFNAME" || exit 1
+    else nsenter --net="$3" -- ip -$f route add "$dst" via "$via" dev "$FERRY_IFNAME" || exit 1; fi
+  done
 done
 "#;
 
 /// `ferry serve --netns-hook PROG`: a hook that refuses makes the migration fail before the
 /// freeze with its message (and is called again with `del`); once it accepts, the migration
-/// keeps the connections. The hook gets the documented arguments and facts.
+/// keeps the connections. The hook gets the documented arguments and facts (dual stack).
 #[test]
 fn netns_hook_is_called_with_the_facts() {
     let Some((b, serve, id, log, mut clients)) = start_net("nethook", 2, |b| {
+        b.add_ipv6();
         let hook_dir = b.th.dst_runc().mkdir("hook");
         let hook = hook_dir.join("netns-hook");
         std::fs::write(&hook, HOOK).unwrap();
@@ -375,13 +333,13 @@ fn netns_hook_is_called_with_the_facts() {
     let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
     let ns = BridgedHosts::dst_netns(&id);
     let want_add = format!(
-        "add {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} mtu=1500 source={SRC_IP}",
+        "add {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} addrs6={CONTAINER_IP6}/64 routes6=default,{CLIENT_IP6} mtu=1500 source={SRC_IP}",
         ns.display(),
         ns.display()
     );
     assert_eq!(
         calls.lines().collect::<Vec<_>>(),
-        vec![want_add.as_str(), &format!("del {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} mtu=1500 source=", ns.display(), ns.display())],
+        vec![want_add.as_str(), &format!("del {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} addrs6={CONTAINER_IP6}/64 routes6=default,{CLIENT_IP6} mtu=1500 source=", ns.display(), ns.display())],
         "hook calls"
     );
 
@@ -462,44 +420,227 @@ fn shared_netns_is_refused() {
     b.th.finish();
 }
 
-/// ferry carries IPv4 only: a container whose interface also has a global IPv6 address is
-/// refused before anything happens, rather than arriving without it.
+/// Dual stack: the container's interface has an IPv6 address and its namespace an IPv6
+/// default route next to the IPv4 ones. First another holder of the IPv6 address sits on the
+/// destination's bridge: the migration is refused before the freeze (naming the address),
+/// the source untouched. Then without it: TCP connections over both families go on, the
+/// destination's interface has the IPv6 address and route, and the client's IPv6 neighbour
+/// entry moved to the new MAC (unsolicited neighbour advertisement); no lock rule anywhere
+/// (ip6tables included).
 #[test]
-fn ipv6_address_is_refused() {
-    let Some((b, serve, id, _log, _clients)) = start_net("netv6", 0, serve_bridge) else {
+fn ipv6_addresses_are_carried() {
+    let Some((b, serve, id, log, _)) = start_net("netv6", 0, serve_bridge) else {
         return;
     };
-    let ip = |args: &[&str]| {
-        let mut a = vec!["-n", b.container_ns.as_str()];
-        a.extend_from_slice(args);
-        must(
-            run_output(std::process::Command::new("ip").args(&a)),
-            "ip in the container's namespace",
-        );
-    };
-    ip(&[
-        "-6",
-        "addr",
-        "add",
-        "fd00:77::10/64",
-        "dev",
-        "eth0",
-        "nodad",
-    ]);
-    let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
-    assert_failed_with(&out, &[4]);
+    b.add_ipv6();
+    let v6: std::net::SocketAddr = format!("[{CONTAINER_IP6}]:{PORT}").parse().unwrap();
+    let mut clients = vec![
+        TcpClient::start(&b.client_ns),
+        TcpClient::start_to(&b.client_ns, v6),
+        TcpClient::start_to(&b.client_ns, v6),
+    ];
+    wait_clients_progress(&clients, 10, slow(T_NET));
+
+    let container6 = format!("{CONTAINER_IP6}/64");
+    let holder = b.add_address_holder(&["-6", "addr", "add", &container6, "dev", "eth0", "nodad"]);
+    let out = b.th.migrate(
+        &id,
+        &serve.addr,
+        &["--mode", "stop-copy", "--tcp-established"],
+    );
+    assert_failed_with(&out, &[8]);
     assert!(
-        out.stderr.contains("IPv6 address fd00:77::10/64"),
+        out.stderr
+            .contains(&format!("address {CONTAINER_IP6} is already in use")),
         "{out:?}"
     );
     assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
-    // Without it, the same container moves.
-    ip(&["-6", "addr", "del", "fd00:77::10/64", "dev", "eth0"]);
-    let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    must(
+        run_output(std::process::Command::new("ip").args(["netns", "del", &holder])),
+        "remove the holder",
+    );
+
+    let out = b.th.migrate(
+        &id,
+        &serve.addr,
+        &["--mode", "stop-copy", "--tcp-established"],
+    );
     let v = migrate_json(&out, Some("stop-copy"));
+    assert_eq!(json_u64(&v, "tcp_connections"), 3, "report: {v}");
     assert_migrated(&b.th, &id, &v);
-    b.th.finish();
+    assert_connections_kept(&mut clients, &log, 25, 3);
+
+    let dst_ns = BridgedHosts::dst_netns(&id);
+    let in_dst = |args: &[&str]| -> String {
+        let out = run_output(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", dst_ns.display()))
+                .args(["--", "ip"])
+                .args(args),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let addrs = in_dst(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
+    assert!(addrs.contains(&container6), "{addrs}");
+    let routes = in_dst(&["-6", "route", "show", "default"]);
+    assert!(routes.contains(&format!("via {CLIENT_IP6}")), "{routes}");
+    let dst_mac = mac_in(&dst_ns, "eth0").expect("eth0 in the destination namespace");
+    assert_eq!(
+        neighbour_mac(&b.client_ns, CONTAINER_IP6).as_deref(),
+        Some(dst_mac.as_str()),
+        "the client's IPv6 neighbour entry did not move to the destination's MAC"
+    );
+    finish(&b);
+}
+
+/// ferry carries one interface: a container whose namespace has addresses on a second one
+/// is refused before anything happens (exit 4, naming it), rather than arriving without them.
+#[test]
+fn second_interface_is_refused() {
+    let Some((b, serve, id, _log, _clients)) = start_net("net2if", 0, serve_bridge) else {
+        return;
+    };
+    let k = b.container_ns.as_str();
+    for args in [
+        // (a veth pair: this kernel has no dummy interfaces)
+        &[
+            "-n", k, "link", "add", "net1", "type", "veth", "peer", "name", "net1p",
+        ][..],
+        &["-n", k, "addr", "add", "10.78.0.10/24", "dev", "net1"],
+        &["-n", k, "link", "set", "net1", "up"],
+    ] {
+        must(
+            run_output(std::process::Command::new("ip").args(args)),
+            &format!("ip {args:?}"),
+        );
+    }
+    let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_failed_with(&out, &[4]);
+    assert!(
+        out.stderr.contains("on eth0 and on net1 (10.78.0.10/24)"),
+        "{out:?}"
+    );
+    assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
+    b.th.assert_dst_clean(&id, DST_CLEAN_T);
+    finish(&b);
+}
+
+/// Two namespaces joined by a veth pair (`a0` ── `b0`), removed on drop.
+struct VethPair {
+    a: String,
+    b: String,
+}
+
+impl VethPair {
+    fn new(tag: &str) -> VethPair {
+        let p = VethPair {
+            a: format!("f{tag}a-{}", std::process::id()),
+            b: format!("f{tag}b-{}", std::process::id()),
+        };
+        let ip = |args: &[&str]| {
+            must(
+                run_output(std::process::Command::new("ip").args(args)),
+                &format!("ip {args:?}"),
+            )
+        };
+        for n in [&p.a, &p.b] {
+            let _ = run_output(std::process::Command::new("ip").args(["netns", "del", n]));
+            ip(&["netns", "add", n]);
+        }
+        ip(&[
+            "-n", &p.a, "link", "add", "a0", "type", "veth", "peer", "name", "b0", "netns", &p.b,
+        ]);
+        ip(&["-n", &p.a, "link", "set", "a0", "up"]);
+        ip(&["-n", &p.b, "link", "set", "b0", "up"]);
+        p
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        for n in [&self.a, &self.b] {
+            let _ = run_output(std::process::Command::new("ip").args(["netns", "del", n]));
+        }
+    }
+}
+
+/// ferry's own frames, each on its own (in a migration a neighbour also learns the new MAC
+/// from the destination's first solicitation, which would hide a broken announcement): the
+/// gratuitous ARP and the unsolicited neighbour advertisement move a neighbour's existing
+/// entries to the announcer's MAC (the kernel checks the ICMPv6 checksum and hop limit), and
+/// the clash probes of both families find a holder of the address and nobody for a free one.
+#[test]
+fn announcements_and_probes_work_on_their_own() {
+    use ferry::net::arp::{self, parse_mac};
+    use ferry::net::ndp;
+    if !require_two_hosts() {
+        return;
+    }
+    let p = VethPair::new("ann");
+    let ip = |args: &[&str]| {
+        must(
+            run_output(std::process::Command::new("ip").args(args)),
+            &format!("ip {args:?}"),
+        )
+    };
+    let a = p.a.as_str();
+    ip(&["-n", a, "addr", "add", "10.99.0.2/24", "dev", "a0"]);
+    ip(&[
+        "-n",
+        a,
+        "-6",
+        "addr",
+        "add",
+        "fd00:99::2/64",
+        "dev",
+        "a0",
+        "nodad",
+    ]);
+    let stale = "02:00:00:00:00:01";
+    for (fam, addr) in [("-4", "10.99.0.1"), ("-6", "fd00:99::1")] {
+        ip(&[
+            "-n", a, fam, "neigh", "replace", addr, "lladdr", stale, "dev", "a0", "nud", "stale",
+        ]);
+    }
+    let b_mac = mac_in(
+        &std::path::PathBuf::from(format!("/run/netns/{}", p.b)),
+        "b0",
+    )
+    .expect("b0's MAC");
+    let a_mac =
+        mac_in(&std::path::PathBuf::from(format!("/run/netns/{a}")), "a0").expect("a0's MAC");
+    let mac = parse_mac(&b_mac).unwrap();
+    let (v4, v6) = ("10.99.0.1".parse().unwrap(), "fd00:99::1".parse().unwrap());
+    in_netns(&p.b, || {
+        arp::announce("b0", mac, &[v4], 1).expect("gratuitous ARP");
+        ndp::announce("b0", mac, &[v6], 1).expect("neighbour advertisement");
+    });
+    for addr in ["10.99.0.1", "fd00:99::1"] {
+        wait_for(Duration::from_secs(5), "the entry moves", || {
+            neighbour_mac(a, addr).as_deref() == Some(b_mac.as_str())
+        });
+    }
+
+    let wait = Duration::from_millis(600);
+    let (held4, free4) = ("10.99.0.2".parse().unwrap(), "10.99.0.3".parse().unwrap());
+    let (held6, free6) = ("fd00:99::2".parse().unwrap(), "fd00:99::3".parse().unwrap());
+    let found = in_netns(&p.b, || {
+        (
+            arp::probe("b0", mac, held4, &[], wait).unwrap(),
+            arp::probe("b0", mac, free4, &[], wait).unwrap(),
+            ndp::probe("b0", mac, &[free6, held6], &[], wait).unwrap(),
+            ndp::probe("b0", mac, &[free6], &[], wait).unwrap(),
+            // The source container's MAC is no clash.
+            ndp::probe("b0", mac, &[held6], &[parse_mac(&a_mac).unwrap()], wait).unwrap(),
+        )
+    });
+    let a_mac = parse_mac(&a_mac);
+    assert_eq!(found.0, a_mac, "ARP probe of a held address");
+    assert_eq!(found.1, None, "ARP probe of a free address");
+    assert_eq!(found.2, Some((held6, a_mac.unwrap())), "NDP probe");
+    assert_eq!(found.3, None, "NDP probe of a free address");
+    assert_eq!(found.4, None, "NDP probe answered by an allowed MAC");
 }
 
 fn thread_sleep_ms(ms: u64) {

@@ -571,7 +571,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         mode: mode.name().into(),
         tcp_established: req.tcp_established,
         tcp_close: !req.tcp_established,
-        net: net.clone(),
+        net: net.clone().map(Box::new),
     }))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {

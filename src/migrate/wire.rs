@@ -198,7 +198,7 @@ pub struct Prepare {
     /// The container's network namespace given by path: what the destination rebuilds
     /// (validated there, sizes capped: see `net::facts::NetFacts::validate`).
     #[serde(default)]
-    pub net: Option<crate::net::facts::NetFacts>,
+    pub net: Option<Box<crate::net::facts::NetFacts>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,14 +5,18 @@
 //! 2. locks it ([`super::lock`]): nothing gets in or out until the commit,
 //! 3. configures it: the built-in setup (`--bridge NAME`: a veth pair whose host end is
 //!    enslaved to the bridge and whose other end, named like the source's interface, gets the
-//!    source's MTU, IPv4 addresses and routes; `arp_ignore=8` on it until the commit, so it
-//!    does not answer ARP for an address the source still serves) or the user's hook
-//!    (`--netns-hook PROG`: `PROG add <id> <netns-path>` with the facts in the environment),
-//! 4. probes each address (RFC 5227 ARP probe from the new interface): an answer from any
-//!    MAC but the source container's is a clash, and the migration is refused.
+//!    source's MTU, addresses and routes; `arp_ignore=8` on it until the commit, so it does
+//!    not answer ARP for an address the source still serves (IPv6 neighbour solicitations are
+//!    IP traffic: the lock drops them; IPv6 addresses are added without duplicate address
+//!    detection, which the lock would make pass blindly, and are probed as in 4.) or the
+//!    user's hook (`--netns-hook PROG`: `PROG add <id> <netns-path>` with the facts in the
+//!    environment),
+//! 4. probes each address (RFC 5227 ARP probe, or for IPv6 the solicitation of duplicate
+//!    address detection, from the new interface): an answer from any MAC but the source
+//!    container's is a clash, and the migration is refused.
 //!
-//! After the commit: the lock goes, ARP answers are back on, and a gratuitous ARP announces
-//! the new location. On failure: `PROG del <id> <netns-path>` (hook), then the namespace is
+//! After the commit: the lock goes, ARP answers are back on, and a gratuitous ARP (and for
+//! IPv6 an unsolicited neighbour advertisement) announces the new location. On failure: `PROG del <id> <netns-path>` (hook), then the namespace is
 //! deleted (with the veth in it, which takes its host end along).
 
 use std::net::Ipv4Addr;
@@ -20,8 +24,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::arp::{self, fmt_mac, parse_mac, Mac};
-use super::facts::NetFacts;
+use super::facts::{NetFacts, Route};
 use super::lock::{self, LockMethod};
+use super::ndp;
 use super::{in_ns_cmd, on_ns_thread, run, NetError};
 use crate::runtime::last_line;
 
@@ -87,6 +92,13 @@ impl DestNet {
                     .into(),
             )
         })?;
+        if !facts.addrs6.is_empty() && !lock::covers_ipv6(method) {
+            return Err(NetError::Invalid(format!(
+                "the container has IPv6 addresses and this host's {} lock cannot hold IPv6 \
+                 (install ip6tables-restore)",
+                method.name()
+            )));
+        }
         let name = netns_name(id);
         let path = Path::new(NETNS_DIR).join(&name);
         if path.exists() {
@@ -164,14 +176,16 @@ impl DestNet {
         for a in &f.addrs {
             self.ip(&["addr", "add", a, "dev", &f.ifname])?;
         }
+        for a in &f.addrs6 {
+            self.ip(&["-6", "addr", "add", a, "dev", &f.ifname, "nodad"])?;
+        }
         self.ip(&["link", "set", &f.ifname, "up"])?;
         for r in &f.routes {
-            let mut args = vec!["route", "add", r.dst.as_str()];
-            if let Some(v) = &r.via {
-                args.extend(["via", v.as_str()]);
-            }
-            args.extend(["dev", f.ifname.as_str()]);
-            self.ip(&args)?;
+            self.ip(&route_args("-4", "add", r, &f.ifname))?;
+        }
+        // `replace`: a router's advertisement may have put the same route there already.
+        for r in &f.routes6 {
+            self.ip(&route_args("-6", "replace", r, &f.ifname))?;
         }
         tracing::info!(netns = %self.path.display(), bridge, veth = %hv, "destination network ready (locked)");
         Ok(())
@@ -187,14 +201,15 @@ impl DestNet {
 
     fn call_hook(&self, prog: &Path, action: &'static str, source: &str) -> Result<(), NetError> {
         let f = &self.facts;
-        let routes: Vec<String> = f
-            .routes
-            .iter()
-            .map(|r| match &r.via {
-                Some(v) => format!("{},{v}", r.dst),
-                None => r.dst.clone(),
-            })
-            .collect();
+        let routes = |rs: &[Route]| -> String {
+            rs.iter()
+                .map(|r| match &r.via {
+                    Some(v) => format!("{},{v}", r.dst),
+                    None => r.dst.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let out = std::process::Command::new(prog)
             .args([action, &self.id])
             .arg(&self.path)
@@ -204,7 +219,9 @@ impl DestNet {
             .env("FERRY_MAC", &f.mac)
             .env("FERRY_MTU", f.mtu.to_string())
             .env("FERRY_ADDRS", f.addrs.join(" "))
-            .env("FERRY_ROUTES", routes.join(" "))
+            .env("FERRY_ROUTES", routes(&f.routes))
+            .env("FERRY_ADDRS6", f.addrs6.join(" "))
+            .env("FERRY_ROUTES6", routes(&f.routes6))
             .env("FERRY_SOURCE", source)
             .stdin(std::process::Stdio::null())
             .output()
@@ -228,8 +245,8 @@ impl DestNet {
         })
     }
 
-    /// ARP-probes every address from the new interface; anyone but the source answering is a
-    /// clash.
+    /// Probes every address from the new interface (ARP, IPv6 duplicate address detection);
+    /// anyone but the source answering is a clash.
     fn clash_check(&self) -> Result<(), NetError> {
         let own = self.mac.ok_or_else(|| {
             NetError::Invalid(format!("interface {} has no MAC", self.facts.ifname))
@@ -247,6 +264,16 @@ impl DestNet {
                 });
             }
         }
+        let ips6 = self.facts.ips6();
+        let found = on_ns_thread(&self.path, || {
+            ndp::probe(&ifname, own, &ips6, &allowed, PROBE_WAIT)
+        })??;
+        if let Some((ip, mac)) = found {
+            return Err(NetError::Clash {
+                addr: ip.to_string(),
+                mac: fmt_mac(&mac),
+            });
+        }
         Ok(())
     }
 
@@ -259,12 +286,24 @@ impl DestNet {
         Ok(())
     }
 
-    /// Gratuitous ARP for the container's addresses from its new interface.
+    /// Gratuitous ARP and unsolicited neighbour advertisements for the container's addresses
+    /// from its new interface.
     pub fn announce(&self) -> Result<(), NetError> {
         let Some(mac) = self.mac else { return Ok(()) };
         let ips: Vec<Ipv4Addr> = self.facts.ips();
+        let ips6 = self.facts.ips6();
         let ifname = self.facts.ifname.clone();
-        on_ns_thread(&self.path, || arp::announce(&ifname, mac, &ips, 3))?
+        on_ns_thread(&self.path, || {
+            // Both families together: three rounds, 100 ms apart.
+            std::thread::scope(|s| {
+                let v6 = s.spawn(|| ndp::announce(&ifname, mac, &ips6, 3));
+                let v4 = arp::announce(&ifname, mac, &ips, 3);
+                let v6 = v6
+                    .join()
+                    .unwrap_or_else(|_| Err(NetError::Invalid("NDP thread panicked".into())));
+                v4.and(v6)
+            })
+        })?
     }
 
     /// Undo: the hook's `del`, then the namespace (and the veth in it).
@@ -278,6 +317,16 @@ impl DestNet {
             tracing::warn!("cleanup: {e}");
         }
     }
+}
+
+/// `ip <family> route <verb> DST [via V] dev IF`.
+fn route_args<'a>(family: &'a str, verb: &'a str, r: &'a Route, ifname: &'a str) -> Vec<&'a str> {
+    let mut args = vec![family, "route", verb, r.dst.as_str()];
+    if let Some(v) = &r.via {
+        args.extend(["via", v.as_str()]);
+    }
+    args.extend(["dev", ifname]);
+    args
 }
 
 /// Processes using the namespace at `netns` that are not the container's (whose init is

@@ -1,19 +1,21 @@
 //! The network facts of a container's namespace, read on the source before anything moves.
 //!
-//! One interface is carried: the first non-loopback interface with a global IPv4 address
-//! (a CNI container has exactly one, usually `eth0`). Its IPv4 addresses (with prefix
-//! lengths), MTU and MAC, and the namespace's IPv4 routes that the kernel did not add by
-//! itself (the default route through the bridge's gateway, say). IPv6 is not carried: a
-//! namespace with a global IPv6 address (on any interface but `lo`) is refused, since the
-//! container would come up on the destination without it.
+//! One interface is carried: the non-loopback interface with a global address (a CNI
+//! container has exactly one, usually `eth0`). Its IPv4 and global IPv6 addresses (with
+//! prefix lengths), MTU and MAC, and the namespace's IPv4 and IPv6 routes through it that the
+//! kernel did not add by itself (the default route through the bridge's gateway, say).
+//! Link-local IPv6 addresses are not carried: the kernel makes them anew on any interface.
+//! A namespace with global addresses on a second interface is refused: the container would
+//! come up on the destination without them.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::{in_ns_cmd, run, NetError};
 
-/// Most addresses / routes accepted from a peer.
+/// Most addresses / routes (of each family) accepted from a peer.
 pub const MAX_ITEMS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +38,12 @@ pub struct NetFacts {
     /// IPv4 addresses as `a.b.c.d/len`.
     pub addrs: Vec<String>,
     pub routes: Vec<Route>,
+    /// Global IPv6 addresses as `x:y::z/len`.
+    #[serde(default)]
+    pub addrs6: Vec<String>,
+    /// IPv6 routes (next hops may be link-local: they are always given with the interface).
+    #[serde(default)]
+    pub routes6: Vec<Route>,
 }
 
 impl NetFacts {
@@ -52,116 +60,115 @@ impl NetFacts {
         {
             return bad(format!("interface name {:?}", self.ifname));
         }
-        if self.addrs.is_empty() || self.addrs.len() > MAX_ITEMS || self.routes.len() > MAX_ITEMS {
-            return bad("no address, or too many addresses or routes".into());
+        if self.addrs.is_empty() && self.addrs6.is_empty() {
+            return bad("no address".into());
+        }
+        if [&self.addrs, &self.addrs6]
+            .iter()
+            .any(|a| a.len() > MAX_ITEMS)
+            || [&self.routes, &self.routes6]
+                .iter()
+                .any(|r| r.len() > MAX_ITEMS)
+        {
+            return bad("too many addresses or routes".into());
         }
         for a in &self.addrs {
             parse_cidr(a).ok_or_else(|| NetError::Invalid(format!("network facts: {a:?}")))?;
+        }
+        for a in &self.addrs6 {
+            parse_cidr6(a).ok_or_else(|| NetError::Invalid(format!("network facts: {a:?}")))?;
         }
         for r in &self.routes {
             if r.dst != "default" && parse_cidr(&r.dst).is_none() {
                 return bad(format!("route {:?}", r.dst));
             }
-            if let Some(v) = &r.via {
-                if v.parse::<std::net::Ipv4Addr>().is_err() {
-                    return bad(format!("next hop {v:?}"));
-                }
+            if r.via
+                .as_ref()
+                .is_some_and(|v| v.parse::<Ipv4Addr>().is_err())
+            {
+                return bad(format!("next hop {:?}", r.via));
+            }
+        }
+        for r in &self.routes6 {
+            if r.dst != "default" && parse_cidr6(&r.dst).is_none() {
+                return bad(format!("route {:?}", r.dst));
+            }
+            if r.via
+                .as_ref()
+                .is_some_and(|v| v.parse::<Ipv6Addr>().is_err())
+            {
+                return bad(format!("next hop {:?}", r.via));
             }
         }
         if !(68..=65535).contains(&self.mtu) {
             return bad(format!("mtu {}", self.mtu));
         }
+        if !self.addrs6.is_empty() && self.mtu < 1280 {
+            return bad(format!("mtu {} is below IPv6's 1280", self.mtu));
+        }
         Ok(())
     }
 
-    /// The addresses without their prefix lengths.
-    pub fn ips(&self) -> Vec<std::net::Ipv4Addr> {
+    /// The IPv4 addresses without their prefix lengths.
+    pub fn ips(&self) -> Vec<Ipv4Addr> {
         self.addrs
             .iter()
             .filter_map(|a| parse_cidr(a).map(|(ip, _)| ip))
             .collect()
     }
+
+    /// The IPv6 addresses without their prefix lengths.
+    pub fn ips6(&self) -> Vec<Ipv6Addr> {
+        self.addrs6
+            .iter()
+            .filter_map(|a| parse_cidr6(a).map(|(ip, _)| ip))
+            .collect()
+    }
 }
 
 /// `a.b.c.d/len` → (address, len).
-pub fn parse_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, l) = s.split_once('/')?;
     let len: u8 = l.parse().ok()?;
     (len <= 32).then_some(())?;
     Some((a.parse().ok()?, len))
 }
 
-/// Reads the facts of the namespace at `netns` (`ip -j` inside it); None when it has no
-/// interface with a global IPv4 address (nothing to rebuild: the path is used as it is).
+/// `x:y::z/len` → (address, len).
+pub fn parse_cidr6(s: &str) -> Option<(Ipv6Addr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let len: u8 = l.parse().ok()?;
+    (len <= 128).then_some(())?;
+    Some((a.parse().ok()?, len))
+}
+
+/// Reads the facts of the namespace at `netns` (`ip -j` inside it); None when no interface
+/// has a global address (nothing to rebuild: the path is used as it is).
 pub fn gather(netns: &Path) -> Result<Option<NetFacts>, NetError> {
-    // A kernel without IPv6 (or with it off) has no address to lose.
-    match run(in_ns_cmd(netns, "ip").args(["-j", "-6", "addr", "show", "scope", "global"])) {
-        Ok(addrs6) => refuse_ipv6(&addrs6)?,
-        Err(e) => tracing::debug!("no IPv6 addresses read: {e}"),
-    }
-    let addrs = run(in_ns_cmd(netns, "ip").args(["-j", "-4", "addr", "show"]))?;
+    let addrs = run(in_ns_cmd(netns, "ip").args(["-j", "addr", "show"]))?;
     let links = run(in_ns_cmd(netns, "ip").args(["-j", "link", "show"]))?;
     let routes = run(in_ns_cmd(netns, "ip").args(["-j", "-4", "route", "show"]))?;
-    from_json(&addrs, &links, &routes)
+    // A kernel without IPv6 (or with it off) has no route to carry.
+    let routes6 =
+        run(in_ns_cmd(netns, "ip").args(["-j", "-6", "route", "show"])).unwrap_or_else(|e| {
+            tracing::debug!("no IPv6 routes read: {e}");
+            "[]".into()
+        });
+    from_json(&addrs, &links, &routes, &routes6)
 }
 
-/// Refuses, from `ip -j -6 addr show` output, a namespace where an interface other than `lo`
-/// holds a global IPv6 address (link-local ones are made anew by the kernel on any host).
-pub fn refuse_ipv6(addrs6: &str) -> Result<(), NetError> {
-    if addrs6.trim().is_empty() {
-        return Ok(());
-    }
-    let ifaces: Vec<serde_json::Value> =
-        serde_json::from_str(addrs6).map_err(|e| NetError::Facts(format!("ip -j -6 addr: {e}")))?;
-    for l in &ifaces {
-        let ifname = l["ifname"].as_str().unwrap_or("?");
-        if ifname == "lo" {
-            continue;
-        }
-        let global = l["addr_info"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|i| i["family"] == "inet6" && i["scope"] == "global");
-        if let Some(a) = global {
-            return Err(NetError::Unsupported(format!(
-                "{ifname} has the IPv6 address {}/{}; ferry moves IPv4 addresses and routes \
-                 only, and the container would lose it",
-                a["local"].as_str().unwrap_or("?"),
-                a["prefixlen"].as_u64().unwrap_or(0)
-            )));
-        }
-    }
-    Ok(())
+/// Whether an `addr_info` entry of `ip -j addr` is a global address of either family.
+fn is_global(i: &serde_json::Value) -> bool {
+    (i["family"] == "inet" || i["family"] == "inet6") && i["scope"] == "global"
 }
 
-/// The facts from `ip -j -4 addr`, `ip -j link` and `ip -j -4 route` output.
-pub fn from_json(addrs: &str, links: &str, routes: &str) -> Result<Option<NetFacts>, NetError> {
-    let parse = |t: &str, what: &str| -> Result<Vec<serde_json::Value>, NetError> {
-        serde_json::from_str(t).map_err(|e| NetError::Facts(format!("ip -j {what}: {e}")))
-    };
-    let addrs = parse(addrs, "addr")?;
-    let links = parse(links, "link")?;
-    let routes = parse(routes, "route")?;
-    let Some(iface) = addrs.iter().find(|l| {
-        l["ifname"].as_str() != Some("lo")
-            && l["addr_info"].as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|i| i["family"] == "inet" && i["scope"] == "global")
-            })
-    }) else {
-        return Ok(None);
-    };
-    let ifname = iface["ifname"].as_str().unwrap_or_default().to_string();
-    let link = links
-        .iter()
-        .find(|l| l["ifname"].as_str() == Some(ifname.as_str()))
-        .ok_or_else(|| NetError::Facts(format!("no link {ifname}")))?;
-    let addrs: Vec<String> = iface["addr_info"]
+/// `addr/len` of the global addresses of `family` (`inet` or `inet6`) of one interface.
+fn global_addrs(iface: &serde_json::Value, family: &str) -> Vec<String> {
+    iface["addr_info"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|i| i["family"] == "inet" && i["scope"] == "global")
+        .filter(|i| i["family"] == family && is_global(i))
         .filter_map(|i| {
             Some(format!(
                 "{}/{}",
@@ -169,23 +176,75 @@ pub fn from_json(addrs: &str, links: &str, routes: &str) -> Result<Option<NetFac
                 i["prefixlen"].as_u64()?
             ))
         })
-        .collect();
-    let routes: Vec<Route> = routes
+        .collect()
+}
+
+/// The routes of `ip -j route` output through `ifname` that were not made by the kernel
+/// (nor IPv6's link-local ones).
+fn user_routes(routes: &[serde_json::Value], ifname: &str) -> Vec<Route> {
+    routes
         .iter()
-        .filter(|r| r["protocol"] != "kernel" && r["dev"].as_str() == Some(ifname.as_str()))
+        .filter(|r| r["protocol"] != "kernel" && r["dev"].as_str() == Some(ifname))
+        .filter(|r| !r["dst"].as_str().is_some_and(|d| d.starts_with("fe80:")))
         .filter_map(|r| {
             Some(Route {
                 dst: r["dst"].as_str()?.to_string(),
                 via: r["gateway"].as_str().map(str::to_string),
             })
         })
-        .collect();
+        .collect()
+}
+
+/// The facts from `ip -j addr` (both families), `ip -j link`, `ip -j -4 route` and
+/// `ip -j -6 route` output.
+pub fn from_json(
+    addrs: &str,
+    links: &str,
+    routes: &str,
+    routes6: &str,
+) -> Result<Option<NetFacts>, NetError> {
+    let parse = |t: &str, what: &str| -> Result<Vec<serde_json::Value>, NetError> {
+        if t.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_str(t).map_err(|e| NetError::Facts(format!("ip -j {what}: {e}")))
+    };
+    let addrs = parse(addrs, "addr")?;
+    let links = parse(links, "link")?;
+    let routes = parse(routes, "route")?;
+    let routes6 = parse(routes6, "-6 route")?;
+    let mut with_global = addrs.iter().filter(|l| {
+        l["ifname"].as_str() != Some("lo")
+            && l["addr_info"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(is_global))
+    });
+    let Some(iface) = with_global.next() else {
+        return Ok(None);
+    };
+    let ifname = iface["ifname"].as_str().unwrap_or_default().to_string();
+    if let Some(other) = with_global.next() {
+        let other_name = other["ifname"].as_str().unwrap_or("?");
+        let mut theirs = global_addrs(other, "inet");
+        theirs.extend(global_addrs(other, "inet6"));
+        return Err(NetError::Unsupported(format!(
+            "the network namespace has addresses on {ifname} and on {other_name} ({}); ferry \
+             carries one interface, and the container would lose the other",
+            theirs.join(" ")
+        )));
+    }
+    let link = links
+        .iter()
+        .find(|l| l["ifname"].as_str() == Some(ifname.as_str()))
+        .ok_or_else(|| NetError::Facts(format!("no link {ifname}")))?;
     let f = NetFacts {
         mac: link["address"].as_str().unwrap_or_default().to_string(),
         mtu: link["mtu"].as_u64().unwrap_or(1500) as u32,
+        addrs: global_addrs(iface, "inet"),
+        routes: user_routes(&routes, &ifname),
+        addrs6: global_addrs(iface, "inet6"),
+        routes6: user_routes(&routes6, &ifname),
         ifname,
-        addrs,
-        routes,
     };
     f.validate()?;
     Ok(Some(f))
@@ -205,7 +264,7 @@ mod tests {
 
     #[test]
     fn facts_of_a_cni_namespace() {
-        let f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
+        let f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
         assert_eq!(f.ifname, "eth0");
         assert_eq!(f.mac, "02:42:0a:58:00:05");
         assert_eq!(f.mtu, 1450);
@@ -231,43 +290,91 @@ mod tests {
 
     #[test]
     fn no_address_means_nothing_to_carry() {
-        let f = from_json(r#"[{"ifname":"lo","addr_info":[]}]"#, LINKS, "[]").unwrap();
+        let f = from_json(r#"[{"ifname":"lo","addr_info":[]}]"#, LINKS, "[]", "[]").unwrap();
         assert!(f.is_none());
-        assert!(from_json("not json", LINKS, "[]").is_err());
+        assert!(from_json("not json", LINKS, "[]", "[]").is_err());
     }
 
     #[test]
-    fn a_global_ipv6_address_is_refused_link_local_and_lo_are_not() {
-        let ok = r#"[{"ifname":"lo","addr_info":[{"family":"inet6","local":"::1","prefixlen":128,"scope":"host"}]},
-            {"ifname":"eth0","addr_info":[{"family":"inet6","local":"fe80::42:aff:fe58:5","prefixlen":64,"scope":"link"}]}]"#;
-        refuse_ipv6(ok).unwrap();
-        refuse_ipv6("[]").unwrap();
-        refuse_ipv6("\n").unwrap();
-        let v6 = r#"[{"ifname":"eth0","addr_info":[{"family":"inet6","local":"fd00:88::5","prefixlen":64,"scope":"global"},
+    fn ipv6_addresses_and_routes_are_carried_link_local_ones_are_not() {
+        let addrs = r#"[{"ifname":"lo","addr_info":[{"family":"inet6","local":"::1","prefixlen":128,"scope":"host"}]},
+            {"ifname":"eth0","addr_info":[{"family":"inet","local":"10.88.0.5","prefixlen":16,"scope":"global"},
+            {"family":"inet6","local":"fd00:88::5","prefixlen":64,"scope":"global"},
+            {"family":"inet6","local":"fe80::42:aff:fe58:5","prefixlen":64,"scope":"link"}]}]"#;
+        let routes6 = r#"[{"dst":"fd00:88::/64","dev":"eth0","protocol":"kernel","metric":256},
+            {"dst":"fe80::/64","dev":"eth0","protocol":"kernel","metric":256},
+            {"dst":"fd00:99::/48","gateway":"fe80::1","dev":"eth0","metric":1024},
+            {"dst":"default","gateway":"fd00:88::1","dev":"eth0","protocol":"ra","metric":1024}]"#;
+        let f = from_json(addrs, LINKS, ROUTES, routes6).unwrap().unwrap();
+        assert_eq!(f.addrs, vec!["10.88.0.5/16"]);
+        assert_eq!(f.addrs6, vec!["fd00:88::5/64"]);
+        assert_eq!(
+            f.routes6,
+            vec![
+                Route {
+                    dst: "fd00:99::/48".into(),
+                    via: Some("fe80::1".into())
+                },
+                Route {
+                    dst: "default".into(),
+                    via: Some("fd00:88::1".into())
+                }
+            ]
+        );
+        assert_eq!(f.ips6(), vec!["fd00:88::5".parse::<Ipv6Addr>().unwrap()]);
+        // IPv6 only.
+        let v6only = r#"[{"ifname":"eth0","addr_info":[{"family":"inet6","local":"fd00:88::5","prefixlen":64,"scope":"global"}]}]"#;
+        let f = from_json(v6only, LINKS, "[]", "").unwrap().unwrap();
+        assert!(f.addrs.is_empty() && f.routes6.is_empty());
+        assert_eq!(f.addrs6, vec!["fd00:88::5/64"]);
+        // Link-local only: nothing to carry.
+        let ll = r#"[{"ifname":"eth0","addr_info":[{"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
+        assert!(from_json(ll, LINKS, "[]", "[]").unwrap().is_none());
+    }
+
+    #[test]
+    fn addresses_on_a_second_interface_are_refused() {
+        let two = r#"[{"ifname":"eth0","addr_info":[{"family":"inet","local":"10.88.0.5","prefixlen":16,"scope":"global"}]},
+            {"ifname":"net1","addr_info":[{"family":"inet6","local":"fd00:77::10","prefixlen":64,"scope":"global"},
             {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
-        let e = refuse_ipv6(v6).unwrap_err();
+        let e = from_json(two, LINKS, ROUTES, "[]").unwrap_err();
         assert!(matches!(e, NetError::Unsupported(_)));
         assert_eq!(
             e.to_string(),
-            "eth0 has the IPv6 address fd00:88::5/64; ferry moves IPv4 addresses and routes \
-             only, and the container would lose it"
+            "the network namespace has addresses on eth0 and on net1 (fd00:77::10/64); ferry \
+             carries one interface, and the container would lose the other"
         );
-        assert!(refuse_ipv6("not json").is_err());
     }
 
     #[test]
     fn peer_facts_are_validated() {
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
         f.ifname = "eth0; rm -rf /".into();
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
         f.addrs = vec!["10.0.0.1/33".into()];
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
         f.routes[0].via = Some("x".into());
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES).unwrap().unwrap();
+        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
         f.addrs = vec!["10.0.0.1/24".into(); MAX_ITEMS + 1];
         assert!(f.validate().is_err());
+        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
+        f.addrs6 = vec!["fd00::1/129".into()];
+        assert!(f.validate().is_err());
+        f.addrs6 = vec!["fd00::1/64".into()];
+        f.validate().unwrap();
+        f.routes6 = vec![Route {
+            dst: "default".into(),
+            via: Some("10.0.0.1".into()),
+        }];
+        assert!(f.validate().is_err(), "an IPv4 next hop for an IPv6 route");
+        f.routes6.clear();
+        f.mtu = 1000;
+        assert!(f.validate().is_err(), "IPv6 below 1280");
+        f.addrs.clear();
+        f.addrs6.clear();
+        assert!(f.validate().is_err(), "no address at all");
     }
 }

@@ -15,7 +15,9 @@
 //! would be answered with a RST.
 //!
 //! The method follows the host: iptables when `iptables-restore` is there (CRIU's default),
-//! otherwise nftables (`FERRY_NET_LOCK` overrides); the same choice is given to CRIU.
+//! otherwise nftables (`FERRY_NET_LOCK` overrides); the same choice is given to CRIU. With
+//! iptables, ferry's lock goes into `ip6tables` too when the host has it (CRIU does the same);
+//! nftables' table of family `inet` holds both.
 
 use std::io::Write;
 use std::path::Path;
@@ -102,20 +104,35 @@ pub fn unlock_script(m: LockMethod) -> String {
     }
 }
 
-fn feed(netns: &Path, m: LockMethod, script: &str) -> Result<(), NetError> {
-    let mut cmd = match m {
+/// The restore programs that take the lock script for `m`, each with the program that lists
+/// its rules: iptables locks IPv4 with `iptables` and IPv6 with `ip6tables` (when the host
+/// has it; the nftables table of family `inet` covers both).
+fn programs(m: LockMethod) -> Vec<(&'static str, &'static str)> {
+    match m {
         LockMethod::Iptables => {
-            let mut c = in_ns_cmd(netns, "iptables-restore");
-            c.arg("--noflush");
-            c
+            let mut v = vec![("iptables-restore", "iptables")];
+            if on_path("ip6tables-restore") {
+                v.push(("ip6tables-restore", "ip6tables"));
+            }
+            v
         }
-        LockMethod::Nftables => {
-            let mut c = in_ns_cmd(netns, "nft");
-            c.args(["-f", "-"]);
-            c
-        }
-    };
-    let what = format!("{} in {}", m.name(), netns.display());
+        LockMethod::Nftables => vec![("nft", "nft")],
+    }
+}
+
+/// Whether the lock `m` covers IPv6 on this host.
+pub fn covers_ipv6(m: LockMethod) -> bool {
+    programs(m).len() > 1 || m == LockMethod::Nftables
+}
+
+fn feed(netns: &Path, prog: &str, script: &str) -> Result<(), NetError> {
+    let mut cmd = in_ns_cmd(netns, prog);
+    if prog == "nft" {
+        cmd.args(["-f", "-"]);
+    } else {
+        cmd.arg("--noflush");
+    }
+    let what = format!("{prog} in {}", netns.display());
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -142,28 +159,43 @@ fn feed(netns: &Path, m: LockMethod, script: &str) -> Result<(), NetError> {
     }
 }
 
-/// Locks the namespace at `netns`: nothing in or out but CRIU's repair traffic.
+/// Locks the namespace at `netns`: nothing in or out but CRIU's repair traffic (IPv4 and,
+/// see [`covers_ipv6`], IPv6).
 pub fn lock(netns: &Path, m: LockMethod) -> Result<(), NetError> {
-    feed(netns, m, &lock_script(m))?;
+    for (prog, _) in programs(m) {
+        feed(netns, prog, &lock_script(m))?;
+    }
     tracing::debug!(netns = %netns.display(), method = m.name(), "network locked");
     Ok(())
 }
 
-/// Removes ferry's lock from the namespace (nothing to do if it is not there).
+/// Removes ferry's lock from the namespace (nothing to do where it is not there).
 pub fn unlock(netns: &Path, m: LockMethod) -> Result<(), NetError> {
-    if !is_locked(netns, m)? {
-        return Ok(());
+    for (prog, list) in programs(m) {
+        if is_locked_by(netns, list)? {
+            feed(netns, prog, &unlock_script(m))?;
+        }
     }
-    feed(netns, m, &unlock_script(m))?;
     tracing::debug!(netns = %netns.display(), method = m.name(), "network unlocked");
     Ok(())
 }
 
-/// Whether ferry's lock is in the namespace.
+/// Whether ferry's lock is in the namespace (in any of the method's tables).
 pub fn is_locked(netns: &Path, m: LockMethod) -> Result<bool, NetError> {
-    let text = match m {
-        LockMethod::Iptables => run(in_ns_cmd(netns, "iptables").args(["-S"]))?,
-        LockMethod::Nftables => run(in_ns_cmd(netns, "nft").args(["list", "tables"]))?,
+    for (_, list) in programs(m) {
+        if is_locked_by(netns, list)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the rules listed by `list` (`iptables`, `ip6tables`, `nft`) hold ferry's lock.
+fn is_locked_by(netns: &Path, list: &str) -> Result<bool, NetError> {
+    let text = if list == "nft" {
+        run(in_ns_cmd(netns, "nft").args(["list", "tables"]))?
+    } else {
+        run(in_ns_cmd(netns, list).args(["-S"]))?
     };
     Ok(text.contains(LOCK_NAME))
 }

@@ -21,6 +21,9 @@ use super::*;
 
 pub const CLIENT_IP: &str = "10.77.0.100";
 pub const CONTAINER_IP: &str = "10.77.0.10";
+/// IPv6 addresses of [`BridgedHosts::add_ipv6`].
+pub const CLIENT_IP6: &str = "fd00:77::100";
+pub const CONTAINER_IP6: &str = "fd00:77::10";
 pub const PORT: u16 = 7000;
 pub const NETSERVER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/netserver.c");
 
@@ -52,7 +55,11 @@ pub fn netserver_bin() -> PathBuf {
 /// network lock (CRIU's or ferry's).
 pub fn lock_rules_in(path: &Path) -> Vec<String> {
     let mut v = Vec::new();
-    for (prog, args) in [("iptables", &["-S"][..]), ("nft", &["list", "ruleset"][..])] {
+    for (prog, args) in [
+        ("iptables", &["-S"][..]),
+        ("ip6tables", &["-S"][..]),
+        ("nft", &["list", "ruleset"][..]),
+    ] {
         let out = run_output(
             Command::new("nsenter")
                 .arg(format!("--net={}", path.display()))
@@ -163,6 +170,44 @@ impl BridgedHosts {
         b
     }
 
+    /// Dual stack: IPv6 addresses on the client's bridge and the container's eth0 (no
+    /// duplicate address detection: usable at once), and an IPv6 default route in the
+    /// container's namespace via the client (so that an IPv6 route is carried too).
+    pub fn add_ipv6(&self) {
+        let (c, k) = (self.client_ns.as_str(), self.container_ns.as_str());
+        let client = format!("{CLIENT_IP6}/64");
+        let container = format!("{CONTAINER_IP6}/64");
+        ipc(&["-n", c, "-6", "addr", "add", &client, "dev", "br0", "nodad"]);
+        ipc(&[
+            "-n", k, "-6", "addr", "add", &container, "dev", "eth0", "nodad",
+        ]);
+        ipc(&["-n", k, "-6", "route", "add", "default", "via", CLIENT_IP6]);
+    }
+
+    /// A namespace on the destination host's bridge holding an address of the container
+    /// (`addr_args`: what follows `ip -n NS`, e.g. `["addr", "add", "10.77.0.10/24", "dev",
+    /// "eth0"]`); its name, removed with the rig.
+    pub fn add_address_holder(&self, addr_args: &[&str]) -> String {
+        let holder = format!(
+            "fclash-{}-{}",
+            std::process::id(),
+            self.container_ns.rsplit('-').next().unwrap()
+        );
+        self.extra_ns.lock().unwrap().push(holder.clone());
+        let h = holder.as_str();
+        let d = self.th.dst_ns.as_str();
+        ipc(&["netns", "add", h]);
+        ipc(&[
+            "-n", h, "link", "add", "eth0", "type", "veth", "peer", "name", "vx0", "netns", d,
+        ]);
+        ipc(&["-n", d, "link", "set", "vx0", "master", "br0", "up"]);
+        let mut a = vec!["-n", h];
+        a.extend_from_slice(addr_args);
+        ipc(&a);
+        ipc(&["-n", h, "link", "set", "eth0", "up"]);
+        holder
+    }
+
     pub fn container_netns(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.container_ns))
     }
@@ -269,8 +314,12 @@ pub struct TcpClient {
 }
 
 impl TcpClient {
+    /// To the container's IPv4 address.
     pub fn start(client_ns: &str) -> TcpClient {
-        let addr: SocketAddr = format!("{CONTAINER_IP}:{PORT}").parse().unwrap();
+        Self::start_to(client_ns, format!("{CONTAINER_IP}:{PORT}").parse().unwrap())
+    }
+
+    pub fn start_to(client_ns: &str, addr: SocketAddr) -> TcpClient {
         let s = in_netns(client_ns, || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         })
@@ -439,7 +488,12 @@ pub fn wait_clients_progress(clients: &[TcpClient], more: u64, timeout: Duration
 
 /// The neighbour entry of the container's address in the client namespace (its MAC).
 pub fn client_neighbour_mac(client_ns: &str) -> Option<String> {
-    let out = ip(&["-n", client_ns, "-j", "neigh", "show", CONTAINER_IP]);
+    neighbour_mac(client_ns, CONTAINER_IP)
+}
+
+/// The neighbour entry of `addr` in the namespace `ns` (its MAC).
+pub fn neighbour_mac(ns: &str, addr: &str) -> Option<String> {
+    let out = ip(&["-n", ns, "-j", "neigh", "show", addr]);
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
     v.get(0)?["lladdr"].as_str().map(str::to_string)
 }

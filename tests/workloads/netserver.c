@@ -1,7 +1,7 @@
 /*
  * netserver PORT LOGFILE — the network workload of tests/net.rs.
  *
- * TCP on PORT: every client sends lines "c <n>\n" with n = 1, 2, 3, ...; the server checks
+ * TCP on PORT (IPv4, and IPv6 where the kernel has it): every client sends lines "c <n>\n" with n = 1, 2, 3, ...; the server checks
  * that each connection's sequence has no gap or repeat, and sends its own lines "s <k>\n"
  * (k = 1, 2, 3, ... per connection) every 20 ms. UDP on PORT: every datagram is echoed.
  * Every 100 ms it appends "<tick> conns=<open connections> bad=<sequence errors> udp=<n>\n"
@@ -55,6 +55,18 @@ int main(int argc, char **argv)
 		perror("tcp");
 		return 1;
 	}
+	/* IPv6 on its own socket (v6 only): IPv4 connections stay on plain IPv4 sockets. */
+	struct sockaddr_in6 a6 = { .sin6_family = AF_INET6, .sin6_port = htons(port),
+				   .sin6_addr = IN6ADDR_ANY_INIT };
+	int l6fd = socket(AF_INET6, SOCK_STREAM, 0);
+	if (l6fd >= 0) {
+		setsockopt(l6fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		setsockopt(l6fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		if (bind(l6fd, (struct sockaddr *)&a6, sizeof(a6)) || listen(l6fd, 16)) {
+			perror("tcp6");
+			return 1;
+		}
+	}
 	int ufd = socket(AF_INET, SOCK_DGRAM, 0);
 	if (bind(ufd, (struct sockaddr *)&a, sizeof(a))) {
 		perror("udp");
@@ -66,14 +78,18 @@ int main(int argc, char **argv)
 	long bad = 0, udp = 0, tick = 0;
 	long next_log = now_ms(), next_send = now_ms();
 	for (;;) {
-		struct pollfd p[MAXC + 2];
+		struct pollfd p[MAXC + 3];
 		p[0] = (struct pollfd){ .fd = lfd, .events = POLLIN };
 		p[1] = (struct pollfd){ .fd = ufd, .events = POLLIN };
+		p[2] = (struct pollfd){ .fd = l6fd, .events = POLLIN }; /* ignored if -1 */
 		for (int i = 0; i < n; i++)
-			p[i + 2] = (struct pollfd){ .fd = c[i].fd, .events = POLLIN };
-		poll(p, n + 2, 10);
-		if ((p[0].revents & POLLIN) && n < MAXC) {
-			int fd = accept(lfd, NULL, NULL);
+			p[i + 3] = (struct pollfd){ .fd = c[i].fd, .events = POLLIN };
+		poll(p, n + 3, 10);
+		int polled = n; /* connections accepted below have no pollfd yet */
+		for (int l = 0; l < 3; l += 2) {
+			if (!(p[l].revents & POLLIN) || n >= MAXC)
+				continue;
+			int fd = accept(p[l].fd, NULL, NULL);
 			if (fd >= 0) {
 				fcntl(fd, F_SETFL, O_NONBLOCK);
 				c[n] = (struct conn){ .fd = fd, .expect = 1 };
@@ -90,8 +106,8 @@ int main(int argc, char **argv)
 				udp++;
 			}
 		}
-		for (int i = 0; i < n; i++) {
-			if (!(p[i + 2].revents & (POLLIN | POLLHUP | POLLERR)))
+		for (int i = 0; i < polled; i++) {
+			if (!(p[i + 3].revents & (POLLIN | POLLHUP | POLLERR)))
 				continue;
 			ssize_t r = read(c[i].fd, c[i].buf + c[i].len, sizeof(c[i].buf) - 1 - c[i].len);
 			if (r == 0 || (r < 0 && errno != EAGAIN)) {
