@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ferry needs on a Debian (bookworm) host: runc, containerd (the shim's tests
-# start their own instances; nothing is enabled), iptables/nftables, busybox-static
+# start their own instances; nothing is enabled; trixie's containerd 1.7 is unpacked aside
+# for a second run of those tests), iptables/nftables, busybox-static
 # (demo and test containers), iproute2, openssl (TLS test certificates), a C toolchain, and
 # the pinned CRIU built from source.
 # Idempotent. Needs root.
@@ -20,6 +21,9 @@ apt-get install -y -qq --no-install-recommends \
 
 log "installing the pinned CRIU"
 bash vendor/criu/install.sh
+
+log "unpacking Debian trixie's containerd 1.7 (the shim's tests run on 1.6 and 1.7)"
+bash scripts/containerd-trixie.sh
 
 # CRIU's lazy page server (post-copy) sizes its pipes to ~3.3 MiB; without CAP_SYS_RESOURCE
 # (dropped in some sandboxes) that needs a larger fs.pipe-max-size.

@@ -48,16 +48,8 @@ export DEBIAN_FRONTEND=noninteractive
 # 1. A deb-src entry for the newer suites, derived from the machine's own Debian source.
 src_file=/etc/apt/sources.list.d/ferry-criu-src.sources
 if [ ! -f "$src_file" ]; then
-    uri=""
-    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-        uri=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' \
-            /etc/apt/sources.list.d/debian.sources)
-    fi
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' \
-            /etc/apt/sources.list)
-    fi
-    [ -n "$uri" ] || die "cannot find a Debian archive URI in this machine's apt sources"
+    uri=$(bash "$here/../../scripts/debian-archive-uri.sh") \
+        || die "cannot find a Debian archive URI in this machine's apt sources"
     keyring=/usr/share/keyrings/debian-archive-keyring.gpg
     {
         echo "Types: deb-src"
