@@ -460,8 +460,9 @@ fn serve_refuses_an_unknown_page_server() {
     );
 }
 
-/// `ferry serve` with a token or an address it cannot use: one line naming it, no
-/// `listening`; exit 4 for what the caller wrote wrong, 5 for an address this host lacks.
+/// `ferry serve` with a token, an address or a directory it cannot use: one line naming it,
+/// no `listening`; exit 4 for what the caller wrote wrong, 5 for an address this host lacks
+/// or a `--bundles` / `--work-dir` it cannot create.
 #[test]
 fn serve_refuses_a_bad_token_or_listen_address() {
     let dir = tempfile::tempdir().unwrap();
@@ -469,15 +470,30 @@ fn serve_refuses_a_bad_token_or_listen_address() {
     write_token_file(&good, &random_hex(16));
     let short = dir.path().join("short");
     write_token_file(&short, "abc");
-    let serve = |token: &std::path::Path, listen: &str| {
-        ferry(&[
-            "serve",
-            "--listen",
-            listen,
-            "--token-file",
-            &token.display().to_string(),
-        ])
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    let serve_with = |token: &std::path::Path, listen: &str, extra: &[&str]| {
+        let token = token.display().to_string();
+        let mut a = vec!["serve", "--listen", listen, "--token-file", &token];
+        a.extend_from_slice(extra);
+        ferry(&a)
     };
+    let serve = |token: &std::path::Path, listen: &str| serve_with(token, listen, &[]);
+    // Directories it cannot make: named, before "listening".
+    let a_file = a_file.display().to_string();
+    let under_file = format!("{a_file}/x");
+    for (flag, dir, says) in [
+        ("--bundles", a_file.as_str(), "File exists"),
+        ("--work-dir", under_file.as_str(), "Not a directory"),
+    ] {
+        let out = serve_with(&good, "127.0.0.1:0", &[flag, dir]);
+        out.assert_error(5);
+        assert!(out.stdout.is_empty(), "serve started: {out:?}");
+        assert!(
+            out.stderr.contains(&format!("{flag} {dir}: {says}")),
+            "{out:?}"
+        );
+    }
     for (token, listen, code, says) in [
         (
             &short,

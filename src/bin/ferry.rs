@@ -299,6 +299,10 @@ fn serve_cmd(
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use ferry::migrate::destination::{serve, ServeConfig};
+    // The directories first: a wrong one fails before "listening" (and names its flag).
+    for (flag, dir) in [("--bundles", &a.bundles), ("--work-dir", &a.work_dir)] {
+        ferry::migrate::destination::ensure_dir(flag, dir)?;
+    }
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("--listen {}: cannot listen there", a.listen))?;
     // Everything serve needs (handlers included) is in place before "listening": callers

@@ -100,6 +100,17 @@ struct Shared {
     prefix_dirs: Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
+/// Creates the directory `dir` given by `flag` if needed; an error names both.
+pub fn ensure_dir(flag: &str, dir: &Path) -> std::io::Result<()> {
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{flag} {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(named)?;
+    if !dir.is_dir() {
+        return Err(named(std::io::ErrorKind::NotADirectory.into()));
+    }
+    Ok(())
+}
+
 /// Serves until `shutdown` is set.
 pub fn serve(
     listener: TcpListener,
@@ -107,8 +118,9 @@ pub fn serve(
     criu: Criu,
     shutdown: &AtomicBool,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(&cfg.bundles)?;
-    std::fs::create_dir_all(&cfg.work_dir)?;
+    for (flag, dir) in [("--bundles", &cfg.bundles), ("--work-dir", &cfg.work_dir)] {
+        ensure_dir(flag, dir)?;
+    }
     listener.set_nonblocking(true)?;
     let shared = Arc::new(Shared {
         cfg,
