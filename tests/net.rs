@@ -357,16 +357,22 @@ fn netns_hook_is_called_with_the_facts() {
     finish(&b);
 }
 
-/// The nftables lock (`FERRY_NET_LOCK=nftables` on both hosts, which have both tools): a
-/// failed final dump leaves the source's connections alive and no table behind; then the
-/// migration keeps the connections, and no table is left anywhere.
+/// The nftables lock (`FERRY_NET_LOCK=nftables` on both hosts, which have both tools), dual
+/// stack (two connections over IPv4, one over IPv6): a failed final dump leaves the source's
+/// connections alive and no table behind; then the migration keeps the connections, and no
+/// table is left anywhere.
 #[test]
 fn nftables_lock_method() {
     let Some((b, serve, id, log, mut clients)) = start_net("netnft", 2, |b| {
+        b.add_ipv6();
         b.th.serve_with_env(&[("FERRY_NET_LOCK", "nftables")], &["--bridge", "br0"])
     }) else {
         return;
     };
+    // One connection over IPv6: the `inet` table locks both families.
+    let v6: std::net::SocketAddr = format!("[{CONTAINER_IP6}]:{PORT}").parse().unwrap();
+    clients.push(TcpClient::start_to(&b.client_ns, v6));
+    wait_clients_progress(&clients, 10, slow(T_NET));
     let args = ["--mode", "stop-copy", "--tcp-established"];
     let out =
         b.th.migrate_cmd(&id, &serve.addr, &args)
@@ -388,8 +394,8 @@ fn nftables_lock_method() {
             .env("FERRY_NET_LOCK", "nftables")
             .run();
     let v = migrate_json(&out, Some("stop-copy"));
-    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
-    assert_connections_kept(&mut clients, &log, 25, 2);
+    assert_eq!(json_u64(&v, "tcp_connections"), 3, "report: {v}");
+    assert_connections_kept(&mut clients, &log, 25, 3);
     finish(&b);
 }
 

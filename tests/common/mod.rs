@@ -996,7 +996,9 @@ fn remove_ferry_logs_of(ids: &[String]) {
         let ours = ids.iter().any(|id| {
             name.split_once(&format!("-{id}-"))
                 .is_some_and(|(op, pid)| {
-                    !op.contains('-') && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                    matches!(op, "restore" | "migrate" | "shim-restore")
+                        && !pid.is_empty()
+                        && pid.bytes().all(|b| b.is_ascii_digit())
                 })
         });
         if ours && e.file_type().is_ok_and(|t| t.is_dir()) {
