@@ -63,43 +63,24 @@ impl NetFacts {
         if self.addrs.is_empty() && self.addrs6.is_empty() {
             return bad("no address".into());
         }
-        if [&self.addrs, &self.addrs6]
-            .iter()
-            .any(|a| a.len() > MAX_ITEMS)
-            || [&self.routes, &self.routes6]
-                .iter()
-                .any(|r| r.len() > MAX_ITEMS)
-        {
+        let most = [&self.addrs, &self.addrs6].map(Vec::len).into_iter().max();
+        let most_routes = [&self.routes, &self.routes6]
+            .map(Vec::len)
+            .into_iter()
+            .max();
+        if most > Some(MAX_ITEMS) || most_routes > Some(MAX_ITEMS) {
             return bad("too many addresses or routes".into());
         }
-        for a in &self.addrs {
-            parse_cidr(a).ok_or_else(|| NetError::Invalid(format!("network facts: {a:?}")))?;
-        }
-        for a in &self.addrs6 {
-            parse_cidr6(a).ok_or_else(|| NetError::Invalid(format!("network facts: {a:?}")))?;
-        }
-        for r in &self.routes {
-            if r.dst != "default" && parse_cidr(&r.dst).is_none() {
-                return bad(format!("route {:?}", r.dst));
-            }
-            if r.via
-                .as_ref()
-                .is_some_and(|v| v.parse::<Ipv4Addr>().is_err())
-            {
-                return bad(format!("next hop {:?}", r.via));
-            }
-        }
-        for r in &self.routes6 {
-            if r.dst != "default" && parse_cidr6(&r.dst).is_none() {
-                return bad(format!("route {:?}", r.dst));
-            }
-            if r.via
-                .as_ref()
-                .is_some_and(|v| v.parse::<Ipv6Addr>().is_err())
-            {
-                return bad(format!("next hop {:?}", r.via));
-            }
-        }
+        let v4 = |c: &str| parse_cidr(c).is_some();
+        let v6 = |c: &str| parse_cidr6(c).is_some();
+        check_family(&self.addrs, &self.routes, v4, |h| {
+            h.parse::<Ipv4Addr>().is_ok()
+        })
+        .or_else(bad)?;
+        check_family(&self.addrs6, &self.routes6, v6, |h| {
+            h.parse::<Ipv6Addr>().is_ok()
+        })
+        .or_else(bad)?;
         if !(68..=65535).contains(&self.mtu) {
             return bad(format!("mtu {}", self.mtu));
         }
@@ -124,6 +105,28 @@ impl NetFacts {
             .filter_map(|a| parse_cidr6(a).map(|(ip, _)| ip))
             .collect()
     }
+}
+
+/// Addresses and route destinations (or `default`) that are CIDRs of one family
+/// (`cidr_ok`), next hops that are addresses of it (`hop_ok`); what is wrong otherwise.
+fn check_family(
+    addrs: &[String],
+    routes: &[Route],
+    cidr_ok: impl Fn(&str) -> bool,
+    hop_ok: impl Fn(&str) -> bool,
+) -> Result<(), String> {
+    if let Some(a) = addrs.iter().find(|a| !cidr_ok(a)) {
+        return Err(format!("{a:?}"));
+    }
+    for r in routes {
+        if r.dst != "default" && !cidr_ok(&r.dst) {
+            return Err(format!("route {:?}", r.dst));
+        }
+        if let Some(v) = r.via.as_deref().filter(|v| !hop_ok(v)) {
+            return Err(format!("next hop {v:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// `a.b.c.d/len` → (address, len).
