@@ -27,8 +27,10 @@ pub struct Route {
     pub via: Option<String>,
 }
 
-/// What the destination must rebuild.
+/// What the destination must rebuild. A field this build does not know is refused, not
+/// ignored: it would be something of the container's network that does not arrive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetFacts {
     /// Interface name inside the namespace (e.g. `eth0`).
     pub ifname: String,
@@ -347,6 +349,21 @@ mod tests {
             "the network namespace has addresses on eth0 and on net1 (fd00:77::10/64); ferry \
              carries one interface, and the container would lose the other"
         );
+    }
+
+    #[test]
+    fn unknown_facts_are_refused_not_ignored() {
+        let f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
+        let mut v = serde_json::to_value(&f).unwrap();
+        assert_eq!(serde_json::from_value::<NetFacts>(v.clone()).unwrap(), f);
+        v["vlans"] = serde_json::json!([5]);
+        let e = serde_json::from_value::<NetFacts>(v).unwrap_err();
+        assert!(e.to_string().contains("unknown field `vlans`"), "{e}");
+        // Older peers' facts (no IPv6 fields) still read.
+        let mut old = serde_json::to_value(&f).unwrap();
+        old.as_object_mut().unwrap().remove("addrs6");
+        old.as_object_mut().unwrap().remove("routes6");
+        assert_eq!(serde_json::from_value::<NetFacts>(old).unwrap(), f);
     }
 
     #[test]
