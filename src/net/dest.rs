@@ -125,7 +125,7 @@ impl DestNet {
     }
 
     fn configure(&mut self, setup: &NetSetup, source: &str) -> Result<(), NetError> {
-        lock::lock(&self.path, self.method)?;
+        lock::lock(&self.path, self.method, !self.facts.addrs6.is_empty())?;
         match setup {
             NetSetup::Bridge(br) => self.builtin(br)?,
             NetSetup::Hook(prog) => {
@@ -279,7 +279,7 @@ impl DestNet {
 
     /// At the commit: lock off, ARP answers on (built-in setup).
     pub fn unlock(&self) -> Result<(), NetError> {
-        lock::unlock(&self.path, self.method)?;
+        lock::unlock(&self.path, self.method, !self.facts.addrs6.is_empty())?;
         if self.hook.is_none() {
             self.set_arp_ignore(0)?;
         }

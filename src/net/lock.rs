@@ -16,8 +16,8 @@
 //!
 //! The method follows the host: iptables when `iptables-restore` is there (CRIU's default),
 //! otherwise nftables (`FERRY_NET_LOCK` overrides); the same choice is given to CRIU. With
-//! iptables, ferry's lock goes into `ip6tables` too when the host has it (CRIU does the same);
-//! nftables' table of family `inet` holds both.
+//! iptables, ferry's lock goes into `ip6tables` too for a container with IPv6 addresses (CRIU
+//! locks both families on the source); nftables' table of family `inet` holds both.
 
 use std::io::Write;
 use std::path::Path;
@@ -105,13 +105,13 @@ pub fn unlock_script(m: LockMethod) -> String {
 }
 
 /// The restore programs that take the lock script for `m`, each with the program that lists
-/// its rules: iptables locks IPv4 with `iptables` and IPv6 with `ip6tables` (when the host
-/// has it; the nftables table of family `inet` covers both).
-fn programs(m: LockMethod) -> Vec<(&'static str, &'static str)> {
+/// its rules: iptables locks IPv4 with `iptables` and, with `ipv6`, IPv6 with `ip6tables`
+/// (when the host has it); the nftables table of family `inet` covers both.
+fn programs(m: LockMethod, ipv6: bool) -> Vec<(&'static str, &'static str)> {
     match m {
         LockMethod::Iptables => {
             let mut v = vec![("iptables-restore", "iptables")];
-            if on_path("ip6tables-restore") {
+            if ipv6 && on_path("ip6tables-restore") {
                 v.push(("ip6tables-restore", "ip6tables"));
             }
             v
@@ -120,9 +120,9 @@ fn programs(m: LockMethod) -> Vec<(&'static str, &'static str)> {
     }
 }
 
-/// Whether the lock `m` covers IPv6 on this host.
+/// Whether the lock `m` can hold IPv6 on this host.
 pub fn covers_ipv6(m: LockMethod) -> bool {
-    programs(m).len() > 1 || m == LockMethod::Nftables
+    m == LockMethod::Nftables || on_path("ip6tables-restore")
 }
 
 fn feed(netns: &Path, prog: &str, script: &str) -> Result<(), NetError> {
@@ -159,35 +159,45 @@ fn feed(netns: &Path, prog: &str, script: &str) -> Result<(), NetError> {
     }
 }
 
-/// Locks the namespace at `netns`: nothing in or out but CRIU's repair traffic (IPv4 and,
-/// see [`covers_ipv6`], IPv6).
-pub fn lock(netns: &Path, m: LockMethod) -> Result<(), NetError> {
-    for (prog, _) in programs(m) {
+/// Locks the namespace at `netns`: nothing in or out but CRIU's repair traffic; IPv6 too
+/// with `ipv6` (a container with IPv6 addresses: see [`covers_ipv6`]). Without IPv6
+/// addresses there is nothing to hold there, and each table costs time in the freeze when
+/// it is removed.
+pub fn lock(netns: &Path, m: LockMethod, ipv6: bool) -> Result<(), NetError> {
+    for (prog, _) in programs(m, ipv6) {
         feed(netns, prog, &lock_script(m))?;
     }
-    tracing::debug!(netns = %netns.display(), method = m.name(), "network locked");
+    tracing::debug!(netns = %netns.display(), method = m.name(), ipv6, "network locked");
     Ok(())
 }
 
-/// Removes ferry's lock from the namespace (nothing to do where it is not there).
-pub fn unlock(netns: &Path, m: LockMethod) -> Result<(), NetError> {
-    for (prog, list) in programs(m) {
+/// Removes ferry's lock (as [`lock`] made it) from the namespace; nothing to do where it is
+/// not there. The tables are unlocked side by side: removing a chain takes ≈ 15 ms here, and
+/// this runs while the restored container waits to resume.
+pub fn unlock(netns: &Path, m: LockMethod, ipv6: bool) -> Result<(), NetError> {
+    let one = |prog: &str, list: &str| -> Result<(), NetError> {
         if is_locked_by(netns, list)? {
             feed(netns, prog, &unlock_script(m))?;
         }
-    }
+        Ok(())
+    };
+    let progs = programs(m, ipv6);
+    std::thread::scope(|s| {
+        let others: Vec<_> = progs[1..]
+            .iter()
+            .map(|&(prog, list)| s.spawn(move || one(prog, list)))
+            .collect();
+        let mut result = one(progs[0].0, progs[0].1);
+        for h in others {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(NetError::Invalid("unlock thread panicked".into())));
+            result = result.and(r);
+        }
+        result
+    })?;
     tracing::debug!(netns = %netns.display(), method = m.name(), "network unlocked");
     Ok(())
-}
-
-/// Whether ferry's lock is in the namespace (in any of the method's tables).
-pub fn is_locked(netns: &Path, m: LockMethod) -> Result<bool, NetError> {
-    for (_, list) in programs(m) {
-        if is_locked_by(netns, list)? {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 /// Whether the rules listed by `list` (`iptables`, `ip6tables`, `nft`) hold ferry's lock.
@@ -214,5 +224,12 @@ mod tests {
         assert!(lock_script(LockMethod::Nftables).contains("policy drop"));
         assert!(lock_script(LockMethod::Iptables).contains("-j DROP"));
         assert_eq!(LockMethod::Nftables.criu(), CriuNetworkLockMethod::NFTABLES);
+        // IPv4 only unless asked; nftables' inet table is both.
+        assert_eq!(
+            programs(LockMethod::Iptables, false),
+            [("iptables-restore", "iptables")]
+        );
+        assert_eq!(programs(LockMethod::Nftables, true), [("nft", "nft")]);
+        assert!(covers_ipv6(LockMethod::Nftables));
     }
 }
