@@ -1080,14 +1080,20 @@ impl<'a> Receiver<'a> {
         } else if let Err(e) = self.ctl.send(&Msg::Committed(Pid { pid: report.pid })) {
             tracing::warn!(id = %id, "the container runs here, but the source was not told: {e}");
         }
-        if let Some(n) = self.net.take() {
-            // The namespace is the container's now; tell the neighbours where it went.
-            if let Err(e) = n.announce() {
-                tracing::warn!("gratuitous ARP: {e}");
-            }
-        }
+        // The namespace is the container's now; tell the neighbours where it went (three
+        // rounds over 200 ms: beside the hand-over to containerd, not before it).
+        let announcing = self.net.take().map(|n| {
+            std::thread::spawn(move || {
+                if let Err(e) = n.announce() {
+                    tracing::warn!("announcing the container's new location: {e}");
+                }
+            })
+        });
         if let Some(h) = &self.shared.cfg.on_committed {
             h.call(&id, &self.bundle(), report.pid);
+        }
+        if let Some(a) = announcing {
+            let _ = a.join();
         }
         tracing::info!(id = %id, pid = report.pid, "migration received; container running");
         if let Some(l) = lazy {
