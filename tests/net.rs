@@ -633,8 +633,8 @@ fn announcements_and_probes_work_on_their_own() {
     let (held6, free6) = ("fd00:99::2".parse().unwrap(), "fd00:99::3".parse().unwrap());
     let found = in_netns(&p.b, || {
         (
-            arp::probe("b0", mac, held4, &[], wait).unwrap(),
-            arp::probe("b0", mac, free4, &[], wait).unwrap(),
+            arp::probe("b0", mac, &[free4, held4], &[], wait).unwrap(),
+            arp::probe("b0", mac, &[free4], &[], wait).unwrap(),
             ndp::probe("b0", mac, &[free6, held6], &[], wait).unwrap(),
             ndp::probe("b0", mac, &[free6], &[], wait).unwrap(),
             // The source container's MAC is no clash.
@@ -642,7 +642,7 @@ fn announcements_and_probes_work_on_their_own() {
         )
     });
     let a_mac = parse_mac(&a_mac);
-    assert_eq!(found.0, a_mac, "ARP probe of a held address");
+    assert_eq!(found.0, Some((held4, a_mac.unwrap())), "ARP probe");
     assert_eq!(found.1, None, "ARP probe of a free address");
     assert_eq!(found.2, Some((held6, a_mac.unwrap())), "NDP probe");
     assert_eq!(found.3, None, "NDP probe of a free address");

@@ -4,9 +4,9 @@
 //! neighbours' caches and the bridges' forwarding tables to the new location.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::packet::PacketSocket;
+use super::packet::{self, PacketSocket};
 use super::NetError;
 
 pub type Mac = [u8; 6];
@@ -62,37 +62,28 @@ pub fn parse(f: &[u8]) -> Option<(u16, Mac, Ipv4Addr)> {
     Some((op, sha, spa))
 }
 
-/// RFC 5227 probe for `target` on `ifname` (in the calling thread's namespace) sent from
-/// `own` with sender address 0.0.0.0: the MAC of anyone but `allowed` that claims the
-/// address within `wait`, or None.
+/// RFC 5227 probes for `targets` on `ifname` (in the calling thread's namespace) sent from
+/// `own` with sender address 0.0.0.0: the first (address, MAC) that anyone but `allowed`
+/// claims within `wait`, or None.
 pub fn probe(
     ifname: &str,
     own: Mac,
-    target: Ipv4Addr,
+    targets: &[Ipv4Addr],
     allowed: &[Mac],
     wait: Duration,
-) -> Result<Option<Mac>, NetError> {
-    let s = PacketSocket::open(ifname, ETH_P_ARP, "ARP")?;
-    let req = frame(1, BROADCAST, own, Ipv4Addr::UNSPECIFIED, [0; 6], target);
-    let start = Instant::now();
-    let mut next_send = start;
-    while start.elapsed() < wait {
-        if Instant::now() >= next_send {
-            s.send(&req)?;
-            next_send += wait / 3;
-        }
-        let left = next_send
-            .saturating_duration_since(Instant::now())
-            .min(wait.saturating_sub(start.elapsed()));
-        if let Some(f) = s.recv(left)? {
-            if let Some((_, sha, spa)) = parse(&f) {
-                if spa == target && sha != own && !allowed.contains(&sha) {
-                    return Ok(Some(sha));
-                }
-            }
-        }
+) -> Result<Option<(Ipv4Addr, Mac)>, NetError> {
+    if targets.is_empty() {
+        return Ok(None);
     }
-    Ok(None)
+    let s = PacketSocket::open(ifname, ETH_P_ARP, "ARP")?;
+    let reqs: Vec<Vec<u8>> = targets
+        .iter()
+        .map(|t| frame(1, BROADCAST, own, Ipv4Addr::UNSPECIFIED, [0; 6], *t))
+        .collect();
+    packet::probe(&s, &reqs, wait, |f| {
+        let (_, sha, spa) = parse(f)?;
+        (targets.contains(&spa) && sha != own && !allowed.contains(&sha)).then_some((spa, sha))
+    })
 }
 
 /// Gratuitous ARP for each of `addrs` from `mac` on `ifname`, `times` rounds 100 ms apart.

@@ -19,7 +19,7 @@
 //! IPv6 an unsolicited neighbour advertisement) announces the new location. On failure: `PROG del <id> <netns-path>` (hook), then the namespace is
 //! deleted (with the veth in it, which takes its host end along).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use super::arp::{self, fmt_mac, parse_mac, Mac};
 use super::facts::{NetFacts, Route};
 use super::lock::{self, LockMethod};
 use super::ndp;
-use super::{in_ns_cmd, on_ns_thread, run, NetError};
+use super::{in_ns_cmd, joined, on_ns_thread, run, NetError};
 use crate::runtime::last_line;
 
 /// Where ferry creates destination namespaces (`ip netns` keeps them there).
@@ -253,28 +253,24 @@ impl DestNet {
         })?;
         let allowed: Vec<Mac> = parse_mac(&self.facts.mac).into_iter().collect();
         let ifname = self.facts.ifname.clone();
-        for ip in self.facts.ips() {
-            let found = on_ns_thread(&self.path, || {
-                arp::probe(&ifname, own, ip, &allowed, PROBE_WAIT)
-            })??;
-            if let Some(mac) = found {
-                return Err(NetError::Clash {
-                    addr: ip.to_string(),
-                    mac: fmt_mac(&mac),
-                });
-            }
-        }
-        let ips6 = self.facts.ips6();
+        let (ips, ips6) = (self.facts.ips(), self.facts.ips6());
+        // Both families at once: every address is probed for the same 0.9 s.
         let found = on_ns_thread(&self.path, || {
-            ndp::probe(&ifname, own, &ips6, &allowed, PROBE_WAIT)
+            std::thread::scope(|s| {
+                let v6 = s.spawn(|| ndp::probe(&ifname, own, &ips6, &allowed, PROBE_WAIT));
+                let v4 = arp::probe(&ifname, own, &ips, &allowed, PROBE_WAIT)
+                    .map(|f| f.map(|(ip, mac)| (IpAddr::V4(ip), mac)));
+                let v6 = joined(v6, "NDP probe").map(|f| f.map(|(ip, mac)| (IpAddr::V6(ip), mac)));
+                Ok::<_, NetError>(v4?.or(v6?))
+            })
         })??;
-        if let Some((ip, mac)) = found {
-            return Err(NetError::Clash {
+        match found {
+            Some((ip, mac)) => Err(NetError::Clash {
                 addr: ip.to_string(),
                 mac: fmt_mac(&mac),
-            });
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// At the commit: lock off, ARP answers on (built-in setup).
@@ -298,10 +294,7 @@ impl DestNet {
             std::thread::scope(|s| {
                 let v6 = s.spawn(|| ndp::announce(&ifname, mac, &ips6, 3));
                 let v4 = arp::announce(&ifname, mac, &ips, 3);
-                let v6 = v6
-                    .join()
-                    .unwrap_or_else(|_| Err(NetError::Invalid("NDP thread panicked".into())));
-                v4.and(v6)
+                v4.and(joined(v6, "NDP announcement"))
             })
         })?
     }

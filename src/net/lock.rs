@@ -23,7 +23,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 
-use super::{in_ns_cmd, run, NetError};
+use super::{in_ns_cmd, joined, run, NetError};
 use crate::pb::CriuNetworkLockMethod;
 
 /// Name of ferry's lock chain (iptables) / table (nftables, family inet).
@@ -189,10 +189,7 @@ pub fn unlock(netns: &Path, m: LockMethod, ipv6: bool) -> Result<(), NetError> {
             .collect();
         let mut result = one(progs[0].0, progs[0].1);
         for h in others {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(NetError::Invalid("unlock thread panicked".into())));
-            result = result.and(r);
+            result = result.and(joined(h, "unlock"));
         }
         result
     })?;

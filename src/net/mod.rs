@@ -125,6 +125,15 @@ pub(crate) fn on_ns_thread<T: Send>(
     })
 }
 
+/// The result of a scoped helper thread (`what` names it should it have panicked).
+pub(crate) fn joined<T>(
+    h: std::thread::ScopedJoinHandle<'_, Result<T, NetError>>,
+    what: &str,
+) -> Result<T, NetError> {
+    h.join()
+        .unwrap_or_else(|_| Err(NetError::Invalid(format!("{what} thread panicked"))))
+}
+
 /// The path of the container's network namespace when config.json gives one.
 pub fn netns_path(cfg: &crate::oci::bundle::BundleConfig) -> Option<std::path::PathBuf> {
     cfg.namespaces

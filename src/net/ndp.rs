@@ -6,10 +6,10 @@
 //! the new MAC.
 
 use std::net::Ipv6Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::arp::Mac;
-use super::packet::PacketSocket;
+use super::packet::{self, PacketSocket};
 use super::NetError;
 
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -136,27 +136,11 @@ pub fn probe(
     }
     let s = PacketSocket::open(ifname, ETH_P_IPV6, "NDP")?;
     let reqs: Vec<Vec<u8>> = targets.iter().map(|t| solicitation(own, *t)).collect();
-    let start = Instant::now();
-    let mut next_send = start;
-    while start.elapsed() < wait {
-        if Instant::now() >= next_send {
-            for r in &reqs {
-                s.send(r)?;
-            }
-            next_send += wait / 3;
-        }
-        let left = next_send
-            .saturating_duration_since(Instant::now())
-            .min(wait.saturating_sub(start.elapsed()));
-        if let Some(f) = s.recv(left)? {
-            if let Some((sha, target)) = parse_advertisement(&f) {
-                if targets.contains(&target) && sha != own && !allowed.contains(&sha) {
-                    return Ok(Some((target, sha)));
-                }
-            }
-        }
-    }
-    Ok(None)
+    packet::probe(&s, &reqs, wait, |f| {
+        let (sha, target) = parse_advertisement(f)?;
+        (targets.contains(&target) && sha != own && !allowed.contains(&sha))
+            .then_some((target, sha))
+    })
 }
 
 /// Unsolicited advertisements of each of `addrs` at `mac` on `ifname`, `times` rounds

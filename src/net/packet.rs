@@ -3,7 +3,7 @@
 //! the network lock, which filters IP traffic only.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::NetError;
 
@@ -124,4 +124,32 @@ impl PacketSocket {
         buf.truncate(n as usize);
         Ok(Some(buf))
     }
+}
+
+/// A probe: sends every frame of `requests` three times over `wait` on `s`, and returns what
+/// `claim` makes of the first received frame it accepts (someone claiming an address), or
+/// None after `wait`.
+pub(crate) fn probe<T>(
+    s: &PacketSocket,
+    requests: &[Vec<u8>],
+    wait: Duration,
+    mut claim: impl FnMut(&[u8]) -> Option<T>,
+) -> Result<Option<T>, NetError> {
+    let start = Instant::now();
+    let mut next_send = start;
+    while start.elapsed() < wait {
+        if Instant::now() >= next_send {
+            for r in requests {
+                s.send(r)?;
+            }
+            next_send += wait / 3;
+        }
+        let left = next_send
+            .saturating_duration_since(Instant::now())
+            .min(wait.saturating_sub(start.elapsed()));
+        if let Some(found) = s.recv(left)?.and_then(|f| claim(&f)) {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
 }
