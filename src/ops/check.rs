@@ -116,6 +116,11 @@ pub fn check(criu: &Criu) -> CheckReport {
     if !iptables && !nftables {
         missing.push("iptables-restore or nft (CRIU's network lock)".into());
     }
+    if let Some(m) = crate::net::lock::host_method() {
+        if !crate::net::lock::covers_ipv6(m) {
+            warnings.push(ipv6_lock_warning(m));
+        }
+    }
     let runc_version = Runc::new(std::path::Path::new("/run/runc")).version().ok();
     if runc_version.is_none() {
         missing.push("runc".into());
@@ -134,6 +139,15 @@ pub fn check(criu: &Criu) -> CheckReport {
         missing,
         warnings,
     }
+}
+
+/// The network lock this host would use cannot hold IPv6 (iptables without ip6tables).
+fn ipv6_lock_warning(m: crate::net::lock::LockMethod) -> String {
+    format!(
+        "the network lock ({}) has no ip6tables-restore: containers with IPv6 addresses \
+         cannot migrate to or from here with network continuity",
+        m.name()
+    )
 }
 
 /// CRIU keeps what it learnt about the kernel in `<RUNDIR>/criu.kdat` (RUNDIR is compiled in,
