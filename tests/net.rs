@@ -98,16 +98,21 @@ fn assert_clients_fine(clients: &mut [TcpClient]) -> Vec<ClientReport> {
 }
 
 /// Step 1 of the issue, on one host: `ferry checkpoint` + `ferry restore` of a container in
-/// a namespace given by path, with established connections from another namespace and
-/// `--tcp-established`: the same connections go on (no gap, no repeat), no lock rule stays.
+/// a namespace given by path, with established connections from another namespace (two over
+/// IPv4, one over IPv6) and `--tcp-established`: the same connections go on (no gap, no
+/// repeat), no lock rule stays (ip6tables included).
 #[test]
 fn local_checkpoint_restore_keeps_tcp_connections() {
     if !require_two_hosts() {
         return;
     }
     let b = BridgedHosts::new("netlocal");
+    b.add_ipv6();
     let (id, log) = b.start_server("");
     let mut clients = start_clients(&b, 2);
+    let v6: std::net::SocketAddr = format!("[{CONTAINER_IP6}]:{PORT}").parse().unwrap();
+    clients.push(TcpClient::start_to(&b.client_ns, v6));
+    wait_clients_progress(&clients, 10, slow(T_NET));
     let src = b.th.src_runc();
     let images = src.path("images");
     let root = s(&src.root).to_string();
@@ -125,7 +130,7 @@ fn local_checkpoint_restore_keeps_tcp_connections() {
         .ok();
     }
     assert_eq!(src.status(&id).as_deref(), Some("running"));
-    assert_connections_kept(&mut clients, &log, 20, 2);
+    assert_connections_kept(&mut clients, &log, 20, 3);
     finish(&b);
 }
 
