@@ -299,18 +299,6 @@ fn serve_cmd(
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use ferry::migrate::destination::{serve, ServeConfig};
-    // The directories first: a wrong one fails before "listening" (and names its flag).
-    for (flag, dir) in [("--bundles", &a.bundles), ("--work-dir", &a.work_dir)] {
-        ferry::migrate::destination::ensure_dir(flag, dir)?;
-    }
-    let listener = std::net::TcpListener::bind(&a.listen)
-        .with_context(|| format!("--listen {}: cannot listen there", a.listen))?;
-    // Everything serve needs (handlers included) is in place before "listening": callers
-    // take that line as ready.
-    install_stop_handlers();
-    println!("listening {}", listener.local_addr()?);
-    use std::io::Write;
-    std::io::stdout().flush()?;
     let mut runtime_root = a.runtime_root;
     let mut on_committed = None;
     if let Some(addr) = a.containerd.clone() {
@@ -323,27 +311,33 @@ fn serve_cmd(
             },
         ));
     }
-    serve(
-        listener,
-        ServeConfig {
-            token,
-            bundles: a.bundles,
-            runtime_root,
-            on_committed,
-            work_dir: a.work_dir,
-            cgroup_prefix: a.cgroup_prefix,
-            io_timeout: std::time::Duration::from_secs(300),
-            net: match (a.bridge, a.netns_hook) {
-                (Some(b), _) => Some(ferry::net::dest::NetSetup::Bridge(b)),
-                (None, Some(h)) => Some(ferry::net::dest::NetSetup::Hook(h)),
-                (None, None) => None,
-            },
-            tls,
-            page_receiver,
+    let cfg = ServeConfig {
+        token,
+        bundles: a.bundles,
+        runtime_root,
+        on_committed,
+        work_dir: a.work_dir,
+        cgroup_prefix: a.cgroup_prefix,
+        io_timeout: std::time::Duration::from_secs(300),
+        net: match (a.bridge, a.netns_hook) {
+            (Some(b), _) => Some(ferry::net::dest::NetSetup::Bridge(b)),
+            (None, Some(h)) => Some(ferry::net::dest::NetSetup::Hook(h)),
+            (None, None) => None,
         },
-        criu,
-        &STOP,
-    )?;
+        tls,
+        page_receiver,
+    };
+    // The directories first: a wrong one fails before "listening" (and names its flag).
+    cfg.make_dirs()?;
+    let listener = std::net::TcpListener::bind(&a.listen)
+        .with_context(|| format!("--listen {}: cannot listen there", a.listen))?;
+    // Everything serve needs (handlers included) is in place before "listening": callers
+    // take that line as ready.
+    install_stop_handlers();
+    println!("listening {}", listener.local_addr()?);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    serve(listener, cfg, criu, &STOP)?;
     Ok(())
 }
 

@@ -100,24 +100,28 @@ struct Shared {
     prefix_dirs: Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
-/// Creates the directory `dir` given by `flag` if needed; an error names both.
-pub fn ensure_dir(flag: &str, dir: &Path) -> std::io::Result<()> {
-    let named =
-        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{flag} {}: {e}", dir.display()));
-    // (A file in its place fails too: "File exists".)
-    std::fs::create_dir_all(dir).map_err(named)
+impl ServeConfig {
+    /// Creates `bundles` and `work_dir` if needed; an error names the flag and the path (a
+    /// file in a directory's place fails too: "File exists"). [`serve`] needs them.
+    pub fn make_dirs(&self) -> std::io::Result<()> {
+        for (flag, dir) in [("--bundles", &self.bundles), ("--work-dir", &self.work_dir)] {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("{flag} {}: {e}", dir.display()))
+            })?;
+        }
+        Ok(())
+    }
 }
 
-/// Serves until `shutdown` is set.
+/// Serves until `shutdown` is set. The directories of `cfg` exist already
+/// ([`ServeConfig::make_dirs`]: before the caller binds, so that a wrong one fails before
+/// anyone is told the destination is listening).
 pub fn serve(
     listener: TcpListener,
     cfg: ServeConfig,
     criu: Criu,
     shutdown: &AtomicBool,
 ) -> std::io::Result<()> {
-    for (flag, dir) in [("--bundles", &cfg.bundles), ("--work-dir", &cfg.work_dir)] {
-        ensure_dir(flag, dir)?;
-    }
     listener.set_nonblocking(true)?;
     let shared = Arc::new(Shared {
         cfg,
