@@ -16,8 +16,9 @@
 //!    container's is a clash, and the migration is refused.
 //!
 //! After the commit: the lock goes, ARP answers are back on, and a gratuitous ARP (and for
-//! IPv6 an unsolicited neighbour advertisement) announces the new location. On failure: `PROG del <id> <netns-path>` (hook), then the namespace is
-//! deleted (with the veth in it, which takes its host end along).
+//! IPv6 an unsolicited neighbour advertisement) announces the new location. On failure:
+//! `PROG del <id> <netns-path>` (hook), then the namespace is deleted (with the veth in it,
+//! which takes its host end along).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use super::arp::{self, fmt_mac, parse_mac, Mac};
 use super::facts::{NetFacts, Route};
 use super::lock::{self, LockMethod};
 use super::ndp;
-use super::{in_ns_cmd, joined, on_ns_thread, run, NetError};
+use super::{in_ns_cmd, on_ns_thread, run, side_by_side, NetError};
 use crate::runtime::last_line;
 
 /// Where ferry creates destination namespaces (`ip netns` keeps them there).
@@ -92,7 +93,7 @@ impl DestNet {
                     .into(),
             )
         })?;
-        if !facts.addrs6.is_empty() && !lock::covers_ipv6(method) {
+        if facts.has_ipv6() && !lock::covers_ipv6(method) {
             return Err(NetError::Invalid(format!(
                 "the container has IPv6 addresses and this host's {} lock cannot hold IPv6 \
                  (install ip6tables-restore)",
@@ -125,7 +126,7 @@ impl DestNet {
     }
 
     fn configure(&mut self, setup: &NetSetup, source: &str) -> Result<(), NetError> {
-        lock::lock(&self.path, self.method, !self.facts.addrs6.is_empty())?;
+        lock::lock(&self.path, self.method, self.facts.has_ipv6())?;
         match setup {
             NetSetup::Bridge(br) => self.builtin(br)?,
             NetSetup::Hook(prog) => {
@@ -256,13 +257,13 @@ impl DestNet {
         let (ips, ips6) = (self.facts.ips(), self.facts.ips6());
         // Both families at once: every address is probed for the same 0.9 s.
         let found = on_ns_thread(&self.path, || {
-            std::thread::scope(|s| {
-                let v6 = s.spawn(|| ndp::probe(&ifname, own, &ips6, &allowed, PROBE_WAIT));
-                let v4 = arp::probe(&ifname, own, &ips, &allowed, PROBE_WAIT)
-                    .map(|f| f.map(|(ip, mac)| (IpAddr::V4(ip), mac)));
-                let v6 = joined(v6, "NDP probe").map(|f| f.map(|(ip, mac)| (IpAddr::V6(ip), mac)));
-                Ok::<_, NetError>(v4?.or(v6?))
-            })
+            let (v4, v6) = side_by_side(
+                || arp::probe(&ifname, own, &ips, &allowed, PROBE_WAIT),
+                || ndp::probe(&ifname, own, &ips6, &allowed, PROBE_WAIT),
+                "NDP probe",
+            );
+            let v4 = v4?.map(|(ip, mac)| (IpAddr::V4(ip), mac));
+            Ok::<_, NetError>(v4.or(v6?.map(|(ip, mac)| (IpAddr::V6(ip), mac))))
         })??;
         match found {
             Some((ip, mac)) => Err(NetError::Clash {
@@ -275,7 +276,7 @@ impl DestNet {
 
     /// At the commit: lock off, ARP answers on (built-in setup).
     pub fn unlock(&self) -> Result<(), NetError> {
-        lock::unlock(&self.path, self.method, !self.facts.addrs6.is_empty())?;
+        lock::unlock(&self.path, self.method, self.facts.has_ipv6())?;
         if self.hook.is_none() {
             self.set_arp_ignore(0)?;
         }
@@ -291,11 +292,12 @@ impl DestNet {
         let ifname = self.facts.ifname.clone();
         on_ns_thread(&self.path, || {
             // Both families together: three rounds, 100 ms apart.
-            std::thread::scope(|s| {
-                let v6 = s.spawn(|| ndp::announce(&ifname, mac, &ips6, 3));
-                let v4 = arp::announce(&ifname, mac, &ips, 3);
-                v4.and(joined(v6, "NDP announcement"))
-            })
+            let (v4, v6) = side_by_side(
+                || arp::announce(&ifname, mac, &ips, 3),
+                || ndp::announce(&ifname, mac, &ips6, 3),
+                "NDP announcement",
+            );
+            v4.and(v6)
         })?
     }
 

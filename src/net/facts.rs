@@ -86,7 +86,7 @@ impl NetFacts {
         if !(68..=65535).contains(&self.mtu) {
             return bad(format!("mtu {}", self.mtu));
         }
-        if !self.addrs6.is_empty() && self.mtu < 1280 {
+        if self.has_ipv6() && self.mtu < 1280 {
             return bad(format!("mtu {} is below IPv6's 1280", self.mtu));
         }
         Ok(())
@@ -96,7 +96,8 @@ impl NetFacts {
     pub fn ips(&self) -> Vec<Ipv4Addr> {
         self.addrs
             .iter()
-            .filter_map(|a| parse_cidr(a).map(|(ip, _)| ip))
+            .filter_map(|a| cidr(a, 32))
+            .map(|(ip, _)| ip)
             .collect()
     }
 
@@ -104,8 +105,14 @@ impl NetFacts {
     pub fn ips6(&self) -> Vec<Ipv6Addr> {
         self.addrs6
             .iter()
-            .filter_map(|a| parse_cidr6(a).map(|(ip, _)| ip))
+            .filter_map(|a| cidr(a, 128))
+            .map(|(ip, _)| ip)
             .collect()
+    }
+
+    /// Whether the container has IPv6 addresses (then the destination locks IPv6 too).
+    pub fn has_ipv6(&self) -> bool {
+        !self.addrs6.is_empty()
     }
 }
 
@@ -131,20 +138,22 @@ fn check_family(
     Ok(())
 }
 
-/// `a.b.c.d/len` → (address, len).
-pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+/// `address/len` → (address, len), the length at most `max` (32 for IPv4, 128 for IPv6).
+fn cidr<A: std::str::FromStr>(s: &str, max: u8) -> Option<(A, u8)> {
     let (a, l) = s.split_once('/')?;
     let len: u8 = l.parse().ok()?;
-    (len <= 32).then_some(())?;
+    (len <= max).then_some(())?;
     Some((a.parse().ok()?, len))
+}
+
+/// `a.b.c.d/len` → (address, len).
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    cidr(s, 32)
 }
 
 /// `x:y::z/len` → (address, len).
 pub fn parse_cidr6(s: &str) -> Option<(Ipv6Addr, u8)> {
-    let (a, l) = s.split_once('/')?;
-    let len: u8 = l.parse().ok()?;
-    (len <= 128).then_some(())?;
-    Some((a.parse().ok()?, len))
+    cidr(s, 128)
 }
 
 /// Reads the facts of the namespace at `netns` (`ip -j` inside it); None when no interface

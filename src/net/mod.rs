@@ -134,6 +134,20 @@ pub(crate) fn joined<T>(
         .unwrap_or_else(|_| Err(NetError::Invalid(format!("{what} thread panicked"))))
 }
 
+/// Runs `a` on this thread and `b` on a helper (which starts in this thread's network
+/// namespace) at the same time: the IPv4 and IPv6 halves of a probe or an announcement.
+pub(crate) fn side_by_side<A, B: Send>(
+    a: impl FnOnce() -> Result<A, NetError>,
+    b: impl FnOnce() -> Result<B, NetError> + Send,
+    what_b: &str,
+) -> (Result<A, NetError>, Result<B, NetError>) {
+    std::thread::scope(|s| {
+        let hb = s.spawn(b);
+        let ra = a();
+        (ra, joined(hb, what_b))
+    })
+}
+
 /// The path of the container's network namespace when config.json gives one.
 pub fn netns_path(cfg: &crate::oci::bundle::BundleConfig) -> Option<std::path::PathBuf> {
     cfg.namespaces
