@@ -460,8 +460,8 @@ fn serve_refuses_an_unknown_page_server() {
     );
 }
 
-/// `ferry serve` with a token, an address or a directory it cannot use: one line naming it,
-/// no `listening`; exit 4 for what the caller wrote wrong, 5 for an address this host lacks
+/// `ferry serve` with a token, an address, a `--bridge` or a directory it cannot use: one line
+/// naming it, no `listening`; exit 4 for what the caller wrote wrong, 5 for an address this host lacks
 /// or a `--bundles` / `--work-dir` it cannot create.
 #[test]
 fn serve_refuses_a_bad_token_or_listen_address() {
@@ -479,6 +479,27 @@ fn serve_refuses_a_bad_token_or_listen_address() {
         ferry(&a)
     };
     let serve = |token: &std::path::Path, listen: &str| serve_with(token, listen, &[]);
+    // --bridge values: a name the kernel would refuse, an interface given two bridges.
+    for (bridges, says) in [
+        (
+            &["br 0"][..],
+            "--bridge br 0: \"br 0\" is not an interface name",
+        ),
+        (
+            &["eth0=br0", "eth0=br1"],
+            "--bridge eth0=br1: interface eth0 has a bridge already",
+        ),
+        (
+            &["br0", "br1"],
+            "--bridge br1: every interface has a bridge already",
+        ),
+    ] {
+        let extra: Vec<&str> = bridges.iter().flat_map(|b| ["--bridge", b]).collect();
+        let out = serve_with(&good, "127.0.0.1:0", &extra);
+        out.assert_error(4);
+        assert!(out.stdout.is_empty(), "serve started: {out:?}");
+        assert!(out.stderr.contains(says), "{out:?}");
+    }
     // Directories it cannot make: named, before "listening".
     let a_file = a_file.display().to_string();
     let under_file = format!("{a_file}/x");

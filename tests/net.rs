@@ -283,15 +283,17 @@ fn without_tcp_established_connections_are_closed_and_counted() {
     finish(&b);
 }
 
-/// A test `--netns-hook`: logs every call (arguments and FERRY_* facts), refuses while a
-/// file `fail` exists beside it, and otherwise does what the built-in setup does.
+/// A test `--netns-hook`: logs every call (arguments and FERRY_* facts), refuses the
+/// interface named in a file `fail` beside it, and otherwise does what the built-in setup
+/// does (eth0 into br0, any other interface into br1).
 const HOOK: &str = r#"#!/bin/sh
 dir=$(dirname "$0")
-echo "$1 $2 $3 id=$FERRY_CONTAINER_ID netns=$FERRY_NETNS if=$FERRY_IFNAME addrs=$FERRY_ADDRS routes=$FERRY_ROUTES addrs6=$FERRY_ADDRS6 routes6=$FERRY_ROUTES6 mtu=$FERRY_MTU source=$FERRY_SOURCE" >> "$dir/calls"
+echo "$1 $2 $3 id=$FERRY_CONTAINER_ID netns=$FERRY_NETNS if=$FERRY_IFNAME of=$FERRY_IFNAMES addrs=$FERRY_ADDRS routes=$FERRY_ROUTES addrs6=$FERRY_ADDRS6 routes6=$FERRY_ROUTES6 mtu=$FERRY_MTU source=$FERRY_SOURCE" >> "$dir/calls"
 [ "$1" = add ] || exit 0
-if [ -e "$dir/fail" ]; then echo "hook says: no capacity here" >&2; exit 3; fi
-ip link add "hk$$" type veth peer name "$FERRY_IFNAME" netns "$(basename "$3")" || exit 1
-ip link set "hk$$" master br0 up || exit 1
+if [ "$(cat "$dir/fail" 2>/dev/null)" = "$FERRY_IFNAME" ]; then echo "hook says: no capacity here" >&2; exit 3; fi
+br=br1; [ "$FERRY_IFNAME" = eth0 ] && br=br0
+ip link add "hk$$" mtu "$FERRY_MTU" type veth peer name "$FERRY_IFNAME" mtu "$FERRY_MTU" netns "$(basename "$3")" || exit 1
+ip link set "hk$$" master $br up || exit 1
 nsenter --net="$3" -- ip link set lo up
 for a in $FERRY_ADDRS; do nsenter --net="$3" -- ip addr add "$a" dev "$FERRY_IFNAME" || exit 1; done
 for a in $FERRY_ADDRS6; do nsenter --net="$3" -- ip -6 addr add "$a" dev "$FERRY_IFNAME" nodad || exit 1; done
@@ -299,30 +301,39 @@ nsenter --net="$3" -- ip link set "$FERRY_IFNAME" up
 for f in 4 6; do
   if [ $f = 4 ]; then routes=$FERRY_ROUTES; else routes=$FERRY_ROUTES6; fi
   for r in $routes; do
-    dst=${r%%,*}; via=${r#*,}
-    if [ "$via" = "$r" ]; then nsenter --net="$3" -- ip -$f route add "$dst" dev "$FERRY_IFNAME" || exit 1
-    else nsenter --net="$3" -- ip -$f route add "$dst" via "$via" dev "$FERRY_IFNAME" || exit 1; fi
+    # dst[,via[,metric]]
+    dst=${r%%,*}; rest=${r#"$dst"}; rest=${rest#,}; via=${rest%%,*}; metric=${rest#"$via"}; metric=${metric#,}
+    set -- "$dst"
+    [ -n "$via" ] && set -- "$@" via "$via"
+    [ -n "$metric" ] && set -- "$@" metric "$metric"
+    nsenter --net="$FERRY_NETNS" -- ip -$f route add "$@" dev "$FERRY_IFNAME" || exit 1
   done
 done
 "#;
 
-/// `ferry serve --netns-hook PROG`: a hook that refuses makes the migration fail before the
-/// freeze with its message (and is called again with `del`); once it accepts, the migration
-/// keeps the connections. The hook gets the documented arguments and facts (dual stack).
+/// `ferry serve --netns-hook PROG`, with two interfaces (dual stack eth0, and net1 with its
+/// own MTU and a route with a metric): the hook is called once per interface with that
+/// interface's facts; when it refuses the second, the migration fails before the freeze
+/// with its message and `del` is called for both, last first; once it accepts, the
+/// migration keeps the connections on both interfaces.
 #[test]
 fn netns_hook_is_called_with_the_facts() {
     let Some((b, serve, id, log, mut clients)) = start_net("nethook", 2, |b| {
         b.add_ipv6();
+        b.add_second_network();
         let hook_dir = b.th.dst_runc().mkdir("hook");
         let hook = hook_dir.join("netns-hook");
         std::fs::write(&hook, HOOK).unwrap();
         std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        std::fs::write(hook_dir.join("fail"), "").unwrap();
+        std::fs::write(hook_dir.join("fail"), "net1").unwrap();
         b.th.serve(&["--netns-hook", s(&hook)])
     }) else {
         return;
     };
+    let net1: std::net::SocketAddr = format!("{CONTAINER_IP_NET1}:{PORT}").parse().unwrap();
+    clients.push(TcpClient::start_to(&b.client_ns, net1));
+    wait_clients_progress(&clients, 10, slow(T_NET));
     let hook_dir = b.th.dst_runc().path("hook");
 
     let out = b.th.migrate(
@@ -331,20 +342,39 @@ fn netns_hook_is_called_with_the_facts() {
         &["--mode", "stop-copy", "--tcp-established"],
     );
     assert_failed_with(&out, &[8]);
-    assert!(out.stderr.contains("no capacity here"), "{out:?}");
+    assert!(
+        out.stderr.contains("add (interface net1)") && out.stderr.contains("no capacity here"),
+        "{out:?}"
+    );
     assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
     assert!(!BridgedHosts::dst_netns(&id).exists());
     let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
-    let ns = BridgedHosts::dst_netns(&id);
-    let want_add = format!(
-        "add {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} addrs6={CONTAINER_IP6}/64 routes6=default,{CLIENT_IP6} mtu=1500 source={SRC_IP}",
-        ns.display(),
-        ns.display()
-    );
+    let ns = BridgedHosts::dst_netns(&id).display().to_string();
+    let call = |action: &str, iface: &str| {
+        let facts = match iface {
+            "eth0" => format!(
+                "addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} addrs6={CONTAINER_IP6}/64 \
+                 routes6=default,{CLIENT_IP6} mtu=1500"
+            ),
+            _ => format!(
+                "addrs={CONTAINER_IP_NET1}/24 routes=10.79.0.0/24,{CLIENT_IP_NET1},50 addrs6= \
+                 routes6= mtu=1400"
+            ),
+        };
+        let source = if action == "add" { SRC_IP } else { "" };
+        format!(
+            "{action} {id} {ns} id={id} netns={ns} if={iface} of=eth0 net1 {facts} source={source}"
+        )
+    };
     assert_eq!(
         calls.lines().collect::<Vec<_>>(),
-        vec![want_add.as_str(), &format!("del {id} {} id={id} netns={} if=eth0 addrs={CONTAINER_IP}/24 routes=default,{CLIENT_IP} addrs6={CONTAINER_IP6}/64 routes6=default,{CLIENT_IP6} mtu=1500 source=", ns.display(), ns.display())],
+        [
+            call("add", "eth0"),
+            call("add", "net1"),
+            call("del", "net1"),
+            call("del", "eth0")
+        ],
         "hook calls"
     );
 
@@ -355,10 +385,10 @@ fn netns_hook_is_called_with_the_facts() {
         &["--mode", "stop-copy", "--tcp-established"],
     );
     let v = migrate_json(&out, Some("stop-copy"));
-    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
-    assert_connections_kept(&mut clients, &log, 25, 2);
+    assert_eq!(json_u64(&v, "tcp_connections"), 3, "report: {v}");
+    assert_connections_kept(&mut clients, &log, 25, 3);
     let calls = std::fs::read_to_string(hook_dir.join("calls")).unwrap();
-    assert_eq!(calls.lines().count(), 3, "hook calls: {calls}");
+    assert_eq!(calls.lines().count(), 6, "hook calls: {calls}");
     finish(&b);
 }
 
@@ -505,35 +535,74 @@ fn ipv6_addresses_are_carried() {
     finish(&b);
 }
 
-/// ferry carries one interface: a container whose namespace has addresses on a second one
-/// is refused before anything happens (exit 4, naming it), rather than arriving without them.
+/// A container with two networks (Multus style: `eth0` on br0, `net1` on br1 with its own
+/// MTU, a route and a metric) keeps both: a destination that has no bridge for `net1`
+/// refuses before anything happens (the source untouched, the destination clean); one with
+/// `--bridge br0 --bridge net1=br1` takes it, and TCP connections to both addresses go on,
+/// with net1's MTU, address and route (metric included) rebuilt and the client's neighbour
+/// entry for net1's address moved to the new MAC.
 #[test]
-fn second_interface_is_refused() {
-    let Some((b, serve, id, _log, _clients)) = start_net("net2if", 0, serve_bridge) else {
+fn two_interfaces_are_carried() {
+    let only_eth0 = |b: &BridgedHosts| b.th.serve(&["--bridge", "eth0=br0"]);
+    let Some((b, partial, id, log, _)) = start_net("net2if", 0, only_eth0) else {
         return;
     };
-    let k = b.container_ns.as_str();
-    for args in [
-        // (a veth pair: this kernel has no dummy interfaces)
-        &[
-            "-n", k, "link", "add", "net1", "type", "veth", "peer", "name", "net1p",
-        ][..],
-        &["-n", k, "addr", "add", "10.78.0.10/24", "dev", "net1"],
-        &["-n", k, "link", "set", "net1", "up"],
-    ] {
-        must(
-            run_output(std::process::Command::new("ip").args(args)),
-            &format!("ip {args:?}"),
-        );
-    }
-    let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
-    assert_failed_with(&out, &[4]);
+    b.add_second_network();
+    let net1: std::net::SocketAddr = format!("{CONTAINER_IP_NET1}:{PORT}").parse().unwrap();
+    let mut clients = vec![
+        TcpClient::start(&b.client_ns),
+        TcpClient::start_to(&b.client_ns, net1),
+    ];
+    wait_clients_progress(&clients, 10, slow(T_NET));
+    let tcp = ["--mode", "stop-copy", "--tcp-established"];
+
+    let out = b.th.migrate(&id, &partial.addr, &tcp);
+    assert_failed_with(&out, &[8]);
     assert!(
-        out.stderr.contains("on eth0 and on net1 (10.78.0.10/24)"),
+        out.stderr.contains(
+            "interface net1 has no bridge on this destination (ferry serve --bridge \
+             net1=BRIDGE)"
+        ),
         "{out:?}"
     );
     assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
+
+    let serve = b.th.serve(&["--bridge", "br0", "--bridge", "net1=br1"]);
+    let out = b.th.migrate(&id, &serve.addr, &tcp);
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
+    assert_migrated(&b.th, &id, &v);
+    assert_connections_kept(&mut clients, &log, 25, 2);
+
+    let dst_ns = BridgedHosts::dst_netns(&id);
+    let in_dst = |args: &[&str]| -> String {
+        let out = run_output(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", dst_ns.display()))
+                .args(["--", "ip"])
+                .args(args),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let link = in_dst(&["link", "show", "dev", "net1"]);
+    assert!(link.contains("mtu 1400"), "{link}");
+    let addrs = in_dst(&["-4", "addr", "show", "dev", "net1"]);
+    assert!(
+        addrs.contains(&format!("{CONTAINER_IP_NET1}/24")),
+        "{addrs}"
+    );
+    let routes = in_dst(&["-4", "route", "show", "10.79.0.0/24"]);
+    assert!(
+        routes.contains(&format!("via {CLIENT_IP_NET1} dev net1 metric 50")),
+        "{routes}"
+    );
+    let dst_mac = mac_in(&dst_ns, "net1").expect("net1 in the destination namespace");
+    assert_eq!(
+        neighbour_mac(&b.client_ns, CONTAINER_IP_NET1).as_deref(),
+        Some(dst_mac.as_str()),
+        "the client's neighbour entry for net1's address did not move to the new MAC"
+    );
     finish(&b);
 }
 

@@ -19,7 +19,7 @@ use ferry::ops::{check::check, ErrorKind, OpError};
 #[derive(Parser)]
 #[command(
     name = "ferry",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (migration protocol versions: 1)"),
+    version = concat!(env!("CARGO_PKG_VERSION"), " (migration protocol versions: 2)"),
     about = "Checkpoint, restore and live-migrate OCI containers with CRIU"
 )]
 struct Cli {
@@ -79,9 +79,10 @@ struct ServeArgs {
     #[arg(long, value_name = "NS", default_value = "default")]
     namespace: String,
     /// Containers with a network namespace given by path get a new one here with a veth
-    /// into this bridge, their addresses and routes (built-in setup).
-    #[arg(long, value_name = "NAME", conflicts_with = "netns_hook")]
-    bridge: Option<String>,
+    /// per interface into a bridge, their addresses and routes (built-in setup). A plain
+    /// BRIDGE takes every interface not named in an IFNAME=BRIDGE entry (repeatable).
+    #[arg(long, value_name = "[IFNAME=]BRIDGE", conflicts_with = "netns_hook")]
+    bridge: Vec<String>,
     /// Instead of the built-in setup: `PROG add|del <id> <netns-path>` configures the locked
     /// namespace ferry created (facts in FERRY_* variables; see the README).
     #[arg(long, value_name = "PROG")]
@@ -319,10 +320,13 @@ fn serve_cmd(
         work_dir: a.work_dir,
         cgroup_prefix: a.cgroup_prefix,
         io_timeout: std::time::Duration::from_secs(300),
-        net: match (a.bridge, a.netns_hook) {
-            (Some(b), _) => Some(ferry::net::dest::NetSetup::Bridge(b)),
-            (None, Some(h)) => Some(ferry::net::dest::NetSetup::Hook(h)),
-            (None, None) => None,
+        net: match (a.bridge.is_empty(), a.netns_hook) {
+            // Checked before (exit 4).
+            (false, _) => Some(ferry::net::dest::NetSetup::Bridge(
+                ferry::net::dest::Bridges::parse(&a.bridge)?,
+            )),
+            (true, Some(h)) => Some(ferry::net::dest::NetSetup::Hook(h)),
+            (true, None) => None,
         },
         tls,
         page_receiver,
@@ -469,6 +473,10 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                     return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
                 }
             };
+            if let Err(e) = ferry::net::dest::Bridges::parse(&a.bridge) {
+                eprintln!("ferry: error: {}", one_line(&e.to_string()));
+                return Ok(ExitCode::from(exit_code(ErrorKind::Invalid)));
+            }
             use ferry::migrate::destination::PageReceiver;
             let Some(page_receiver) = PageReceiver::parse(&a.page_server) else {
                 eprintln!(

@@ -731,7 +731,7 @@ impl<'a> Receiver<'a> {
         let setup = self.shared.cfg.net.clone().ok_or_else(|| {
             MigrateError::Unsupported(
                 "the container has a network namespace given by path; this destination has no \
-                 network setup (ferry serve --bridge NAME or --netns-hook PROG)"
+                 network setup (ferry serve --bridge [IFNAME=]BRIDGE or --netns-hook PROG)"
                     .into(),
             )
         })?;
@@ -743,6 +743,7 @@ impl<'a> Receiver<'a> {
                     crate::net::NetError::Clash { .. } => {
                         MigrateError::Op(crate::ops::OpError::Conflict(e.to_string()))
                     }
+                    crate::net::NetError::Unsupported(why) => MigrateError::Unsupported(why),
                     e => MigrateError::Net(e.to_string()),
                 },
             )?;

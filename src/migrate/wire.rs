@@ -5,15 +5,16 @@
 //! fails to decode. File data travels in [`Kind::Chunk`] frames as raw bytes; every other
 //! message's payload is one JSON object.
 //!
-//! Protocol version 1 — the message sequence (S = source, `ferry migrate`; D = destination,
-//! `ferry serve`):
+//! Protocol version 2 — the message sequence (S = source, `ferry migrate`; D = destination,
+//! `ferry serve`). Version 1 carried one network interface's facts at the top of `net`; 2
+//! carries a list, `net.ifaces`.
 //!
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
 //! S→D Proof{nonce_s, mac_s}                D→S Welcome{mac_d, session}   (or Error, close)
 //! S→D Prepare{container, config, versions, features, mode, tcp_established, tcp_close, net}
 //!                                          with net: D creates the namespace, locks it,
-//!                                          configures it, ARP-probes the addresses
+//!                                          configures its interfaces, probes the addresses
 //!                                          D→S Prepared{criu_version, features} | Error
 //! S→D File{cpuinfo} Chunk* FileEnd         (CPUINFO_CHECK on D)  D→S Ok | Error
 //! S→D Manifest{entries, last}*             D→S Need{paths}
@@ -50,9 +51,9 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Versions this build speaks (`ferry --version` prints them; keep the two in step).
-pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+pub const SUPPORTED_VERSIONS: &[u32] = &[2];
 pub const MAGIC: [u8; 2] = *b"FY";
 pub const HEADER_LEN: usize = 8;
 /// Largest payload accepted.

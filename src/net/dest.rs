@@ -3,32 +3,33 @@
 //! Order (all before the source freezes the container):
 //! 1. ferry creates an empty namespace, `ip netns add ferry-<id>` (`/run/netns/ferry-<id>`),
 //! 2. locks it ([`super::lock`]): nothing gets in or out until the commit,
-//! 3. configures it: the built-in setup (`--bridge NAME`: a veth pair whose host end is
-//!    enslaved to the bridge and whose other end, named like the source's interface, gets the
-//!    source's MTU, addresses and routes; `arp_ignore=8` on it until the commit, so it does
-//!    not answer ARP for an address the source still serves (IPv6 neighbour solicitations are
-//!    IP traffic: the lock drops them; IPv6 addresses are added without duplicate address
-//!    detection, which the lock would make pass blindly, and are probed as in 4.) or the
-//!    user's hook (`--netns-hook PROG`: `PROG add <id> <netns-path>` with the facts in the
-//!    environment),
+//! 3. configures it, for each of the source's interfaces: the built-in setup (`--bridge
+//!    [IFNAME=]BRIDGE`: a veth pair whose host end is enslaved to the interface's bridge and
+//!    whose other end, named like the source's interface, gets the source's MTU, addresses
+//!    and routes; `arp_ignore=8` on it until the commit, so it does not answer ARP for an
+//!    address the source still serves (IPv6 neighbour solicitations are IP traffic: the lock
+//!    drops them; IPv6 addresses are added without duplicate address detection, which the
+//!    lock would make pass blindly, and are probed as in 4.) or the user's hook
+//!    (`--netns-hook PROG`: `PROG add <id> <netns-path>` with the interface's facts in the
+//!    environment, once per interface),
 //! 4. probes each address (RFC 5227 ARP probe, or for IPv6 the solicitation of duplicate
-//!    address detection, from the new interface): an answer from any MAC but the source
-//!    container's is a clash, and the migration is refused.
+//!    address detection, from its new interface; all at once): an answer from any MAC but
+//!    the source container's is a clash, and the migration is refused.
 //!
 //! After the commit: the lock goes, ARP answers are back on, and a gratuitous ARP (and for
 //! IPv6 an unsolicited neighbour advertisement) announces the new location. On failure:
-//! `PROG del <id> <netns-path>` (hook), then the namespace is deleted (with the veth in it,
-//! which takes its host end along).
+//! `PROG del <id> <netns-path>` (hook; per interface whose `add` ran, in reverse), then the
+//! namespace is deleted (with the veths in it, which take their host ends along).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::arp::{self, fmt_mac, parse_mac, Mac};
-use super::facts::{NetFacts, Route};
+use super::facts::{valid_ifname, Iface, NetFacts, Route};
 use super::lock::{self, LockMethod};
 use super::ndp;
-use super::{in_ns_cmd, on_ns_thread, run, side_by_side, NetError};
+use super::{in_ns_cmd, joined, on_ns_thread, run, side_by_side, NetError};
 use crate::runtime::last_line;
 
 /// Where ferry creates destination namespaces (`ip netns` keeps them there).
@@ -39,10 +40,65 @@ pub const PROBE_WAIT: Duration = Duration::from_millis(900);
 /// How `ferry serve` builds the network side of a received container.
 #[derive(Debug, Clone)]
 pub enum NetSetup {
-    /// Built-in: a veth into this bridge (in the destination's namespace).
-    Bridge(String),
+    /// Built-in: a veth per interface into its bridge (in the destination's namespace).
+    Bridge(Bridges),
     /// A user program (see the module docs and the README).
     Hook(PathBuf),
+}
+
+/// Which bridge each interface's veth joins: `--bridge [IFNAME=]BRIDGE`, repeatable. A
+/// plain `BRIDGE` takes every interface not named in an `IFNAME=` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bridges {
+    default: Option<String>,
+    named: Vec<(String, String)>,
+}
+
+impl Bridges {
+    /// From the `--bridge` values; a name the kernel would refuse or an interface given twice
+    /// is an error naming it.
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Bridges, NetError> {
+        let mut b = Bridges::default();
+        for a in args.iter().map(AsRef::as_ref) {
+            let (ifname, bridge) = match a.split_once('=') {
+                Some((i, br)) => (Some(i), br),
+                None => (None, a),
+            };
+            if let Some(bad) = [Some(bridge), ifname]
+                .into_iter()
+                .flatten()
+                .find(|n| !valid_ifname(n))
+            {
+                return Err(NetError::Invalid(format!(
+                    "--bridge {a}: {bad:?} is not an interface name"
+                )));
+            }
+            let twice = match ifname {
+                None => b.default.replace(bridge.to_string()).is_some(),
+                Some(i) => {
+                    let seen = b.named.iter().any(|(n, _)| n == i);
+                    b.named.push((i.to_string(), bridge.to_string()));
+                    seen
+                }
+            };
+            if twice {
+                return Err(NetError::Invalid(format!(
+                    "--bridge {a}: {} has a bridge already",
+                    ifname.map_or("every interface".into(), |i| format!("interface {i}"))
+                )));
+            }
+        }
+        Ok(b)
+    }
+
+    /// The bridge for the container's interface `ifname`.
+    pub fn for_iface(&self, ifname: &str) -> Option<&str> {
+        self.named
+            .iter()
+            .find(|(n, _)| n == ifname)
+            .map(|(_, br)| br.as_str())
+            .or(self.default.as_deref())
+    }
 }
 
 /// A destination namespace being prepared for (or handed to) a container.
@@ -54,8 +110,10 @@ pub struct DestNet {
     pub method: LockMethod,
     id: String,
     hook: Option<PathBuf>,
-    /// The interface's MAC here.
-    mac: Option<Mac>,
+    /// How many interfaces the hook's `add` was called for (in the facts' order).
+    hooked: usize,
+    /// The interfaces' MACs here (in the facts' order, once configured).
+    macs: Vec<Mac>,
 }
 
 /// `ferry-<id>`, or a hash of the id when that is too long for a file name.
@@ -70,11 +128,12 @@ fn netns_name(id: &str) -> String {
     format!("ferry-{:016x}", h.finish())
 }
 
-/// Host-side veth name: at most 15 characters, unique enough per container and serve.
-fn host_veth(id: &str) -> String {
+/// Host-side veth name: at most 15 characters, unique enough per container, interface and
+/// serve.
+fn host_veth(id: &str, ifname: &str) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (id, std::process::id()).hash(&mut h);
+    (id, ifname, std::process::id()).hash(&mut h);
     format!("fy{:08x}", h.finish() as u32)
 }
 
@@ -100,6 +159,19 @@ impl DestNet {
                 method.name()
             )));
         }
+        if let NetSetup::Bridge(b) = setup {
+            if let Some(f) = facts
+                .ifaces
+                .iter()
+                .find(|f| b.for_iface(&f.ifname).is_none())
+            {
+                return Err(NetError::Unsupported(format!(
+                    "the container's interface {} has no bridge on this destination (ferry \
+                     serve --bridge {}=BRIDGE)",
+                    f.ifname, f.ifname
+                )));
+            }
+        }
         let name = netns_name(id);
         let path = Path::new(NETNS_DIR).join(&name);
         if path.exists() {
@@ -116,7 +188,8 @@ impl DestNet {
             method,
             id: id.to_string(),
             hook: None,
-            mac: None,
+            hooked: 0,
+            macs: Vec::new(),
         };
         if let Err(e) = me.configure(setup, source) {
             me.remove();
@@ -128,39 +201,52 @@ impl DestNet {
     fn configure(&mut self, setup: &NetSetup, source: &str) -> Result<(), NetError> {
         lock::lock(&self.path, self.method, self.facts.has_ipv6())?;
         match setup {
-            NetSetup::Bridge(br) => self.builtin(br)?,
+            NetSetup::Bridge(b) => self.builtin(b)?,
             NetSetup::Hook(prog) => {
                 self.hook = Some(prog.clone());
-                self.call_hook(prog, "add", source)?;
+                for f in &self.facts.ifaces {
+                    self.hooked += 1;
+                    self.call_hook(prog, "add", f, source)?;
+                }
             }
         }
-        let links = run(in_ns_cmd(&self.path, "ip").args([
-            "-j",
-            "link",
-            "show",
-            "dev",
-            &self.facts.ifname,
-        ]))
-        .map_err(|e| {
-            NetError::Invalid(format!(
-                "no interface {} in {} after the setup: {e}",
-                self.facts.ifname,
-                self.path.display()
-            ))
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&links)
+        let links = run(in_ns_cmd(&self.path, "ip").args(["-j", "link", "show"]))?;
+        let v: Vec<serde_json::Value> = serde_json::from_str(&links)
             .map_err(|e| NetError::Facts(format!("ip -j link: {e}")))?;
-        self.mac = v[0]["address"].as_str().and_then(parse_mac);
+        for f in &self.facts.ifaces {
+            let link = v.iter().find(|l| l["ifname"] == f.ifname.as_str());
+            let Some(link) = link else {
+                return Err(NetError::Invalid(format!(
+                    "no interface {} in {} after the setup",
+                    f.ifname,
+                    self.path.display()
+                )));
+            };
+            let mac = link["address"]
+                .as_str()
+                .and_then(parse_mac)
+                .ok_or_else(|| NetError::Invalid(format!("interface {} has no MAC", f.ifname)))?;
+            self.macs.push(mac);
+        }
         self.clash_check()
     }
 
-    fn ip(&self, args: &[&str]) -> Result<String, NetError> {
+    fn ip<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String, NetError> {
         run(in_ns_cmd(&self.path, "ip").args(args))
     }
 
-    fn builtin(&self, bridge: &str) -> Result<(), NetError> {
-        let f = &self.facts;
-        let hv = host_veth(&self.id);
+    fn builtin(&self, bridges: &Bridges) -> Result<(), NetError> {
+        self.ip(&["link", "set", "lo", "up"])?;
+        for f in &self.facts.ifaces {
+            // prepare() checked that every interface has one.
+            let bridge = bridges.for_iface(&f.ifname).unwrap_or_default();
+            self.builtin_iface(f, bridge)?;
+        }
+        Ok(())
+    }
+
+    fn builtin_iface(&self, f: &Iface, bridge: &str) -> Result<(), NetError> {
+        let hv = host_veth(&self.id, &f.ifname);
         let mtu = f.mtu.to_string();
         run(std::process::Command::new("ip").args([
             "link", "add", &hv, "mtu", &mtu, "type", "veth", "peer", "name", &f.ifname, "mtu",
@@ -172,8 +258,7 @@ impl DestNet {
             let _ = run(std::process::Command::new("ip").args(["link", "del", &hv]));
             return Err(e);
         }
-        self.ip(&["link", "set", "lo", "up"])?;
-        self.set_arp_ignore(8)?;
+        self.set_arp_ignore(&f.ifname, 8)?;
         for a in &f.addrs {
             self.ip(&["addr", "add", a, "dev", &f.ifname])?;
         }
@@ -188,25 +273,30 @@ impl DestNet {
         for r in &f.routes6 {
             self.ip(&route_args("-6", "replace", r, &f.ifname))?;
         }
-        tracing::info!(netns = %self.path.display(), bridge, veth = %hv, "destination network ready (locked)");
+        tracing::info!(netns = %self.path.display(), ifname = %f.ifname, bridge, veth = %hv, "destination interface ready (locked)");
         Ok(())
     }
 
-    fn set_arp_ignore(&self, v: u8) -> Result<(), NetError> {
-        run(in_ns_cmd(&self.path, "sysctl").args([
-            "-qw",
-            &format!("net.ipv4.conf.{}.arp_ignore={v}", self.facts.ifname),
-        ]))
+    fn set_arp_ignore(&self, ifname: &str, v: u8) -> Result<(), NetError> {
+        run(in_ns_cmd(&self.path, "sysctl")
+            .args(["-qw", &format!("net.ipv4.conf.{ifname}.arp_ignore={v}")]))
         .map(|_| ())
     }
 
-    fn call_hook(&self, prog: &Path, action: &'static str, source: &str) -> Result<(), NetError> {
-        let f = &self.facts;
+    fn call_hook(
+        &self,
+        prog: &Path,
+        action: &'static str,
+        f: &Iface,
+        source: &str,
+    ) -> Result<(), NetError> {
+        // `dst[,via[,metric]]` (via empty when a route without one has a metric).
         let routes = |rs: &[Route]| -> String {
             rs.iter()
-                .map(|r| match &r.via {
-                    Some(v) => format!("{},{v}", r.dst),
-                    None => r.dst.clone(),
+                .map(|r| match (&r.via, r.metric) {
+                    (via, Some(m)) => format!("{},{},{m}", r.dst, via.as_deref().unwrap_or("")),
+                    (Some(v), None) => format!("{},{v}", r.dst),
+                    (None, None) => r.dst.clone(),
                 })
                 .collect::<Vec<_>>()
                 .join(" ")
@@ -217,6 +307,7 @@ impl DestNet {
             .env("FERRY_CONTAINER_ID", &self.id)
             .env("FERRY_NETNS", &self.path)
             .env("FERRY_IFNAME", &f.ifname)
+            .env("FERRY_IFNAMES", self.facts.names())
             .env("FERRY_MAC", &f.mac)
             .env("FERRY_MTU", f.mtu.to_string())
             .env("FERRY_ADDRS", f.addrs.join(" "))
@@ -229,6 +320,7 @@ impl DestNet {
             .map_err(|e| NetError::Hook {
                 prog: prog.display().to_string(),
                 action,
+                ifname: f.ifname.clone(),
                 why: e.to_string(),
             })?;
         if out.status.success() {
@@ -238,6 +330,7 @@ impl DestNet {
         Err(NetError::Hook {
             prog: prog.display().to_string(),
             action,
+            ifname: f.ifname.clone(),
             why: format!(
                 "{} {}",
                 out.status,
@@ -246,26 +339,22 @@ impl DestNet {
         })
     }
 
-    /// Probes every address from the new interface (ARP, IPv6 duplicate address detection);
-    /// anyone but the source answering is a clash.
+    /// Probes every address from its new interface (ARP, IPv6 duplicate address detection),
+    /// all interfaces and both families at once; anyone but the source answering is a clash.
     fn clash_check(&self) -> Result<(), NetError> {
-        let own = self.mac.ok_or_else(|| {
-            NetError::Invalid(format!("interface {} has no MAC", self.facts.ifname))
-        })?;
-        let allowed: Vec<Mac> = parse_mac(&self.facts.mac).into_iter().collect();
-        let ifname = self.facts.ifname.clone();
-        let (ips, ips6) = (self.facts.ips(), self.facts.ips6());
-        // Both families at once: every address is probed for the same 0.9 s.
-        let found = on_ns_thread(&self.path, || {
+        let allowed = self.facts.macs();
+        let found = self.on_each_iface(|f, own| {
+            let (ips, ips6) = (f.ips(), f.ips6());
+            // Every address is probed for the same 0.9 s.
             let (v4, v6) = side_by_side(
-                || arp::probe(&ifname, own, &ips, &allowed, PROBE_WAIT),
-                || ndp::probe(&ifname, own, &ips6, &allowed, PROBE_WAIT),
+                || arp::probe(&f.ifname, own, &ips, &allowed, PROBE_WAIT),
+                || ndp::probe(&f.ifname, own, &ips6, &allowed, PROBE_WAIT),
                 "NDP probe",
             );
             let v4 = v4?.map(|(ip, mac)| (IpAddr::V4(ip), mac));
-            Ok::<_, NetError>(v4.or(v6?.map(|(ip, mac)| (IpAddr::V6(ip), mac))))
-        })??;
-        match found {
+            Ok(v4.or(v6?.map(|(ip, mac)| (IpAddr::V6(ip), mac))))
+        })?;
+        match found.into_iter().flatten().next() {
             Some((ip, mac)) => Err(NetError::Clash {
                 addr: ip.to_string(),
                 mac: fmt_mac(&mac),
@@ -274,38 +363,65 @@ impl DestNet {
         }
     }
 
+    /// Runs `job` for every interface (with its MAC here), each on its own thread inside
+    /// the namespace, all at once; the results in the facts' order, the first error if any.
+    fn on_each_iface<T: Send>(
+        &self,
+        job: impl Fn(&Iface, Mac) -> Result<T, NetError> + Sync,
+    ) -> Result<Vec<T>, NetError> {
+        let job = &job;
+        on_ns_thread(&self.path, || {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .facts
+                    .ifaces
+                    .iter()
+                    .zip(&self.macs)
+                    .map(|(f, &mac)| s.spawn(move || job(f, mac)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| joined(h, "interface"))
+                    .collect::<Result<Vec<T>, NetError>>()
+            })
+        })?
+    }
+
     /// At the commit: lock off, ARP answers on (built-in setup).
     pub fn unlock(&self) -> Result<(), NetError> {
         lock::unlock(&self.path, self.method, self.facts.has_ipv6())?;
         if self.hook.is_none() {
-            self.set_arp_ignore(0)?;
+            for f in &self.facts.ifaces {
+                self.set_arp_ignore(&f.ifname, 0)?;
+            }
         }
         Ok(())
     }
 
     /// Gratuitous ARP and unsolicited neighbour advertisements for the container's addresses
-    /// from its new interface.
+    /// from their new interfaces.
     pub fn announce(&self) -> Result<(), NetError> {
-        let Some(mac) = self.mac else { return Ok(()) };
-        let ips: Vec<Ipv4Addr> = self.facts.ips();
-        let ips6 = self.facts.ips6();
-        let ifname = self.facts.ifname.clone();
-        on_ns_thread(&self.path, || {
+        self.on_each_iface(|f, mac| {
+            let (ips, ips6) = (f.ips(), f.ips6());
             // Both families together: three rounds, 100 ms apart.
             let (v4, v6) = side_by_side(
-                || arp::announce(&ifname, mac, &ips, 3),
-                || ndp::announce(&ifname, mac, &ips6, 3),
+                || arp::announce(&f.ifname, mac, &ips, 3),
+                || ndp::announce(&f.ifname, mac, &ips6, 3),
                 "NDP announcement",
             );
             v4.and(v6)
-        })?
+        })
+        .map(|_| ())
     }
 
-    /// Undo: the hook's `del`, then the namespace (and the veth in it).
+    /// Undo: the hook's `del` (for each interface its `add` was called for, in reverse),
+    /// then the namespace (and the veths in it).
     pub fn remove(&self) {
         if let Some(prog) = &self.hook {
-            if let Err(e) = self.call_hook(prog, "del", "") {
-                tracing::warn!("cleanup: {e}");
+            for f in self.facts.ifaces[..self.hooked].iter().rev() {
+                if let Err(e) = self.call_hook(prog, "del", f, "") {
+                    tracing::warn!("cleanup: {e}");
+                }
             }
         }
         if let Err(e) = run(std::process::Command::new("ip").args(["netns", "del", &self.name])) {
@@ -314,13 +430,16 @@ impl DestNet {
     }
 }
 
-/// `ip <family> route <verb> DST [via V] dev IF`.
-fn route_args<'a>(family: &'a str, verb: &'a str, r: &'a Route, ifname: &'a str) -> Vec<&'a str> {
-    let mut args = vec![family, "route", verb, r.dst.as_str()];
+/// `ip <family> route <verb> DST [via V] dev IF [metric M]`.
+fn route_args(family: &str, verb: &str, r: &Route, ifname: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec![family.into(), "route".into(), verb.into(), r.dst.clone()];
     if let Some(v) = &r.via {
-        args.extend(["via", v.as_str()]);
+        args.extend(["via".into(), v.clone()]);
     }
-    args.extend(["dev", ifname]);
+    args.extend(["dev".into(), ifname.into()]);
+    if let Some(m) = r.metric {
+        args.extend(["metric".into(), m.to_string()]);
+    }
     args
 }
 
@@ -420,7 +539,55 @@ mod tests {
     fn names_fit() {
         assert_eq!(netns_name("c1"), "ferry-c1");
         assert!(netns_name(&"x".repeat(300)).len() < 30);
-        assert!(host_veth("a-very-long-container-id-indeed").len() <= 15);
+        assert!(host_veth("a-very-long-container-id-indeed", "eth0").len() <= 15);
+        assert_ne!(host_veth("c1", "eth0"), host_veth("c1", "net1"));
         assert!(remove_source_netns(Path::new("/proc/1/ns/net")).is_err());
+    }
+
+    #[test]
+    fn bridges_per_interface() {
+        let b = Bridges::parse(&["br0", "net1=br1"]).unwrap();
+        assert_eq!(b.for_iface("eth0"), Some("br0"));
+        assert_eq!(b.for_iface("net1"), Some("br1"));
+        let only = Bridges::parse(&["net1=br1"]).unwrap();
+        assert_eq!(only.for_iface("eth0"), None);
+        assert_eq!(Bridges::parse::<&str>(&[]).unwrap(), Bridges::default());
+        let err = |a: &[&str]| Bridges::parse(a).unwrap_err().to_string();
+        assert_eq!(
+            err(&["br0", "br1"]),
+            "--bridge br1: every interface has a bridge already"
+        );
+        assert_eq!(
+            err(&["net1=br1", "net1=br2"]),
+            "--bridge net1=br2: interface net1 has a bridge already"
+        );
+        assert_eq!(
+            err(&["net1=a-name-far-too-long"]),
+            "--bridge net1=a-name-far-too-long: \"a-name-far-too-long\" is not an interface name"
+        );
+        assert!(err(&["=br0"]).contains("\"\" is not an interface name"));
+        assert!(err(&["eth0=br 0"]).contains("is not an interface name"));
+    }
+
+    #[test]
+    fn routes_keep_their_metric() {
+        let r = Route {
+            dst: "default".into(),
+            via: Some("10.0.0.1".into()),
+            metric: Some(200),
+        };
+        assert_eq!(
+            route_args("-4", "add", &r, "net1").join(" "),
+            "-4 route add default via 10.0.0.1 dev net1 metric 200"
+        );
+        let r = Route {
+            dst: "fd00::/64".into(),
+            via: None,
+            metric: None,
+        };
+        assert_eq!(
+            route_args("-6", "replace", &r, "eth0").join(" "),
+            "-6 route replace fd00::/64 dev eth0"
+        );
     }
 }

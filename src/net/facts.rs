@@ -1,37 +1,54 @@
 //! The network facts of a container's namespace, read on the source before anything moves.
 //!
-//! One interface is carried: the non-loopback interface with a global address (a CNI
-//! container has exactly one, usually `eth0`). Its IPv4 and global IPv6 addresses (with
-//! prefix lengths), MTU and MAC, and the namespace's IPv4 and IPv6 routes through it that the
-//! kernel did not add by itself (the default route through the bridge's gateway, say).
-//! Link-local IPv6 addresses are not carried: the kernel makes them anew on any interface.
-//! A namespace with global addresses on a second interface is refused: the container would
-//! come up on the destination without them.
+//! Every non-loopback interface with a global address is carried (a CNI container has one,
+//! usually `eth0`; a pod with extra networks, Multus style, has more): its IPv4 and global
+//! IPv6 addresses (with prefix lengths), MTU and MAC, and the namespace's IPv4 and IPv6
+//! routes through it that the kernel did not add by itself (the default route through the
+//! bridge's gateway, say). Link-local IPv6 addresses are not carried: the kernel makes them
+//! anew on any interface. At most [`MAX_IFACES`] interfaces: a namespace with more is
+//! refused.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::arp::{parse_mac, Mac};
 use super::{in_ns_cmd, run, NetError};
 
-/// Most addresses / routes (of each family) accepted from a peer.
+/// Most addresses / routes (of each family, per interface) accepted from a peer.
 pub const MAX_ITEMS: usize = 64;
+/// Most interfaces carried.
+pub const MAX_IFACES: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Route {
     /// "default" or a CIDR.
     pub dst: String,
     /// The next hop, if any.
     #[serde(default)]
     pub via: Option<String>,
+    /// The route's metric unless it is the family's default (two default routes through two
+    /// interfaces differ in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
 }
 
-/// What the destination must rebuild. A field this build does not know is refused, not
-/// ignored: it would be something of the container's network that does not arrive.
+/// What the destination must rebuild: the interfaces. A field this build does not know is
+/// refused, not ignored: it would be something of the container's network that does not
+/// arrive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetFacts {
+    /// In the source's order (by interface index).
+    pub ifaces: Vec<Iface>,
+}
+
+/// One interface of the namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Iface {
     /// Interface name inside the namespace (e.g. `eth0`).
     pub ifname: String,
     /// Its MAC on the source (the destination uses a fresh one and announces it).
@@ -49,19 +66,55 @@ pub struct NetFacts {
 }
 
 impl NetFacts {
-    /// Checks what a peer sent before anything is done with it: sizes, an interface name
-    /// the kernel accepts, addresses and routes that parse.
+    /// Checks what a peer sent before anything is done with it: how many interfaces, names
+    /// that differ, and each interface ([`Iface::validate`]).
+    pub fn validate(&self) -> Result<(), NetError> {
+        if self.ifaces.is_empty() || self.ifaces.len() > MAX_IFACES {
+            return Err(NetError::Invalid(format!(
+                "network facts: {} interfaces (1 to {MAX_IFACES} are carried)",
+                self.ifaces.len()
+            )));
+        }
+        for (i, f) in self.ifaces.iter().enumerate() {
+            if self.ifaces[..i].iter().any(|g| g.ifname == f.ifname) {
+                return Err(NetError::Invalid(format!(
+                    "network facts: interface {:?} twice",
+                    f.ifname
+                )));
+            }
+            f.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the container has IPv6 addresses (then the destination locks IPv6 too).
+    pub fn has_ipv6(&self) -> bool {
+        self.ifaces.iter().any(|f| !f.addrs6.is_empty())
+    }
+
+    /// The source's MACs (a clash probe answered by one of them is the source itself).
+    pub fn macs(&self) -> Vec<Mac> {
+        self.ifaces
+            .iter()
+            .filter_map(|f| parse_mac(&f.mac))
+            .collect()
+    }
+
+    /// The interface names, e.g. `eth0 net1`.
+    pub fn names(&self) -> String {
+        let names: Vec<&str> = self.ifaces.iter().map(|f| f.ifname.as_str()).collect();
+        names.join(" ")
+    }
+}
+
+impl Iface {
+    /// Sizes, an interface name the kernel accepts, addresses and routes that parse.
     pub fn validate(&self) -> Result<(), NetError> {
         let bad = |w: String| Err(NetError::Invalid(format!("network facts: {w}")));
-        if self.ifname.is_empty()
-            || self.ifname.len() > 15
-            || !self
-                .ifname
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
+        if !valid_ifname(&self.ifname) {
             return bad(format!("interface name {:?}", self.ifname));
         }
+        let bad = |w: String| bad(format!("{}: {w}", self.ifname));
         if self.addrs.is_empty() && self.addrs6.is_empty() {
             return bad("no address".into());
         }
@@ -86,7 +139,7 @@ impl NetFacts {
         if !(68..=65535).contains(&self.mtu) {
             return bad(format!("mtu {}", self.mtu));
         }
-        if self.has_ipv6() && self.mtu < 1280 {
+        if !self.addrs6.is_empty() && self.mtu < 1280 {
             return bad(format!("mtu {} is below IPv6's 1280", self.mtu));
         }
         Ok(())
@@ -109,11 +162,16 @@ impl NetFacts {
             .map(|(ip, _)| ip)
             .collect()
     }
+}
 
-    /// Whether the container has IPv6 addresses (then the destination locks IPv6 too).
-    pub fn has_ipv6(&self) -> bool {
-        !self.addrs6.is_empty()
-    }
+/// An interface name the kernel accepts (and a shell would not split or expand).
+pub(crate) fn valid_ifname(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 15
+        && n != "."
+        && n != ".."
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// Addresses and route destinations (or `default`) that are CIDRs of one family
@@ -194,8 +252,9 @@ fn global_addrs(iface: &serde_json::Value, family: &str) -> Vec<String> {
 }
 
 /// The routes of `ip -j route` output through `ifname` that were not made by the kernel
-/// (nor IPv6's link-local ones).
-fn user_routes(routes: &[serde_json::Value], ifname: &str) -> Vec<Route> {
+/// (nor IPv6's link-local ones); a metric only when it is not the family's default
+/// (`default_metric`: 0 for IPv4, 1024 for IPv6).
+fn user_routes(routes: &[serde_json::Value], ifname: &str, default_metric: u64) -> Vec<Route> {
     routes
         .iter()
         .filter(|r| r["protocol"] != "kernel" && r["dev"].as_str() == Some(ifname))
@@ -204,6 +263,10 @@ fn user_routes(routes: &[serde_json::Value], ifname: &str) -> Vec<Route> {
             Some(Route {
                 dst: r["dst"].as_str()?.to_string(),
                 via: r["gateway"].as_str().map(str::to_string),
+                metric: r["metric"]
+                    .as_u64()
+                    .filter(|&m| m != default_metric)
+                    .and_then(|m| u32::try_from(m).ok()),
             })
         })
         .collect()
@@ -227,39 +290,43 @@ pub fn from_json(
     let links = parse(links, "link")?;
     let routes = parse(routes, "route")?;
     let routes6 = parse(routes6, "-6 route")?;
-    let mut with_global = addrs.iter().filter(|l| {
-        l["ifname"].as_str() != Some("lo")
-            && l["addr_info"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(is_global))
-    });
-    let Some(iface) = with_global.next() else {
+    let with_global: Vec<&serde_json::Value> = addrs
+        .iter()
+        .filter(|l| {
+            l["ifname"].as_str() != Some("lo")
+                && l["addr_info"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(is_global))
+        })
+        .collect();
+    if with_global.is_empty() {
         return Ok(None);
-    };
-    let ifname = iface["ifname"].as_str().unwrap_or_default().to_string();
-    if let Some(other) = with_global.next() {
-        let other_name = other["ifname"].as_str().unwrap_or("?");
-        let mut theirs = global_addrs(other, "inet");
-        theirs.extend(global_addrs(other, "inet6"));
+    }
+    if with_global.len() > MAX_IFACES {
         return Err(NetError::Unsupported(format!(
-            "the network namespace has addresses on {ifname} and on {other_name} ({}); ferry \
-             carries one interface, and the container would lose the other",
-            theirs.join(" ")
+            "the network namespace has addresses on {} interfaces; ferry carries at most \
+             {MAX_IFACES}",
+            with_global.len()
         )));
     }
-    let link = links
-        .iter()
-        .find(|l| l["ifname"].as_str() == Some(ifname.as_str()))
-        .ok_or_else(|| NetError::Facts(format!("no link {ifname}")))?;
-    let f = NetFacts {
-        mac: link["address"].as_str().unwrap_or_default().to_string(),
-        mtu: link["mtu"].as_u64().unwrap_or(1500) as u32,
-        addrs: global_addrs(iface, "inet"),
-        routes: user_routes(&routes, &ifname),
-        addrs6: global_addrs(iface, "inet6"),
-        routes6: user_routes(&routes6, &ifname),
-        ifname,
-    };
+    let mut ifaces = Vec::with_capacity(with_global.len());
+    for iface in with_global {
+        let ifname = iface["ifname"].as_str().unwrap_or_default().to_string();
+        let link = links
+            .iter()
+            .find(|l| l["ifname"].as_str() == Some(ifname.as_str()))
+            .ok_or_else(|| NetError::Facts(format!("no link {ifname}")))?;
+        ifaces.push(Iface {
+            mac: link["address"].as_str().unwrap_or_default().to_string(),
+            mtu: link["mtu"].as_u64().unwrap_or(1500) as u32,
+            addrs: global_addrs(iface, "inet"),
+            routes: user_routes(&routes, &ifname, 0),
+            addrs6: global_addrs(iface, "inet6"),
+            routes6: user_routes(&routes6, &ifname, 1024),
+            ifname,
+        });
+    }
+    let f = NetFacts { ifaces };
     f.validate()?;
     Ok(Some(f))
 }
@@ -274,11 +341,13 @@ mod tests {
         {"ifname":"eth0","mtu":1450,"address":"02:42:0a:58:00:05"}]"#;
     const ROUTES: &str = r#"[{"dst":"default","gateway":"10.88.0.1","dev":"eth0","flags":[]},
         {"dst":"10.88.0.0/16","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"10.88.0.5"},
-        {"dst":"10.99.0.0/24","gateway":"10.88.0.254","dev":"eth0"}]"#;
+        {"dst":"10.99.0.0/24","gateway":"10.88.0.254","dev":"eth0","metric":100}]"#;
 
     #[test]
     fn facts_of_a_cni_namespace() {
-        let f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
+        let facts = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
+        assert_eq!(facts.ifaces.len(), 1);
+        let f = &facts.ifaces[0];
         assert_eq!(f.ifname, "eth0");
         assert_eq!(f.mac, "02:42:0a:58:00:05");
         assert_eq!(f.mtu, 1450);
@@ -288,11 +357,13 @@ mod tests {
             vec![
                 Route {
                     dst: "default".into(),
-                    via: Some("10.88.0.1".into())
+                    via: Some("10.88.0.1".into()),
+                    metric: None,
                 },
                 Route {
                     dst: "10.99.0.0/24".into(),
-                    via: Some("10.88.0.254".into())
+                    via: Some("10.88.0.254".into()),
+                    metric: Some(100),
                 }
             ]
         );
@@ -318,8 +389,9 @@ mod tests {
         let routes6 = r#"[{"dst":"fd00:88::/64","dev":"eth0","protocol":"kernel","metric":256},
             {"dst":"fe80::/64","dev":"eth0","protocol":"kernel","metric":256},
             {"dst":"fd00:99::/48","gateway":"fe80::1","dev":"eth0","metric":1024},
-            {"dst":"default","gateway":"fd00:88::1","dev":"eth0","protocol":"ra","metric":1024}]"#;
-        let f = from_json(addrs, LINKS, ROUTES, routes6).unwrap().unwrap();
+            {"dst":"default","gateway":"fd00:88::1","dev":"eth0","protocol":"ra","metric":100}]"#;
+        let facts = from_json(addrs, LINKS, ROUTES, routes6).unwrap().unwrap();
+        let f = &facts.ifaces[0];
         assert_eq!(f.addrs, vec!["10.88.0.5/16"]);
         assert_eq!(f.addrs6, vec!["fd00:88::5/64"]);
         assert_eq!(
@@ -327,18 +399,21 @@ mod tests {
             vec![
                 Route {
                     dst: "fd00:99::/48".into(),
-                    via: Some("fe80::1".into())
+                    via: Some("fe80::1".into()),
+                    metric: None,
                 },
                 Route {
                     dst: "default".into(),
-                    via: Some("fd00:88::1".into())
+                    via: Some("fd00:88::1".into()),
+                    metric: Some(100),
                 }
             ]
         );
         assert_eq!(f.ips6(), vec!["fd00:88::5".parse::<Ipv6Addr>().unwrap()]);
         // IPv6 only.
         let v6only = r#"[{"ifname":"eth0","addr_info":[{"family":"inet6","local":"fd00:88::5","prefixlen":64,"scope":"global"}]}]"#;
-        let f = from_json(v6only, LINKS, "[]", "").unwrap().unwrap();
+        let facts = from_json(v6only, LINKS, "[]", "").unwrap().unwrap();
+        let f = &facts.ifaces[0];
         assert!(f.addrs.is_empty() && f.routes6.is_empty());
         assert_eq!(f.addrs6, vec!["fd00:88::5/64"]);
         // Link-local only: nothing to carry.
@@ -347,16 +422,42 @@ mod tests {
     }
 
     #[test]
-    fn addresses_on_a_second_interface_are_refused() {
-        let two = r#"[{"ifname":"eth0","addr_info":[{"family":"inet","local":"10.88.0.5","prefixlen":16,"scope":"global"}]},
+    fn every_interface_with_a_global_address_is_carried() {
+        let two = r#"[{"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},
+            {"ifname":"eth0","addr_info":[{"family":"inet","local":"10.88.0.5","prefixlen":16,"scope":"global"}]},
             {"ifname":"net1","addr_info":[{"family":"inet6","local":"fd00:77::10","prefixlen":64,"scope":"global"},
-            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
-        let e = from_json(two, LINKS, ROUTES, "[]").unwrap_err();
-        assert!(matches!(e, NetError::Unsupported(_)));
-        assert_eq!(
-            e.to_string(),
-            "the network namespace has addresses on eth0 and on net1 (fd00:77::10/64); ferry \
-             carries one interface, and the container would lose the other"
+            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]},
+            {"ifname":"net2","addr_info":[{"family":"inet6","local":"fe80::2","prefixlen":64,"scope":"link"}]}]"#;
+        let links = r#"[{"ifname":"eth0","mtu":1450,"address":"02:42:0a:58:00:05"},
+            {"ifname":"net1","mtu":9000,"address":"02:00:00:00:00:01"},
+            {"ifname":"net2","mtu":1500,"address":"02:00:00:00:00:02"}]"#;
+        let routes6 = r#"[{"dst":"fd00:78::/64","gateway":"fd00:77::1","dev":"net1","metric":1024},
+            {"dst":"default","gateway":"fd00:88::1","dev":"eth0","metric":1024}]"#;
+        let f = from_json(two, links, ROUTES, routes6).unwrap().unwrap();
+        assert_eq!(f.names(), "eth0 net1", "net2 has no global address");
+        let (eth0, net1) = (&f.ifaces[0], &f.ifaces[1]);
+        assert_eq!(eth0.routes.len(), 2);
+        assert_eq!(eth0.routes6.len(), 1, "each interface its own routes");
+        assert_eq!(net1.addrs6, vec!["fd00:77::10/64"]);
+        assert_eq!((net1.mtu, net1.mac.as_str()), (9000, "02:00:00:00:00:01"));
+        assert_eq!(net1.routes6[0].dst, "fd00:78::/64");
+        assert!(net1.addrs.is_empty() && net1.routes.is_empty());
+        assert!(f.has_ipv6());
+        assert_eq!(f.macs().len(), 2);
+        // More than MAX_IFACES: refused, naming the count.
+        let many: Vec<String> = (0..=MAX_IFACES)
+            .map(|i| {
+                format!(
+                    r#"{{"ifname":"n{i}","addr_info":[{{"family":"inet","local":"10.0.{i}.1","prefixlen":24,"scope":"global"}}]}}"#
+                )
+            })
+            .collect();
+        let e = from_json(&format!("[{}]", many.join(",")), links, "[]", "[]").unwrap_err();
+        assert!(matches!(e, NetError::Unsupported(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("on 9 interfaces; ferry carries at most 8"),
+            "{e}"
         );
     }
 
@@ -365,45 +466,68 @@ mod tests {
         let f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
         let mut v = serde_json::to_value(&f).unwrap();
         assert_eq!(serde_json::from_value::<NetFacts>(v.clone()).unwrap(), f);
-        v["vlans"] = serde_json::json!([5]);
-        let e = serde_json::from_value::<NetFacts>(v).unwrap_err();
+        v["ifaces"][0]["vlans"] = serde_json::json!([5]);
+        let e = serde_json::from_value::<NetFacts>(v.clone()).unwrap_err();
         assert!(e.to_string().contains("unknown field `vlans`"), "{e}");
-        // Older peers' facts (no IPv6 fields) still read.
-        let mut old = serde_json::to_value(&f).unwrap();
-        old.as_object_mut().unwrap().remove("addrs6");
-        old.as_object_mut().unwrap().remove("routes6");
-        assert_eq!(serde_json::from_value::<NetFacts>(old).unwrap(), f);
+        v["ifaces"][0].as_object_mut().unwrap().remove("vlans");
+        v["bonds"] = serde_json::json!([]);
+        let e = serde_json::from_value::<NetFacts>(v).unwrap_err();
+        assert!(e.to_string().contains("unknown field `bonds`"), "{e}");
     }
 
     #[test]
     fn peer_facts_are_validated() {
-        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
-        f.ifname = "eth0; rm -rf /".into();
+        let facts = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
+        let one = |change: &dyn Fn(&mut Iface)| {
+            let mut f = facts.clone();
+            change(&mut f.ifaces[0]);
+            f.validate()
+        };
+        assert!(one(&|f| f.ifname = "eth0; rm -rf /".into()).is_err());
+        assert!(one(&|f| f.addrs = vec!["10.0.0.1/33".into()]).is_err());
+        assert!(one(&|f| f.routes[0].via = Some("x".into())).is_err());
+        assert!(one(&|f| f.addrs = vec!["10.0.0.1/24".into(); MAX_ITEMS + 1]).is_err());
+        assert!(one(&|f| f.addrs6 = vec!["fd00::1/129".into()]).is_err());
+        one(&|f| f.addrs6 = vec!["fd00::1/64".into()]).unwrap();
+        let v4_hop = |f: &mut Iface| {
+            f.addrs6 = vec!["fd00::1/64".into()];
+            f.routes6 = vec![Route {
+                dst: "default".into(),
+                via: Some("10.0.0.1".into()),
+                metric: None,
+            }];
+        };
+        assert!(one(&v4_hop).is_err(), "an IPv4 next hop for an IPv6 route");
+        let low_mtu = |f: &mut Iface| {
+            f.addrs6 = vec!["fd00::1/64".into()];
+            f.mtu = 1000;
+        };
+        let e = one(&low_mtu).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network facts: eth0: mtu 1000 is below IPv6's 1280"
+        );
+        assert!(one(&|f| f.addrs.clear()).is_err(), "no address at all");
+        // The interface list: not empty, not too long, no name twice.
+        let mut f = facts.clone();
+        f.ifaces.clear();
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
-        f.addrs = vec!["10.0.0.1/33".into()];
+        let mut f = facts.clone();
+        f.ifaces.push(f.ifaces[0].clone());
+        assert!(f
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("\"eth0\" twice"));
+        let mut f = facts.clone();
+        f.ifaces = (0..=MAX_IFACES)
+            .map(|i| Iface {
+                ifname: format!("n{i}"),
+                ..facts.ifaces[0].clone()
+            })
+            .collect();
         assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
-        f.routes[0].via = Some("x".into());
-        assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
-        f.addrs = vec!["10.0.0.1/24".into(); MAX_ITEMS + 1];
-        assert!(f.validate().is_err());
-        let mut f = from_json(ADDRS, LINKS, ROUTES, "[]").unwrap().unwrap();
-        f.addrs6 = vec!["fd00::1/129".into()];
-        assert!(f.validate().is_err());
-        f.addrs6 = vec!["fd00::1/64".into()];
+        f.ifaces.pop();
         f.validate().unwrap();
-        f.routes6 = vec![Route {
-            dst: "default".into(),
-            via: Some("10.0.0.1".into()),
-        }];
-        assert!(f.validate().is_err(), "an IPv4 next hop for an IPv6 route");
-        f.routes6.clear();
-        f.mtu = 1000;
-        assert!(f.validate().is_err(), "IPv6 below 1280");
-        f.addrs.clear();
-        f.addrs6.clear();
-        assert!(f.validate().is_err(), "no address at all");
     }
 }

@@ -1,6 +1,6 @@
 //! Network continuity for containers whose network namespace is given by path (CNI style).
 //!
-//! - [`facts`]: what the source's namespace looks like (interface, MAC, addresses, routes),
+//! - [`facts`]: what the source's namespace looks like (interfaces, MACs, addresses, routes),
 //!   read with `ip -j` inside it, carried to the destination in the Prepare message,
 //! - [`lock`]: the network lock (iptables or nftables, whichever the host has): the method
 //!   CRIU uses on the source, and ferry's own lock of the destination namespace from its
@@ -42,10 +42,11 @@ pub enum NetError {
         ifname: String,
         source: std::io::Error,
     },
-    #[error("--netns-hook {prog} {action}: {why}")]
+    #[error("--netns-hook {prog} {action} (interface {ifname}): {why}")]
     Hook {
         prog: String,
         action: &'static str,
+        ifname: String,
         why: String,
     },
     #[error("{0}")]

@@ -5,11 +5,12 @@
 //!
 //! ```text
 //!   client ns (fcli-…)                src host ns (fsrc-…)          dst host ns (fdst-…)
-//!   br0 10.77.0.100/24  ── us ══ up0 ─ br0 ─ vc0 ══ eth0 (fct-…)      br0 ─ (ferry's veth)
-//!                       ── ud ═══════════════════════════════ up0 ─┘
+//!   br0 10.77.0.100/24  ── us0 ═ up0 ─ br0 ─ vc0 ══ eth0 (fct-…)      br0 ─ (ferry's veth)
+//!                       ── ud0 ══════════════════════════════ up0 ─┘
 //! ```
 //! The container namespace `fct-…` holds eth0 = 10.77.0.10/24 with a default route via the
-//! client (so that a route is carried too). Interface names inside namespaces are fixed;
+//! client (so that a route is carried too). [`BridgedHosts::add_second_network`] adds the
+//! same again as `br1` / `net1` (10.78.0.0/24). Interface names inside namespaces are fixed;
 //! namespace names carry the test process's pid and a sequence number.
 
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +22,9 @@ use super::*;
 
 pub const CLIENT_IP: &str = "10.77.0.100";
 pub const CONTAINER_IP: &str = "10.77.0.10";
+/// Addresses on the second network of [`BridgedHosts::add_second_network`].
+pub const CLIENT_IP_NET1: &str = "10.78.0.100";
+pub const CONTAINER_IP_NET1: &str = "10.78.0.10";
 /// IPv6 addresses of [`BridgedHosts::add_ipv6`].
 pub const CLIENT_IP6: &str = "fd00:77::100";
 pub const CONTAINER_IP6: &str = "fd00:77::10";
@@ -103,71 +107,86 @@ impl BridgedHosts {
         for ns in [&b.client_ns, &b.container_ns] {
             let _ = ip(&["netns", "del", ns]);
         }
-        let (c, s, d, k) = (
-            b.client_ns.as_str(),
-            b.th.src_ns.as_str(),
-            b.th.dst_ns.as_str(),
-            b.container_ns.as_str(),
-        );
+        let (c, k) = (b.client_ns.as_str(), b.container_ns.as_str());
         ipc(&["netns", "add", c]);
         ipc(&["netns", "add", k]);
+        b.add_network(0, CLIENT_IP, CONTAINER_IP, "eth0");
+        ipc(&["-n", c, "link", "set", "lo", "up"]);
+        ipc(&["-n", k, "link", "set", "lo", "up"]);
+        ipc(&["-n", k, "route", "add", "default", "via", CLIENT_IP]);
+        b
+    }
+
+    /// Network `n`: a bridge `br<n>` in the client namespace and both hosts, the hosts'
+    /// joined to the client's (`us<n>`/`ud<n>` ── `up<n>`), the client `client_ip/24` on
+    /// it; the container's interface `ifname` = `container_ip/24`, CNI style: a veth
+    /// (`vc<n>` on the host side) into the source host's bridge.
+    fn add_network(&self, n: u8, client_ip: &str, container_ip: &str, ifname: &str) {
+        let (c, s, d, k) = (
+            self.client_ns.as_str(),
+            self.th.src_ns.as_str(),
+            self.th.dst_ns.as_str(),
+            self.container_ns.as_str(),
+        );
+        let [br, us, ud, up, vc] = ["br", "us", "ud", "up", "vc"].map(|p| format!("{p}{n}"));
         for ns in [c, s, d] {
-            ipc(&["-n", ns, "link", "add", "br0", "type", "bridge"]);
+            ipc(&["-n", ns, "link", "add", &br, "type", "bridge"]);
             // No spanning tree delay: ports forward at once.
             ipc(&[
                 "-n",
                 ns,
                 "link",
                 "set",
-                "br0",
+                &br,
                 "type",
                 "bridge",
                 "forward_delay",
                 "0",
             ]);
         }
-        ipc(&[
-            "-n", c, "link", "add", "us", "type", "veth", "peer", "name", "up0", "netns", s,
-        ]);
-        ipc(&[
-            "-n", c, "link", "add", "ud", "type", "veth", "peer", "name", "up0", "netns", d,
-        ]);
-        for port in ["us", "ud"] {
-            ipc(&["-n", c, "link", "set", port, "master", "br0", "up"]);
+        for (port, host) in [(&us, s), (&ud, d)] {
+            ipc(&[
+                "-n", c, "link", "add", port, "type", "veth", "peer", "name", &up, "netns", host,
+            ]);
+            ipc(&["-n", c, "link", "set", port, "master", &br, "up"]);
         }
         for ns in [s, d] {
-            ipc(&["-n", ns, "link", "set", "up0", "master", "br0", "up"]);
-            ipc(&["-n", ns, "link", "set", "br0", "up"]);
+            ipc(&["-n", ns, "link", "set", &up, "master", &br, "up"]);
+            ipc(&["-n", ns, "link", "set", &br, "up"]);
         }
+        let client = format!("{client_ip}/24");
+        ipc(&["-n", c, "addr", "add", &client, "dev", &br]);
+        ipc(&["-n", c, "link", "set", &br, "up"]);
         ipc(&[
-            "-n",
-            c,
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/24"),
-            "dev",
-            "br0",
+            "-n", k, "link", "add", ifname, "type", "veth", "peer", "name", &vc, "netns", s,
         ]);
-        ipc(&["-n", c, "link", "set", "br0", "up"]);
-        ipc(&["-n", c, "link", "set", "lo", "up"]);
-        // The container's namespace, CNI style: a veth into the source host's bridge.
-        ipc(&[
-            "-n", k, "link", "add", "eth0", "type", "veth", "peer", "name", "vc0", "netns", s,
-        ]);
-        ipc(&["-n", s, "link", "set", "vc0", "master", "br0", "up"]);
+        ipc(&["-n", s, "link", "set", &vc, "master", &br, "up"]);
+        let container = format!("{container_ip}/24");
+        ipc(&["-n", k, "addr", "add", &container, "dev", ifname]);
+        ipc(&["-n", k, "link", "set", ifname, "up"]);
+    }
+
+    /// A second network, Multus style: `br1` everywhere, the client at [`CLIENT_IP_NET1`], the
+    /// container's `net1` at [`CONTAINER_IP_NET1`] with MTU 1400 and a route
+    /// `10.79.0.0/24 via CLIENT_IP_NET1 metric 50` through it (so that its MTU, a route and
+    /// a metric are carried too).
+    pub fn add_second_network(&self) {
+        let k = self.container_ns.as_str();
+        self.add_network(1, CLIENT_IP_NET1, CONTAINER_IP_NET1, "net1");
+        ipc(&["-n", k, "link", "set", "net1", "mtu", "1400"]);
         ipc(&[
             "-n",
             k,
-            "addr",
+            "route",
             "add",
-            &format!("{CONTAINER_IP}/24"),
+            "10.79.0.0/24",
+            "via",
+            CLIENT_IP_NET1,
             "dev",
-            "eth0",
+            "net1",
+            "metric",
+            "50",
         ]);
-        ipc(&["-n", k, "link", "set", "eth0", "up"]);
-        ipc(&["-n", k, "link", "set", "lo", "up"]);
-        ipc(&["-n", k, "route", "add", "default", "via", CLIENT_IP]);
-        b
     }
 
     /// Dual stack: IPv6 addresses on the client's bridge and the container's eth0 (no
