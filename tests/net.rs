@@ -536,22 +536,25 @@ fn ipv6_addresses_are_carried() {
 }
 
 /// A container with two networks (Multus style: `eth0` on br0, `net1` on br1 with its own
-/// MTU, a route and a metric) keeps both: a destination that has no bridge for `net1`
-/// refuses before anything happens (the source untouched, the destination clean); one with
-/// `--bridge br0 --bridge net1=br1` takes it, and TCP connections to both addresses go on,
-/// with net1's MTU, address and route (metric included) rebuilt and the client's neighbour
-/// entry for net1's address moved to the new MAC.
+/// MTU, a route and a metric) and a service address on `lo` keeps them all: a destination
+/// that has no bridge for `net1` refuses before anything happens (the source untouched, the
+/// destination clean); one with `--bridge br0 --bridge net1=br1` takes it, and TCP
+/// connections to all three addresses go on, with net1's MTU, address and route (metric
+/// included) and lo's address rebuilt, and the client's neighbour entry for net1's address
+/// moved to the new MAC.
 #[test]
-fn two_interfaces_are_carried() {
+fn two_interfaces_and_a_service_address_are_carried() {
     let only_eth0 = |b: &BridgedHosts| b.th.serve(&["--bridge", "eth0=br0"]);
     let Some((b, partial, id, log, _)) = start_net("net2if", 0, only_eth0) else {
         return;
     };
     b.add_second_network();
-    let net1: std::net::SocketAddr = format!("{CONTAINER_IP_NET1}:{PORT}").parse().unwrap();
+    b.add_service_address();
+    let to = |ip: &str| -> std::net::SocketAddr { format!("{ip}:{PORT}").parse().unwrap() };
     let mut clients = vec![
         TcpClient::start(&b.client_ns),
-        TcpClient::start_to(&b.client_ns, net1),
+        TcpClient::start_to(&b.client_ns, to(CONTAINER_IP_NET1)),
+        TcpClient::start_to(&b.client_ns, to(SERVICE_IP)),
     ];
     wait_clients_progress(&clients, 10, slow(T_NET));
     let tcp = ["--mode", "stop-copy", "--tcp-established"];
@@ -571,9 +574,9 @@ fn two_interfaces_are_carried() {
     let serve = b.th.serve(&["--bridge", "br0", "--bridge", "net1=br1"]);
     let out = b.th.migrate(&id, &serve.addr, &tcp);
     let v = migrate_json(&out, Some("stop-copy"));
-    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
+    assert_eq!(json_u64(&v, "tcp_connections"), 3, "report: {v}");
     assert_migrated(&b.th, &id, &v);
-    assert_connections_kept(&mut clients, &log, 25, 2);
+    assert_connections_kept(&mut clients, &log, 25, 3);
 
     let dst_ns = BridgedHosts::dst_netns(&id);
     let in_dst = |args: &[&str]| -> String {
@@ -597,6 +600,8 @@ fn two_interfaces_are_carried() {
         routes.contains(&format!("via {CLIENT_IP_NET1} dev net1 metric 50")),
         "{routes}"
     );
+    let lo = in_dst(&["-4", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains(&format!("{SERVICE_IP}/32")), "{lo}");
     let dst_mac = mac_in(&dst_ns, "net1").expect("net1 in the destination namespace");
     assert_eq!(
         neighbour_mac(&b.client_ns, CONTAINER_IP_NET1).as_deref(),

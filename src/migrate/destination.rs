@@ -728,13 +728,20 @@ impl<'a> Receiver<'a> {
         config: &mut serde_json::Value,
         facts: &crate::net::facts::NetFacts,
     ) -> Result<(), MigrateError> {
-        let setup = self.shared.cfg.net.clone().ok_or_else(|| {
-            MigrateError::Unsupported(
-                "the container has a network namespace given by path; this destination has no \
-                 network setup (ferry serve --bridge [IFNAME=]BRIDGE or --netns-hook PROG)"
-                    .into(),
-            )
-        })?;
+        use crate::net::dest::{Bridges, NetSetup};
+        let setup = match (&self.shared.cfg.net, facts.ifaces.is_empty()) {
+            (Some(setup), _) => setup.clone(),
+            // Only addresses on `lo`: ferry adds those itself, no interface to set up.
+            (None, true) => NetSetup::Bridge(Bridges::default()),
+            (None, false) => {
+                return Err(MigrateError::Unsupported(
+                    "the container has a network namespace given by path; this destination \
+                     has no network setup (ferry serve --bridge [IFNAME=]BRIDGE or --netns-hook \
+                     PROG)"
+                        .into(),
+                ))
+            }
+        };
         let source = self.peer_ip.clone();
         let id = self.id.clone().unwrap_or_default();
         let net =

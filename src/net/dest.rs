@@ -3,13 +3,14 @@
 //! Order (all before the source freezes the container):
 //! 1. ferry creates an empty namespace, `ip netns add ferry-<id>` (`/run/netns/ferry-<id>`),
 //! 2. locks it ([`super::lock`]): nothing gets in or out until the commit,
-//! 3. configures it, for each of the source's interfaces: the built-in setup (`--bridge
-//!    [IFNAME=]BRIDGE`: a veth pair whose host end is enslaved to the interface's bridge and
-//!    whose other end, named like the source's interface, gets the source's MTU, addresses
-//!    and routes; `arp_ignore=8` on it until the commit, so it does not answer ARP for an
-//!    address the source still serves (IPv6 neighbour solicitations are IP traffic: the lock
-//!    drops them; IPv6 addresses are added without duplicate address detection, which the
-//!    lock would make pass blindly, and are probed as in 4.) or the user's hook
+//! 3. configures it: `lo` up with the source's extra addresses on it, then for each of the
+//!    source's interfaces the built-in setup (`--bridge [IFNAME=]BRIDGE`: a veth pair whose
+//!    host end is enslaved to the interface's bridge and whose other end, named like the
+//!    source's interface, gets the source's MTU, addresses and routes; `arp_ignore=8` on it
+//!    until the commit, so it does not answer ARP for an address the source still serves
+//!    (IPv6 neighbour solicitations are IP traffic: the lock drops them; IPv6 addresses are
+//!    added without duplicate address detection, which the lock would make pass blindly,
+//!    and are probed as in 4.) or the user's hook
 //!    (`--netns-hook PROG`: `PROG add <id> <netns-path>` with the interface's facts in the
 //!    environment, once per interface),
 //! 4. probes each address (RFC 5227 ARP probe, or for IPv6 the solicitation of duplicate
@@ -200,6 +201,11 @@ impl DestNet {
 
     fn configure(&mut self, setup: &NetSetup, source: &str) -> Result<(), NetError> {
         lock::lock(&self.path, self.method, self.facts.has_ipv6())?;
+        // `lo` is ferry's in either setup: up, with the source's extra addresses.
+        self.ip(&["link", "set", "lo", "up"])?;
+        for a in &self.facts.loopback {
+            self.ip(&["addr", "add", a, "dev", "lo"])?;
+        }
         match setup {
             NetSetup::Bridge(b) => self.builtin(b)?,
             NetSetup::Hook(prog) => {
@@ -236,7 +242,6 @@ impl DestNet {
     }
 
     fn builtin(&self, bridges: &Bridges) -> Result<(), NetError> {
-        self.ip(&["link", "set", "lo", "up"])?;
         for f in &self.facts.ifaces {
             // prepare() checked that every interface has one.
             let bridge = bridges.for_iface(&f.ifname).unwrap_or_default();

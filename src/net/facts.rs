@@ -6,7 +6,8 @@
 //! routes through it that the kernel did not add by itself (the default route through the
 //! bridge's gateway, say). Link-local IPv6 addresses are not carried: the kernel makes them
 //! anew on any interface. At most [`MAX_IFACES`] interfaces: a namespace with more is
-//! refused.
+//! refused. Addresses on `lo` beyond the loopback ones (a service or anycast address, scope
+//! global) are carried too.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -43,6 +44,9 @@ pub struct Route {
 pub struct NetFacts {
     /// In the source's order (by interface index).
     pub ifaces: Vec<Iface>,
+    /// Global addresses on `lo` (either family, `address/len`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loopback: Vec<String>,
 }
 
 /// One interface of the namespace.
@@ -67,13 +71,27 @@ pub struct Iface {
 
 impl NetFacts {
     /// Checks what a peer sent before anything is done with it: how many interfaces, names
-    /// that differ, and each interface ([`Iface::validate`]).
+    /// that differ, each interface ([`Iface::validate`]), the loopback addresses.
     pub fn validate(&self) -> Result<(), NetError> {
-        if self.ifaces.is_empty() || self.ifaces.len() > MAX_IFACES {
-            return Err(NetError::Invalid(format!(
-                "network facts: {} interfaces (1 to {MAX_IFACES} are carried)",
+        let bad = |w: String| Err(NetError::Invalid(format!("network facts: {w}")));
+        if self.ifaces.len() > MAX_IFACES {
+            return bad(format!(
+                "{} interfaces (at most {MAX_IFACES} are carried)",
                 self.ifaces.len()
-            )));
+            ));
+        }
+        if self.ifaces.is_empty() && self.loopback.is_empty() {
+            return bad("nothing to carry".into());
+        }
+        if self.loopback.len() > MAX_ITEMS {
+            return bad("too many addresses on lo".into());
+        }
+        if let Some(a) = self
+            .loopback
+            .iter()
+            .find(|a| parse_cidr(a).is_none() && parse_cidr6(a).is_none())
+        {
+            return bad(format!("lo: {a:?}"));
         }
         for (i, f) in self.ifaces.iter().enumerate() {
             if self.ifaces[..i].iter().any(|g| g.ifname == f.ifname) {
@@ -90,6 +108,7 @@ impl NetFacts {
     /// Whether the container has IPv6 addresses (then the destination locks IPv6 too).
     pub fn has_ipv6(&self) -> bool {
         self.ifaces.iter().any(|f| !f.addrs6.is_empty())
+            || self.loopback.iter().any(|a| parse_cidr6(a).is_some())
     }
 
     /// The source's MACs (a clash probe answered by one of them is the source itself).
@@ -299,7 +318,12 @@ pub fn from_json(
                     .is_some_and(|a| a.iter().any(is_global))
         })
         .collect();
-    if with_global.is_empty() {
+    let mut loopback = Vec::new();
+    if let Some(lo) = addrs.iter().find(|l| l["ifname"].as_str() == Some("lo")) {
+        loopback = global_addrs(lo, "inet");
+        loopback.extend(global_addrs(lo, "inet6"));
+    }
+    if with_global.is_empty() && loopback.is_empty() {
         return Ok(None);
     }
     if with_global.len() > MAX_IFACES {
@@ -326,7 +350,7 @@ pub fn from_json(
             ifname,
         });
     }
-    let f = NetFacts { ifaces };
+    let f = NetFacts { ifaces, loopback };
     f.validate()?;
     Ok(Some(f))
 }
@@ -459,6 +483,41 @@ mod tests {
                 .contains("on 9 interfaces; ferry carries at most 8"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn extra_addresses_on_lo_are_carried() {
+        let lo = |extra: &str| {
+            format!(
+                r#"[{{"ifname":"lo","addr_info":[{{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}},
+                {{"family":"inet6","local":"::1","prefixlen":128,"scope":"host"}}{extra}]}}]"#
+            )
+        };
+        let service = r#",{"family":"inet","local":"10.96.0.5","prefixlen":32,"scope":"global"},
+            {"family":"inet6","local":"fd00:96::5","prefixlen":128,"scope":"global"}"#;
+        // Only the loopback addresses: nothing to carry.
+        assert!(from_json(&lo(""), LINKS, "[]", "[]").unwrap().is_none());
+        // Extra ones alone are carried (no interface to rebuild).
+        let f = from_json(&lo(service), LINKS, "[]", "[]").unwrap().unwrap();
+        assert!(f.ifaces.is_empty());
+        assert_eq!(f.loopback, vec!["10.96.0.5/32", "fd00:96::5/128"]);
+        assert!(f.has_ipv6(), "an IPv6 address on lo is locked too");
+        // Beside an interface.
+        let both = lo(service).replace(
+            "]}]",
+            r#"]},{"ifname":"eth0","addr_info":[{"family":"inet","local":"10.88.0.5","prefixlen":16,"scope":"global"}]}]"#,
+        );
+        let f = from_json(&both, LINKS, ROUTES, "[]").unwrap().unwrap();
+        assert_eq!((f.names().as_str(), f.loopback.len()), ("eth0", 2));
+        // From a peer: checked.
+        let mut bad = f.clone();
+        bad.loopback = vec!["10.96.0.5/40".into()];
+        assert!(bad.validate().is_err());
+        bad.loopback = vec!["10.96.0.5/32".into(); MAX_ITEMS + 1];
+        assert!(bad.validate().is_err());
+        bad.loopback.clear();
+        bad.ifaces.clear();
+        assert!(bad.validate().is_err(), "nothing at all");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub const CONTAINER_IP: &str = "10.77.0.10";
 /// Addresses on the second network of [`BridgedHosts::add_second_network`].
 pub const CLIENT_IP_NET1: &str = "10.78.0.100";
 pub const CONTAINER_IP_NET1: &str = "10.78.0.10";
+/// The address on the container's `lo` of [`BridgedHosts::add_service_address`].
+pub const SERVICE_IP: &str = "10.96.0.5";
 /// IPv6 addresses of [`BridgedHosts::add_ipv6`].
 pub const CLIENT_IP6: &str = "fd00:77::100";
 pub const CONTAINER_IP6: &str = "fd00:77::10";
@@ -164,6 +166,15 @@ impl BridgedHosts {
         let container = format!("{container_ip}/24");
         ipc(&["-n", k, "addr", "add", &container, "dev", ifname]);
         ipc(&["-n", k, "link", "set", ifname, "up"]);
+    }
+
+    /// A service address on the container's `lo` ([`SERVICE_IP`]/32), which the client
+    /// reaches through the container's eth0 address.
+    pub fn add_service_address(&self) {
+        let (c, k) = (self.client_ns.as_str(), self.container_ns.as_str());
+        let service = format!("{SERVICE_IP}/32");
+        ipc(&["-n", k, "addr", "add", &service, "dev", "lo"]);
+        ipc(&["-n", c, "route", "add", &service, "via", CONTAINER_IP]);
     }
 
     /// A second network, Multus style: `br1` everywhere, the client at [`CLIENT_IP_NET1`], the
