@@ -317,6 +317,63 @@ fn counter_checkpoint_restore_continues() {
     leak_check(&rc.ids());
 }
 
+/// A read-only root (`root.readonly`, as `docker run --read-only`): checkpoint and restore
+/// keep the counter going and the root read-only. Without a `/tmp` directory in the rootfs
+/// CRIU could dump it but never restore it (it pivots through a directory it finds or makes
+/// there), so ferry refuses such a checkpoint before anything happens (exit 4, the container
+/// keeps running).
+#[test]
+fn readonly_root_checkpoint_restore() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("readonly");
+    let id = rc.id("");
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("counter")
+        .readonly()
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .build();
+    rc.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 10, T);
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    let n = read_counter_lines(&out).len();
+    ferry_restore(&rc, &id, &images, &[]);
+    wait_counter_lines(&out, n + 10, T);
+    assert_file_counts_from_one(&out, n + 10);
+    let touch = rc.exec(&id, &["touch", "/x"]);
+    assert!(
+        !touch.status.success() && String::from_utf8_lossy(&touch.stderr).contains("Read-only"),
+        "the restored root is writable: {touch:?}"
+    );
+    rc.kill_and_delete(&id);
+
+    // The same without /tmp in the rootfs: refused, the container untouched.
+    std::fs::remove_dir(bundle.join("rootfs/tmp")).unwrap();
+    rc.run_detached(&id, &bundle, Out::Null);
+    wait_counter_lines(&out, 5, T);
+    let images = rc.mkdir("images-notmp");
+    let root = s(&rc.root).to_string();
+    let out_cmd = cr_cmd("checkpoint", &id, &images, &[], &root).run();
+    out_cmd.assert_error(4);
+    assert!(
+        out_cmd
+            .stderr
+            .contains("root.readonly with no /tmp directory in"),
+        "{out_cmd:?}"
+    );
+    assert_eq!(rc.status(&id).as_deref(), Some("running"));
+    let n = read_counter_lines(&out).len();
+    wait_counter_lines(&out, n + 5, T);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
 /// `--images`, `--work-dir` and `--bundle` relative to ferry's current directory: CRIU runs
 /// in its work dir, so ferry must not hand it relative paths (a relative restore work dir
 /// made CRIU fail to mount its root).

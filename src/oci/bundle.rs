@@ -128,6 +128,8 @@ pub struct MountSpec {
 pub struct BundleConfig {
     pub bundle: PathBuf,
     pub rootfs: PathBuf,
+    /// `root.readonly`.
+    pub readonly: bool,
     pub mounts: Vec<MountSpec>,
     pub namespaces: Vec<Namespace>,
     pub masked_paths: Vec<String>,
@@ -167,6 +169,11 @@ impl BundleConfig {
             .as_ref()
             .map(|r| r.path().clone())
             .ok_or_else(|| unsupported("no root.path".into()))?;
+        let readonly = spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
         let rootfs = if root.is_absolute() {
             root
         } else {
@@ -262,12 +269,32 @@ impl BundleConfig {
         Ok(BundleConfig {
             bundle: bundle.to_path_buf(),
             rootfs,
+            readonly,
             mounts,
             namespaces,
             masked_paths,
             devices,
             terminal,
         })
+    }
+
+    /// Whether CRIU can restore this root: it pivots into the restored root through a
+    /// directory there, `/tmp` if it exists, else one it makes, which a read-only root does
+    /// not allow. A read-only rootfs without `/tmp` could be checkpointed but never restored,
+    /// so it is refused before anything is done.
+    pub fn check_restorable_root(&self) -> Result<(), OciError> {
+        if self.readonly && !self.rootfs.join("tmp").is_dir() {
+            return Err(OciError::Unsupported {
+                path: self.bundle.join(CONFIG_FILE),
+                what: format!(
+                    "root.readonly with no /tmp directory in {}: CRIU could not restore it (it \
+                     pivots through a directory it must find or make there); add an empty \
+                     /tmp to the image, or use a writable root",
+                    self.rootfs.display()
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub fn namespace(&self, kind: NsKind) -> Option<&Namespace> {

@@ -109,6 +109,7 @@ impl DumpJob {
         let c = root.load(id)?;
         c.check_running()?;
         let cfg = BundleConfig::load(&c.bundle)?;
+        cfg.check_restorable_root()?;
         let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
         let opts = dump_options(&cfg, &facts, settings);
         tracing::debug!(

@@ -100,6 +100,7 @@ fn validate(req: &RestoreRequest) -> Result<Validated, OpError> {
     }
     let bundle = req.bundle.clone().unwrap_or_else(|| meta.bundle.clone());
     let cfg = BundleConfig::load(&bundle)?;
+    cfg.check_restorable_root()?;
     if !cfg.rootfs.is_dir() {
         return Err(OpError::Invalid(format!(
             "rootfs {} does not exist",

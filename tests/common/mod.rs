@@ -521,6 +521,10 @@ pub struct Bundle {
     binaries: Vec<(PathBuf, String)>,
     /// The network namespace to join (path), instead of a new one.
     netns: Option<PathBuf>,
+    /// `root.readonly`.
+    readonly: bool,
+    /// `linux.sysctl` entries.
+    sysctls: Vec<(String, String)>,
 }
 
 impl Bundle {
@@ -533,7 +537,21 @@ impl Bundle {
             memwriter: false,
             binaries: Vec::new(),
             netns: None,
+            readonly: false,
+            sysctls: Vec::new(),
         }
+    }
+
+    /// A read-only root (`root.readonly`, as `docker run --read-only`).
+    pub fn readonly(mut self) -> Bundle {
+        self.readonly = true;
+        self
+    }
+
+    /// A `linux.sysctl` entry (runc writes it into the container's namespaces at create).
+    pub fn sysctl(mut self, key: &str, value: &str) -> Bundle {
+        self.sysctls.push((key.to_string(), value.to_string()));
+        self
     }
 
     /// Copy the host binary `bin` into the rootfs as `/bin/<name>`.
@@ -617,7 +635,15 @@ impl Bundle {
             serde_json::from_slice(&fs::read(&config).expect("read config.json")).unwrap();
         spec["process"]["terminal"] = Value::Bool(false);
         spec["process"]["args"] = Value::from(self.args.clone());
-        spec["root"]["readonly"] = Value::Bool(false);
+        spec["root"]["readonly"] = Value::Bool(self.readonly);
+        if !self.sysctls.is_empty() {
+            let map: serde_json::Map<String, Value> = self
+                .sysctls
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.clone())))
+                .collect();
+            spec["linux"]["sysctl"] = Value::Object(map);
+        }
         if let Some(h) = &self.hostname {
             spec["hostname"] = Value::from(h.clone());
         }
