@@ -374,6 +374,78 @@ fn readonly_root_checkpoint_restore() {
     leak_check(&rc.ids());
 }
 
+/// The value of the sysctl `key` (dots) in the network namespace of `pid`.
+fn net_sysctl_of(pid: u64, key: &str) -> String {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let out = must(
+        run_output(std::process::Command::new("nsenter").args([
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "cat",
+            &path,
+        ])),
+        &format!("read {key} of pid {pid}"),
+    );
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
+/// config.json's network sysctls (Docker sets `net.ipv4.ip_unprivileged_port_start=0` in
+/// every container) come back with the restored container; CRIU alone restores
+/// `ping_group_range` but leaves the others at the kernel's defaults. A value changed after
+/// the create is kept as it was at checkpoint time.
+#[test]
+fn network_sysctls_survive_checkpoint_restore() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("sysctl");
+    let id = rc.id("");
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("counter")
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .sysctl("net.ipv4.ip_unprivileged_port_start", "0")
+        .sysctl("net.core.somaxconn", "1000")
+        .sysctl("net.ipv4.tcp_keepalive_time", "600")
+        .sysctl("net.ipv4.ping_group_range", "0 0")
+        .build();
+    rc.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 5, T);
+    let pid = rc.state(&id)["pid"].as_u64().expect("pid of the container");
+    assert_eq!(net_sysctl_of(pid, "net.core.somaxconn"), "1000");
+    // Changed since the create (by whoever manages the container's network).
+    must(
+        run_output(std::process::Command::new("nsenter").args([
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "sh",
+            "-c",
+            "echo 1001 > /proc/sys/net/core/somaxconn",
+        ])),
+        "change somaxconn",
+    );
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    let pid = ferry_restore(&rc, &id, &images, &[]);
+    for (key, want) in [
+        ("net.ipv4.ip_unprivileged_port_start", "0"),
+        ("net.core.somaxconn", "1001"),
+        ("net.ipv4.tcp_keepalive_time", "600"),
+        ("net.ipv4.ping_group_range", "0\t0"),
+    ] {
+        assert_eq!(net_sysctl_of(pid, key), want, "{key} after the restore");
+    }
+    let n = read_counter_lines(&out).len();
+    wait_counter_lines(&out, n + 5, T);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
 /// `--images`, `--work-dir` and `--bundle` relative to ferry's current directory: CRIU runs
 /// in its work dir, so ferry must not hand it relative paths (a relative restore work dir
 /// made CRIU fail to mount its root).

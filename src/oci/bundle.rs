@@ -130,6 +130,8 @@ pub struct BundleConfig {
     pub rootfs: PathBuf,
     /// `root.readonly`.
     pub readonly: bool,
+    /// `linux.sysctl` entries under `net.` (see [`super::sysctl`]).
+    pub net_sysctls: std::collections::BTreeMap<String, String>,
     pub mounts: Vec<MountSpec>,
     pub namespaces: Vec<Namespace>,
     pub masked_paths: Vec<String>,
@@ -247,6 +249,13 @@ impl BundleConfig {
             }
         }
 
+        let net_sysctls = super::sysctl::net_keys(
+            linux
+                .and_then(|l| l.sysctl().as_ref())
+                .into_iter()
+                .flatten(),
+        )
+        .map_err(|e| unsupported(format!("linux.sysctl: {e}")))?;
         let masked_paths = linux
             .and_then(|l| l.masked_paths().clone())
             .unwrap_or_default();
@@ -270,6 +279,7 @@ impl BundleConfig {
             bundle: bundle.to_path_buf(),
             rootfs,
             readonly,
+            net_sysctls,
             mounts,
             namespaces,
             masked_paths,

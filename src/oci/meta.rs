@@ -50,6 +50,10 @@ pub struct CheckpointMeta {
     /// takes none either: CRIU would otherwise look for lock rules the images do not have.
     #[serde(default)]
     pub network_lock_skipped: bool,
+    /// config.json's network sysctls with their values at checkpoint time, written into the
+    /// restored container's network namespace (CRIU does not carry them).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub net_sysctls: std::collections::BTreeMap<String, String>,
 }
 
 impl CheckpointMeta {
@@ -85,6 +89,7 @@ impl CheckpointMeta {
                 m.descriptors.len()
             )));
         }
+        super::sysctl::validate(&m.net_sysctls).map_err(|e| not(e.to_string()))?;
         if !dir.join(INVENTORY).is_file() {
             return Err(not(format!("CRIU's {INVENTORY} is missing")));
         }

@@ -6,12 +6,14 @@
 //! - [`meta`]: what ferry stores beside CRIU's images so a checkpoint can be restored and
 //!   handed back to runc,
 //! - [`options`]: the one path that turns all of it into CRIU dump and restore options; the
-//!   checkpoint command, migration and the containerd shim all use it.
+//!   checkpoint command, migration and the containerd shim all use it,
+//! - [`sysctl`]: config.json's network sysctls, which CRIU does not carry.
 
 pub mod bundle;
 pub mod meta;
 pub mod options;
 pub mod state;
+pub mod sysctl;
 
 use std::path::PathBuf;
 

@@ -587,6 +587,7 @@ mod tests {
             terminal: false,
             runc_state: serde_json::Value::Null,
             network_lock_skipped: false,
+            net_sysctls: BTreeMap::new(),
         };
         let mut cg = BTreeMap::new();
         cg.insert(

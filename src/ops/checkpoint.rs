@@ -134,6 +134,8 @@ impl DumpJob {
             terminal: cfg.terminal,
             runc_state: c.raw.clone(),
             network_lock_skipped: skips_network_lock(&facts, settings),
+            net_sysctls: crate::oci::sysctl::read_in(c.init_pid, &cfg.net_sysctls)
+                .map_err(|e| OpError::Invalid(e.to_string()))?,
         };
         let freezer = c.freeze_cgroup().map(PathBuf::from);
         let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);

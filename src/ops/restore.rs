@@ -403,6 +403,10 @@ fn restore_inner(
                 let Some(pid) = n.pid else {
                     return Reply::Failure("post-restore without a pid".into());
                 };
+                // Before anything may run: the sysctls CRIU does not restore.
+                if let Err(e) = crate::oci::sysctl::write_in(pid, &v.meta.net_sysctls) {
+                    return Reply::Failure(e.to_string());
+                }
                 if let Err(e) = gate(pid) {
                     return Reply::Failure(e);
                 }

@@ -48,7 +48,11 @@ pub struct Workload {
     pub bundle: PathBuf,
 }
 
-/// Counter appending 1, 2, 3, … to /data/counter every 50 ms.
+/// The network sysctl the counter is created with (Docker's default for every container),
+/// which CRIU alone would not bring back.
+pub const COUNTER_SYSCTL: (&str, &str) = ("net.ipv4.ip_unprivileged_port_start", "0");
+
+/// Counter appending 1, 2, 3, … to /data/counter every 50 ms (with [`COUNTER_SYSCTL`]).
 pub fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
     let src = th.src_runc();
     let id = src.id(suffix);
@@ -57,6 +61,7 @@ pub fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
         .bundle(&format!("counter{suffix}"))
         .bind(&data, "/data")
         .args(&counter_file_args("/data/counter"))
+        .sysctl(COUNTER_SYSCTL.0, COUNTER_SYSCTL.1)
         .build();
     src.run_detached(&id, &bundle, Out::Null);
     let out = data.join("counter");
@@ -349,6 +354,19 @@ pub fn migrate_counter_via(th: &TwoHosts, mode: &str, serve_args: &[&str]) -> Va
     let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
     let v = assert_counter_migrated(th, &w, &out, Some(mode), 20);
     eprintln!("migrate ({mode}): {v}");
+    let (key, want) = COUNTER_SYSCTL;
+    let sysctl = must(
+        th.dst_runc().exec(
+            &w.id,
+            &["cat", &format!("/proc/sys/{}", key.replace('.', "/"))],
+        ),
+        "read a sysctl in the migrated container",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sysctl.stdout).trim(),
+        want,
+        "{key} in the migrated container"
+    );
     assert!(serve.is_alive(), "ferry serve exited after a migration");
     th.dst_runc().kill_and_delete(&w.id);
     v
