@@ -611,6 +611,95 @@ fn two_interfaces_and_a_service_address_are_carried() {
     finish(&b);
 }
 
+/// The container namespace's own firewall (a service mesh redirecting a port, IPv4 and IPv6)
+/// arrives with it: a namespace with an nftables table of its own is refused first (exit 4,
+/// naming it, the source untouched); then the iptables and ip6tables rules are on the
+/// destination (without ferry's lock), a new connection through the redirect reaches the
+/// server over both families, and the connection made before the migration goes on.
+#[test]
+fn firewall_rules_are_carried() {
+    let Some((b, serve, id, log, mut clients)) = start_net("netfw", 1, serve_bridge) else {
+        return;
+    };
+    b.add_ipv6();
+    let k = b.container_ns.as_str();
+    let in_k = |args: &[&str]| {
+        let mut a = vec!["netns", "exec", k];
+        a.extend_from_slice(args);
+        must(
+            run_output(std::process::Command::new("ip").args(&a)),
+            &format!("{args:?} in the container's namespace"),
+        )
+    };
+    let redirect = [
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "7002",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &PORT.to_string(),
+    ]
+    .map(str::to_string);
+    for prog in ["iptables", "ip6tables"] {
+        let mut a = vec![prog];
+        a.extend(redirect.iter().map(String::as_str));
+        in_k(&a);
+    }
+    let via_redirect = |ip: &str| -> std::net::SocketAddr {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        std::net::SocketAddr::new(ip, 7002)
+    };
+    // The rule works on the source.
+    let probe = TcpClient::start_to(&b.client_ns, via_redirect(CONTAINER_IP));
+    wait_clients_progress(&[probe], 5, slow(T_NET));
+
+    in_k(&["nft", "add", "table", "inet", "mesh"]);
+    let tcp = ["--mode", "stop-copy", "--tcp-established"];
+    let out = b.th.migrate(&id, &serve.addr, &tcp);
+    assert_failed_with(&out, &[4]);
+    assert!(
+        out.stderr
+            .contains("nftables tables of its own (inet mesh)"),
+        "{out:?}"
+    );
+    assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
+    b.th.assert_dst_clean(&id, DST_CLEAN_T);
+    in_k(&["nft", "delete", "table", "inet", "mesh"]);
+
+    let out = b.th.migrate(&id, &serve.addr, &tcp);
+    let v = migrate_json(&out, Some("stop-copy"));
+    assert_migrated(&b.th, &id, &v);
+    assert_connections_kept(&mut clients, &log, 20, 1);
+    let dst_ns = BridgedHosts::dst_netns(&id);
+    for prog in ["iptables-save", "ip6tables-save"] {
+        let out = run_output(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", dst_ns.display()))
+                .args(["--", prog]),
+        );
+        let rules = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            rules.contains("--dport 7002 -j REDIRECT --to-ports 7000"),
+            "{prog} on the destination: {rules}"
+        );
+        assert!(!rules.contains("FERRY-LOCK"), "{prog}: {rules}");
+    }
+    let v6 = format!("[{CONTAINER_IP6}]:7002").parse().unwrap();
+    let fresh = [
+        TcpClient::start_to(&b.client_ns, via_redirect(CONTAINER_IP)),
+        TcpClient::start_to(&b.client_ns, v6),
+    ];
+    wait_clients_progress(&fresh, 5, slow(T_NET));
+    drop(fresh);
+    finish(&b);
+}
+
 /// Two namespaces joined by a veth pair (`a0` ── `b0`), removed on drop.
 struct VethPair {
     a: String,

@@ -2,7 +2,8 @@
 //!
 //! Order (all before the source freezes the container):
 //! 1. ferry creates an empty namespace, `ip netns add ferry-<id>` (`/run/netns/ferry-<id>`),
-//! 2. locks it ([`super::lock`]): nothing gets in or out until the commit,
+//! 2. restores the container's own iptables rules into it ([`super::firewall`]), then locks
+//!    it ([`super::lock`]): nothing gets in or out until the commit,
 //! 3. configures it: `lo` up with the source's extra addresses on it, then for each of the
 //!    source's interfaces the built-in setup (`--bridge [IFNAME=]BRIDGE`: a veth pair whose
 //!    host end is enslaved to the interface's bridge and whose other end, named like the
@@ -160,6 +161,9 @@ impl DestNet {
                 method.name()
             )));
         }
+        if let Some(fw) = &facts.firewall {
+            fw.check_host()?;
+        }
         if let NetSetup::Bridge(b) = setup {
             if let Some(f) = facts
                 .ifaces
@@ -200,6 +204,11 @@ impl DestNet {
     }
 
     fn configure(&mut self, setup: &NetSetup, source: &str) -> Result<(), NetError> {
+        // The container's own rules first, while the namespace has no interface: the lock
+        // then goes in front of them.
+        if let Some(fw) = &self.facts.firewall {
+            fw.apply(&self.path)?;
+        }
         lock::lock(&self.path, self.method, self.facts.has_ipv6())?;
         // `lo` is ferry's in either setup: up, with the source's extra addresses.
         self.ip(&["link", "set", "lo", "up"])?;

@@ -7,7 +7,7 @@
 //! bridge's gateway, say). Link-local IPv6 addresses are not carried: the kernel makes them
 //! anew on any interface. At most [`MAX_IFACES`] interfaces: a namespace with more is
 //! refused. Addresses on `lo` beyond the loopback ones (a service or anycast address, scope
-//! global) are carried too.
+//! global) are carried too, and the namespace's own iptables rules ([`super::firewall`]).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -47,6 +47,9 @@ pub struct NetFacts {
     /// Global addresses on `lo` (either family, `address/len`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loopback: Vec<String>,
+    /// The namespace's own iptables rules, if it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<super::firewall::Firewall>,
 }
 
 /// One interface of the namespace.
@@ -92,6 +95,9 @@ impl NetFacts {
             .find(|a| parse_cidr(a).is_none() && parse_cidr6(a).is_none())
         {
             return bad(format!("lo: {a:?}"));
+        }
+        if let Some(fw) = &self.firewall {
+            fw.validate()?;
         }
         for (i, f) in self.ifaces.iter().enumerate() {
             if self.ifaces[..i].iter().any(|g| g.ifname == f.ifname) {
@@ -245,7 +251,11 @@ pub fn gather(netns: &Path) -> Result<Option<NetFacts>, NetError> {
             tracing::debug!("no IPv6 routes read: {e}");
             "[]".into()
         });
-    from_json(&addrs, &links, &routes, &routes6)
+    let mut facts = from_json(&addrs, &links, &routes, &routes6)?;
+    if let Some(f) = &mut facts {
+        f.firewall = super::firewall::gather(netns)?;
+    }
+    Ok(facts)
 }
 
 /// Whether an `addr_info` entry of `ip -j addr` is a global address of either family.
@@ -350,7 +360,11 @@ pub fn from_json(
             ifname,
         });
     }
-    let f = NetFacts { ifaces, loopback };
+    let f = NetFacts {
+        ifaces,
+        loopback,
+        firewall: None,
+    };
     f.validate()?;
     Ok(Some(f))
 }

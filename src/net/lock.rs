@@ -53,7 +53,7 @@ impl LockMethod {
     }
 }
 
-fn on_path(prog: &str) -> bool {
+pub(crate) fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
         .unwrap_or(false)
@@ -125,7 +125,9 @@ pub fn covers_ipv6(m: LockMethod) -> bool {
     m == LockMethod::Nftables || on_path("ip6tables-restore")
 }
 
-fn feed(netns: &Path, prog: &str, script: &str) -> Result<(), NetError> {
+/// Feeds `script` to `prog` (`nft -f -`, or an `*tables-restore --noflush`) inside the
+/// namespace at `netns`.
+pub(crate) fn feed(netns: &Path, prog: &str, script: &str) -> Result<(), NetError> {
     let mut cmd = in_ns_cmd(netns, prog);
     if prog == "nft" {
         cmd.args(["-f", "-"]);

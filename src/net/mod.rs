@@ -2,6 +2,7 @@
 //!
 //! - [`facts`]: what the source's namespace looks like (interfaces, MACs, addresses, routes),
 //!   read with `ip -j` inside it, carried to the destination in the Prepare message,
+//! - [`firewall`]: the namespace's own iptables rules, carried with the facts,
 //! - [`lock`]: the network lock (iptables or nftables, whichever the host has): the method
 //!   CRIU uses on the source, and ferry's own lock of the destination namespace from its
 //!   creation until the restored container may run,
@@ -14,6 +15,7 @@
 pub mod arp;
 pub mod dest;
 pub mod facts;
+pub mod firewall;
 pub mod lock;
 pub mod ndp;
 mod packet;
