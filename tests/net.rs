@@ -700,6 +700,58 @@ fn firewall_rules_are_carried() {
     finish(&b);
 }
 
+/// Policy routing in the container's namespace (a rule to a table of its own, a route in
+/// it) is not carried: the migration is refused before anything happens (exit 4, naming
+/// them), the source untouched and the destination clean.
+#[test]
+fn policy_routing_is_refused() {
+    let Some((b, serve, id, _log, _clients)) = start_net("netrule", 0, serve_bridge) else {
+        return;
+    };
+    let k = b.container_ns.as_str();
+    for args in [
+        &[
+            "-n",
+            k,
+            "rule",
+            "add",
+            "from",
+            CONTAINER_IP,
+            "table",
+            "100",
+            "prio",
+            "100",
+        ][..],
+        &[
+            "-n",
+            k,
+            "route",
+            "add",
+            "10.10.0.0/16",
+            "via",
+            CLIENT_IP,
+            "table",
+            "100",
+        ],
+    ] {
+        must(
+            run_output(std::process::Command::new("ip").args(args)),
+            &format!("ip {args:?}"),
+        );
+    }
+    let out = b.th.migrate(&id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_failed_with(&out, &[4]);
+    assert!(
+        out.stderr.contains(
+            "uses policy routing (rule 100 to table 100, route 10.10.0.0/16 in table 100)"
+        ),
+        "{out:?}"
+    );
+    assert_eq!(b.th.src_runc().status(&id).as_deref(), Some("running"));
+    b.th.assert_dst_clean(&id, DST_CLEAN_T);
+    finish(&b);
+}
+
 /// Two namespaces joined by a veth pair (`a0` ── `b0`), removed on drop.
 struct VethPair {
     a: String,

@@ -244,18 +244,80 @@ pub fn parse_cidr6(s: &str) -> Option<(Ipv6Addr, u8)> {
 pub fn gather(netns: &Path) -> Result<Option<NetFacts>, NetError> {
     let addrs = run(in_ns_cmd(netns, "ip").args(["-j", "addr", "show"]))?;
     let links = run(in_ns_cmd(netns, "ip").args(["-j", "link", "show"]))?;
-    let routes = run(in_ns_cmd(netns, "ip").args(["-j", "-4", "route", "show"]))?;
+    let ip_json = |args: &[&str]| -> Result<String, NetError> {
+        let mut a = vec!["-j"];
+        a.extend_from_slice(args);
+        run(in_ns_cmd(netns, "ip").args(&a))
+    };
+    // Every table: the main one's routes are carried, any other is refused below.
+    let routes = ip_json(&["-4", "route", "show", "table", "all"])?;
+    let rules = ip_json(&["-4", "rule", "show"])?;
     // A kernel without IPv6 (or with it off) has no route to carry.
-    let routes6 =
-        run(in_ns_cmd(netns, "ip").args(["-j", "-6", "route", "show"])).unwrap_or_else(|e| {
+    let (routes6, rules6) = match ip_json(&["-6", "route", "show", "table", "all"]) {
+        Ok(r) => (r, ip_json(&["-6", "rule", "show"])?),
+        Err(e) => {
             tracing::debug!("no IPv6 routes read: {e}");
-            "[]".into()
-        });
+            ("[]".into(), "[]".into())
+        }
+    };
     let mut facts = from_json(&addrs, &links, &routes, &routes6)?;
     if let Some(f) = &mut facts {
+        let not_carried = policy_routing(&rules, &rules6, &routes, &routes6)?;
+        if !not_carried.is_empty() {
+            return Err(NetError::Unsupported(format!(
+                "the network namespace uses policy routing ({}); ferry carries the main \
+                 routing table only, and the container would arrive without it",
+                not_carried.join(", ")
+            )));
+        }
         f.firewall = super::firewall::gather(netns)?;
     }
     Ok(facts)
+}
+
+/// What of the namespace's routing ferry does not carry: rules other than the kernel's
+/// three (local, main, default), and user routes in tables other than main (from `ip -j
+/// rule` and `ip -j route show table all` of both families).
+pub fn policy_routing(
+    rules: &str,
+    rules6: &str,
+    routes: &str,
+    routes6: &str,
+) -> Result<Vec<String>, NetError> {
+    const DEFAULT_RULES: [(u64, &str); 3] = [(0, "local"), (32766, "main"), (32767, "default")];
+    let mut found = Vec::new();
+    for text in [rules, rules6] {
+        for r in parse_json_list(text, "rule")? {
+            let (prio, table) = (r["priority"].as_u64().unwrap_or(0), r["table"].as_str());
+            let plain = r.as_object().is_some_and(|o| {
+                o.keys()
+                    .all(|k| matches!(k.as_str(), "priority" | "src" | "table"))
+            }) && r["src"] == "all";
+            if !(plain && DEFAULT_RULES.contains(&(prio, table.unwrap_or("")))) {
+                found.push(format!("rule {prio} to table {}", table.unwrap_or("?")));
+            }
+        }
+    }
+    for text in [routes, routes6] {
+        for r in parse_json_list(text, "route")? {
+            let table = r["table"].as_str().unwrap_or("main");
+            if !matches!(table, "main" | "local") && r["protocol"] != "kernel" {
+                found.push(format!(
+                    "route {} in table {table}",
+                    r["dst"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// An `ip -j` list (empty output: none).
+fn parse_json_list(text: &str, what: &str) -> Result<Vec<serde_json::Value>, NetError> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(text).map_err(|e| NetError::Facts(format!("ip -j {what}: {e}")))
 }
 
 /// Whether an `addr_info` entry of `ip -j addr` is a global address of either family.
@@ -287,6 +349,8 @@ fn user_routes(routes: &[serde_json::Value], ifname: &str, default_metric: u64) 
     routes
         .iter()
         .filter(|r| r["protocol"] != "kernel" && r["dev"].as_str() == Some(ifname))
+        // The main table (`table all` output names the others).
+        .filter(|r| r["table"].as_str().map_or(true, |t| t == "main"))
         .filter(|r| !r["dst"].as_str().is_some_and(|d| d.starts_with("fe80:")))
         .filter_map(|r| {
             Some(Route {
@@ -301,24 +365,18 @@ fn user_routes(routes: &[serde_json::Value], ifname: &str, default_metric: u64) 
         .collect()
 }
 
-/// The facts from `ip -j addr` (both families), `ip -j link`, `ip -j -4 route` and
-/// `ip -j -6 route` output.
+/// The facts from `ip -j addr` (both families), `ip -j link`, and `ip -j -4 route` and
+/// `ip -j -6 route` output (of the main table, or of `table all`: others are skipped).
 pub fn from_json(
     addrs: &str,
     links: &str,
     routes: &str,
     routes6: &str,
 ) -> Result<Option<NetFacts>, NetError> {
-    let parse = |t: &str, what: &str| -> Result<Vec<serde_json::Value>, NetError> {
-        if t.trim().is_empty() {
-            return Ok(Vec::new());
-        }
-        serde_json::from_str(t).map_err(|e| NetError::Facts(format!("ip -j {what}: {e}")))
-    };
-    let addrs = parse(addrs, "addr")?;
-    let links = parse(links, "link")?;
-    let routes = parse(routes, "route")?;
-    let routes6 = parse(routes6, "-6 route")?;
+    let addrs = parse_json_list(addrs, "addr")?;
+    let links = parse_json_list(links, "link")?;
+    let routes = parse_json_list(routes, "route")?;
+    let routes6 = parse_json_list(routes6, "-6 route")?;
     let with_global: Vec<&serde_json::Value> = addrs
         .iter()
         .filter(|l| {
@@ -532,6 +590,36 @@ mod tests {
         bad.loopback.clear();
         bad.ifaces.clear();
         assert!(bad.validate().is_err(), "nothing at all");
+    }
+
+    #[test]
+    fn policy_routing_is_found() {
+        let rules = r#"[{"priority":0,"src":"all","table":"local"},{"priority":32766,"src":"all","table":"main"},
+            {"priority":32767,"src":"all","table":"default"}]"#;
+        let rules6 = r#"[{"priority":0,"src":"all","table":"local"},{"priority":32766,"src":"all","table":"main"}]"#;
+        let all = r#"[{"dst":"default","gateway":"10.88.0.1","dev":"eth0"},
+            {"dst":"10.88.0.0/16","dev":"eth0","protocol":"kernel","scope":"link"},
+            {"type":"local","dst":"10.88.0.5","dev":"eth0","table":"local","protocol":"kernel"}]"#;
+        assert!(policy_routing(rules, rules6, all, "[]").unwrap().is_empty());
+        let own_rule = r#"[{"priority":0,"src":"all","table":"local"},{"priority":100,"src":"10.0.0.0","srclen":8,"table":"100"},
+            {"priority":32766,"src":"all","table":"main","fwmark":"0x1"}]"#;
+        let table100 =
+            r#"[{"dst":"10.10.0.0/16","gateway":"10.9.0.2","dev":"eth0","table":"100"}]"#;
+        assert_eq!(
+            policy_routing(own_rule, rules6, all, table100).unwrap(),
+            [
+                "rule 100 to table 100",
+                "rule 32766 to table main",
+                "route 10.10.0.0/16 in table 100"
+            ]
+        );
+        // `table all` output: the main table's routes are carried, the others' are not.
+        let routes = all.replace(
+            "]",
+            r#",{"dst":"10.10.0.0/16","gateway":"10.88.0.2","dev":"eth0","table":"100"}]"#,
+        );
+        let f = from_json(ADDRS, LINKS, &routes, "[]").unwrap().unwrap();
+        assert_eq!(f.ifaces[0].routes.len(), 1, "{:?}", f.ifaces[0].routes);
     }
 
     #[test]
