@@ -179,12 +179,7 @@ fn migrate_keeps_tcp_connections_and_udp_flow() {
         b.container_netns().display()
     );
     let dst_ns = BridgedHosts::dst_netns(&id);
-    let dst_mac = mac_in(&dst_ns, "eth0").expect("eth0 in the destination namespace");
-    assert_eq!(
-        client_neighbour_mac(&b.client_ns).as_deref(),
-        Some(dst_mac.as_str()),
-        "the client's neighbour entry did not move to the destination's MAC"
-    );
+    assert_neighbour_moved(&b.client_ns, CONTAINER_IP, &dst_ns, "eth0");
     assert_no_lock_rules(&b);
     drop(udp);
     b.th.finish();
@@ -513,25 +508,12 @@ fn ipv6_addresses_are_carried() {
     assert_connections_kept(&mut clients, &log, 25, 3);
 
     let dst_ns = BridgedHosts::dst_netns(&id);
-    let in_dst = |args: &[&str]| -> String {
-        let out = run_output(
-            std::process::Command::new("nsenter")
-                .arg(format!("--net={}", dst_ns.display()))
-                .args(["--", "ip"])
-                .args(args),
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let in_dst = |args: &[&str]| stdout_in(&dst_ns, "ip", args);
     let addrs = in_dst(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
     assert!(addrs.contains(&container6), "{addrs}");
     let routes = in_dst(&["-6", "route", "show", "default"]);
     assert!(routes.contains(&format!("via {CLIENT_IP6}")), "{routes}");
-    let dst_mac = mac_in(&dst_ns, "eth0").expect("eth0 in the destination namespace");
-    assert_eq!(
-        neighbour_mac(&b.client_ns, CONTAINER_IP6).as_deref(),
-        Some(dst_mac.as_str()),
-        "the client's IPv6 neighbour entry did not move to the destination's MAC"
-    );
+    assert_neighbour_moved(&b.client_ns, CONTAINER_IP6, &dst_ns, "eth0");
     finish(&b);
 }
 
@@ -579,15 +561,7 @@ fn two_interfaces_and_a_service_address_are_carried() {
     assert_connections_kept(&mut clients, &log, 25, 3);
 
     let dst_ns = BridgedHosts::dst_netns(&id);
-    let in_dst = |args: &[&str]| -> String {
-        let out = run_output(
-            std::process::Command::new("nsenter")
-                .arg(format!("--net={}", dst_ns.display()))
-                .args(["--", "ip"])
-                .args(args),
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let in_dst = |args: &[&str]| stdout_in(&dst_ns, "ip", args);
     let link = in_dst(&["link", "show", "dev", "net1"]);
     assert!(link.contains("mtu 1400"), "{link}");
     let addrs = in_dst(&["-4", "addr", "show", "dev", "net1"]);
@@ -602,12 +576,7 @@ fn two_interfaces_and_a_service_address_are_carried() {
     );
     let lo = in_dst(&["-4", "addr", "show", "dev", "lo"]);
     assert!(lo.contains(&format!("{SERVICE_IP}/32")), "{lo}");
-    let dst_mac = mac_in(&dst_ns, "net1").expect("net1 in the destination namespace");
-    assert_eq!(
-        neighbour_mac(&b.client_ns, CONTAINER_IP_NET1).as_deref(),
-        Some(dst_mac.as_str()),
-        "the client's neighbour entry for net1's address did not move to the new MAC"
-    );
+    assert_neighbour_moved(&b.client_ns, CONTAINER_IP_NET1, &dst_ns, "net1");
     finish(&b);
 }
 
@@ -678,12 +647,7 @@ fn firewall_rules_are_carried() {
     assert_connections_kept(&mut clients, &log, 20, 1);
     let dst_ns = BridgedHosts::dst_netns(&id);
     for prog in ["iptables-save", "ip6tables-save"] {
-        let out = run_output(
-            std::process::Command::new("nsenter")
-                .arg(format!("--net={}", dst_ns.display()))
-                .args(["--", prog]),
-        );
-        let rules = String::from_utf8_lossy(&out.stdout);
+        let rules = stdout_in(&dst_ns, prog, &[]);
         assert!(
             rules.contains("--dport 7002 -j REDIRECT --to-ports 7000"),
             "{prog} on the destination: {rules}"

@@ -516,11 +516,6 @@ pub fn wait_clients_progress(clients: &[TcpClient], more: u64, timeout: Duration
     });
 }
 
-/// The neighbour entry of the container's address in the client namespace (its MAC).
-pub fn client_neighbour_mac(client_ns: &str) -> Option<String> {
-    neighbour_mac(client_ns, CONTAINER_IP)
-}
-
 /// The neighbour entry of `addr` in the namespace `ns` (its MAC).
 pub fn neighbour_mac(ns: &str, addr: &str) -> Option<String> {
     let out = ip(&["-n", ns, "-j", "neigh", "show", addr]);
@@ -528,13 +523,35 @@ pub fn neighbour_mac(ns: &str, addr: &str) -> Option<String> {
     v.get(0)?["lladdr"].as_str().map(str::to_string)
 }
 
-/// The MAC of `ifname` in the namespace at `path`.
-pub fn mac_in(path: &Path, ifname: &str) -> Option<String> {
+/// The standard output of `prog args…` run in the network namespace at `path`.
+pub fn stdout_in(path: &Path, prog: &str, args: &[&str]) -> String {
     let out = run_output(
         Command::new("nsenter")
             .arg(format!("--net={}", path.display()))
-            .args(["--", "ip", "-j", "link", "show", "dev", ifname]),
+            .arg("--")
+            .arg(prog)
+            .args(args),
     );
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The MAC of `ifname` in the namespace at `path`.
+pub fn mac_in(path: &Path, ifname: &str) -> Option<String> {
+    let out = stdout_in(path, "ip", &["-j", "link", "show", "dev", ifname]);
+    let v: Value = serde_json::from_str(&out).ok()?;
     v.get(0)?["address"].as_str().map(str::to_string)
+}
+
+/// The client's neighbour entry for `addr` names the MAC of `ifname` in the namespace at
+/// `dst_ns` (the destination's announcement moved it).
+#[track_caller]
+pub fn assert_neighbour_moved(client_ns: &str, addr: &str, dst_ns: &Path, ifname: &str) {
+    let dst_mac =
+        mac_in(dst_ns, ifname).unwrap_or_else(|| panic!("no {ifname} in {}", dst_ns.display()));
+    assert_eq!(
+        neighbour_mac(client_ns, addr).as_deref(),
+        Some(dst_mac.as_str()),
+        "the client's neighbour entry for {addr} did not move to {ifname}'s MAC on the \
+         destination"
+    );
 }
