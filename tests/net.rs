@@ -76,6 +76,25 @@ fn assert_connections_kept(clients: &mut [TcpClient], log: &std::path::Path, mor
     assert_server_kept(&kept, n);
 }
 
+/// `ferry migrate --mode MODE --tcp-established` to `serve` succeeds: the report names the
+/// mode and counts the `n` connections, the container runs on the destination, and the
+/// clients and the server's log show the connections kept. Returns the report.
+fn migrate_keeping(
+    b: &BridgedHosts,
+    (id, serve, mode): (&str, &Serve, &str),
+    clients: &mut [TcpClient],
+    log: &std::path::Path,
+    n: u64,
+) -> serde_json::Value {
+    let out =
+        b.th.migrate(id, &serve.addr, &["--mode", mode, "--tcp-established"]);
+    let v = migrate_json(&out, Some(mode));
+    assert_eq!(json_u64(&v, "tcp_connections"), n, "report: {v}");
+    assert_migrated(&b.th, id, &v);
+    assert_connections_kept(clients, log, 25, n);
+    v
+}
+
 /// No FERRY-LOCK / CRIU lock rule is left in either host.
 fn assert_no_lock_rules(b: &BridgedHosts) {
     let rules = b.lock_rules();
@@ -497,15 +516,7 @@ fn ipv6_addresses_are_carried() {
         "remove the holder",
     );
 
-    let out = b.th.migrate(
-        &id,
-        &serve.addr,
-        &["--mode", "stop-copy", "--tcp-established"],
-    );
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_eq!(json_u64(&v, "tcp_connections"), 3, "report: {v}");
-    assert_migrated(&b.th, &id, &v);
-    assert_connections_kept(&mut clients, &log, 25, 3);
+    migrate_keeping(&b, (&id, &serve, "stop-copy"), &mut clients, &log, 3);
 
     let dst_ns = BridgedHosts::dst_netns(&id);
     let in_dst = |args: &[&str]| stdout_in(&dst_ns, "ip", args);
@@ -554,11 +565,7 @@ fn two_interfaces_and_a_service_address_are_carried() {
     b.th.assert_dst_clean(&id, DST_CLEAN_T);
 
     let serve = b.th.serve(&["--bridge", "br0", "--bridge", "net1=br1"]);
-    let out = b.th.migrate(&id, &serve.addr, &tcp);
-    let v = migrate_json(&out, Some("stop-copy"));
-    assert_eq!(json_u64(&v, "tcp_connections"), 3, "report: {v}");
-    assert_migrated(&b.th, &id, &v);
-    assert_connections_kept(&mut clients, &log, 25, 3);
+    migrate_keeping(&b, (&id, &serve, "stop-copy"), &mut clients, &log, 3);
 
     let dst_ns = BridgedHosts::dst_netns(&id);
     let in_dst = |args: &[&str]| stdout_in(&dst_ns, "ip", args);
@@ -844,15 +851,7 @@ fn post_copy_keeps_tcp_connections() {
     let Some((b, serve, id, log, mut clients)) = start_net("netpost", 2, serve_bridge) else {
         return;
     };
-    let out = b.th.migrate(
-        &id,
-        &serve.addr,
-        &["--mode", "post-copy", "--tcp-established"],
-    );
-    let v = migrate_json(&out, Some("post-copy"));
-    assert_eq!(json_u64(&v, "tcp_connections"), 2, "report: {v}");
-    assert_migrated(&b.th, &id, &v);
-    assert_connections_kept(&mut clients, &log, 25, 2);
+    migrate_keeping(&b, (&id, &serve, "post-copy"), &mut clients, &log, 2);
     finish(&b);
 }
 
