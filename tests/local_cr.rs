@@ -374,6 +374,41 @@ fn readonly_root_checkpoint_restore() {
     leak_check(&rc.ids());
 }
 
+/// The container's cgroup limits (memory, CPU shares and quota, pids) and device rules come
+/// back with the restored container. CRIU does not restore them into cgroups that exist
+/// before it runs, and a new device cgroup allows every device: before ferry wrote them back,
+/// a restored container could open any device node and had no memory limit.
+#[test]
+fn cgroup_limits_and_device_rules_survive_checkpoint_restore() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("limits");
+    let id = rc.id("");
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("counter")
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .resources(test_limits().0)
+        .build();
+    rc.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 5, T);
+    let devices = cgroup_value(&rc.state_file(&id), "devices", "devices.list");
+    assert_limits(&rc.state_file(&id), &devices, "container");
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    ferry_restore(&rc, &id, &images, &[]);
+    assert_limits(&rc.state_file(&id), &devices, "restored container");
+    let n = read_counter_lines(&out).len();
+    wait_counter_lines(&out, n + 5, T);
+    assert_exec_works(&rc, &id);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
 /// The value of the sysctl `key` (dots) in the network namespace of `pid`.
 fn net_sysctl_of(pid: u64, key: &str) -> String {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));

@@ -54,6 +54,10 @@ pub struct CheckpointMeta {
     /// restored container's network namespace (CRIU does not carry them).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub net_sysctls: std::collections::BTreeMap<String, String>,
+    /// The container's cgroup limits and device rules at checkpoint time (cgroup v1 file →
+    /// value), written into the restored container's new cgroups before CRIU runs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cgroup_settings: std::collections::BTreeMap<String, String>,
 }
 
 impl CheckpointMeta {
@@ -90,6 +94,7 @@ impl CheckpointMeta {
             )));
         }
         super::sysctl::validate(&m.net_sysctls).map_err(|e| not(e.to_string()))?;
+        crate::runtime::cgroups::validate_settings(&m.cgroup_settings).map_err(not)?;
         if !dir.join(INVENTORY).is_file() {
             return Err(not(format!("CRIU's {INVENTORY} is missing")));
         }

@@ -588,6 +588,7 @@ mod tests {
             runc_state: serde_json::Value::Null,
             network_lock_skipped: false,
             net_sysctls: BTreeMap::new(),
+            cgroup_settings: BTreeMap::new(),
         };
         let mut cg = BTreeMap::new();
         cg.insert(

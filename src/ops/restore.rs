@@ -362,6 +362,8 @@ fn restore_inner(
     };
     let criu_root = BindMount::new(&v.cfg.rootfs, &work.join("criu-root"))?;
     undo.cgroups = Some(CgroupSet::create(&v.cgroup_paths)?);
+    // The limits and device rules before anything runs in them (as runc's restore does).
+    crate::runtime::cgroups::apply_settings(&v.cgroup_paths, &v.meta.cgroup_settings)?;
 
     let mut plan = restore_options(
         &v.cfg,

@@ -144,6 +144,143 @@ impl CgroupSet {
     }
 }
 
+/// The cgroup v1 files of a container's limits that a restore writes back into its new
+/// cgroups, in this order (a period before its quota, the memory limit before memory+swap).
+/// CRIU keeps them in its images but, for cgroups that exist before it runs (ferry makes
+/// them, as runc does), restores none; runc's own restore sets them from its config first.
+pub const LIMIT_FILES: [&str; 9] = [
+    "memory.limit_in_bytes",
+    "memory.memsw.limit_in_bytes",
+    "memory.soft_limit_in_bytes",
+    "memory.swappiness",
+    "cpu.shares",
+    "cpu.cfs_period_us",
+    "cpu.cfs_quota_us",
+    "pids.max",
+    "blkio.weight",
+];
+/// Read only where the container was given CPUs/memory nodes (copying the source's default
+/// could pin it, or fail, on a destination of another size).
+const CPUSET_FILES: [&str; 2] = ["cpuset.cpus", "cpuset.mems"];
+/// The device rules (v1): a new cgroup allows every device until they are written back.
+pub const DEVICES_LIST: &str = "devices.list";
+/// Longest value kept (devices.list can be long).
+const MAX_SETTING: u64 = 64 * 1024;
+
+/// `memory.limit_in_bytes` → the controller key of runc's `cgroup_paths` (`memory`).
+fn controller_of(file: &str) -> &str {
+    file.split_once('.').map_or(file, |(c, _)| c)
+}
+
+/// Values meaning "no limit": a destination without the file loses nothing.
+fn is_unlimited(v: &str) -> bool {
+    matches!(
+        v,
+        "max" | "-1" | "9223372036854771712" | "9223372036854775807"
+    )
+}
+
+/// The container's limits and device rules as they are now in its cgroup v1 directories
+/// (`paths`: controller → dir, as runc records them), to be written back by
+/// [`apply_settings`]. `cpuset`: the container was given CPUs or memory nodes. Files a
+/// kernel does not have are skipped.
+pub fn read_settings(
+    paths: &BTreeMap<String, String>,
+    cpuset: bool,
+) -> Result<BTreeMap<String, String>, RuntimeError> {
+    let mut files: Vec<&str> = LIMIT_FILES.to_vec();
+    if cpuset {
+        files.extend(CPUSET_FILES);
+    }
+    files.push(DEVICES_LIST);
+    let mut out = BTreeMap::new();
+    for f in files {
+        let Some(dir) = paths.get(controller_of(f)) else {
+            continue;
+        };
+        let path = Path::new(dir).join(f);
+        if !path.exists() {
+            continue;
+        }
+        let v =
+            crate::capped::read_capped(&path, MAX_SETTING).map_err(|e| RuntimeError::Cgroup {
+                path: path.clone(),
+                why: match e {
+                    crate::capped::CappedError::Io(e) => e.to_string(),
+                    crate::capped::CappedError::TooLarge(n) => format!("{n} bytes"),
+                },
+            })?;
+        out.insert(
+            f.to_string(),
+            String::from_utf8_lossy(&v).trim_end().to_string(),
+        );
+    }
+    Ok(out)
+}
+
+/// Checks settings read from a checkpoint or a peer: known files, bounded values.
+pub fn validate_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in settings {
+        let known = LIMIT_FILES.contains(&k.as_str())
+            || CPUSET_FILES.contains(&k.as_str())
+            || k == DEVICES_LIST;
+        if !known {
+            return Err(format!("cgroup setting {k:?} is not one ferry writes"));
+        }
+        if v.len() as u64 > MAX_SETTING || v.contains('\0') {
+            return Err(format!(
+                "cgroup setting {k}: value too long or with a NUL byte"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `settings` (from [`read_settings`]) into the cgroups of `paths`: the limits in
+/// [`LIMIT_FILES`] order, then the device rules (deny all, allow each listed rule). A file
+/// this host lacks is an error unless its value is "no limit".
+pub fn apply_settings(
+    paths: &BTreeMap<String, String>,
+    settings: &BTreeMap<String, String>,
+) -> Result<(), RuntimeError> {
+    let write = |file: &str, value: &str| -> Result<(), RuntimeError> {
+        let Some(dir) = paths.get(controller_of(file)) else {
+            return Err(RuntimeError::Cgroup {
+                path: PathBuf::from(file),
+                why: format!("no {} cgroup here for {file}={value}", controller_of(file)),
+            });
+        };
+        let path = Path::new(dir).join(file);
+        std::fs::write(&path, value).map_err(|e| RuntimeError::Cgroup {
+            path: path.clone(),
+            why: format!("writing {value:?}: {e}"),
+        })
+    };
+    for f in LIMIT_FILES.iter().chain(CPUSET_FILES.iter()) {
+        let Some(v) = settings.get(*f) else { continue };
+        let here = paths
+            .get(controller_of(f))
+            .is_some_and(|d| Path::new(d).join(f).exists());
+        if !here {
+            if is_unlimited(v) {
+                continue;
+            }
+            return Err(RuntimeError::Cgroup {
+                path: PathBuf::from(f),
+                why: format!("the container's {f} is {v} and this host's cgroups have no {f}"),
+            });
+        }
+        write(f, v)?;
+    }
+    if let Some(list) = settings.get(DEVICES_LIST) {
+        write("devices.deny", "a")?;
+        for rule in list.lines().filter(|l| !l.trim().is_empty()) {
+            write("devices.allow", rule)?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether a freezer cgroup (v1 `freezer.state`, v2 `cgroup.freeze`) is frozen, if readable.
 pub fn is_frozen(dir: &Path) -> Option<bool> {
     if let Ok(s) = std::fs::read_to_string(dir.join("freezer.state")) {
@@ -233,6 +370,58 @@ pub fn renamed_paths(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_go_back_in_order_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = BTreeMap::new();
+        for c in ["memory", "cpu", "pids", "devices"] {
+            let d = dir.path().join(c);
+            std::fs::create_dir(&d).unwrap();
+            paths.insert(c.to_string(), d.display().to_string());
+        }
+        for f in [
+            "memory/memory.limit_in_bytes",
+            "cpu/cpu.shares",
+            "pids/pids.max",
+        ] {
+            std::fs::write(dir.path().join(f), "0").unwrap();
+        }
+        std::fs::write(dir.path().join("devices/devices.list"), "c 1:3 rwm\n").unwrap();
+        let read = read_settings(&paths, false).unwrap();
+        assert_eq!(
+            read.keys().collect::<Vec<_>>(),
+            [
+                "cpu.shares",
+                "devices.list",
+                "memory.limit_in_bytes",
+                "pids.max"
+            ]
+        );
+        let mut want = read.clone();
+        want.insert("memory.limit_in_bytes".into(), "268435456".into());
+        want.insert("devices.list".into(), "b *:* m\nc 1:3 rwm".into());
+        // No such file here, but no limit either: nothing is lost.
+        want.insert(
+            "memory.memsw.limit_in_bytes".into(),
+            "9223372036854771712".into(),
+        );
+        apply_settings(&paths, &want).unwrap();
+        let got = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert_eq!(got("memory/memory.limit_in_bytes"), "268435456");
+        // (plain files here: the last rule written is what stays)
+        assert_eq!(got("devices/devices.deny"), "a");
+        assert_eq!(got("devices/devices.allow"), "c 1:3 rwm");
+        // A limit this host cannot hold is an error, not dropped.
+        want.insert("memory.memsw.limit_in_bytes".into(), "536870912".into());
+        assert!(apply_settings(&paths, &want).is_err());
+        // From a checkpoint or a peer: known files only.
+        validate_settings(&read).unwrap();
+        let mut bad = read.clone();
+        bad.insert("cgroup.procs".into(), "1".into());
+        assert!(validate_settings(&bad).is_err());
+        assert_eq!(controller_of("cpu.cfs_quota_us"), "cpu");
+    }
 
     #[test]
     fn rename_replaces_only_the_id_component() {

@@ -52,7 +52,8 @@ pub struct Workload {
 /// which CRIU alone would not bring back.
 pub const COUNTER_SYSCTL: (&str, &str) = ("net.ipv4.ip_unprivileged_port_start", "0");
 
-/// Counter appending 1, 2, 3, … to /data/counter every 50 ms (with [`COUNTER_SYSCTL`]).
+/// Counter appending 1, 2, 3, … to /data/counter every 50 ms (with [`COUNTER_SYSCTL`] and
+/// the limits of [`test_limits`]).
 pub fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
     let src = th.src_runc();
     let id = src.id(suffix);
@@ -62,6 +63,7 @@ pub fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
         .bind(&data, "/data")
         .args(&counter_file_args("/data/counter"))
         .sysctl(COUNTER_SYSCTL.0, COUNTER_SYSCTL.1)
+        .resources(test_limits().0)
         .build();
     src.run_detached(&id, &bundle, Out::Null);
     let out = data.join("counter");
@@ -350,10 +352,21 @@ pub fn migrate_counter(th: &TwoHosts, mode: &str) -> Value {
 /// [`migrate_counter`] with extra `ferry serve` arguments.
 pub fn migrate_counter_via(th: &TwoHosts, mode: &str, serve_args: &[&str]) -> Value {
     let w = start_counter(th, "");
+    let devices = cgroup_value(&th.src_runc().state_file(&w.id), "devices", "devices.list");
+    assert_limits(
+        &th.src_runc().state_file(&w.id),
+        &devices,
+        "source container",
+    );
     let serve = th.serve(serve_args);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
     let v = assert_counter_migrated(th, &w, &out, Some(mode), 20);
     eprintln!("migrate ({mode}): {v}");
+    assert_limits(
+        &th.dst_runc().state_file(&w.id),
+        &devices,
+        "migrated container",
+    );
     let (key, want) = COUNTER_SYSCTL;
     let sysctl = must(
         th.dst_runc().exec(

@@ -396,6 +396,59 @@ pub fn counter_args() -> Vec<String> {
     vec!["sh".into(), "-c".into(), COUNTER_SCRIPT.into()]
 }
 
+/// The value of a cgroup file of a container, from its runc state file (`cgroup_paths`).
+#[track_caller]
+pub fn cgroup_value(state: &Value, controller: &str, file: &str) -> String {
+    let dir = state["cgroup_paths"][controller]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {controller} cgroup in {state}"));
+    let path = Path::new(dir).join(file);
+    fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim_end()
+        .to_string()
+}
+
+/// The `linux.resources` the tests' limited containers get, and the cgroup v1 files that
+/// must show them: (controller, file, value).
+pub fn test_limits() -> (Value, [(&'static str, &'static str, &'static str); 4]) {
+    (
+        serde_json::json!({
+            "memory": {"limit": 268435456},
+            "cpu": {"shares": 512, "quota": 50000, "period": 100000},
+            "pids": {"limit": 99}
+        }),
+        [
+            ("memory", "memory.limit_in_bytes", "268435456"),
+            ("cpu", "cpu.shares", "512"),
+            ("cpu", "cpu.cfs_quota_us", "50000"),
+            ("pids", "pids.max", "99"),
+        ],
+    )
+}
+
+/// The container's limits and device rules (see [`test_limits`]) are in its cgroups, and
+/// the device rules are `devices` (taken from the original container).
+#[track_caller]
+pub fn assert_limits(state: &Value, devices: &str, which: &str) {
+    for (ctl, file, want) in test_limits().1 {
+        assert_eq!(
+            cgroup_value(state, ctl, file),
+            want,
+            "{file} of the {which}"
+        );
+    }
+    assert_eq!(
+        cgroup_value(state, "devices", "devices.list"),
+        devices,
+        "device rules of the {which}"
+    );
+    assert!(
+        !devices.contains("a *:* rwm"),
+        "every device allowed: {devices}"
+    );
+}
+
 /// Counter that appends each value to `file` (inside the container) and prints nothing.
 pub fn counter_file_args(file: &str) -> Vec<String> {
     let script = format!("i=0; while true; do i=$((i+1)); echo $i >> {file}; sleep 0.05; done");
@@ -525,6 +578,8 @@ pub struct Bundle {
     readonly: bool,
     /// `linux.sysctl` entries.
     sysctls: Vec<(String, String)>,
+    /// `linux.resources`, as given.
+    resources: Option<Value>,
 }
 
 impl Bundle {
@@ -539,7 +594,15 @@ impl Bundle {
             netns: None,
             readonly: false,
             sysctls: Vec::new(),
+            resources: None,
         }
+    }
+
+    /// `linux.resources` entries (limits runc writes into the container's cgroups), merged
+    /// into runc spec's.
+    pub fn resources(mut self, r: Value) -> Bundle {
+        self.resources = Some(r);
+        self
     }
 
     /// A read-only root (`root.readonly`, as `docker run --read-only`).
@@ -636,6 +699,12 @@ impl Bundle {
         spec["process"]["terminal"] = Value::Bool(false);
         spec["process"]["args"] = Value::from(self.args.clone());
         spec["root"]["readonly"] = Value::Bool(self.readonly);
+        // Merged into runc spec's (which denies every device but its defaults).
+        if let Some(Value::Object(r)) = &self.resources {
+            for (k, v) in r {
+                spec["linux"]["resources"][k] = v.clone();
+            }
+        }
         if !self.sysctls.is_empty() {
             let map: serde_json::Map<String, Value> = self
                 .sysctls
@@ -857,6 +926,14 @@ impl Runc {
             &format!("runc state {id}"),
         );
         serde_json::from_slice(&out.stdout).expect("runc state prints JSON")
+    }
+
+    /// runc's own record of the container (`<root>/<id>/state.json`: cgroup paths, config).
+    #[track_caller]
+    pub fn state_file(&self, id: &str) -> Value {
+        let path = self.root.join(id).join("state.json");
+        let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_slice(&data).expect("runc's state.json is JSON")
     }
 
     /// `status` field of `runc state id`, None if the container does not exist.
