@@ -399,6 +399,27 @@ fn cgroup_limits_and_device_rules_survive_checkpoint_restore() {
     assert_limits(&rc.state_file(&id), &devices, "container");
     let images = rc.mkdir("images");
     ferry_checkpoint(&rc, &id, &images, false);
+    // Only what runc's config sets is carried (not, e.g., the host's default blkio.weight).
+    let meta: Value =
+        serde_json::from_slice(&fs::read(images.join("ferry.json")).unwrap()).unwrap();
+    let carried: Vec<&str> = meta["cgroup_settings"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        carried,
+        [
+            "cpu.cfs_period_us",
+            "cpu.cfs_quota_us",
+            "cpu.shares",
+            "cpuset.cpus",
+            "devices.list",
+            "memory.limit_in_bytes",
+            "pids.max"
+        ]
+    );
     ferry_restore(&rc, &id, &images, &[]);
     assert_limits(&rc.state_file(&id), &devices, "restored container");
     let n = read_counter_lines(&out).len();

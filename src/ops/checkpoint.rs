@@ -50,14 +50,6 @@ pub struct CheckpointReport {
 
 /// Checks that `images` may receive a checkpoint of `id`: missing or empty, or an earlier
 /// ferry checkpoint of the same container.
-/// Whether runc's config (its state.json) gives the container CPUs or memory nodes.
-fn has_cpuset(runc_state: &serde_json::Value) -> bool {
-    let cg = &runc_state["config"]["cgroups"];
-    ["cpuset_cpus", "cpuset_mems"]
-        .iter()
-        .any(|k| cg[k].as_str().is_some_and(|v| !v.is_empty()))
-}
-
 fn prepare_images_dir(images: &Path, id: &str) -> Result<(), OpError> {
     if !images.exists() {
         std::fs::create_dir_all(images).map_err(|source| OciError::Write {
@@ -146,7 +138,7 @@ impl DumpJob {
                 .map_err(|e| OpError::Invalid(e.to_string()))?,
             cgroup_settings: crate::runtime::cgroups::read_settings(
                 &c.cgroup_paths,
-                has_cpuset(&c.raw),
+                &c.raw["config"]["cgroups"],
             )?,
         };
         let freezer = c.freeze_cgroup().map(PathBuf::from);

@@ -145,23 +145,25 @@ impl CgroupSet {
 }
 
 /// The cgroup v1 files of a container's limits that a restore writes back into its new
-/// cgroups, in this order (a period before its quota, the memory limit before memory+swap).
-/// CRIU keeps them in its images but, for cgroups that exist before it runs (ferry makes
-/// them, as runc does), restores none; runc's own restore sets them from its config first.
-pub const LIMIT_FILES: [&str; 9] = [
-    "memory.limit_in_bytes",
-    "memory.memsw.limit_in_bytes",
-    "memory.soft_limit_in_bytes",
-    "memory.swappiness",
-    "cpu.shares",
-    "cpu.cfs_period_us",
-    "cpu.cfs_quota_us",
-    "pids.max",
-    "blkio.weight",
+/// cgroups, in this order (a period before its quota, the memory limit before memory+swap),
+/// each with the field of runc's config (`state.json` `config.cgroups`) that sets it. CRIU
+/// keeps them in its images but, for cgroups that exist before it runs (ferry makes them, as
+/// runc does), restores none; runc's own restore sets them from its config first. Only the
+/// ones runc's config sets are carried: a source's default (a CPU list, a block I/O weight)
+/// means nothing to, or may not exist on, a destination of another size or kernel.
+pub const LIMIT_FILES: [(&str, &str); 11] = [
+    ("memory.limit_in_bytes", "memory"),
+    ("memory.memsw.limit_in_bytes", "memory_swap"),
+    ("memory.soft_limit_in_bytes", "memory_reservation"),
+    ("memory.swappiness", "memory_swappiness"),
+    ("cpu.shares", "cpu_shares"),
+    ("cpu.cfs_period_us", "cpu_period"),
+    ("cpu.cfs_quota_us", "cpu_quota"),
+    ("pids.max", "pids_limit"),
+    ("blkio.weight", "blkio_weight"),
+    ("cpuset.cpus", "cpuset_cpus"),
+    ("cpuset.mems", "cpuset_mems"),
 ];
-/// Read only where the container was given CPUs/memory nodes (copying the source's default
-/// could pin it, or fail, on a destination of another size).
-const CPUSET_FILES: [&str; 2] = ["cpuset.cpus", "cpuset.mems"];
 /// The device rules (v1): a new cgroup allows every device until they are written back.
 pub const DEVICES_LIST: &str = "devices.list";
 /// Longest value kept (devices.list can be long).
@@ -180,18 +182,30 @@ fn is_unlimited(v: &str) -> bool {
     )
 }
 
+/// Whether runc's config field `field` sets a limit: a non-empty string, a non-zero number,
+/// or (swappiness, where 0 is a value) any number; absent and null are unset.
+fn is_set(config: &serde_json::Value, field: &str) -> bool {
+    match &config[field] {
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Number(n) => field == "memory_swappiness" || n.as_i64() != Some(0),
+        _ => false,
+    }
+}
+
 /// The container's limits and device rules as they are now in its cgroup v1 directories
 /// (`paths`: controller → dir, as runc records them), to be written back by
-/// [`apply_settings`]. `cpuset`: the container was given CPUs or memory nodes. Files a
-/// kernel does not have are skipped.
+/// [`apply_settings`]. `config`: runc's cgroup config (`state.json` `config.cgroups`); only
+/// the limits it sets are read, and the device rules always. Files a kernel does not have
+/// are skipped.
 pub fn read_settings(
     paths: &BTreeMap<String, String>,
-    cpuset: bool,
+    config: &serde_json::Value,
 ) -> Result<BTreeMap<String, String>, RuntimeError> {
-    let mut files: Vec<&str> = LIMIT_FILES.to_vec();
-    if cpuset {
-        files.extend(CPUSET_FILES);
-    }
+    let mut files: Vec<&str> = LIMIT_FILES
+        .iter()
+        .filter(|(_, field)| is_set(config, field))
+        .map(|(f, _)| *f)
+        .collect();
     files.push(DEVICES_LIST);
     let mut out = BTreeMap::new();
     for f in files {
@@ -221,9 +235,7 @@ pub fn read_settings(
 /// Checks settings read from a checkpoint or a peer: known files, bounded values.
 pub fn validate_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
     for (k, v) in settings {
-        let known = LIMIT_FILES.contains(&k.as_str())
-            || CPUSET_FILES.contains(&k.as_str())
-            || k == DEVICES_LIST;
+        let known = LIMIT_FILES.iter().any(|(f, _)| f == k) || k == DEVICES_LIST;
         if !known {
             return Err(format!("cgroup setting {k:?} is not one ferry writes"));
         }
@@ -256,8 +268,8 @@ pub fn apply_settings(
             why: format!("writing {value:?}: {e}"),
         })
     };
-    for f in LIMIT_FILES.iter().chain(CPUSET_FILES.iter()) {
-        let Some(v) = settings.get(*f) else { continue };
+    for (f, _) in LIMIT_FILES {
+        let Some(v) = settings.get(f) else { continue };
         let here = paths
             .get(controller_of(f))
             .is_some_and(|d| Path::new(d).join(f).exists());
@@ -388,14 +400,20 @@ mod tests {
             std::fs::write(dir.path().join(f), "0").unwrap();
         }
         std::fs::write(dir.path().join("devices/devices.list"), "c 1:3 rwm\n").unwrap();
-        let read = read_settings(&paths, false).unwrap();
+        // runc's config sets these three (swappiness 0 is a value); pids_limit 0 is unset.
+        let config = serde_json::json!({
+            "memory": 268435456, "cpu_shares": 512, "memory_swappiness": 0,
+            "pids_limit": 0, "cpuset_cpus": "", "memory_swap": null
+        });
+        std::fs::write(dir.path().join("memory/memory.swappiness"), "0").unwrap();
+        let read = read_settings(&paths, &config).unwrap();
         assert_eq!(
             read.keys().collect::<Vec<_>>(),
             [
                 "cpu.shares",
                 "devices.list",
                 "memory.limit_in_bytes",
-                "pids.max"
+                "memory.swappiness"
             ]
         );
         let mut want = read.clone();

@@ -411,11 +411,11 @@ pub fn cgroup_value(state: &Value, controller: &str, file: &str) -> String {
 
 /// The `linux.resources` the tests' limited containers get, and the cgroup v1 files that
 /// must show them: (controller, file, value).
-pub fn test_limits() -> (Value, [(&'static str, &'static str, &'static str); 4]) {
+pub fn test_limits() -> (Value, [(&'static str, &'static str, &'static str); 5]) {
     (
         serde_json::json!({
             "memory": {"limit": 268435456},
-            "cpu": {"shares": 512, "quota": 50000, "period": 100000},
+            "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0"},
             "pids": {"limit": 99}
         }),
         [
@@ -423,6 +423,7 @@ pub fn test_limits() -> (Value, [(&'static str, &'static str, &'static str); 4])
             ("cpu", "cpu.shares", "512"),
             ("cpu", "cpu.cfs_quota_us", "50000"),
             ("pids", "pids.max", "99"),
+            ("cpuset", "cpuset.cpus", "0"),
         ],
     )
 }
