@@ -2499,6 +2499,12 @@ pub fn assert_no_leftovers() {
     global_leak_check();
     let left = leftover_netns();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
+    // Every `ferry serve` has stopped: none left its (empty) --cgroup-prefix dirs behind.
+    let prefix_dirs = cgroup_dirs_matching(&|n| n == dst_cgroup_prefix());
+    assert!(
+        prefix_dirs.is_empty(),
+        "--cgroup-prefix dirs left: {prefix_dirs:?}"
+    );
 }
 
 /// Network namespaces made by this test process that still exist: the emulated hosts, the
