@@ -12,116 +12,12 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
+use common::local::*;
 use common::*;
 use serde_json::Value;
 
 /// Generous timeout for things that normally take well under a second.
 const T: Duration = Duration::from_secs(20);
-
-const CHECKPOINT_FIELDS: &[&str] = &[
-    "criu_version",
-    "container",
-    "images",
-    "freezing_time_us",
-    "frozen_time_us",
-    "memdump_time_us",
-    "memwrite_time_us",
-    "pages_scanned",
-    "pages_written",
-    "elapsed_ms",
-    "leave_running",
-];
-
-const RESTORE_FIELDS: &[&str] = &["criu_version", "container", "pid", "elapsed_ms"];
-
-#[track_caller]
-fn assert_version_string(v: &Value) {
-    let ver = v["criu_version"]
-        .as_str()
-        .unwrap_or_else(|| panic!("criu_version: {v}"));
-    assert!(
-        ver.split('.').count() >= 2 && ver.split('.').all(|p| p.parse::<u32>().is_ok()),
-        "criu_version {ver:?} is not a dotted version"
-    );
-}
-
-/// `ferry checkpoint <id> --images DIR --runtime-root R --json [--leave-running]`,
-/// asserting success and the JSON shape.
-#[track_caller]
-fn ferry_checkpoint(rc: &Runc, id: &str, images: &Path, leave_running: bool) -> Value {
-    let root = rc.root.clone();
-    let mut args = vec![
-        "checkpoint",
-        id,
-        "--images",
-        s(images),
-        "--runtime-root",
-        s(&root),
-    ];
-    if leave_running {
-        args.push("--leave-running");
-    }
-    args.push("--json");
-    let out = ferry(&args);
-    out.ok();
-    let v = out.json();
-    assert_fields(&v, CHECKPOINT_FIELDS);
-    assert_version_string(&v);
-    assert_eq!(v["container"], id, "{v}");
-    assert!(v["images"].is_string(), "images: {v}");
-    for f in [
-        "freezing_time_us",
-        "frozen_time_us",
-        "memdump_time_us",
-        "memwrite_time_us",
-        "pages_scanned",
-        "pages_written",
-        "elapsed_ms",
-    ] {
-        json_u64(&v, f);
-    }
-    assert!(json_u64(&v, "pages_written") > 0, "pages_written: {v}");
-    assert!(
-        json_u64(&v, "pages_scanned") >= json_u64(&v, "pages_written"),
-        "{v}"
-    );
-    assert_eq!(v["leave_running"], leave_running, "{v}");
-    v
-}
-
-/// `ferry restore <id> --images DIR --runtime-root R --json [extra...]`, asserting
-/// success, the JSON shape and that runc now shows the container running with that pid.
-#[track_caller]
-fn ferry_restore(rc: &Runc, id: &str, images: &Path, extra: &[&str]) -> u64 {
-    rc.track(id);
-    let root = rc.root.clone();
-    let mut args = vec![
-        "restore",
-        id,
-        "--images",
-        s(images),
-        "--runtime-root",
-        s(&root),
-    ];
-    args.extend_from_slice(extra);
-    args.push("--json");
-    let out = ferry(&args);
-    out.ok();
-    let v = out.json();
-    assert_fields(&v, RESTORE_FIELDS);
-    assert_version_string(&v);
-    assert_eq!(v["container"], id, "{v}");
-    let pid = json_u64(&v, "pid");
-    assert!(pid > 0, "{v}");
-    let st = rc.state(id);
-    assert_eq!(st["status"], "running", "runc state after restore: {st}");
-    assert_eq!(
-        st["pid"].as_u64(),
-        Some(pid),
-        "runc state pid vs ferry pid: {st} / {v}"
-    );
-    pid
-}
 
 /// ferry.json says the dump took no network lock (a namespace with only lo, no
 /// --tcp-established), so the restore takes none either.
@@ -153,15 +49,6 @@ fn assert_no_lock_rules(pid: u64) {
             "lock rules left in the namespace of {pid} ({prog}):\n{text}"
         );
     }
-}
-
-#[track_caller]
-fn assert_exec_works(rc: &Runc, id: &str) {
-    let out = must(
-        rc.exec(id, &["echo", "hi"]),
-        &format!("runc exec {id} echo hi"),
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 }
 
 /// The counter output in `path` is one unbroken sequence 1, 2, 3, … of at least `min`.

@@ -363,7 +363,11 @@ fn restore_inner(
     let criu_root = BindMount::new(&v.cfg.rootfs, &work.join("criu-root"))?;
     undo.cgroups = Some(CgroupSet::create(&v.cgroup_paths)?);
     // The limits and device rules before anything runs in them (as runc's restore does).
-    crate::runtime::cgroups::apply_settings(&v.cgroup_paths, &v.meta.cgroup_settings)?;
+    crate::runtime::cgroups::apply_settings(
+        &v.cgroup_paths,
+        &v.meta.cgroup_settings,
+        &v.meta.runc_state["config"]["cgroups"]["devices"],
+    )?;
 
     let mut plan = restore_options(
         &v.cfg,

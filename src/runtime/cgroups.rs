@@ -6,6 +6,33 @@ use std::path::{Path, PathBuf};
 
 use super::{io_err, RuntimeError};
 
+/// In a cgroup v2 directory, enables for its children every controller it has (as runc
+/// and systemd do for the cgroups they make), so that a new child has the limit files.
+/// Nothing on v1 or on a controller-less v2 hierarchy; a failure (the kernel refuses it for
+/// a cgroup that holds processes) is logged, and a limit then missing fails the restore.
+fn enable_controllers(dir: &Path) {
+    let Ok(have) = std::fs::read_to_string(dir.join("cgroup.controllers")) else {
+        return;
+    };
+    let on = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    let missing: Vec<String> = have
+        .split_whitespace()
+        .filter(|c| !on.split_whitespace().any(|o| o == *c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let path = dir.join("cgroup.subtree_control");
+    if let Err(e) = std::fs::write(&path, missing.join(" ")) {
+        tracing::warn!(
+            "cannot enable {} in {}: {e}",
+            missing.join(" "),
+            path.display()
+        );
+    }
+}
+
 /// Cgroup directories created for one restore.
 #[derive(Debug, Default)]
 pub struct CgroupSet {
@@ -64,6 +91,9 @@ impl CgroupSet {
             if parent.as_os_str().len() > CGROUP_FS.len() {
                 self.ensure(parent)?;
             }
+        }
+        if let Some(parent) = dir.parent() {
+            enable_controllers(parent);
         }
         std::fs::create_dir(dir).map_err(io_err("create cgroup", dir))?;
         self.created.push(dir.to_path_buf());
@@ -151,18 +181,32 @@ impl CgroupSet {
 /// runc does), restores none; runc's own restore sets them from its config first. Only the
 /// ones runc's config sets are carried: a source's default (a CPU list, a block I/O weight)
 /// means nothing to, or may not exist on, a destination of another size or kernel.
-pub const LIMIT_FILES: [(&str, &str); 11] = [
-    ("memory.limit_in_bytes", "memory"),
-    ("memory.memsw.limit_in_bytes", "memory_swap"),
-    ("memory.soft_limit_in_bytes", "memory_reservation"),
-    ("memory.swappiness", "memory_swappiness"),
-    ("cpu.shares", "cpu_shares"),
-    ("cpu.cfs_period_us", "cpu_period"),
-    ("cpu.cfs_quota_us", "cpu_quota"),
-    ("pids.max", "pids_limit"),
-    ("blkio.weight", "blkio_weight"),
-    ("cpuset.cpus", "cpuset_cpus"),
-    ("cpuset.mems", "cpuset_mems"),
+pub const LIMIT_FILES: [(&str, &[&str]); 11] = [
+    ("memory.limit_in_bytes", &["memory"]),
+    ("memory.memsw.limit_in_bytes", &["memory_swap"]),
+    ("memory.soft_limit_in_bytes", &["memory_reservation"]),
+    ("memory.swappiness", &["memory_swappiness"]),
+    ("cpu.shares", &["cpu_shares"]),
+    ("cpu.cfs_period_us", &["cpu_period"]),
+    ("cpu.cfs_quota_us", &["cpu_quota"]),
+    ("pids.max", &["pids_limit"]),
+    ("blkio.weight", &["blkio_weight"]),
+    ("cpuset.cpus", &["cpuset_cpus"]),
+    ("cpuset.mems", &["cpuset_mems"]),
+];
+/// The same on a cgroup v2-only host, where runc writes the v2 files (memory before
+/// memory+swap; the block I/O weight goes to BFQ's file where the kernel has it).
+pub const LIMIT_FILES_V2: [(&str, &[&str]); 10] = [
+    ("memory.max", &["memory"]),
+    ("memory.swap.max", &["memory_swap"]),
+    ("memory.low", &["memory_reservation"]),
+    ("cpu.weight", &["cpu_weight", "cpu_shares"]),
+    ("cpu.max", &["cpu_quota", "cpu_period"]),
+    ("pids.max", &["pids_limit"]),
+    ("io.bfq.weight", &["blkio_weight"]),
+    ("io.weight", &["blkio_weight"]),
+    ("cpuset.cpus", &["cpuset_cpus"]),
+    ("cpuset.mems", &["cpuset_mems"]),
 ];
 /// The device rules (v1): a new cgroup allows every device until they are written back.
 pub const DEVICES_LIST: &str = "devices.list";
@@ -172,6 +216,21 @@ const MAX_SETTING: u64 = 64 * 1024;
 /// `memory.limit_in_bytes` → the controller key of runc's `cgroup_paths` (`memory`).
 fn controller_of(file: &str) -> &str {
     file.split_once('.').map_or(file, |(c, _)| c)
+}
+
+/// runc's `cgroup_paths` of a cgroup v2-only host: the one hierarchy, under the key "" (a
+/// hybrid host has its v1 controllers besides, and its "" is the controller-less
+/// `unified/`).
+fn v2_dir(paths: &BTreeMap<String, String>) -> Option<&String> {
+    match paths.get("") {
+        Some(d) if paths.len() == 1 => Some(d),
+        _ => None,
+    }
+}
+
+/// Where `file` lives: its controller's dir on v1, the one dir on v2.
+fn dir_of<'a>(paths: &'a BTreeMap<String, String>, file: &str) -> Option<&'a String> {
+    v2_dir(paths).or_else(|| paths.get(controller_of(file)))
 }
 
 /// Values meaning "no limit": a destination without the file loses nothing.
@@ -192,24 +251,31 @@ fn is_set(config: &serde_json::Value, field: &str) -> bool {
     }
 }
 
-/// The container's limits and device rules as they are now in its cgroup v1 directories
-/// (`paths`: controller → dir, as runc records them), to be written back by
+/// The container's limits (and, on v1, device rules) as they are now in its cgroup
+/// directories (`paths`: controller → dir, as runc records them), to be written back by
 /// [`apply_settings`]. `config`: runc's cgroup config (`state.json` `config.cgroups`); only
-/// the limits it sets are read, and the device rules always. Files a kernel does not have
-/// are skipped.
+/// the limits it sets are read. Files a kernel does not have are skipped. On v2 the device
+/// rules are not files: [`apply_settings`] takes them from runc's config.
 pub fn read_settings(
     paths: &BTreeMap<String, String>,
     config: &serde_json::Value,
 ) -> Result<BTreeMap<String, String>, RuntimeError> {
-    let mut files: Vec<&str> = LIMIT_FILES
+    let table: &[(&str, &[&str])] = if v2_dir(paths).is_some() {
+        &LIMIT_FILES_V2
+    } else {
+        &LIMIT_FILES
+    };
+    let mut files: Vec<&str> = table
         .iter()
-        .filter(|(_, field)| is_set(config, field))
+        .filter(|(_, fields)| fields.iter().any(|f| is_set(config, f)))
         .map(|(f, _)| *f)
         .collect();
-    files.push(DEVICES_LIST);
+    if v2_dir(paths).is_none() {
+        files.push(DEVICES_LIST);
+    }
     let mut out = BTreeMap::new();
     for f in files {
-        let Some(dir) = paths.get(controller_of(f)) else {
+        let Some(dir) = dir_of(paths, f) else {
             continue;
         };
         let path = Path::new(dir).join(f);
@@ -235,7 +301,11 @@ pub fn read_settings(
 /// Checks settings read from a checkpoint or a peer: known files, bounded values.
 pub fn validate_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
     for (k, v) in settings {
-        let known = LIMIT_FILES.iter().any(|(f, _)| f == k) || k == DEVICES_LIST;
+        let known = LIMIT_FILES
+            .iter()
+            .chain(&LIMIT_FILES_V2)
+            .any(|(f, _)| f == k)
+            || k == DEVICES_LIST;
         if !known {
             return Err(format!("cgroup setting {k:?} is not one ferry writes"));
         }
@@ -249,14 +319,17 @@ pub fn validate_settings(settings: &BTreeMap<String, String>) -> Result<(), Stri
 }
 
 /// Writes `settings` (from [`read_settings`]) into the cgroups of `paths`: the limits in
-/// [`LIMIT_FILES`] order, then the device rules (deny all, allow each listed rule). A file
-/// this host lacks is an error unless its value is "no limit".
+/// table order, then the device rules: on v1 the recorded list (deny all, allow each listed
+/// rule), on v2 an eBPF program built from `devices`, runc's rule list (`config.cgroups.
+/// devices` of its state.json; see [`super::devfilter`]). A file this host lacks is an error
+/// unless its value is "no limit"; so are settings of the other cgroup layout.
 pub fn apply_settings(
     paths: &BTreeMap<String, String>,
     settings: &BTreeMap<String, String>,
+    devices: &serde_json::Value,
 ) -> Result<(), RuntimeError> {
     let write = |file: &str, value: &str| -> Result<(), RuntimeError> {
-        let Some(dir) = paths.get(controller_of(file)) else {
+        let Some(dir) = dir_of(paths, file) else {
             return Err(RuntimeError::Cgroup {
                 path: PathBuf::from(file),
                 why: format!("no {} cgroup here for {file}={value}", controller_of(file)),
@@ -268,11 +341,32 @@ pub fn apply_settings(
             why: format!("writing {value:?}: {e}"),
         })
     };
-    for (f, _) in LIMIT_FILES {
-        let Some(v) = settings.get(f) else { continue };
-        let here = paths
-            .get(controller_of(f))
-            .is_some_and(|d| Path::new(d).join(f).exists());
+    let v2 = v2_dir(paths);
+    let table: &[(&str, &[&str])] = if v2.is_some() {
+        &LIMIT_FILES_V2
+    } else {
+        &LIMIT_FILES
+    };
+    for (k, v) in settings {
+        let ours = table.iter().any(|(f, _)| f == k) || (v2.is_none() && k == DEVICES_LIST);
+        if !ours && !is_unlimited(v) {
+            let (here, there) = if v2.is_some() {
+                ("v2-only", "v1")
+            } else {
+                ("v1", "v2-only")
+            };
+            return Err(RuntimeError::Cgroup {
+                path: PathBuf::from(k),
+                why: format!(
+                    "the container's {k} is {v}: it was checkpointed on a cgroup {there} host \
+                     and this host is cgroup {here}"
+                ),
+            });
+        }
+    }
+    for (f, _) in table {
+        let Some(v) = settings.get(*f) else { continue };
+        let here = dir_of(paths, f).is_some_and(|d| Path::new(d).join(f).exists());
         if !here {
             if is_unlimited(v) {
                 continue;
@@ -284,11 +378,30 @@ pub fn apply_settings(
         }
         write(f, v)?;
     }
-    if let Some(list) = settings.get(DEVICES_LIST) {
+    if let Some(dir) = v2 {
+        let rules = super::devfilter::parse_rules(devices).map_err(|e| RuntimeError::Cgroup {
+            path: PathBuf::from(dir),
+            why: e.to_string(),
+        })?;
+        if !rules.is_empty() {
+            super::devfilter::attach(Path::new(dir), &rules).map_err(|e| RuntimeError::Cgroup {
+                path: PathBuf::from(dir),
+                why: e.to_string(),
+            })?;
+        }
+    } else if let Some(list) = settings.get(DEVICES_LIST) {
         write("devices.deny", "a")?;
         for rule in list.lines().filter(|l| !l.trim().is_empty()) {
             write("devices.allow", rule)?;
         }
+    } else if devices.as_array().is_some_and(|l| !l.is_empty()) {
+        // A new v1 device cgroup allows everything: never leave the container so.
+        return Err(RuntimeError::Cgroup {
+            path: PathBuf::from(DEVICES_LIST),
+            why: "the checkpoint carries no cgroup v1 device rules for a container that has \
+                  some (checkpointed on a cgroup v2-only host?)"
+                .into(),
+        });
     }
     Ok(())
 }
@@ -424,7 +537,7 @@ mod tests {
             "memory.memsw.limit_in_bytes".into(),
             "9223372036854771712".into(),
         );
-        apply_settings(&paths, &want).unwrap();
+        apply_settings(&paths, &want, &serde_json::Value::Null).unwrap();
         let got = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
         assert_eq!(got("memory/memory.limit_in_bytes"), "268435456");
         // (plain files here: the last rule written is what stays)
@@ -432,13 +545,69 @@ mod tests {
         assert_eq!(got("devices/devices.allow"), "c 1:3 rwm");
         // A limit this host cannot hold is an error, not dropped.
         want.insert("memory.memsw.limit_in_bytes".into(), "536870912".into());
-        assert!(apply_settings(&paths, &want).is_err());
+        assert!(apply_settings(&paths, &want, &serde_json::Value::Null).is_err());
         // From a checkpoint or a peer: known files only.
         validate_settings(&read).unwrap();
         let mut bad = read.clone();
         bad.insert("cgroup.procs".into(), "1".into());
         assert!(validate_settings(&bad).is_err());
         assert_eq!(controller_of("cpu.cfs_quota_us"), "cpu");
+    }
+
+    #[test]
+    fn v2_settings_are_the_v2_files_and_layouts_do_not_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = BTreeMap::new();
+        paths.insert(String::new(), dir.path().display().to_string());
+        for f in [
+            "memory.max",
+            "cpu.max",
+            "cpu.weight",
+            "pids.max",
+            "io.weight",
+        ] {
+            std::fs::write(dir.path().join(f), "max").unwrap();
+        }
+        std::fs::write(dir.path().join("cpu.max"), "50000 100000").unwrap();
+        let config = serde_json::json!({
+            "memory": 268435456, "cpu_quota": 50000, "cpu_shares": 512, "cpu_weight": 20,
+            "pids_limit": 0, "blkio_weight": 0
+        });
+        let read = read_settings(&paths, &config).unwrap();
+        assert_eq!(
+            read.keys().collect::<Vec<_>>(),
+            ["cpu.max", "cpu.weight", "memory.max"]
+        );
+        assert_eq!(read["cpu.max"], "50000 100000");
+        let mut want = read.clone();
+        want.insert("memory.max".into(), "268435456".into());
+        apply_settings(&paths, &want, &serde_json::Value::Null).unwrap();
+        let got = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert_eq!(got("memory.max"), "268435456");
+        validate_settings(&want).unwrap();
+        // A v1 checkpoint's limit, or its device list, on a v2 host: refused, not dropped.
+        for (k, v) in [
+            ("memory.limit_in_bytes", "268435456"),
+            (DEVICES_LIST, "a *:* m"),
+        ] {
+            let mut v1 = want.clone();
+            v1.insert(k.into(), v.into());
+            let e = apply_settings(&paths, &v1, &serde_json::Value::Null).unwrap_err();
+            assert!(e.to_string().contains("cgroup v1 host"), "{e}");
+        }
+        // The other way: a v2 checkpoint's limits, or none but no device list, on v1.
+        let v1dir = tempfile::tempdir().unwrap();
+        let mut v1paths = BTreeMap::new();
+        for c in ["memory", "devices"] {
+            let d = v1dir.path().join(c);
+            std::fs::create_dir(&d).unwrap();
+            v1paths.insert(c.to_string(), d.display().to_string());
+        }
+        let e = apply_settings(&v1paths, &want, &serde_json::Value::Null).unwrap_err();
+        assert!(e.to_string().contains("cgroup v2-only host"), "{e}");
+        let rules = serde_json::json!([{"allow": false, "type": 97}]);
+        let e = apply_settings(&v1paths, &BTreeMap::new(), &rules).unwrap_err();
+        assert!(e.to_string().contains("no cgroup v1 device rules"), "{e}");
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! - [`mounts`]: the private bind mount CRIU restores into, and removal that never crosses a
 //!   mount point (runc's `delete -f` after a failed restore deletes the rootfs through its
 //!   leftover criu-root bind mount; ferry must never do that),
-//! - [`cgroups`]: creating the restored container's cgroups and placing criu in them,
+//! - [`cgroups`]: creating the restored container's cgroups and placing criu in them, and
+//!   writing its limits and device rules back ([`devfilter`]: the v2 device rules' program),
 //! - [`runc`]: runc's state.json for a restored container, and calls to the runc binary.
 
 pub mod cgroups;
+pub mod devfilter;
 pub mod mounts;
 pub mod runc;
 

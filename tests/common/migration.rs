@@ -55,12 +55,19 @@ pub const COUNTER_SYSCTL: (&str, &str) = ("net.ipv4.ip_unprivileged_port_start",
 /// Counter appending 1, 2, 3, … to /data/counter every 50 ms (with [`COUNTER_SYSCTL`] and
 /// the limits of [`test_limits`]).
 pub fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
+    start_counter_with(th, suffix, &[])
+}
+
+/// [`start_counter`] with more host paths bind-mounted (source, destination).
+pub fn start_counter_with(th: &TwoHosts, suffix: &str, binds: &[(&Path, &str)]) -> Workload {
     let src = th.src_runc();
     let id = src.id(suffix);
     let data = src.mkdir(&format!("data{suffix}"));
-    let bundle = src
-        .bundle(&format!("counter{suffix}"))
-        .bind(&data, "/data")
+    let mut bundle = src.bundle(&format!("counter{suffix}")).bind(&data, "/data");
+    for (from, to) in binds {
+        bundle = bundle.bind(from, to);
+    }
+    let bundle = bundle
         .args(&counter_file_args("/data/counter"))
         .sysctl(COUNTER_SYSCTL.0, COUNTER_SYSCTL.1)
         .resources(test_limits().0)
@@ -242,9 +249,10 @@ pub fn assert_migrated(th: &TwoHosts, id: &str, v: &Value) {
     // --cgroup-prefix: the restored tasks live under ferry-dst-<pid>/ (the hosts share cgroupfs).
     let pid = json_u64(v, "restored_pid");
     let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let v2 = cgroup_v2_only();
     let freezer = cg
         .lines()
-        .find(|l| l.split(':').nth(1) == Some("freezer"))
+        .find(|l| l.split(':').nth(1) == Some("freezer") || (v2 && l.starts_with("0::")))
         .unwrap_or_else(|| panic!("no freezer cgroup for pid {pid}:\n{cg}"));
     assert!(
         freezer.contains(&format!("/{}/", dst_cgroup_prefix())) && freezer.contains(id),

@@ -10,6 +10,7 @@
 //!   executable.
 #![allow(dead_code)]
 
+pub mod local;
 pub mod migration;
 pub mod net;
 pub mod vm;
@@ -408,6 +409,21 @@ pub fn cgroup_value(state: &Value, controller: &str, file: &str) -> String {
         .trim_end()
         .to_string()
 }
+
+/// The host has only the cgroup v2 hierarchy, at /sys/fs/cgroup (the VM rig's `--cgroup2`).
+pub fn cgroup_v2_only() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// The cgroup v2 files that must show [`test_limits`] on a v2-only host: (file, value).
+/// runc turns shares 512 into weight 20, quota/period into `cpu.max`.
+pub const TEST_LIMITS_V2: [(&str, &str); 5] = [
+    ("memory.max", "268435456"),
+    ("cpu.weight", "20"),
+    ("cpu.max", "50000 100000"),
+    ("pids.max", "99"),
+    ("cpuset.cpus", "0"),
+];
 
 /// The `linux.resources` the tests' limited containers get, and the cgroup v1 files that
 /// must show them: (controller, file, value).
@@ -1404,9 +1420,9 @@ fn criu_firewall_rules() -> Vec<String> {
     v
 }
 
-/// Cgroup directories below /sys/fs/cgroup/<hierarchy>/ whose name contains one of `ids`
-/// (searched a few levels deep, since some hierarchies nest the container under the
-/// caller's own cgroup).
+/// Cgroup directories below /sys/fs/cgroup (each v1 hierarchy, or the v2 one) whose name
+/// `matches` (searched a few levels deep, since some hierarchies nest the container under
+/// the caller's own cgroup).
 pub fn cgroup_dirs_matching(matches: &dyn Fn(&str) -> bool) -> Vec<String> {
     fn walk(dir: &Path, depth: u32, matches: &dyn Fn(&str) -> bool, out: &mut Vec<String>) {
         if depth == 0 {
@@ -1424,12 +1440,9 @@ pub fn cgroup_dirs_matching(matches: &dyn Fn(&str) -> bool) -> Vec<String> {
             walk(&p, depth - 1, matches, out);
         }
     }
+    // v1: /sys/fs/cgroup/<controller>/…; v2 only: the hierarchy starts at /sys/fs/cgroup.
     let mut out = Vec::new();
-    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
-        for e in rd.flatten() {
-            walk(&e.path(), 5, matches, &mut out);
-        }
-    }
+    walk(Path::new("/sys/fs/cgroup"), 6, matches, &mut out);
     out
 }
 

@@ -1,0 +1,122 @@
+//! Local checkpoint and restore with ferry (`ferry checkpoint` / `ferry restore` against a
+//! runc root), asserting success and the shape of their JSON reports.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::*;
+
+pub const CHECKPOINT_FIELDS: &[&str] = &[
+    "criu_version",
+    "container",
+    "images",
+    "freezing_time_us",
+    "frozen_time_us",
+    "memdump_time_us",
+    "memwrite_time_us",
+    "pages_scanned",
+    "pages_written",
+    "elapsed_ms",
+    "leave_running",
+];
+
+pub const RESTORE_FIELDS: &[&str] = &["criu_version", "container", "pid", "elapsed_ms"];
+
+#[track_caller]
+pub fn assert_version_string(v: &Value) {
+    let ver = v["criu_version"]
+        .as_str()
+        .unwrap_or_else(|| panic!("criu_version: {v}"));
+    assert!(
+        ver.split('.').count() >= 2 && ver.split('.').all(|p| p.parse::<u32>().is_ok()),
+        "criu_version {ver:?} is not a dotted version"
+    );
+}
+
+/// `ferry checkpoint <id> --images DIR --runtime-root R --json [--leave-running]`,
+/// asserting success and the JSON shape.
+#[track_caller]
+pub fn ferry_checkpoint(rc: &Runc, id: &str, images: &Path, leave_running: bool) -> Value {
+    let root = rc.root.clone();
+    let mut args = vec![
+        "checkpoint",
+        id,
+        "--images",
+        s(images),
+        "--runtime-root",
+        s(&root),
+    ];
+    if leave_running {
+        args.push("--leave-running");
+    }
+    args.push("--json");
+    let out = ferry(&args);
+    out.ok();
+    let v = out.json();
+    assert_fields(&v, CHECKPOINT_FIELDS);
+    assert_version_string(&v);
+    assert_eq!(v["container"], id, "{v}");
+    assert!(v["images"].is_string(), "images: {v}");
+    for f in [
+        "freezing_time_us",
+        "frozen_time_us",
+        "memdump_time_us",
+        "memwrite_time_us",
+        "pages_scanned",
+        "pages_written",
+        "elapsed_ms",
+    ] {
+        json_u64(&v, f);
+    }
+    assert!(json_u64(&v, "pages_written") > 0, "pages_written: {v}");
+    assert!(
+        json_u64(&v, "pages_scanned") >= json_u64(&v, "pages_written"),
+        "{v}"
+    );
+    assert_eq!(v["leave_running"], leave_running, "{v}");
+    v
+}
+
+/// `ferry restore <id> --images DIR --runtime-root R --json [extra...]`, asserting
+/// success, the JSON shape and that runc now shows the container running with that pid.
+#[track_caller]
+pub fn ferry_restore(rc: &Runc, id: &str, images: &Path, extra: &[&str]) -> u64 {
+    rc.track(id);
+    let root = rc.root.clone();
+    let mut args = vec![
+        "restore",
+        id,
+        "--images",
+        s(images),
+        "--runtime-root",
+        s(&root),
+    ];
+    args.extend_from_slice(extra);
+    args.push("--json");
+    let out = ferry(&args);
+    out.ok();
+    let v = out.json();
+    assert_fields(&v, RESTORE_FIELDS);
+    assert_version_string(&v);
+    assert_eq!(v["container"], id, "{v}");
+    let pid = json_u64(&v, "pid");
+    assert!(pid > 0, "{v}");
+    let st = rc.state(id);
+    assert_eq!(st["status"], "running", "runc state after restore: {st}");
+    assert_eq!(
+        st["pid"].as_u64(),
+        Some(pid),
+        "runc state pid vs ferry pid: {st} / {v}"
+    );
+    pid
+}
+
+#[track_caller]
+pub fn assert_exec_works(rc: &Runc, id: &str) {
+    let out = must(
+        rc.exec(id, &["echo", "hi"]),
+        &format!("runc exec {id} echo hi"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+}

@@ -1,0 +1,132 @@
+//! A cgroup v2-only host (Debian's default under systemd: one hierarchy at /sys/fs/cgroup),
+//! in the VM rig's `--cgroup2` guest: a container's limits and device rules come back with
+//! a local restore and with a migration. There the device rules are an eBPF program on the
+//! container's cgroup, which neither CRIU nor `runc update` restores, and the limits are
+//! the v2 files (`memory.max`, `cpu.max`, …).
+//!
+//! Ignored in a plain `cargo test`: `tests/vm/run --cgroup2` runs them in the guest with
+//! `--ignored --test-threads=1`, `CI` set and `FERRY_VM_CGROUPS=v2`.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::local::*;
+use common::migration::*;
+use common::vm::where_hint;
+use common::*;
+use serde_json::Value;
+
+/// Things that take well under a second on the host take several under emulation.
+const T: Duration = Duration::from_secs(60);
+
+/// Root, CRIU, and a v2-only host; in the rig anything else is a failure.
+fn require_cgroup2() -> bool {
+    if !require_root_and_criu() {
+        return false;
+    }
+    assert!(
+        cgroup_v2_only(),
+        "/sys/fs/cgroup is not a cgroup v2 hierarchy (FERRY_VM_CGROUPS={:?}){}",
+        std::env::var("FERRY_VM_CGROUPS").unwrap_or_default(),
+        where_hint()
+    );
+    true
+}
+
+/// A device node the container's rules do not allow: the guest's hardware RNG (opening it
+/// has no effect and needs no capability, so only the device rules can refuse it).
+const RNG: &str = "/dev/hwrng";
+
+/// The container's v2 cgroup directory, from runc's state.json.
+fn v2_dir(state: &Value) -> String {
+    state["cgroup_paths"][""]
+        .as_str()
+        .unwrap_or_else(|| panic!("no cgroup v2 path in {state}"))
+        .to_string()
+}
+
+/// The limits of [`test_limits`] are in the container's v2 files, and its device rules
+/// hold: /dev/null opens, the bound-in RNG (at /rng) does not.
+#[track_caller]
+fn assert_confined(rc: &Runc, id: &str, which: &str) {
+    let dir = v2_dir(&rc.state_file(id));
+    for (file, want) in TEST_LIMITS_V2 {
+        let path = Path::new(&dir).join(file);
+        let got = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{} of the {which}: {e}", path.display()));
+        assert_eq!(got.trim_end(), want, "{file} of the {which}");
+    }
+    must(
+        rc.exec(id, &["sh", "-c", ": </dev/null"]),
+        &format!("open /dev/null in the {which}"),
+    );
+    let out = rc.exec(id, &["sh", "-c", ": </rng"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Operation not permitted"),
+        "the {which} opened {RNG} (its device rules do not allow it): status {}, stderr {err:?}",
+        out.status
+    );
+}
+
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn checkpoint_restore_keeps_limits_and_device_rules() {
+    if !require_cgroup2() {
+        return;
+    }
+    assert!(Path::new(RNG).exists(), "no {RNG} in the guest");
+    let rc = Runc::new("cg2");
+    let id = rc.id("");
+    let data = rc.mkdir("data");
+    let bundle = rc
+        .bundle("counter")
+        .bind(&data, "/data")
+        .bind(Path::new(RNG), "/rng")
+        .args(&counter_file_args("/data/counter"))
+        .resources(test_limits().0)
+        .build();
+    rc.run_detached(&id, &bundle, Out::Null);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 5, T);
+    assert_confined(&rc, &id, "container");
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    ferry_restore(&rc, &id, &images, &[]);
+    assert_confined(&rc, &id, "restored container");
+    let n = read_counter_lines(&out).len();
+    wait_counter_lines(&out, n + 5, T);
+    assert_strictly_continues(&read_counter_lines(&out), n + 5);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn migration_keeps_limits_and_device_rules() {
+    if !require_cgroup2() || !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("cg2m");
+    let w = start_counter_with(&th, "", &[(Path::new(RNG), "/rng")]);
+    assert_confined(th.src_runc(), &w.id, "source container");
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+    assert_confined(th.dst_runc(), &w.id, "migrated container");
+    th.dst_runc().kill_and_delete(&w.id);
+    drop(serve);
+    th.finish();
+}
+
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn zz_no_leftovers() {
+    if !require_cgroup2() {
+        return;
+    }
+    assert_no_leftovers();
+}
