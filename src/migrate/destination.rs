@@ -674,6 +674,10 @@ impl<'a> Receiver<'a> {
                 "destination CRIU {mine} is older than the source's {theirs}"
             )));
         }
+        if let Some(theirs) = &p.cgroups {
+            crate::runtime::cgroups::check_layout(theirs, crate::runtime::cgroups::host_layout())
+                .map_err(MigrateError::Incompatible)?;
+        }
         let features = self.shared.criu.features()?;
         (self.pre_copy, self.lazy_final) = match p.mode.as_str() {
             "stop-copy" => (false, false),

@@ -572,6 +572,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         tcp_established: req.tcp_established,
         tcp_close: !req.tcp_established,
         net: net.clone().map(Box::new),
+        cgroups: Some(crate::runtime::cgroups::layout_of(&job.container.cgroup_paths).into()),
     }))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {

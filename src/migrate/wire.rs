@@ -200,6 +200,11 @@ pub struct Prepare {
     /// (validated there, sizes capped: see `net::facts::NetFacts::validate`).
     #[serde(default)]
     pub net: Option<Box<crate::net::facts::NetFacts>>,
+    /// The container's cgroup layout on the source, "v1" or "v2" (v2-only host): its
+    /// limits and device rules can be written back only on a host of the same layout.
+    /// Absent from older sources: not checked before the restore.
+    #[serde(default)]
+    pub cgroups: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

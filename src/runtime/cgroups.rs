@@ -228,6 +228,45 @@ fn v2_dir(paths: &BTreeMap<String, String>) -> Option<&String> {
     }
 }
 
+/// The cgroup layout of a container (its runc `cgroup_paths`): "v2" on a v2-only host,
+/// else "v1" (v1 controllers, with or without the controller-less `unified/`).
+pub fn layout_of(paths: &BTreeMap<String, String>) -> &'static str {
+    if v2_dir(paths).is_some() {
+        "v2"
+    } else {
+        "v1"
+    }
+}
+
+/// This host's cgroup layout, as [`layout_of`] names it: "v2" when /sys/fs/cgroup is the
+/// cgroup2 hierarchy itself.
+pub fn host_layout() -> &'static str {
+    if Path::new(CGROUP_FS).join("cgroup.controllers").exists() {
+        "v2"
+    } else {
+        "v1"
+    }
+}
+
+/// A container of layout `theirs` can be restored with its limits and device rules on a
+/// host of layout `mine` (the same one; ferry does not translate v1 ↔ v2).
+pub fn check_layout(theirs: &str, mine: &str) -> Result<(), String> {
+    let name = |l: &str| match l {
+        "v2" => "cgroup v2-only",
+        "v1" => "cgroup v1",
+        _ => "unknown-cgroup",
+    };
+    if theirs == mine {
+        return Ok(());
+    }
+    Err(format!(
+        "the container runs on a {} host and this host is {}: its limits and device rules \
+         cannot be carried between the layouts",
+        name(theirs),
+        name(mine)
+    ))
+}
+
 /// Where `file` lives: its controller's dir on v1, the one dir on v2.
 fn dir_of<'a>(paths: &'a BTreeMap<String, String>, file: &str) -> Option<&'a String> {
     v2_dir(paths).or_else(|| paths.get(controller_of(file)))
@@ -608,6 +647,25 @@ mod tests {
         let rules = serde_json::json!([{"allow": false, "type": 97}]);
         let e = apply_settings(&v1paths, &BTreeMap::new(), &rules).unwrap_err();
         assert!(e.to_string().contains("no cgroup v1 device rules"), "{e}");
+    }
+
+    #[test]
+    fn layouts_must_match() {
+        let mut v2 = BTreeMap::new();
+        v2.insert(String::new(), "/sys/fs/cgroup/c1".to_string());
+        let mut hybrid = v2.clone();
+        hybrid.insert("memory".into(), "/sys/fs/cgroup/memory/c1".into());
+        assert_eq!(layout_of(&v2), "v2");
+        assert_eq!(layout_of(&hybrid), "v1");
+        check_layout("v1", "v1").unwrap();
+        check_layout("v2", "v2").unwrap();
+        let e = check_layout("v1", "v2").unwrap_err();
+        assert!(
+            e.contains("cgroup v1 host and this host is cgroup v2-only"),
+            "{e}"
+        );
+        assert!(check_layout("v3", "v1").is_err());
+        assert!(["v1", "v2"].contains(&host_layout()));
     }
 
     #[test]
