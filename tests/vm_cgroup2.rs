@@ -122,6 +122,32 @@ fn migration_keeps_limits_and_device_rules() {
     th.finish();
 }
 
+/// The destination's restore fails (a bind-mount source is gone there): the source
+/// container resumes, still confined, and the destination is clean (its cgroups, with the
+/// device program ferry attached, removed).
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn failed_restore_resumes_the_source_confined() {
+    if !require_cgroup2() || !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("cg2f");
+    let extra = th.src_runc().mkdir("extra");
+    let w = start_counter_with(&th, "", &[(Path::new(RNG), "/rng"), (&extra, "/extra")]);
+    std::fs::rename(&extra, th.src_runc().path("extra.moved")).unwrap();
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_counter_not_migrated(&th, &w, &out, &[8], T);
+    assert_confined(th.src_runc(), &w.id, "resumed source container");
+    assert!(
+        serve.is_alive(),
+        "ferry serve exited after a failed migration"
+    );
+    th.src_runc().kill_and_delete(&w.id);
+    drop(serve);
+    th.finish();
+}
+
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
 fn zz_no_leftovers() {
