@@ -149,6 +149,8 @@ fn check_json_reports_ok() {
     }
     assert!(v["kernel"].as_str().is_some_and(|k| !k.is_empty()), "{v}");
     assert!(v["missing"].as_array().is_some_and(|m| m.is_empty()), "{v}");
+    let layout = if cgroup_v2_only() { "v2" } else { "v1" };
+    assert_eq!(v["cgroups"], layout, "{v}");
     // scripts/setup.sh (vendor/criu/install.sh) gives CRIU a tmpfs for its kernel-facts
     // cache; without it every restore probes the kernel again.
     let warnings = v["warnings"].as_array().expect("warnings array");

@@ -73,6 +73,18 @@ fn assert_confined(rc: &Runc, id: &str, which: &str) {
 
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn check_reports_the_v2_layout() {
+    if !require_cgroup2() {
+        return;
+    }
+    let out = ferry(&["check", "--json"]);
+    out.ok();
+    let v = out.json();
+    assert_eq!(v["cgroups"], "v2", "{v}");
+}
+
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
 fn checkpoint_restore_keeps_limits_and_device_rules() {
     if !require_cgroup2() {
         return;

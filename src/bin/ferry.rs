@@ -537,6 +537,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                     r.runc_version.as_deref().unwrap_or("missing")
                 );
                 println!("netlock:  iptables={} nftables={}", r.iptables, r.nftables);
+                println!("cgroups:  {}", r.cgroups);
                 for w in &r.warnings {
                     println!("warning:  {w}");
                 }

@@ -18,6 +18,9 @@ pub struct CheckReport {
     pub iptables: bool,
     pub nftables: bool,
     pub runc_version: Option<String>,
+    /// The cgroup layout: "v1" (v1 controllers, possibly with cgroup2 at `unified/`) or "v2"
+    /// (v2 only); migrations go only between hosts of the same layout.
+    pub cgroups: &'static str,
     /// What prevents checkpoint/restore (empty when ok).
     pub missing: Vec<String>,
     /// What works but limits ferry (e.g. no dirty-memory tracking: no pre-copy).
@@ -136,6 +139,7 @@ pub fn check(criu: &Criu) -> CheckReport {
         iptables,
         nftables,
         runc_version,
+        cgroups: crate::runtime::cgroups::host_layout(),
         missing,
         warnings,
     }
