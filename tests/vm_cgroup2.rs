@@ -1,6 +1,6 @@
 //! A cgroup v2-only host (Debian's default under systemd: one hierarchy at /sys/fs/cgroup),
-//! in the VM rig's `--cgroup2` guest: a container's limits and device rules come back with
-//! a local restore and with a migration. There the device rules are an eBPF program on the
+//! in the VM rig's `--cgroup2` guest: a container's limits (runc's `unified` files too) and
+//! device rules come back with a local restore and with a migration. There the device rules are an eBPF program on the
 //! container's cgroup, which neither CRIU nor `runc update` restores, and the limits are
 //! the v2 files (`memory.max`, `cpu.max`, …).
 //!
@@ -71,6 +71,17 @@ fn assert_confined(rc: &Runc, id: &str, which: &str) {
     );
 }
 
+/// `memory.high` given through `linux.resources.unified` (192 MiB).
+const HIGH: &str = "201326592";
+
+fn memory_high(rc: &Runc, id: &str) -> String {
+    let path = Path::new(&v2_dir(&rc.state_file(id))).join("memory.high");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim_end()
+        .to_string()
+}
+
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
 fn check_reports_the_v2_layout() {
@@ -90,6 +101,9 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
         return;
     }
     assert!(Path::new(RNG).exists(), "no {RNG} in the guest");
+    // A raw v2 file through runc's `unified` map, besides the usual limits.
+    let mut resources = test_limits().0;
+    resources["unified"] = serde_json::json!({ "memory.high": HIGH });
     let rc = Runc::new("cg2");
     let id = rc.id("");
     let data = rc.mkdir("data");
@@ -98,16 +112,22 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
         .bind(&data, "/data")
         .bind(Path::new(RNG), "/rng")
         .args(&counter_file_args("/data/counter"))
-        .resources(test_limits().0)
+        .resources(resources)
         .build();
     rc.run_detached(&id, &bundle, Out::Null);
     let out = data.join("counter");
     wait_counter_lines(&out, 5, T);
     assert_confined(&rc, &id, "container");
+    assert_eq!(memory_high(&rc, &id), HIGH, "memory.high of the container");
     let images = rc.mkdir("images");
     ferry_checkpoint(&rc, &id, &images, false);
     ferry_restore(&rc, &id, &images, &[]);
     assert_confined(&rc, &id, "restored container");
+    assert_eq!(
+        memory_high(&rc, &id),
+        HIGH,
+        "memory.high of the restored container"
+    );
     let n = read_counter_lines(&out).len();
     wait_counter_lines(&out, n + 5, T);
     assert_strictly_continues(&read_counter_lines(&out), n + 5);

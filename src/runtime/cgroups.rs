@@ -311,6 +311,28 @@ pub fn read_settings(
         .collect();
     if v2_dir(paths).is_none() {
         files.push(DEVICES_LIST);
+    } else if let Some(unified) = config["unified"].as_object() {
+        // runc's map of raw v2 files (`linux.resources.unified`), after the table's.
+        if unified.len() > MAX_UNIFIED {
+            return Err(RuntimeError::Cgroup {
+                path: PathBuf::from(CGROUP_FS),
+                why: format!(
+                    "{} unified cgroup settings (at most {MAX_UNIFIED})",
+                    unified.len()
+                ),
+            });
+        }
+        for name in unified.keys() {
+            if !is_unified_name(name) {
+                return Err(RuntimeError::Cgroup {
+                    path: PathBuf::from(name),
+                    why: "not a cgroup v2 interface file ferry carries".into(),
+                });
+            }
+            if !files.contains(&name.as_str()) {
+                files.push(name.as_str());
+            }
+        }
     }
     let mut out = BTreeMap::new();
     for f in files {
@@ -337,14 +359,39 @@ pub fn read_settings(
     Ok(out)
 }
 
-/// Checks settings read from a checkpoint or a peer: known files, bounded values.
+/// Most entries of runc's `unified` map carried.
+const MAX_UNIFIED: usize = 64;
+
+/// A name from runc's `unified` map that ferry writes back: `<controller>.<file>` of
+/// lowercase letters, digits, `_` and `.`, not the core `cgroup.*` files (processes,
+/// freezing, killing) nor a v1-only file (so a v1 checkpoint's settings never pass for v2).
+fn is_unified_name(name: &str) -> bool {
+    let v1_only = (LIMIT_FILES.iter().any(|(f, _)| *f == name)
+        && !LIMIT_FILES_V2.iter().any(|(f, _)| *f == name))
+        || name.starts_with("devices.");
+    name.len() <= 64
+        && !v1_only
+        && name
+            .split_once('.')
+            .is_some_and(|(c, f)| !c.is_empty() && !f.is_empty() && c != "cgroup")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+}
+
+/// Checks settings read from a checkpoint or a peer: known files (the tables, the v1 device
+/// list, v2 files of runc's `unified` map), bounded values.
 pub fn validate_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
+    if settings.len() > LIMIT_FILES.len() + LIMIT_FILES_V2.len() + 1 + MAX_UNIFIED {
+        return Err(format!("{} cgroup settings", settings.len()));
+    }
     for (k, v) in settings {
         let known = LIMIT_FILES
             .iter()
             .chain(&LIMIT_FILES_V2)
             .any(|(f, _)| f == k)
-            || k == DEVICES_LIST;
+            || k == DEVICES_LIST
+            || is_unified_name(k);
         if !known {
             return Err(format!("cgroup setting {k:?} is not one ferry writes"));
         }
@@ -387,7 +434,9 @@ pub fn apply_settings(
         &LIMIT_FILES
     };
     for (k, v) in settings {
-        let ours = table.iter().any(|(f, _)| f == k) || (v2.is_none() && k == DEVICES_LIST);
+        let ours = table.iter().any(|(f, _)| f == k)
+            || (v2.is_none() && k == DEVICES_LIST)
+            || (v2.is_some() && is_unified_name(k));
         if !ours && !is_unlimited(v) {
             let (here, there) = if v2.is_some() {
                 ("v2-only", "v1")
@@ -416,6 +465,14 @@ pub fn apply_settings(
             });
         }
         write(f, v)?;
+    }
+    if v2.is_some() {
+        // runc's `unified` files, as its own create writes them: after the others.
+        for (k, v) in settings {
+            if !table.iter().any(|(f, _)| f == k) && is_unified_name(k) {
+                write(k, v)?;
+            }
+        }
     }
     if let Some(dir) = v2 {
         let rules = super::devfilter::parse_rules(devices).map_err(|e| RuntimeError::Cgroup {
@@ -612,11 +669,26 @@ mod tests {
             "memory": 268435456, "cpu_quota": 50000, "cpu_shares": 512, "cpu_weight": 20,
             "pids_limit": 0, "blkio_weight": 0
         });
+        std::fs::write(dir.path().join("memory.high"), "201326592").unwrap();
+        let mut config = config;
+        config["unified"] = serde_json::json!({"memory.high": "201326592"});
         let read = read_settings(&paths, &config).unwrap();
         assert_eq!(
             read.keys().collect::<Vec<_>>(),
-            ["cpu.max", "cpu.weight", "memory.max"]
+            ["cpu.max", "cpu.weight", "memory.high", "memory.max"]
         );
+        for bad in [
+            "cgroup.procs",
+            "memory",
+            "../memory.max",
+            "Memory.max",
+            ".max",
+        ] {
+            assert!(!is_unified_name(bad), "{bad}");
+            let mut c = config.clone();
+            c["unified"] = serde_json::json!({ bad: "1" });
+            assert!(read_settings(&paths, &c).is_err(), "{bad}");
+        }
         assert_eq!(read["cpu.max"], "50000 100000");
         let mut want = read.clone();
         want.insert("memory.max".into(), "268435456".into());
