@@ -139,15 +139,27 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
 fn migration_keeps_limits_and_device_rules() {
+    migration_keeps_limits_and_device_rules_in("cg2m", "stop-copy");
+}
+
+/// The same in post-copy: CRIU's lazy-pages daemon serves the restored tasks in their v2
+/// cgroup while the pages arrive.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn post_copy_migration_keeps_limits_and_device_rules() {
+    migration_keeps_limits_and_device_rules_in("cg2pc", "post-copy");
+}
+
+fn migration_keeps_limits_and_device_rules_in(name: &str, mode: &str) {
     if !require_cgroup2() || !require_two_hosts() {
         return;
     }
-    let th = TwoHosts::new("cg2m");
+    let th = TwoHosts::new(name);
     let w = start_counter_with(&th, "", &[(Path::new(RNG), "/rng")]);
     assert_confined(th.src_runc(), &w.id, "source container");
     let serve = th.serve(&[]);
-    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
-    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+    assert_counter_migrated(&th, &w, &out, Some(mode), 20);
     assert_confined(th.dst_runc(), &w.id, "migrated container");
     th.dst_runc().kill_and_delete(&w.id);
     drop(serve);
