@@ -150,6 +150,14 @@ fn post_copy_migration_keeps_limits_and_device_rules() {
     migration_keeps_limits_and_device_rules_in("cg2pc", "post-copy");
 }
 
+/// And in pre-copy (this guest's kernel tracks dirty memory): the rounds freeze nothing,
+/// the final dump and restore are as in stop-copy.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn pre_copy_migration_keeps_limits_and_device_rules() {
+    migration_keeps_limits_and_device_rules_in("cg2pre", "pre-copy");
+}
+
 fn migration_keeps_limits_and_device_rules_in(name: &str, mode: &str) {
     if !require_cgroup2() || !require_two_hosts() {
         return;
