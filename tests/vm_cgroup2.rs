@@ -1,8 +1,8 @@
 //! A cgroup v2-only host (Debian's default under systemd: one hierarchy at /sys/fs/cgroup),
-//! in the VM rig's `--cgroup2` guest: a container's limits (runc's `unified` files too) and
-//! device rules come back with a local restore and with a migration. There the device rules are an eBPF program on the
-//! container's cgroup, which neither CRIU nor `runc update` restores, and the limits are
-//! the v2 files (`memory.max`, `cpu.max`, …).
+//! in the VM rig's `--cgroup2` guest: a container's limits (huge pages and runc's `unified`
+//! files too) and device rules come back with a local restore and with a migration. There
+//! the device rules are an eBPF program on the container's cgroup, which neither CRIU nor
+//! `runc update` restores, and the limits are the v2 files (`memory.max`, `cpu.max`, …).
 //!
 //! Ignored in a plain `cargo test`: `tests/vm/run --cgroup2` runs them in the guest with
 //! `--ignored --test-threads=1`, `CI` set and `FERRY_VM_CGROUPS=v2`.
@@ -74,8 +74,12 @@ fn assert_confined(rc: &Runc, id: &str, which: &str) {
 /// `memory.high` given through `linux.resources.unified` (192 MiB).
 const HIGH: &str = "201326592";
 
-fn memory_high(rc: &Runc, id: &str) -> String {
-    let path = Path::new(&v2_dir(&rc.state_file(id))).join("memory.high");
+/// A huge page limit (`linux.resources.hugepageLimits`, 2 MiB pages): two pages.
+const HUGE: &str = "4194304";
+
+/// A file of the container's v2 cgroup, trimmed.
+fn v2_file(rc: &Runc, id: &str, file: &str) -> String {
+    let path = Path::new(&v2_dir(&rc.state_file(id))).join(file);
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .trim_end()
@@ -101,9 +105,12 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
         return;
     }
     assert!(Path::new(RNG).exists(), "no {RNG} in the guest");
-    // A raw v2 file through runc's `unified` map, besides the usual limits.
+    // A raw v2 file through runc's `unified` map and a huge page limit, besides the usual
+    // limits.
     let mut resources = test_limits().0;
     resources["unified"] = serde_json::json!({ "memory.high": HIGH });
+    resources["hugepageLimits"] =
+        serde_json::json!([{"pageSize": "2MB", "limit": HUGE.parse::<u64>().unwrap()}]);
     let rc = Runc::new("cg2");
     let id = rc.id("");
     let data = rc.mkdir("data");
@@ -118,16 +125,21 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
     let out = data.join("counter");
     wait_counter_lines(&out, 5, T);
     assert_confined(&rc, &id, "container");
-    assert_eq!(memory_high(&rc, &id), HIGH, "memory.high of the container");
+    let extras = [("memory.high", HIGH), ("hugetlb.2MB.max", HUGE)];
+    for (file, want) in extras {
+        assert_eq!(v2_file(&rc, &id, file), want, "{file} of the container");
+    }
     let images = rc.mkdir("images");
     ferry_checkpoint(&rc, &id, &images, false);
     ferry_restore(&rc, &id, &images, &[]);
     assert_confined(&rc, &id, "restored container");
-    assert_eq!(
-        memory_high(&rc, &id),
-        HIGH,
-        "memory.high of the restored container"
-    );
+    for (file, want) in extras {
+        assert_eq!(
+            v2_file(&rc, &id, file),
+            want,
+            "{file} of the restored container"
+        );
+    }
     let n = read_counter_lines(&out).len();
     wait_counter_lines(&out, n + 5, T);
     assert_strictly_continues(&read_counter_lines(&out), n + 5);

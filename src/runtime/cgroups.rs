@@ -304,13 +304,14 @@ pub fn read_settings(
     } else {
         &LIMIT_FILES
     };
-    let mut files: Vec<&str> = table
+    let mut files: Vec<String> = table
         .iter()
         .filter(|(_, fields)| fields.iter().any(|f| is_set(config, f)))
-        .map(|(f, _)| *f)
+        .map(|(f, _)| f.to_string())
         .collect();
+    files.extend(hugetlb_files(config, v2_dir(paths).is_some())?);
     if v2_dir(paths).is_none() {
-        files.push(DEVICES_LIST);
+        files.push(DEVICES_LIST.into());
     } else if let Some(unified) = config["unified"].as_object() {
         // runc's map of raw v2 files (`linux.resources.unified`), after the table's.
         if unified.len() > MAX_UNIFIED {
@@ -329,17 +330,17 @@ pub fn read_settings(
                     why: "not a cgroup v2 interface file ferry carries".into(),
                 });
             }
-            if !files.contains(&name.as_str()) {
-                files.push(name.as_str());
+            if !files.contains(name) {
+                files.push(name.clone());
             }
         }
     }
     let mut out = BTreeMap::new();
     for f in files {
-        let Some(dir) = dir_of(paths, f) else {
+        let Some(dir) = dir_of(paths, &f) else {
             continue;
         };
-        let path = Path::new(dir).join(f);
+        let path = Path::new(dir).join(&f);
         if !path.exists() {
             continue;
         }
@@ -359,30 +360,85 @@ pub fn read_settings(
     Ok(out)
 }
 
+/// Most huge page sizes carried (x86-64 has two).
+const MAX_HUGETLB: usize = 8;
+
+/// A huge page size as the kernel names it in hugetlb files: `2MB`, `1GB`, `64KB`.
+fn is_page_size(s: &str) -> bool {
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_uppercase());
+    matches!(&s[digits.len()..], "KB" | "MB" | "GB")
+        && !digits.is_empty()
+        && digits.len() <= 6
+        && digits.chars().all(|c| c.is_ascii_digit())
+}
+
+/// A v1 huge page limit file: `hugetlb.<size>.limit_in_bytes`.
+fn is_hugetlb_v1_name(name: &str) -> bool {
+    name.strip_prefix("hugetlb.")
+        .and_then(|r| r.strip_suffix(".limit_in_bytes"))
+        .is_some_and(is_page_size)
+}
+
+/// The huge page limit files of runc's `hugetlb_limit` list (`[{"page_size", "limit"}]`):
+/// `hugetlb.<size>.limit_in_bytes` on v1, `hugetlb.<size>.max` on v2.
+fn hugetlb_files(config: &serde_json::Value, v2: bool) -> Result<Vec<String>, RuntimeError> {
+    let Some(list) = config["hugetlb_limit"].as_array() else {
+        return Ok(Vec::new());
+    };
+    let bad = |why: String| RuntimeError::Cgroup {
+        path: PathBuf::from("hugetlb"),
+        why,
+    };
+    if list.len() > MAX_HUGETLB {
+        return Err(bad(format!(
+            "{} huge page limits (at most {MAX_HUGETLB})",
+            list.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for e in list {
+        let size = e["page_size"].as_str().unwrap_or("");
+        if !is_page_size(size) {
+            return Err(bad(format!("huge page size {size:?} in {e}")));
+        }
+        out.push(if v2 {
+            format!("hugetlb.{size}.max")
+        } else {
+            format!("hugetlb.{size}.limit_in_bytes")
+        });
+    }
+    Ok(out)
+}
+
 /// Most entries of runc's `unified` map carried.
 const MAX_UNIFIED: usize = 64;
 
-/// A name from runc's `unified` map that ferry writes back: `<controller>.<file>` of
-/// lowercase letters, digits, `_` and `.`, not the core `cgroup.*` files (processes,
-/// freezing, killing) nor a v1-only file (so a v1 checkpoint's settings never pass for v2).
+/// A name from runc's `unified` map (or v2's huge page files) that ferry writes back:
+/// `<controller>.<file>`, the controller of lowercase letters and `_`, the file of letters
+/// (page sizes: `hugetlb.2MB.max`), digits, `_` and `.`; not the core `cgroup.*` files
+/// (processes, freezing, killing) nor a v1-only file (so a v1 checkpoint's settings never
+/// pass for v2).
 fn is_unified_name(name: &str) -> bool {
     let v1_only = (LIMIT_FILES.iter().any(|(f, _)| *f == name)
         && !LIMIT_FILES_V2.iter().any(|(f, _)| *f == name))
-        || name.starts_with("devices.");
+        || name.starts_with("devices.")
+        || is_hugetlb_v1_name(name);
     name.len() <= 64
         && !v1_only
-        && name
-            .split_once('.')
-            .is_some_and(|(c, f)| !c.is_empty() && !f.is_empty() && c != "cgroup")
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        && name.split_once('.').is_some_and(|(c, f)| {
+            !c.is_empty()
+                && c != "cgroup"
+                && c.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                && !f.is_empty()
+                && f.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        })
 }
 
 /// Checks settings read from a checkpoint or a peer: known files (the tables, the v1 device
 /// list, v2 files of runc's `unified` map), bounded values.
 pub fn validate_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
-    if settings.len() > LIMIT_FILES.len() + LIMIT_FILES_V2.len() + 1 + MAX_UNIFIED {
+    if settings.len() > LIMIT_FILES.len() + LIMIT_FILES_V2.len() + 1 + MAX_UNIFIED + MAX_HUGETLB {
         return Err(format!("{} cgroup settings", settings.len()));
     }
     for (k, v) in settings {
@@ -391,7 +447,8 @@ pub fn validate_settings(settings: &BTreeMap<String, String>) -> Result<(), Stri
             .chain(&LIMIT_FILES_V2)
             .any(|(f, _)| f == k)
             || k == DEVICES_LIST
-            || is_unified_name(k);
+            || is_unified_name(k)
+            || is_hugetlb_v1_name(k);
         if !known {
             return Err(format!("cgroup setting {k:?} is not one ferry writes"));
         }
@@ -433,10 +490,19 @@ pub fn apply_settings(
     } else {
         &LIMIT_FILES
     };
+    // Files outside the table, written after it: huge page limits, and on v2 runc's
+    // `unified` files (which include v2's huge page files).
+    let is_extra = |k: &str| {
+        !table.iter().any(|(f, _)| *f == k)
+            && if v2.is_some() {
+                is_unified_name(k)
+            } else {
+                is_hugetlb_v1_name(k)
+            }
+    };
     for (k, v) in settings {
-        let ours = table.iter().any(|(f, _)| f == k)
-            || (v2.is_none() && k == DEVICES_LIST)
-            || (v2.is_some() && is_unified_name(k));
+        let ours =
+            table.iter().any(|(f, _)| f == k) || is_extra(k) || (v2.is_none() && k == DEVICES_LIST);
         if !ours && !is_unlimited(v) {
             let (here, there) = if v2.is_some() {
                 ("v2-only", "v1")
@@ -466,12 +532,9 @@ pub fn apply_settings(
         }
         write(f, v)?;
     }
-    if v2.is_some() {
-        // runc's `unified` files, as its own create writes them: after the others.
-        for (k, v) in settings {
-            if !table.iter().any(|(f, _)| f == k) && is_unified_name(k) {
-                write(k, v)?;
-            }
+    for (k, v) in settings {
+        if is_extra(k) {
+            write(k, v)?;
         }
     }
     if let Some(dir) = v2 {
@@ -677,6 +740,31 @@ mod tests {
             read.keys().collect::<Vec<_>>(),
             ["cpu.max", "cpu.weight", "memory.high", "memory.max"]
         );
+        // Huge page limits: v2's file; a bad page size is refused.
+        std::fs::write(dir.path().join("hugetlb.2MB.max"), "2097152").unwrap();
+        let mut c = config.clone();
+        c["hugetlb_limit"] = serde_json::json!([{"page_size": "2MB", "limit": 2097152}]);
+        assert_eq!(
+            read_settings(&paths, &c).unwrap()["hugetlb.2MB.max"],
+            "2097152"
+        );
+        c["hugetlb_limit"] = serde_json::json!([{"page_size": "../x", "limit": 1}]);
+        assert!(read_settings(&paths, &c).is_err());
+        let mut huge = BTreeMap::new();
+        huge.insert("hugetlb.2MB.max".to_string(), "4194304".to_string());
+        validate_settings(&huge).unwrap();
+        apply_settings(&paths, &huge, &serde_json::Value::Null).unwrap();
+        let huge_file = std::fs::read_to_string(dir.path().join("hugetlb.2MB.max")).unwrap();
+        assert_eq!(huge_file, "4194304");
+        assert!(is_hugetlb_v1_name("hugetlb.1GB.limit_in_bytes"));
+        assert!(!is_unified_name("hugetlb.1GB.limit_in_bytes"));
+        for bad in [
+            "hugetlb.1Gb.limit_in_bytes",
+            "hugetlb.MB.limit_in_bytes",
+            "hugetlb.2MB.max",
+        ] {
+            assert!(!is_hugetlb_v1_name(bad), "{bad}");
+        }
         for bad in [
             "cgroup.procs",
             "memory",
