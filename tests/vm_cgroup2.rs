@@ -129,6 +129,12 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
     for (file, want) in extras {
         assert_eq!(v2_file(&rc, &id, file), want, "{file} of the container");
     }
+    // --leave-running: the v2 freezer (cgroup.freeze) is thawed again, the counter goes on.
+    let kept = rc.mkdir("images-kept");
+    ferry_checkpoint(&rc, &id, &kept, true);
+    assert_eq!(rc.status(&id).as_deref(), Some("running"));
+    let n = read_counter_lines(&out).len();
+    wait_counter_lines(&out, n + 5, T);
     let images = rc.mkdir("images");
     ferry_checkpoint(&rc, &id, &images, false);
     ferry_restore(&rc, &id, &images, &[]);
