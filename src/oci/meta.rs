@@ -54,8 +54,9 @@ pub struct CheckpointMeta {
     /// restored container's network namespace (CRIU does not carry them).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub net_sysctls: std::collections::BTreeMap<String, String>,
-    /// The container's cgroup limits and device rules at checkpoint time (cgroup v1 file →
-    /// value), written into the restored container's new cgroups before CRIU runs.
+    /// The container's cgroup limits (and, on v1, device rules) at checkpoint time (cgroup
+    /// file of the host's layout → value), written into the restored container's new
+    /// cgroups before CRIU runs.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub cgroup_settings: std::collections::BTreeMap<String, String>,
 }

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 /// Most entries accepted (from config.json, ferry.json or a peer).
@@ -93,28 +92,14 @@ fn in_netns_of<T: Send>(
     pid: i32,
     f: impl FnOnce() -> Result<T, SysctlError> + Send,
 ) -> Result<T, SysctlError> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|source| SysctlError::Netns { pid, source })?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: `ns` is an open namespace file alive for the call; setns only changes
-            // the network namespace of this short-lived thread.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(SysctlError::Netns {
-                    pid,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(SysctlError::Netns {
-                pid,
-                source: std::io::Error::other("sysctl thread panicked"),
-            })
-        })
-    })
+    let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    crate::net::on_ns_thread(&ns, f).map_err(|e| SysctlError::Netns {
+        pid,
+        source: match e {
+            crate::net::NetError::Netns { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        },
+    })?
 }
 
 /// The current values of `keys` in the network namespace of `pid`; a key that cannot be read

@@ -267,6 +267,15 @@ pub fn check_layout(theirs: &str, mine: &str) -> Result<(), String> {
     ))
 }
 
+/// The limit table of a layout: [`LIMIT_FILES_V2`] on v2, else [`LIMIT_FILES`].
+fn limit_table(v2: bool) -> &'static [(&'static str, &'static [&'static str])] {
+    if v2 {
+        &LIMIT_FILES_V2
+    } else {
+        &LIMIT_FILES
+    }
+}
+
 /// Where `file` lives: its controller's dir on v1, the one dir on v2.
 fn dir_of<'a>(paths: &'a BTreeMap<String, String>, file: &str) -> Option<&'a String> {
     v2_dir(paths).or_else(|| paths.get(controller_of(file)))
@@ -299,18 +308,14 @@ pub fn read_settings(
     paths: &BTreeMap<String, String>,
     config: &serde_json::Value,
 ) -> Result<BTreeMap<String, String>, RuntimeError> {
-    let table: &[(&str, &[&str])] = if v2_dir(paths).is_some() {
-        &LIMIT_FILES_V2
-    } else {
-        &LIMIT_FILES
-    };
-    let mut files: Vec<String> = table
+    let v2 = v2_dir(paths).is_some();
+    let mut files: Vec<String> = limit_table(v2)
         .iter()
         .filter(|(_, fields)| fields.iter().any(|f| is_set(config, f)))
         .map(|(f, _)| f.to_string())
         .collect();
-    files.extend(hugetlb_files(config, v2_dir(paths).is_some())?);
-    if v2_dir(paths).is_none() {
+    files.extend(hugetlb_files(config, v2)?);
+    if !v2 {
         files.push(DEVICES_LIST.into());
     } else if let Some(unified) = config["unified"].as_object() {
         // runc's map of raw v2 files (`linux.resources.unified`), after the table's.
@@ -485,11 +490,7 @@ pub fn apply_settings(
         })
     };
     let v2 = v2_dir(paths);
-    let table: &[(&str, &[&str])] = if v2.is_some() {
-        &LIMIT_FILES_V2
-    } else {
-        &LIMIT_FILES
-    };
+    let table = limit_table(v2.is_some());
     // Files outside the table, written after it: huge page limits, and on v2 runc's
     // `unified` files (which include v2's huge page files).
     let is_extra = |k: &str| {
@@ -538,16 +539,16 @@ pub fn apply_settings(
         }
     }
     if let Some(dir) = v2 {
-        let rules = super::devfilter::parse_rules(devices).map_err(|e| RuntimeError::Cgroup {
+        let attached = super::devfilter::parse_rules(devices).and_then(|rules| {
+            if rules.is_empty() {
+                return Ok(());
+            }
+            super::devfilter::attach(Path::new(dir), &rules)
+        });
+        attached.map_err(|e| RuntimeError::Cgroup {
             path: PathBuf::from(dir),
             why: e.to_string(),
         })?;
-        if !rules.is_empty() {
-            super::devfilter::attach(Path::new(dir), &rules).map_err(|e| RuntimeError::Cgroup {
-                path: PathBuf::from(dir),
-                why: e.to_string(),
-            })?;
-        }
     } else if let Some(list) = settings.get(DEVICES_LIST) {
         write("devices.deny", "a")?;
         for rule in list.lines().filter(|l| !l.trim().is_empty()) {

@@ -273,16 +273,9 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, DevFilterError> {
             let mut buf = vec![0u8; LOG_SIZE];
             let _ = try_load(Some(&mut buf));
             let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-            let log = String::from_utf8_lossy(&buf[..end]);
-            let last = log
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
-            Err(DevFilterError::Load(if last.is_empty() {
-                e.to_string()
-            } else {
-                format!("{e}: {last}")
+            Err(DevFilterError::Load(match super::last_line(&buf[..end]) {
+                Some(last) => format!("{e}: {last}"),
+                None => e.to_string(),
             }))
         }
     }
