@@ -27,7 +27,8 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Longest wait for any single answer from CRIU, in seconds (criu is killed after it).
-    #[arg(long, value_name = "SECS", default_value_t = 300, global = true)]
+    #[arg(long, value_name = "SECS", default_value_t = 300, global = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
     #[command(subcommand)]
     command: Cmd,
@@ -250,6 +251,13 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// clap's message up to its usage block, on one line: a missing-arguments error lists the
+/// arguments on the lines after its first, and those are the point of the message.
+fn usage_error(text: &str) -> String {
+    let head = text.split("\n\n").next().unwrap_or("invalid arguments");
+    one_line(head.trim_start().trim_start_matches("error: "))
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -458,7 +466,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, OpError> {
-    let criu = Criu::from_env().with_timeout(std::time::Duration::from_secs(cli.timeout.max(1)));
+    let criu = Criu::from_env().with_timeout(std::time::Duration::from_secs(cli.timeout));
     match cli.command {
         Cmd::Serve(a) => {
             // Certificates are read and checked before the port is opened.
@@ -634,11 +642,9 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
             eprintln!(
                 "ferry: error: {} (see 'ferry --help')",
-                one_line(first.trim_start_matches("error: "))
+                usage_error(&e.to_string())
             );
             return ExitCode::from(2);
         }
@@ -650,5 +656,34 @@ fn main() -> ExitCode {
             eprintln!("ferry: error: {}", one_line(&e.to_string()));
             ExitCode::from(exit_code(e.kind()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_error(args: &[&str]) -> String {
+        match Cli::try_parse_from(args) {
+            Ok(_) => panic!("{args:?} parsed"),
+            Err(e) => usage_error(&e.to_string()),
+        }
+    }
+
+    #[test]
+    fn missing_arguments_are_named() {
+        let msg = parse_error(&["ferry", "migrate"]);
+        assert!(
+            msg.contains("<ID>") && msg.contains("--to") && msg.contains("--token-file"),
+            "{msg}"
+        );
+        assert!(!msg.contains("Usage") && !msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn zero_timeout_is_refused() {
+        let msg = parse_error(&["ferry", "--timeout", "0", "check"]);
+        assert!(msg.contains("--timeout") && msg.contains('0'), "{msg}");
+        assert!(Cli::try_parse_from(["ferry", "--timeout", "1", "check"]).is_ok());
     }
 }
