@@ -1000,41 +1000,6 @@ fn plant_kept_logs(id: &str, n: u64) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Receives one pty master over a console socket (runc's protocol: SCM_RIGHTS), then copies
-/// everything the terminal shows into `out`.
-fn console_receiver(sock: &Path, out: PathBuf) -> thread::JoinHandle<()> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let listener = std::os::unix::net::UnixListener::bind(sock).expect("console socket");
-    thread::spawn(move || {
-        let (conn, _) = listener.accept().expect("console connection");
-        let mut name = [0u8; 256];
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let mut iov = [std::io::IoSliceMut::new(&mut name)];
-        let msg = recvmsg::<()>(
-            conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::empty(),
-        )
-        .expect("recvmsg");
-        let mut master = None;
-        for c in msg.cmsgs().expect("cmsgs") {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                // SAFETY: SCM_RIGHTS just installed this descriptor; nothing else owns it.
-                master = fds.first().map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
-            }
-        }
-        let mut master = fs::File::from(master.expect("a pty master"));
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&out)
-            .unwrap();
-        let _ = std::io::copy(&mut master, &mut f);
-    })
-}
-
 fn terminal_counter_values(path: &Path) -> Vec<u64> {
     let text = String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned();
     let complete = text.rsplit_once('\n').map(|(a, _)| a).unwrap_or("");
@@ -1053,28 +1018,11 @@ fn terminal_container_restores_through_console_socket() {
     }
     let rc = Runc::new("tty");
     let id = rc.id("");
-    let bundle = rc.bundle("counter").build();
-    let cfg = bundle.join("config.json");
-    let mut spec: Value = serde_json::from_slice(&fs::read(&cfg).unwrap()).unwrap();
-    spec["process"]["terminal"] = Value::Bool(true);
-    fs::write(&cfg, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
-
+    let bundle = rc.bundle("counter").terminal().build();
     let out1 = rc.path("tty1.txt");
     let sock1 = rc.path("console1.sock");
     let recv1 = console_receiver(&sock1, out1.clone());
-    rc.track(&id);
-    let st = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(&rc.root)
-        .args(["run", "-d", "--console-socket"])
-        .arg(&sock1)
-        .arg("--bundle")
-        .arg(&bundle)
-        .arg(&id)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "runc run with a terminal");
+    rc.run_with_console(&id, &bundle, &sock1);
     wait_for(T, "counter on the terminal", || {
         terminal_counter_values(&out1).len() >= 10
     });

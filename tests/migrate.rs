@@ -590,6 +590,44 @@ fn wrong_token() {
     th.finish();
 }
 
+/// A container with a terminal is refused before it is touched (exit 4, the message says
+/// why): nothing on the destination could receive its restored pty master. The source keeps
+/// running on its terminal, the destination stays clean, `ferry serve` stays up.
+#[test]
+fn terminal_container_is_refused() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mtty");
+    let src = th.src_runc();
+    let id = src.id("");
+    let data = src.mkdir("data");
+    let bundle = src
+        .bundle("countertty")
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .terminal()
+        .build();
+    let sock = src.path("console.sock");
+    let _tty = console_receiver(&sock, src.path("tty.txt"));
+    src.run_with_console(&id, &bundle, &sock);
+    let out = data.join("counter");
+    wait_counter_lines(&out, 20, slow(T));
+    let w = Workload {
+        id,
+        out,
+        data,
+        bundle,
+    };
+    let serve = th.serve(&[]);
+    let res = th.migrate(&w.id, &serve.addr, &[]);
+    assert_counter_not_migrated(&th, &w, &res, &[4], DST_CLEAN_T);
+    assert!(res.stderr.contains("has a terminal"), "{res:?}");
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 /// The container has a bind mount whose host source is renamed away after it started (the
 /// running container keeps its mount): the destination cannot restore it (exit 8). The
 /// source keeps running, the destination is clean, and once the source directory is back a

@@ -697,6 +697,11 @@ impl<'a> Receiver<'a> {
         // The bundle: config.json as the source has it, root at <bundle>/rootfs.
         let mut config: serde_json::Value = serde_json::from_str(&p.config)
             .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
+        if config["process"]["terminal"].as_bool() == Some(true) {
+            return Err(MigrateError::Unsupported(
+                crate::migrate::source::TERMINAL_REFUSED.into(),
+            ));
+        }
         config["root"]["path"] = serde_json::Value::from("rootfs");
         (self.tcp_established, self.tcp_close) = (p.tcp_established, p.tcp_close);
         if let Some(facts) = &p.net {

@@ -517,6 +517,14 @@ fn choose_mode(
     }
 }
 
+/// Why a container with a terminal is not migrated: its pty master is held by whoever started
+/// it on the source (a console socket's receiver, containerd's shim), and `ferry serve` has
+/// nobody on the destination to hand the restored one to.
+pub(crate) const TERMINAL_REFUSED: &str =
+    "the container has a terminal (process.terminal in its config.json): its pty could not \
+     follow it, since nothing on the destination would receive the restored pty master; \
+     only containers started without a terminal can be migrated";
+
 /// Migrates a runc container to a `ferry serve` destination.
 pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, MigrateError> {
     let started = Instant::now();
@@ -531,6 +539,9 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         ..Default::default()
     };
     let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;
+    if job.cfg.terminal {
+        return Err(MigrateError::Unsupported(TERMINAL_REFUSED.into()));
+    }
     // A namespace given by path (CNI style) is rebuilt on the destination from these facts.
     let netns = crate::net::netns_path(&job.cfg);
     let net = match &netns {

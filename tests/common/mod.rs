@@ -597,6 +597,8 @@ pub struct Bundle {
     sysctls: Vec<(String, String)>,
     /// `linux.resources`, as given.
     resources: Option<Value>,
+    /// `process.terminal`.
+    terminal: bool,
 }
 
 impl Bundle {
@@ -612,7 +614,14 @@ impl Bundle {
             readonly: false,
             sysctls: Vec::new(),
             resources: None,
+            terminal: false,
         }
+    }
+
+    /// `process.terminal`: start it with [`Runc::run_with_console`].
+    pub fn terminal(mut self) -> Bundle {
+        self.terminal = true;
+        self
     }
 
     /// `linux.resources` entries (limits runc writes into the container's cgroups), merged
@@ -713,7 +722,7 @@ impl Bundle {
         );
         let mut spec: Value =
             serde_json::from_slice(&fs::read(&config).expect("read config.json")).unwrap();
-        spec["process"]["terminal"] = Value::Bool(false);
+        spec["process"]["terminal"] = Value::Bool(self.terminal);
         spec["process"]["args"] = Value::from(self.args.clone());
         spec["root"]["readonly"] = Value::Bool(self.readonly);
         // Merged into runc spec's (which denies every device but its defaults).
@@ -888,6 +897,27 @@ impl Runc {
         assert!(
             status.success(),
             "runc run -d {id} failed ({status}); runc log:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// `runc run -d --console-socket SOCK` of a bundle with a terminal; someone must be
+    /// listening on `sock` (see [`console_receiver`]).
+    pub fn run_with_console(&self, id: &str, bundle: &Path, sock: &Path) {
+        self.track(id);
+        let status = self
+            .cmd()
+            .args(["run", "-d", "--console-socket"])
+            .arg(sock)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .status()
+            .expect("spawn runc run");
+        assert!(
+            status.success(),
+            "runc run -d --console-socket {id} failed ({status}); runc log:\n{}",
             self.log_tail()
         );
     }
@@ -2589,4 +2619,39 @@ pub fn start_file_counter(rc: &Runc, id: &str) -> (PathBuf, PathBuf) {
         .build();
     rc.run_detached(id, &bundle, Out::Null);
     (data.join("counter"), bundle)
+}
+
+/// Receives one pty master over a console socket (runc's protocol: SCM_RIGHTS), then copies
+/// everything the terminal shows into `out`.
+pub fn console_receiver(sock: &Path, out: PathBuf) -> std::thread::JoinHandle<()> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let listener = std::os::unix::net::UnixListener::bind(sock).expect("console socket");
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().expect("console connection");
+        let mut name = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut name)];
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .expect("recvmsg");
+        let mut master = None;
+        for c in msg.cmsgs().expect("cmsgs") {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: SCM_RIGHTS just installed this descriptor; nothing else owns it.
+                master = fds.first().map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+        }
+        let mut master = fs::File::from(master.expect("a pty master"));
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out)
+            .unwrap();
+        let _ = std::io::copy(&mut master, &mut f);
+    })
 }
