@@ -27,57 +27,6 @@ use common::*;
 const DST_CLEAN_T: Duration = Duration::from_secs(30);
 /// ... after a migration whose network died (it can only notice by a timeout).
 const DST_CLEAN_DEAD_LINK_T: Duration = Duration::from_secs(120);
-/// Bytes the source must have sent before a fault is injected "mid-transfer": past the
-/// handshake and the rootfs (a few MiB), well inside the 256 MiB of memory.
-const FAULT_AFTER_BYTES: u64 = 32 << 20;
-
-/// Run `ferry migrate` on another thread and call `inject` once the source has sent
-/// [`FAULT_AFTER_BYTES`] over the link (i.e. while memory is crossing it). Panics if the
-/// migration ended before that. Returns the migration's result.
-fn migrate_with_fault(
-    th: &TwoHosts,
-    id: &str,
-    addr: &str,
-    mode: &str,
-    inject: impl FnOnce(),
-) -> FerryOut {
-    let base = th.src_tx_bytes();
-    thread::scope(|sc| {
-        let h = sc.spawn(|| th.migrate(id, addr, &["--mode", mode]));
-        let start = Instant::now();
-        let mut sent = 0;
-        while !h.is_finished() && start.elapsed() < Duration::from_secs(60) {
-            sent = th.src_tx_bytes().saturating_sub(base);
-            if sent >= FAULT_AFTER_BYTES {
-                break;
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-        if h.is_finished() {
-            let out = h.join().unwrap();
-            panic!(
-                "the migration ended before the fault could be injected ({} MiB sent): {out:?}",
-                sent / MIB
-            );
-        }
-        assert!(
-            sent >= FAULT_AFTER_BYTES,
-            "only {} MiB crossed the link within 60 s",
-            sent / MIB
-        );
-        eprintln!(
-            "injecting the fault after {} MiB sent, {:?} into the migration",
-            sent / MIB,
-            start.elapsed()
-        );
-        inject();
-        let t0 = Instant::now();
-        let out = h.join().unwrap();
-        eprintln!("ferry migrate ended {:?} after the fault", t0.elapsed());
-        out
-    })
-}
-
 // ---------------------------------------------------------------------------------------
 // The rig itself
 // ---------------------------------------------------------------------------------------
@@ -628,10 +577,50 @@ fn terminal_container_is_refused() {
     th.finish();
 }
 
-/// The container has a bind mount whose host source is renamed away after it started (the
-/// running container keeps its mount): the destination cannot restore it (exit 8). The
-/// source keeps running, the destination is clean, and once the source directory is back a
-/// retry to the same `ferry serve` succeeds.
+/// A bind-mount source that does not exist on the destination is found when the
+/// destination prepares, before the source freezes: exit 8 naming the path, the source never
+/// frozen and running on, the destination clean, `ferry serve` up.
+#[test]
+fn missing_bind_source_is_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mbindpre");
+    let extra = th.src_runc().mkdir("extra");
+    let w = start_counter_with(&th, "", &[(&extra, "/extra")]);
+    // Gone from the host, still mounted in the running container.
+    fs::rename(&extra, th.src_runc().path("extra.moved")).unwrap();
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
+    // -v: info lines come before the one error line.
+    assert_eq!(out.code, Some(8), "{out:?}");
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ferry: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{out:?}");
+    let says = format!(
+        "bind mount source {} (for /extra) does not exist on the destination",
+        extra.display()
+    );
+    assert!(errors[0].contains(&says), "{out:?}");
+    assert!(
+        !out.stderr.contains("freezing and dumping"),
+        "the source froze before the refusal: {out:?}"
+    );
+    assert_source_counter_healthy(&th, &w);
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// The container has a bind mount whose host source is renamed away while the migration
+/// runs, after the destination prepared (and found it) and before it restores (the running
+/// container keeps its mount): the destination's restore fails (exit 8). The source keeps
+/// running, the destination is clean, and once the source directory is back a retry to the
+/// same `ferry serve` succeeds.
 #[test]
 fn restore_fails_on_destination() {
     restore_fails_on_destination_in("mrestfail", "stop-copy");
@@ -668,21 +657,23 @@ fn restore_fails_on_destination_in(name: &str, mode: &str) {
         bundle,
     };
     wait_counter_lines(&w.out, 20, T);
+    add_rootfs_ballast(&w);
     let moved = src.path("extra.moved");
-    fs::rename(&extra, &moved).unwrap();
-    // Still mounted in the container.
-    let cat = must(src.exec(&id, &["cat", "/extra/hello"]), "cat /extra/hello");
-    assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello\n");
 
     let serve = th.serve(&[]);
     let t0 = Instant::now();
-    let out = th.migrate(&id, &serve.addr, &["--mode", mode]);
+    let out = migrate_with_fault(&th, &id, &serve.addr, mode, || {
+        fs::rename(&extra, &moved).unwrap()
+    });
     eprintln!("failed {mode} migration took {:?}", t0.elapsed());
     assert!(
         t0.elapsed() < Duration::from_secs(30),
         "the source stayed frozen {:?} after the destination's restore failed",
         t0.elapsed()
     );
+    // Gone from the host, still mounted in the resumed container.
+    let cat = must(src.exec(&id, &["cat", "/extra/hello"]), "cat /extra/hello");
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello\n");
     assert_counter_not_migrated(&th, &w, &out, &[8], DST_CLEAN_T);
     assert!(
         serve.is_alive(),

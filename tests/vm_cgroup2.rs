@@ -192,9 +192,10 @@ fn migration_keeps_limits_and_device_rules_in(name: &str, mode: &str) {
     th.finish();
 }
 
-/// The destination's restore fails (a bind-mount source is gone there): the source
-/// container resumes, still confined, and the destination is clean (its cgroups, with the
-/// device program ferry attached, removed).
+/// The destination's restore fails (a bind-mount source is renamed away after the
+/// destination prepared, while the rootfs crosses the link): the source container resumes,
+/// still confined, and the destination is clean (its cgroups, with the device program ferry
+/// attached, removed).
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
 fn failed_restore_resumes_the_source_confined() {
@@ -204,9 +205,12 @@ fn failed_restore_resumes_the_source_confined() {
     let th = TwoHosts::new("cg2f");
     let extra = th.src_runc().mkdir("extra");
     let w = start_counter_with(&th, "", &[(Path::new(RNG), "/rng"), (&extra, "/extra")]);
-    std::fs::rename(&extra, th.src_runc().path("extra.moved")).unwrap();
+    add_rootfs_ballast(&w);
     let serve = th.serve(&[]);
-    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    let moved = th.src_runc().path("extra.moved");
+    let out = migrate_with_fault(&th, &w.id, &serve.addr, "stop-copy", || {
+        std::fs::rename(&extra, &moved).unwrap()
+    });
     assert_counter_not_migrated(&th, &w, &out, &[8], T);
     assert_confined(th.src_runc(), &w.id, "resumed source container");
     assert!(

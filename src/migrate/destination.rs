@@ -718,6 +718,15 @@ impl<'a> Receiver<'a> {
         let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
         std::fs::write(bundle.join("config.json"), text)
             .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
+        // What the restore would refuse after the freeze is refused now, before it.
+        let cfg = crate::oci::bundle::BundleConfig::load(&bundle)
+            .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
+        if let Some((dest, source)) = crate::ops::restore::missing_bind_source(&cfg) {
+            return Err(MigrateError::Unsupported(format!(
+                "bind mount source {} (for {dest}) does not exist on the destination",
+                source.display()
+            )));
+        }
         std::fs::create_dir_all(self.images()).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
         self.ctl.send(&Msg::Prepared(Prepared {
             criu_version: mine.to_string(),

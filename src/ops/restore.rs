@@ -107,13 +107,11 @@ fn validate(req: &RestoreRequest) -> Result<Validated, OpError> {
             cfg.rootfs.display()
         )));
     }
-    for (dest, source) in cfg.binds() {
-        if !source.exists() {
-            return Err(OpError::Invalid(format!(
-                "bind mount source {} (for {dest}) does not exist on this host",
-                source.display()
-            )));
-        }
+    if let Some((dest, source)) = missing_bind_source(&cfg) {
+        return Err(OpError::Invalid(format!(
+            "bind mount source {} (for {dest}) does not exist on this host",
+            source.display()
+        )));
     }
     if meta.terminal && req.console_socket.is_none() {
         return Err(OpError::Invalid(
@@ -253,6 +251,12 @@ fn null_stdio() -> Result<[OwnedFd; 3], OpError> {
             .map_err(|e| OpError::Environment(format!("/dev/null: {e}")))
     };
     Ok([open()?, open()?, open()?])
+}
+
+/// The first bind mount whose host source does not exist here: (its destination in the
+/// container, the source).
+pub fn missing_bind_source(cfg: &BundleConfig) -> Option<(&str, &Path)> {
+    cfg.binds().find(|(_, source)| !source.exists())
 }
 
 /// Sends a pty master to a console socket (runc's protocol: SCM_RIGHTS with the name as data).

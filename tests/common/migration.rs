@@ -3,7 +3,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -391,4 +392,65 @@ pub fn migrate_counter_via(th: &TwoHosts, mode: &str, serve_args: &[&str]) -> Va
     assert!(serve.is_alive(), "ferry serve exited after a migration");
     th.dst_runc().kill_and_delete(&w.id);
     v
+}
+
+/// Bytes the source must have sent before a fault is injected "mid-transfer": past the
+/// handshake and the rootfs (a few MiB), well inside the 256 MiB of memory.
+pub const FAULT_AFTER_BYTES: u64 = 32 << 20;
+
+/// Run `ferry migrate` on another thread and call `inject` once the source has sent
+/// [`FAULT_AFTER_BYTES`] over the link (i.e. while memory is crossing it). Panics if the
+/// migration ended before that. Returns the migration's result.
+pub fn migrate_with_fault(
+    th: &TwoHosts,
+    id: &str,
+    addr: &str,
+    mode: &str,
+    inject: impl FnOnce(),
+) -> FerryOut {
+    let base = th.src_tx_bytes();
+    thread::scope(|sc| {
+        let h = sc.spawn(|| th.migrate(id, addr, &["--mode", mode]));
+        let start = Instant::now();
+        let mut sent = 0;
+        while !h.is_finished() && start.elapsed() < Duration::from_secs(60) {
+            sent = th.src_tx_bytes().saturating_sub(base);
+            if sent >= FAULT_AFTER_BYTES {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        if h.is_finished() {
+            let out = h.join().unwrap();
+            panic!(
+                "the migration ended before the fault could be injected ({} MiB sent): {out:?}",
+                sent / MIB
+            );
+        }
+        assert!(
+            sent >= FAULT_AFTER_BYTES,
+            "only {} MiB crossed the link within 60 s",
+            sent / MIB
+        );
+        eprintln!(
+            "injecting the fault after {} MiB sent, {:?} into the migration",
+            sent / MIB,
+            start.elapsed()
+        );
+        inject();
+        let t0 = Instant::now();
+        let out = h.join().unwrap();
+        eprintln!("ferry migrate ended {:?} after the fault", t0.elapsed());
+        out
+    })
+}
+
+/// A rootfs file big enough that a fault from [`migrate_with_fault`] lands while the rootfs
+/// crosses the link: after the destination's Prepare, before the freeze. Old, as an image's
+/// files are (a recent one would be hashed again in the freeze).
+pub fn add_rootfs_ballast(w: &Workload) {
+    let ballast = w.bundle.join("rootfs/ballast");
+    fs::write(&ballast, vec![0x5a_u8; 2 * FAULT_AFTER_BYTES as usize]).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::open(&ballast).unwrap().set_modified(old).unwrap();
 }
