@@ -887,6 +887,81 @@ fn garbage_and_oversized_frames() {
     th.finish();
 }
 
+/// Whether the peer closed `c` (end of stream or reset) within `wait`.
+fn closed_within(c: &mut TcpStream, wait: Duration) -> bool {
+    c.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Peers that connect and never authenticate cannot pile up in `ferry serve`: with
+/// `MAX_HANDSHAKES` of them open, one more is closed as it arrives; each is closed once
+/// `HANDSHAKE_DEADLINE` has passed; serve stays up and a real migration then goes through.
+#[test]
+fn idle_peers_are_bounded() {
+    use ferry::migrate::destination::{HANDSHAKE_DEADLINE, MAX_HANDSHAKES};
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("midle");
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let t0 = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..MAX_HANDSHAKES)
+        .map(|_| th.connect_from_src(&serve.addr))
+        .collect();
+    // Once serve has taken them all in, a further connection is closed at once (one that
+    // came in before may take a free place: then it is one more idle peer, and the next
+    // try is the one over the bound).
+    let mut extra = Vec::new();
+    wait_for(T, "a connection over the bound closed at once", || {
+        let mut c = th.connect_from_src(&serve.addr);
+        let closed = closed_within(&mut c, Duration::from_millis(500));
+        extra.push(c);
+        closed
+    });
+    if t0.elapsed() < HANDSHAKE_DEADLINE / 2 {
+        assert!(
+            !closed_within(&mut idle[0], Duration::from_millis(100)),
+            "an idle peer was closed long before the handshake deadline"
+        );
+    }
+    assert!(serve.is_alive(), "ferry serve died");
+    // Every idle peer is gone after the deadline (with a wide margin for a slow machine).
+    let end = t0 + HANDSHAKE_DEADLINE + slow(T);
+    for (i, c) in idle.iter_mut().enumerate() {
+        let left = end
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        assert!(
+            closed_within(c, left),
+            "idle peer {i} still open after {:?}",
+            t0.elapsed()
+        );
+    }
+    eprintln!("idle peers closed {:?} after they connected", t0.elapsed());
+    let out = th.migrate(&w.id, &serve.addr, &[]);
+    assert_counter_migrated(&th, &w, &out, None, 20);
+    assert!(serve.is_alive());
+    drop(extra);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 // ---------------------------------------------------------------------------------------
 // Last: nothing left behind by this test binary
 // ---------------------------------------------------------------------------------------

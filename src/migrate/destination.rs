@@ -6,16 +6,19 @@
 //! error ends the migration with everything undone (page server, images, cgroups, runc state,
 //! a bundle this migration created). A data connection is handed to the page server of the
 //! control session it names. Authentication comes first on both; a failed or garbled
-//! connection is logged and closed, and serving goes on.
+//! connection is logged and closed, and serving goes on. Peers that have not authenticated
+//! are bounded: at most [`MAX_HANDSHAKES`] at a time (more are closed as they arrive), each
+//! closed if it has not finished its handshake (TLS included) [`HANDSHAKE_DEADLINE`] after
+//! it connected, so that idle or trickling connections cannot pile up threads.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver as ChanReceiver, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -131,7 +134,9 @@ pub fn serve(
         stopping: AtomicBool::new(false),
         prefix_dirs: Mutex::new(Default::default()),
     });
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let active = Arc::new(AtomicUsize::new(0));
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let mut refused = Refusals::default();
     // On shutdown, stop taking new migrations but keep accepting the data connections of the
     // ones under way, and let them finish or fail (cleaning up) instead of dying half way.
     let mut deadline = None;
@@ -145,11 +150,19 @@ pub fn serve(
         }
         match listener.accept() {
             Ok((stream, peer)) => {
+                // Counted here, before the thread starts, so that a burst cannot overshoot.
+                if handshaking.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    handshaking.fetch_sub(1, Ordering::SeqCst);
+                    refused.note(peer);
+                    drop(stream);
+                    continue;
+                }
+                let pending = Handshaking(handshaking.clone());
                 let shared = shared.clone();
                 let active = active.clone();
                 active.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
-                    if let Err(e) = connection(stream, &shared) {
+                    if let Err(e) = connection(stream, &shared, pending) {
                         tracing::warn!(%peer, "{e}");
                     }
                     active.fetch_sub(1, Ordering::SeqCst);
@@ -193,12 +206,71 @@ fn remove_empty_prefix_dirs(shared: &Shared) {
 /// How long `serve` waits for migrations under way when asked to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(120);
 
-fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
+/// Most connections in their handshake at once; more are closed as they are accepted.
+pub const MAX_HANDSHAKES: usize = 32;
+
+/// Longest a connection may take from accept to the end of its handshake.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One connection counted among those in their handshake, until dropped.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Connections refused for [`MAX_HANDSHAKES`], logged at most every few seconds.
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    logged: Option<Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, peer: std::net::SocketAddr) {
+        self.since_log += 1;
+        if self
+            .logged
+            .map_or(true, |t| t.elapsed() >= Duration::from_secs(5))
+        {
+            tracing::warn!(
+                %peer,
+                refused = self.since_log,
+                "{MAX_HANDSHAKES} connections are in their handshake: refusing more"
+            );
+            self.since_log = 0;
+            self.logged = Some(Instant::now());
+        }
+    }
+}
+
+/// Shuts `stream` down unless the returned sender is dropped within `deadline` (the
+/// handshake's reads then fail at once, whatever they were waiting for).
+fn deadline_guard(stream: &TcpStream, deadline: Duration) -> std::io::Result<SyncSender<()>> {
+    let victim = stream.try_clone()?;
+    let (tx, rx) = sync_channel::<()>(0);
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(deadline) {
+            tracing::debug!("handshake deadline passed: closing the connection");
+            let _ = victim.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    Ok(tx)
+}
+
+fn connection(
+    stream: TcpStream,
+    shared: &Shared,
+    pending: Handshaking,
+) -> Result<(), MigrateError> {
     stream.set_nonblocking(false).map_err(WireError::Io)?;
     tune(&stream, Duration::from_secs(10));
     let addr = stream.peer_addr().ok();
     let peer = addr.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
     let peer_ip = addr.map(|a| a.ip().to_string()).unwrap_or_default();
+    let guard = deadline_guard(&stream, HANDSHAKE_DEADLINE).map_err(WireError::Io)?;
     let (mut stream, hello, session) = link::server(
         stream,
         &peer,
@@ -206,6 +278,7 @@ fn connection(stream: TcpStream, shared: &Shared) -> Result<(), MigrateError> {
         &shared.cfg.token,
         || random_hex(16),
     )?;
+    drop((guard, pending));
     stream.set_io_timeout(shared.cfg.io_timeout);
     match hello.role {
         Role::Data => {
