@@ -592,19 +592,12 @@ fn missing_bind_source_is_refused_before_the_freeze() {
     fs::rename(&extra, th.src_runc().path("extra.moved")).unwrap();
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
-    // -v: info lines come before the one error line.
-    assert_eq!(out.code, Some(8), "{out:?}");
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("ferry: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{out:?}");
+    let error = out.assert_verbose_error(8);
     let says = format!(
         "bind mount source {} (for /extra) does not exist on the destination",
         extra.display()
     );
-    assert!(errors[0].contains(&says), "{out:?}");
+    assert!(error.contains(&says), "{out:?}");
     assert!(
         !out.stderr.contains("freezing and dumping"),
         "the source froze before the refusal: {out:?}"

@@ -220,14 +220,7 @@ fn address_clash_is_refused_before_the_freeze() {
         &serve.addr,
         &["--mode", "stop-copy", "--tcp-established", "-v"],
     );
-    // -v: info lines come before the one error line.
-    assert_eq!(out.code, Some(8), "{out:?}");
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("ferry: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{out:?}");
+    out.assert_verbose_error(8);
     assert!(
         out.stderr.contains("already in use"),
         "the error does not name the clash: {out:?}"

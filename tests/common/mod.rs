@@ -1196,6 +1196,20 @@ impl FerryOut {
         v
     }
 
+    /// A failure of a run with `-v` (log lines before the error): exit `code`, exactly one
+    /// `ferry: error:` line, which is returned.
+    #[track_caller]
+    pub fn assert_verbose_error(&self, code: i32) -> &str {
+        assert_eq!(self.code, Some(code), "expected exit {code}: {self:?}");
+        let errors: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("ferry: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "expected one error line: {self:?}");
+        errors[0]
+    }
+
     /// Assert the documented failure shape: exit `code`, exactly one stderr line, starting
     /// with `ferry: error: `.
     #[track_caller]
