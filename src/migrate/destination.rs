@@ -770,12 +770,10 @@ impl<'a> Receiver<'a> {
         // The bundle: config.json as the source has it, root at <bundle>/rootfs.
         let mut config: serde_json::Value = serde_json::from_str(&p.config)
             .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
-        if config["process"]["terminal"].as_bool() == Some(true) {
-            return Err(MigrateError::Unsupported(
-                crate::migrate::source::TERMINAL_REFUSED.into(),
-            ));
-        }
         config["root"]["path"] = serde_json::Value::from("rootfs");
+        // What the restore would refuse after the freeze is refused now, before it and
+        // before anything is made here.
+        self.check_restorable(&config)?;
         (self.tcp_established, self.tcp_close) = (p.tcp_established, p.tcp_close);
         if let Some(facts) = &p.net {
             self.prepare_net(&mut config, facts)?;
@@ -791,15 +789,6 @@ impl<'a> Receiver<'a> {
         let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
         std::fs::write(bundle.join("config.json"), text)
             .map_err(|e| MigrateError::Rootfs(e.to_string()))?;
-        // What the restore would refuse after the freeze is refused now, before it.
-        let cfg = crate::oci::bundle::BundleConfig::load(&bundle)
-            .map_err(|e| MigrateError::Remote(format!("config.json: {e}")))?;
-        if let Some((dest, source)) = crate::ops::restore::missing_bind_source(&cfg) {
-            return Err(MigrateError::Unsupported(format!(
-                "bind mount source {} (for {dest}) does not exist on the destination",
-                source.display()
-            )));
-        }
         std::fs::create_dir_all(self.images()).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
         self.ctl.send(&Msg::Prepared(Prepared {
             criu_version: mine.to_string(),
@@ -814,6 +803,33 @@ impl<'a> Receiver<'a> {
 
     /// The container's network namespace here, before the source freezes anything: created,
     /// locked, configured, probed for a clash; config.json then names it.
+    /// The received config.json (root already at `rootfs`) as the restore will read it:
+    /// refused if its container has a terminal or a bind mount whose source this host lacks.
+    fn check_restorable(&self, config: &serde_json::Value) -> Result<(), MigrateError> {
+        let invalid = |e: String| MigrateError::Remote(format!("config.json: {e}"));
+        let spec: oci_spec::runtime::Spec =
+            serde_json::from_value(config.clone()).map_err(|e| invalid(e.to_string()))?;
+        let bundle = self.bundle();
+        let cfg = crate::oci::bundle::BundleConfig::from_spec(
+            &bundle,
+            &bundle.join("config.json"),
+            &spec,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        if cfg.terminal {
+            return Err(MigrateError::Unsupported(
+                crate::migrate::source::TERMINAL_REFUSED.into(),
+            ));
+        }
+        if let Some((dest, source)) = crate::ops::restore::missing_bind_source(&cfg) {
+            return Err(MigrateError::Unsupported(format!(
+                "bind mount source {} (for {dest}) does not exist on the destination",
+                source.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn prepare_net(
         &mut self,
         config: &mut serde_json::Value,
