@@ -249,20 +249,9 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, DevFilterError> {
             attr.log_size = buf.len() as u32;
             attr.log_buf = buf.as_mut_ptr() as u64;
         }
-        // SAFETY: attr is a valid, initialised bpf_attr prefix of the size passed; the
-        // pointers in it (instructions, license, log buffer) outlive the call and the log
-        // buffer is log_size bytes long.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &attr as *const ProgLoadAttr,
-                std::mem::size_of::<ProgLoadAttr>(),
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // SAFETY: attr is BPF_PROG_LOAD's layout; the pointers in it (instructions,
+        // license, log buffer) outlive the call and the log buffer is log_size bytes long.
+        let fd = unsafe { bpf(BPF_PROG_LOAD, &attr)? };
         // SAFETY: a successful BPF_PROG_LOAD returns a new file descriptor that we own.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     };
@@ -281,6 +270,29 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, DevFilterError> {
     }
 }
 
+/// The bpf(2) system call with `attr`, one of the `#[repr(C)]` bpf_attr prefixes above.
+///
+/// # Safety
+/// `attr` must be the bpf_attr layout `cmd` expects, and every pointer in it must be valid
+/// (and as long as the length beside it) for the duration of the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr is a live, initialised value of exactly the size passed; the caller
+    // vouches for its layout and its pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Builds the program for `rules` and attaches it to the cgroup v2 directory `dir`.
 pub fn attach(dir: &Path, rules: &[Rule]) -> Result<(), DevFilterError> {
     let prog = load(&program(rules))?;
@@ -296,19 +308,9 @@ pub fn attach(dir: &Path, rules: &[Rule]) -> Result<(), DevFilterError> {
         attach_flags: BPF_F_ALLOW_MULTI,
         replace_bpf_fd: 0,
     };
-    // SAFETY: attr is a valid bpf_attr prefix of the size passed; both fds are open for the
-    // duration of the call. The attachment keeps its own reference to the program.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const ProgAttachAttr,
-            std::mem::size_of::<ProgAttachAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(attach_err(std::io::Error::last_os_error()));
-    }
+    // SAFETY: attr is BPF_PROG_ATTACH's layout and holds no pointers; both fds are open for
+    // the duration of the call. The attachment keeps its own reference to the program.
+    unsafe { bpf(BPF_PROG_ATTACH, &attr) }.map_err(attach_err)?;
     tracing::debug!(dir = %dir.display(), rules = rules.len(), "device rules attached");
     Ok(())
 }
