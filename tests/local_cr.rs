@@ -218,15 +218,7 @@ fn readonly_root_checkpoint_restore() {
     }
     let rc = Runc::new("readonly");
     let id = rc.id("");
-    let data = rc.mkdir("data");
-    let bundle = rc
-        .bundle("counter")
-        .readonly()
-        .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"))
-        .build();
-    rc.run_detached(&id, &bundle, Out::Null);
-    let out = data.join("counter");
+    let (out, bundle) = start_file_counter_with(&rc, &id, Bundle::readonly);
     wait_counter_lines(&out, 10, T);
     let images = rc.mkdir("images");
     ferry_checkpoint(&rc, &id, &images, false);
@@ -274,15 +266,7 @@ fn cgroup_limits_and_device_rules_survive_checkpoint_restore() {
     }
     let rc = Runc::new("limits");
     let id = rc.id("");
-    let data = rc.mkdir("data");
-    let bundle = rc
-        .bundle("counter")
-        .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"))
-        .resources(test_limits().0)
-        .build();
-    rc.run_detached(&id, &bundle, Out::Null);
-    let out = data.join("counter");
+    let (out, _bundle) = start_file_counter_with(&rc, &id, |b| b.resources(test_limits().0));
     wait_counter_lines(&out, 5, T);
     let devices = cgroup_value(&rc.state_file(&id), "devices", "devices.list");
     assert_limits(&rc.state_file(&id), &devices, "container");
@@ -346,18 +330,12 @@ fn network_sysctls_survive_checkpoint_restore() {
     }
     let rc = Runc::new("sysctl");
     let id = rc.id("");
-    let data = rc.mkdir("data");
-    let bundle = rc
-        .bundle("counter")
-        .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"))
-        .sysctl("net.ipv4.ip_unprivileged_port_start", "0")
-        .sysctl("net.core.somaxconn", "1000")
-        .sysctl("net.ipv4.tcp_keepalive_time", "600")
-        .sysctl("net.ipv4.ping_group_range", "0 0")
-        .build();
-    rc.run_detached(&id, &bundle, Out::Null);
-    let out = data.join("counter");
+    let (out, _bundle) = start_file_counter_with(&rc, &id, |b| {
+        b.sysctl("net.ipv4.ip_unprivileged_port_start", "0")
+            .sysctl("net.core.somaxconn", "1000")
+            .sysctl("net.ipv4.tcp_keepalive_time", "600")
+            .sysctl("net.ipv4.ping_group_range", "0 0")
+    });
     wait_counter_lines(&out, 5, T);
     let pid = rc.state(&id)["pid"].as_u64().expect("pid of the container");
     assert_eq!(net_sysctl_of(pid, "net.core.somaxconn"), "1000");

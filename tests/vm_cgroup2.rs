@@ -113,16 +113,9 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
         serde_json::json!([{"pageSize": "2MB", "limit": HUGE.parse::<u64>().unwrap()}]);
     let rc = Runc::new("cg2");
     let id = rc.id("");
-    let data = rc.mkdir("data");
-    let bundle = rc
-        .bundle("counter")
-        .bind(&data, "/data")
-        .bind(Path::new(RNG), "/rng")
-        .args(&counter_file_args("/data/counter"))
-        .resources(resources)
-        .build();
-    rc.run_detached(&id, &bundle, Out::Null);
-    let out = data.join("counter");
+    let (out, _bundle) = start_file_counter_with(&rc, &id, |b| {
+        b.bind(Path::new(RNG), "/rng").resources(resources)
+    });
     wait_counter_lines(&out, 5, T);
     assert_confined(&rc, &id, "container");
     let extras = [("memory.high", HIGH), ("hugetlb.2MB.max", HUGE)];

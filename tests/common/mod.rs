@@ -2625,12 +2625,21 @@ pub fn s(p: &Path) -> &str {
 /// is not visible through its mounts, so stdio is /dev/null here). Returns the host path of
 /// the counter file and the bundle.
 pub fn start_file_counter(rc: &Runc, id: &str) -> (PathBuf, PathBuf) {
+    start_file_counter_with(rc, id, |b| b)
+}
+
+/// [`start_file_counter`] with more to its bundle (`more` gets the counter's bundle).
+pub fn start_file_counter_with(
+    rc: &Runc,
+    id: &str,
+    more: impl FnOnce(Bundle) -> Bundle,
+) -> (PathBuf, PathBuf) {
     let data = rc.mkdir("data");
     let bundle = rc
         .bundle("counter")
         .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"))
-        .build();
+        .args(&counter_file_args("/data/counter"));
+    let bundle = more(bundle).build();
     rc.run_detached(id, &bundle, Out::Null);
     (data.join("counter"), bundle)
 }
