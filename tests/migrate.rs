@@ -16,6 +16,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -606,6 +607,79 @@ fn missing_bind_source_is_refused_before_the_freeze() {
     th.assert_dst_clean(&w.id, DST_CLEAN_T);
     assert!(serve.is_alive(), "ferry serve exited");
     th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// A container pinned to a CPU the destination cannot give it (here: the destination's
+/// cpuset for received containers holds only CPU 0, the container is pinned to CPU 1) is
+/// refused when the destination prepares, before the source freezes: exit 8 naming the CPUs,
+/// the source never frozen and running on, the destination clean, `ferry serve` up. Without
+/// the check the restore's write of `cpuset.cpus` fails after the freeze and the transfer.
+#[test]
+fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "this test needs 2 CPUs, the machine has {cpus}");
+    let th = TwoHosts::new("mcpuset");
+    let src = th.src_runc();
+    let id = src.id("");
+    let data = src.mkdir("data");
+    let bundle = src
+        .bundle("counter")
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"))
+        .resources(serde_json::json!({"cpu": {"cpus": "1"}}))
+        .build();
+    src.run_detached(&id, &bundle, Out::Null);
+    let w = Workload {
+        id: id.clone(),
+        out: data.join("counter"),
+        data,
+        bundle,
+    };
+    wait_counter_lines(&w.out, 5, T);
+    // The destination's --cgroup-prefix dir in the cpuset hierarchy, made beforehand with
+    // CPU 0 only (as a host reserving CPUs for itself would).
+    let state = src.state_file(&id);
+    let cpuset = Path::new(
+        state["cgroup_paths"]["cpuset"]
+            .as_str()
+            .expect("cpuset path"),
+    );
+    assert_eq!(cgroup_value(&state, "cpuset", "cpuset.cpus"), "1");
+    let limited = cpuset.parent().unwrap().join(dst_cgroup_prefix());
+    fs::create_dir(&limited).unwrap();
+    // Removed however the test ends (a failed restore under it cleans up its own dir).
+    struct Rmdir<'a>(&'a Path);
+    impl Drop for Rmdir<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(self.0);
+        }
+    }
+    let _rmdir = Rmdir(&limited);
+    fs::write(limited.join("cpuset.cpus"), "0").unwrap();
+    fs::write(limited.join("cpuset.mems"), "0").unwrap();
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
+    let error = out.assert_verbose_error(8).to_string();
+    let says = format!(
+        "the container is pinned to CPUs 1 (cpuset.cpus) and this host's cpuset {} has only \
+         0: 1 missing",
+        limited.display()
+    );
+    assert!(error.contains(&says), "{out:?}");
+    assert!(
+        !out.stderr.contains("freezing and dumping"),
+        "the source froze before the refusal: {out:?}"
+    );
+    assert_source_counter_healthy(&th, &w);
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert!(serve.is_alive(), "ferry serve exited");
+    drop(_rmdir);
+    assert!(!limited.exists(), "{} left behind", limited.display());
+    src.kill_and_delete(&w.id);
     th.finish();
 }
 

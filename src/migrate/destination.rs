@@ -751,6 +751,11 @@ impl<'a> Receiver<'a> {
             crate::runtime::cgroups::check_layout(theirs, crate::runtime::cgroups::host_layout())
                 .map_err(MigrateError::Incompatible)?;
         }
+        if let Some(c) = &p.cpuset {
+            let dir = self.relocated(&c.dir);
+            crate::runtime::cgroups::check_cpuset(&dir, c.cpus.as_deref(), c.mems.as_deref())
+                .map_err(MigrateError::Incompatible)?;
+        }
         let features = self.shared.criu.features()?;
         (self.pre_copy, self.lazy_final) = match p.mode.as_str() {
             "stop-copy" => (false, false),
@@ -1074,9 +1079,9 @@ impl<'a> Receiver<'a> {
             serde_json::from_value(meta.runc_state["cgroup_paths"].clone()).map_err(|e| {
                 MigrateError::Remote(format!("runc state without cgroup paths: {e}"))
             })?;
-        let Some(prefix) = &self.shared.cfg.cgroup_prefix else {
+        if self.shared.cfg.cgroup_prefix.is_none() {
             return Ok(old);
-        };
+        }
         let mut dirs = self
             .shared
             .prefix_dirs
@@ -1085,24 +1090,26 @@ impl<'a> Receiver<'a> {
         Ok(old
             .into_iter()
             .map(|(k, v)| {
-                let p = Path::new(&v);
-                let moved = match (p.parent(), p.file_name()) {
-                    (Some(parent), Some(name)) => {
-                        // Only what this serve creates is its to remove.
-                        if !parent.join(prefix).exists() {
-                            dirs.insert(parent.join(prefix));
-                        }
-                        parent
-                            .join(prefix)
-                            .join(name)
-                            .to_string_lossy()
-                            .into_owned()
+                let moved = self.relocated(&v);
+                // Only what this serve creates is its to remove.
+                if let Some(made) = moved.parent().filter(|_| moved != Path::new(&v)) {
+                    if !made.exists() {
+                        dirs.insert(made.to_path_buf());
                     }
-                    _ => v.clone(),
-                };
-                (k, moved)
+                }
+                (k, moved.to_string_lossy().into_owned())
             })
             .collect())
+    }
+
+    /// Where a source cgroup directory goes here: under `--cgroup-prefix` (in its parent),
+    /// or the same path without one.
+    fn relocated(&self, dir: &str) -> PathBuf {
+        let p = Path::new(dir);
+        match (&self.shared.cfg.cgroup_prefix, p.parent(), p.file_name()) {
+            (Some(prefix), Some(parent), Some(name)) => parent.join(prefix).join(name),
+            _ => p.to_path_buf(),
+        }
     }
 
     fn restore(&mut self, meta: serde_json::Value) -> Result<(), MigrateError> {

@@ -205,6 +205,23 @@ pub struct Prepare {
     /// Absent from older sources: not checked before the restore.
     #[serde(default)]
     pub cgroups: Option<String>,
+    /// The CPUs and memory nodes the container is pinned to, where its limits set them: the
+    /// destination checks that it can give them. Absent from older sources or when nothing
+    /// is pinned: left to the restore.
+    #[serde(default)]
+    pub cpuset: Option<Cpuset>,
+}
+
+/// A container's cpuset on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cpuset {
+    /// Its cpuset cgroup directory (v1 `cpuset`, v2 the one hierarchy), which the destination
+    /// maps as it maps the container's cgroups.
+    pub dir: String,
+    /// `cpuset.cpus`, when its limits set it.
+    pub cpus: Option<String>,
+    /// `cpuset.mems`, when its limits set it.
+    pub mems: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

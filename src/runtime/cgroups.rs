@@ -267,6 +267,141 @@ pub fn check_layout(theirs: &str, mine: &str) -> Result<(), String> {
     ))
 }
 
+/// Longest CPU or memory-node list parsed (a peer sends them; a kernel's list of 8192 CPUs,
+/// every other one, is ≈ 40 KiB).
+const MAX_LIST: usize = 64 * 1024;
+
+/// A kernel CPU or memory-node list ("0-3,8,10-11") as sorted, merged, inclusive ranges.
+fn parse_list(s: &str) -> Result<Vec<(u64, u64)>, String> {
+    let s = s.trim();
+    if s.len() > MAX_LIST {
+        return Err(format!("a CPU or node list of {} bytes", s.len()));
+    }
+    let bad = || format!("{s:?} is not a CPU or node list");
+    let mut ranges = Vec::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let part = part.trim();
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let num = |x: &str| x.trim().parse::<u32>().map(u64::from).map_err(|_| bad());
+        let (a, b) = (num(a)?, num(b)?);
+        if a > b {
+            return Err(bad());
+        }
+        ranges.push((a, b));
+    }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 + 1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    Ok(merged)
+}
+
+/// The members of `want` that `have` lacks (both as from [`parse_list`]).
+fn list_minus(want: &[(u64, u64)], have: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(a, b) in want {
+        // The lowest member of a..=b not yet known to be covered.
+        let mut next = a;
+        for &(c, d) in have {
+            if d < next {
+                continue;
+            }
+            if c > b {
+                break;
+            }
+            if c > next {
+                out.push((next, c - 1));
+            }
+            next = d + 1;
+        }
+        if next <= b {
+            out.push((next, b));
+        }
+    }
+    out
+}
+
+fn list_text(ranges: &[(u64, u64)]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    parts.join(",")
+}
+
+/// Whether this host can give a container's cgroup to be made at `dir` the CPUs and memory
+/// nodes it is pinned to (`cpus`, `mems`: its `cpuset.cpus` / `cpuset.mems`). On cgroup v1
+/// the kernel takes only a subset of the parent's lists, and the directories a restore makes
+/// copy their parent's, so the nearest existing ancestor of `dir` decides; on cgroup v2 it
+/// takes whatever the host has (the root's effective lists) and narrows it to the parent's
+/// by itself. A list this host does not show is left to the restore.
+pub fn check_cpuset(dir: &Path, cpus: Option<&str>, mems: Option<&str>) -> Result<(), String> {
+    check_path(dir).map_err(|e| e.to_string())?;
+    let v2 = host_layout() == "v2";
+    let holder = if v2 {
+        Some(PathBuf::from(CGROUP_FS))
+    } else {
+        dir.ancestors()
+            .skip(1)
+            .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
+            .find(|a| a.is_dir())
+            .map(Path::to_path_buf)
+    };
+    match holder {
+        Some(holder) => cpuset_fits(&holder, v2, cpus, mems),
+        None => Ok(()),
+    }
+}
+
+/// [`check_cpuset`] against the lists of the cgroup directory `holder` (on v2 its effective
+/// ones).
+fn cpuset_fits(
+    holder: &Path,
+    v2: bool,
+    cpus: Option<&str>,
+    mems: Option<&str>,
+) -> Result<(), String> {
+    for (want, what, v1_file, v2_file) in [
+        (cpus, "CPUs", "cpuset.cpus", "cpuset.cpus.effective"),
+        (mems, "memory nodes", "cpuset.mems", "cpuset.mems.effective"),
+    ] {
+        let Some(want) = want else { continue };
+        let file = holder.join(if v2 { v2_file } else { v1_file });
+        let Ok(have) = crate::capped::read_capped(&file, MAX_LIST as u64) else {
+            continue;
+        };
+        let wanted = parse_list(want).map_err(|e| format!("the container's {v1_file}: {e}"))?;
+        let have = parse_list(&String::from_utf8_lossy(&have))
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let lacking = list_minus(&wanted, &have);
+        if !lacking.is_empty() {
+            let place = if v2 {
+                "this host".to_string()
+            } else {
+                format!("this host's cpuset {}", holder.display())
+            };
+            return Err(format!(
+                "the container is pinned to {what} {} ({v1_file}) and {place} has only {}: \
+                 {} missing",
+                list_text(&wanted),
+                list_text(&have),
+                list_text(&lacking)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The limit table of a layout: [`LIMIT_FILES_V2`] on v2, else [`LIMIT_FILES`].
 fn limit_table(v2: bool) -> &'static [(&'static str, &'static [&'static str])] {
     if v2 {
@@ -277,7 +412,7 @@ fn limit_table(v2: bool) -> &'static [(&'static str, &'static [&'static str])] {
 }
 
 /// Where `file` lives: its controller's dir on v1, the one dir on v2.
-fn dir_of<'a>(paths: &'a BTreeMap<String, String>, file: &str) -> Option<&'a String> {
+pub fn dir_of<'a>(paths: &'a BTreeMap<String, String>, file: &str) -> Option<&'a String> {
     v2_dir(paths).or_else(|| paths.get(controller_of(file)))
 }
 
@@ -851,5 +986,70 @@ mod tests {
         assert!(CgroupSet::create(&m).is_err());
         m.insert("cpu".to_string(), "/sys/fs/cgroup/../../etc".to_string());
         assert!(CgroupSet::create(&m).is_err());
+    }
+
+    #[test]
+    fn cpu_lists_parse_merge_and_subtract() {
+        assert_eq!(
+            parse_list("0-3,8,10-11\n").unwrap(),
+            vec![(0, 3), (8, 8), (10, 11)]
+        );
+        assert_eq!(parse_list("4,0-1,2-3").unwrap(), vec![(0, 4)]);
+        assert_eq!(parse_list("").unwrap(), vec![]);
+        for bad in ["3-1", "a", "1-", "-1", "0-4294967296", "1:2"] {
+            assert!(parse_list(bad).is_err(), "{bad}");
+        }
+        assert!(parse_list(&"1,".repeat(MAX_LIST)).is_err());
+        // The largest id does not overflow the "next uncovered" counter.
+        assert_eq!(
+            parse_list("4294967295").unwrap(),
+            vec![(4294967295, 4294967295)]
+        );
+        let l = |s: &str| parse_list(s).unwrap();
+        assert!(list_minus(&l("0-3"), &l("0-7")).is_empty());
+        assert!(list_minus(&l("4294967295"), &l("0-4294967295")).is_empty());
+        assert_eq!(list_text(&list_minus(&l("0-7"), &l("1-2,5"))), "0,3-4,6-7");
+        assert_eq!(list_text(&list_minus(&l("1,6-9"), &l("0-1,8"))), "6-7,9");
+        assert_eq!(list_text(&list_minus(&l("1"), &l(""))), "1");
+    }
+
+    #[test]
+    fn a_cpuset_fits_within_the_holders_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("cpuset.cpus"), "0-1\n").unwrap();
+        std::fs::write(d.join("cpuset.mems"), "0\n").unwrap();
+        std::fs::write(d.join("cpuset.cpus.effective"), "0\n").unwrap();
+        assert!(cpuset_fits(d, false, Some("1"), Some("0")).is_ok());
+        assert!(cpuset_fits(d, false, None, None).is_ok());
+        let e = cpuset_fits(d, false, Some("0-3"), None).unwrap_err();
+        let want = format!(
+            "the container is pinned to CPUs 0-3 (cpuset.cpus) and this host's cpuset {} has \
+             only 0-1: 2-3 missing",
+            d.display()
+        );
+        assert_eq!(e, want);
+        let e = cpuset_fits(d, false, None, Some("0,1")).unwrap_err();
+        assert!(
+            e.contains("memory nodes 0-1 (cpuset.mems)") && e.ends_with(": 1 missing"),
+            "{e}"
+        );
+        // v2: the effective lists; one the host does not show is left to the restore.
+        assert!(cpuset_fits(d, true, None, Some("5")).is_ok());
+        let e = cpuset_fits(d, true, Some("1"), None).unwrap_err();
+        assert_eq!(
+            e,
+            "the container is pinned to CPUs 1 (cpuset.cpus) and this host has only 0: 1 missing"
+        );
+        let e = cpuset_fits(d, false, Some("x"), None).unwrap_err();
+        assert!(e.starts_with("the container's cpuset.cpus: "), "{e}");
+    }
+
+    #[test]
+    fn a_cpuset_outside_the_cgroup_fs_is_refused() {
+        let e = check_cpuset(Path::new("/etc/x"), Some("0"), None).unwrap_err();
+        assert!(e.contains("not a path below"), "{e}");
+        let e = check_cpuset(Path::new("/sys/fs/cgroup/../x"), Some("0"), None).unwrap_err();
+        assert!(e.contains("not a path below"), "{e}");
     }
 }
