@@ -807,6 +807,34 @@ fn write_script(path: &Path, body: &str) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// SIGTERM to `ferry checkpoint` (its process group, as a supervisor stopping the job)
+/// while the container is frozen: the dump is failed at CRIU's post-dump, CRIU resumes the
+/// tasks, ferry exits 10 saying so, the counter runs on, and the images dir holds no
+/// `ferry.json` (nothing would restore the partial images).
+#[test]
+fn interrupted_checkpoint_leaves_the_container_running() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("intr");
+    let images = src.rc.mkdir("images");
+    let out = src
+        .cmd("checkpoint", &src.id, &images, &["-vv"])
+        .run_signalled(libc::SIGTERM, |err| err.contains("container frozen"));
+    let error = out.assert_verbose_error(10);
+    assert!(error.contains("interrupted by SIGTERM"), "{out:?}");
+    assert!(
+        out.stderr.contains("failing the dump at PostDump"),
+        "not stopped at post-dump: {out:?}"
+    );
+    assert!(
+        !images.join("ferry.json").exists(),
+        "an interrupted checkpoint vouches for its images"
+    );
+    src.assert_healthy();
+    src.finish();
+}
+
 #[test]
 fn bad_input_criu_missing() {
     if !require_root_and_criu() {

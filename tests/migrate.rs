@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 use common::migration::*;
 use common::*;
 
-/// How long the destination may take to clean up after a failed migration.
-const DST_CLEAN_T: Duration = Duration::from_secs(30);
 /// ... after a migration whose network died (it can only notice by a timeout).
 const DST_CLEAN_DEAD_LINK_T: Duration = Duration::from_secs(120);
 // ---------------------------------------------------------------------------------------
@@ -599,11 +597,76 @@ fn missing_bind_source_is_refused_before_the_freeze() {
         extra.display()
     );
     assert!(error.contains(&says), "{out:?}");
+    assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// Ctrl-C (SIGINT to `ferry migrate`'s process group, as a terminal sends it) while the
+/// container is frozen for the final dump: ferry fails the dump at CRIU's post-dump (CRIU
+/// resumes the tasks), exits 10 saying so, the memwriter runs on intact on the source, the
+/// destination is clean. Before, ferry died of the signal without a word, leaving its
+/// scratch dir (the dump's images) behind.
+#[test]
+fn interrupt_during_the_freeze_leaves_the_source_running() {
+    interrupted_in_freeze("mintr", "stop-copy", libc::SIGINT);
+}
+
+/// The same in post-copy, by SIGTERM (a supervisor stopping the job).
+#[test]
+fn interrupt_during_the_freeze_leaves_the_source_running_post_copy() {
+    interrupted_in_freeze("mintrpc", "post-copy", libc::SIGTERM);
+}
+
+/// Ctrl-C after a post-copy migration's commit, while the source still serves the pages
+/// the restored memwriter faults in: ferry does not stop (the container would be lost on
+/// the destination without its pages), the migration finishes, ferry says it ignored the
+/// signal, and the memwriter runs on intact on the destination. Before, ferry died and took
+/// the page relay with it: CRIU's broken lazy dump resumed the source while the destination
+/// ran the container too (both memwriters appending to the same file).
+#[test]
+fn interrupt_after_the_commit_is_not_obeyed_post_copy() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mintrlate");
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let out = th
+        .migrate_cmd(&w.id, &serve.addr, &["--mode", "post-copy", "-vv"])
+        .run_signalled(libc::SIGINT, |err| err.contains("serving its pages"));
     assert!(
-        !out.stderr.contains("freezing and dumping"),
-        "the source froze before the refusal: {out:?}"
+        out.stderr
+            .contains("SIGINT arrived after the commit had begun: not stopped"),
+        "{out:?}"
     );
-    assert_source_counter_healthy(&th, &w);
+    assert_memwriter_migrated(&th, &w, &out, Some("post-copy"), 3);
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.finish();
+}
+
+fn interrupted_in_freeze(name: &str, mode: &str, signal: libc::c_int) {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new(name);
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let out = th
+        .migrate_cmd(&w.id, &serve.addr, &["--mode", mode, "-vv"])
+        .run_signalled(signal, |err| err.contains("container frozen"));
+    let error = out.assert_verbose_error(10);
+    let name = if signal == libc::SIGINT {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    };
+    assert!(error.contains(&format!("interrupted by {name}")), "{out:?}");
+    assert!(
+        out.stderr.contains("failing the dump at PostDump"),
+        "not stopped at post-dump: {out:?}"
+    );
+    assert_source_memwriter_healthy(&th, &w);
     th.assert_dst_clean(&w.id, DST_CLEAN_T);
     assert!(serve.is_alive(), "ferry serve exited");
     th.src_runc().kill_and_delete(&w.id);
@@ -624,25 +687,12 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
     assert!(cpus >= 2, "this test needs 2 CPUs, the machine has {cpus}");
     let th = TwoHosts::new("mcpuset");
     let src = th.src_runc();
-    let id = src.id("");
-    let data = src.mkdir("data");
-    let bundle = src
-        .bundle("counter")
-        .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"))
-        .resources(serde_json::json!({"cpu": {"cpus": "1"}}))
-        .build();
-    src.run_detached(&id, &bundle, Out::Null);
-    let w = Workload {
-        id: id.clone(),
-        out: data.join("counter"),
-        data,
-        bundle,
-    };
-    wait_counter_lines(&w.out, 5, T);
+    let w = start_counter_shaped(&th, "", |b| {
+        b.resources(serde_json::json!({"cpu": {"cpus": "1"}}))
+    });
     // The destination's --cgroup-prefix dir in the cpuset hierarchy, made beforehand with
     // CPU 0 only (as a host reserving CPUs for itself would).
-    let state = src.state_file(&id);
+    let state = src.state_file(&w.id);
     let cpuset = Path::new(
         state["cgroup_paths"]["cpuset"]
             .as_str()
@@ -670,13 +720,7 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
         limited.display()
     );
     assert!(error.contains(&says), "{out:?}");
-    assert!(
-        !out.stderr.contains("freezing and dumping"),
-        "the source froze before the refusal: {out:?}"
-    );
-    assert_source_counter_healthy(&th, &w);
-    th.assert_dst_clean(&w.id, DST_CLEAN_T);
-    assert!(serve.is_alive(), "ferry serve exited");
+    assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
     drop(_rmdir);
     assert!(!limited.exists(), "{} left behind", limited.display());
     src.kill_and_delete(&w.id);
@@ -706,24 +750,10 @@ fn restore_fails_on_destination_in(name: &str, mode: &str) {
     }
     let th = TwoHosts::new(name);
     let src = th.src_runc();
-    let id = src.id("");
-    let data = src.mkdir("data");
     let extra = src.mkdir("extra");
     fs::write(extra.join("hello"), "hello\n").unwrap();
-    let bundle = src
-        .bundle("counter")
-        .bind(&data, "/data")
-        .bind(&extra, "/extra")
-        .args(&counter_file_args("/data/counter"))
-        .build();
-    src.run_detached(&id, &bundle, Out::Null);
-    let w = Workload {
-        id: id.clone(),
-        out: data.join("counter"),
-        data,
-        bundle,
-    };
-    wait_counter_lines(&w.out, 20, T);
+    let w = start_counter_shaped(&th, "", |b| b.bind(&extra, "/extra"));
+    let id = w.id.clone();
     add_rootfs_ballast(&w);
     let moved = src.path("extra.moved");
 

@@ -21,9 +21,6 @@ use std::time::{Duration, Instant};
 use common::migration::*;
 use common::*;
 
-/// How long the destination may take to clean up after a failed migration.
-const DST_CLEAN_T: Duration = Duration::from_secs(30);
-
 fn require_tls_rig() -> bool {
     if !require_two_hosts() {
         return false;

@@ -15,7 +15,6 @@ use common::migration::*;
 use common::net::*;
 use common::*;
 
-const DST_CLEAN_T: Duration = Duration::from_secs(30);
 const CLIENTS: usize = 4;
 
 fn start_clients(b: &BridgedHosts, n: usize) -> Vec<TcpClient> {

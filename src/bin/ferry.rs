@@ -237,6 +237,7 @@ fn abs_path(s: &str) -> Result<PathBuf, String> {
 fn exit_code(kind: ErrorKind) -> u8 {
     match kind {
         ErrorKind::Internal => 1,
+        ErrorKind::Interrupted => 10,
         ErrorKind::NotFound => 3,
         ErrorKind::Invalid => 4,
         ErrorKind::Environment => 5,
@@ -294,6 +295,28 @@ fn install_stop_handlers() {
         SigSet::empty(),
     );
     for s in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(s, &act) };
+    }
+}
+
+extern "C" fn on_interrupt_signal(signal: libc::c_int) {
+    ferry::ops::interrupt::request(signal);
+}
+
+/// For `checkpoint` and `migrate`: SIGINT, SIGTERM and SIGHUP ask the operation to stop where
+/// that loses nothing ([`ferry::ops::interrupt`]) instead of killing ferry wherever it is.
+/// Killed while a post-copy migration serves its pages, ferry took the page relay with it:
+/// CRIU's lazy dump failed and resumed the source while the destination ran the container
+/// too (two copies), or the destination's copy waited forever for its pages.
+fn install_interrupt_handlers() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(
+        SigHandler::Handler(on_interrupt_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         let _ = unsafe { sigaction(s, &act) };
     }
@@ -370,6 +393,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
     use ferry::migrate::auth::Token;
     use ferry::migrate::policy::PolicyKind;
     use ferry::migrate::source::{migrate, MigrateRequest, Mode};
+    install_interrupt_handlers();
     let mode = Mode::parse(&a.mode).ok_or_else(|| {
         (
             format!(
@@ -568,6 +592,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
             })
         }
         Cmd::Checkpoint(a) => {
+            install_interrupt_handlers();
             let req = CheckpointRequest {
                 id: a.id,
                 runtime_root: a.common.runtime_root,

@@ -110,6 +110,10 @@ impl Swrk {
 
         let mut cmd = Command::new(criu);
         cmd.arg("swrk").arg(CHILD_SOCKET_FD.to_string());
+        // Its own process group: a terminal's Ctrl-C goes to ferry, which stops the dump
+        // where that loses nothing, not to CRIU, which would die with its parasite in the
+        // container's tasks.
+        cmd.process_group(0);
         match fds.stdio {
             Some([i, o, e]) => {
                 cmd.stdin(Stdio::from(i))

@@ -135,5 +135,6 @@ pub fn kind_name(k: ErrorKind) -> &'static str {
         ErrorKind::Remote => "remote",
         ErrorKind::Network => "network",
         ErrorKind::Internal => "internal",
+        ErrorKind::Interrupted => "interrupted",
     }
 }

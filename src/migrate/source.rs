@@ -372,6 +372,9 @@ fn sync_rootfs(
         entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let mut sent = 0;
     for p in &need {
+        if !final_sync {
+            crate::ops::interrupt::check()?;
+        }
         let e = idx.get(p.as_str()).ok_or_else(|| {
             MigrateError::Remote(format!("asked for {p:?}, which is not in the manifest"))
         })?;
@@ -643,6 +646,12 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         );
     }
     let out = result?;
+    if let Some(s) = crate::ops::interrupt::requested() {
+        tracing::warn!(
+            "{} arrived after the commit had begun: not stopped, the migration finished",
+            crate::ops::interrupt::signal_name(s)
+        );
+    }
     if let Err(e) = Runc::new(&req.runtime_root).delete(&req.id) {
         tracing::warn!(
             "migrated container {} could not be deleted from the source's runc: {e}",
@@ -748,6 +757,7 @@ fn pre_dump_rounds(
     let mut previous_start: Option<Instant> = None;
     let mut before = crate::images::DumpStats::default();
     for k in 1u32.. {
+        crate::ops::interrupt::check()?;
         let name = format!("pre-{k}");
         let dir = images.join(&name);
         std::fs::create_dir_all(&dir).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
@@ -946,6 +956,7 @@ fn run(
     let mut hashes = HashCache::default();
     let mut files_sent = sync_rootfs(ctl, &job.cfg.rootfs, false, &mut hashes)?;
     tracing::info!(files = files_sent, "rootfs synced while running");
+    crate::ops::interrupt::check()?;
 
     let (data, _) = open(req, Role::Data, Some(session_id))?;
     match ctl.recv()? {
@@ -1077,6 +1088,12 @@ fn run(
                         match &res {
                             Ok(_) => verdict.commit(),
                             Err(_) => verdict.fail(),
+                        }
+                        if res.is_ok() {
+                            tracing::info!(
+                                "committed: the container runs on the destination; serving \
+                                 its pages"
+                            );
                         }
                         res.map(|pid| (pid, Instant::now()))
                     }));

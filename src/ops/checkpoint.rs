@@ -169,7 +169,19 @@ impl DumpJob {
         let to_freeze = self.freezer.as_deref().filter(|_| !self.was_frozen);
         let mut frozen_at = None;
         let mut freeze_failed = None;
+        let mut interrupted = None;
         let mut freezing_notify = |n: Notification| -> Reply {
+            // The last points where stopping loses nothing: before the freeze, and before
+            // post-dump is answered (CRIU then resumes the tasks). A migration's commit
+            // begins in the answer to post-dump; an interrupt after it is not looked at.
+            if matches!(n.script, Script::PreDump | Script::PostDump) {
+                if let Some(s) = super::interrupt::requested() {
+                    let name = super::interrupt::signal_name(s);
+                    tracing::info!("{name}: failing the dump at {:?}", n.script);
+                    interrupted = Some(name.clone());
+                    return Reply::Failure(format!("interrupted by {name}"));
+                }
+            }
             if let (true, Some(f), None) = (n.script == Script::PreDump, to_freeze, frozen_at) {
                 let at = Instant::now();
                 frozen_at = Some(at);
@@ -185,6 +197,12 @@ impl DumpJob {
         let dumped = run_dump(session, request, &mut freezing_notify, timeout);
         if let Some(e) = freeze_failed {
             return Err(e.into());
+        }
+        if let Some(name) = interrupted {
+            if let Err(e) = dumped {
+                tracing::debug!("the interrupted dump ended with: {e}");
+            }
+            return Err(OpError::Interrupted(name));
         }
         dumped?;
         Ok(frozen_at)

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod checkpoint;
+pub mod interrupt;
 pub mod kept;
 pub mod restore;
 
@@ -31,6 +32,9 @@ pub enum OpError {
     Conflict(String),
     #[error("{0}")]
     Environment(String),
+    /// Stopped by a signal ([`interrupt`]) at a point where nothing was lost.
+    #[error("interrupted by {0}: stopped before anything was lost; the container is as it was")]
+    Interrupted(String),
 }
 
 /// What kind of failure, for exit codes (CLI) and status codes (shim): mapped in one place.
@@ -51,6 +55,8 @@ pub enum ErrorKind {
     /// The network failed (connection refused, dropped, timed out).
     Network,
     Internal,
+    /// Stopped by a signal before anything was lost.
+    Interrupted,
 }
 
 impl OpError {
@@ -74,6 +80,7 @@ impl OpError {
             OpError::Invalid(_) => ErrorKind::Invalid,
             OpError::Conflict(_) => ErrorKind::Conflict,
             OpError::Environment(_) => ErrorKind::Environment,
+            OpError::Interrupted(_) => ErrorKind::Interrupted,
         }
     }
 }

@@ -59,6 +59,7 @@ impl ShimError {
                 ErrorKind::Conflict => Code::FAILED_PRECONDITION,
                 ErrorKind::Criu | ErrorKind::Remote | ErrorKind::Network => Code::UNKNOWN,
                 ErrorKind::Internal => Code::INTERNAL,
+                ErrorKind::Interrupted => Code::CANCELLED,
             },
             ShimError::Internal(_) => Code::INTERNAL,
         }

@@ -61,18 +61,30 @@ pub fn start_counter(th: &TwoHosts, suffix: &str) -> Workload {
 
 /// [`start_counter`] with more host paths bind-mounted (source, destination).
 pub fn start_counter_with(th: &TwoHosts, suffix: &str, binds: &[(&Path, &str)]) -> Workload {
+    start_counter_shaped(th, suffix, |mut b| {
+        for (from, to) in binds {
+            b = b.bind(from, to);
+        }
+        b.sysctl(COUNTER_SYSCTL.0, COUNTER_SYSCTL.1)
+            .resources(test_limits().0)
+    })
+}
+
+/// The counter of [`start_counter`] (its /data bind mount and arguments) with `more` made of
+/// its bundle instead of the sysctl and limits; returns once it counted 20.
+pub fn start_counter_shaped(
+    th: &TwoHosts,
+    suffix: &str,
+    more: impl FnOnce(Bundle) -> Bundle,
+) -> Workload {
     let src = th.src_runc();
     let id = src.id(suffix);
     let data = src.mkdir(&format!("data{suffix}"));
-    let mut bundle = src.bundle(&format!("counter{suffix}")).bind(&data, "/data");
-    for (from, to) in binds {
-        bundle = bundle.bind(from, to);
-    }
-    let bundle = bundle
-        .args(&counter_file_args("/data/counter"))
-        .sysctl(COUNTER_SYSCTL.0, COUNTER_SYSCTL.1)
-        .resources(test_limits().0)
-        .build();
+    let bundle = src
+        .bundle(&format!("counter{suffix}"))
+        .bind(&data, "/data")
+        .args(&counter_file_args("/data/counter"));
+    let bundle = more(bundle).build();
     src.run_detached(&id, &bundle, Out::Null);
     let out = data.join("counter");
     wait_counter_lines(&out, 20, slow(T));
@@ -297,6 +309,27 @@ pub fn assert_counter_not_migrated(
     assert_failed_with(out, codes);
     assert_source_counter_healthy(th, w);
     th.assert_dst_clean(&w.id, clean_t);
+}
+
+/// How long the destination may take to clean up after a failed migration.
+pub const DST_CLEAN_T: Duration = Duration::from_secs(30);
+
+/// `out`, a `-v` migration of the counter `w`, was refused before the source froze: the
+/// source counter runs on, the destination is clean and `serve` is up.
+#[track_caller]
+pub fn assert_counter_refused_before_the_freeze(
+    th: &TwoHosts,
+    w: &Workload,
+    serve: &Serve,
+    out: &FerryOut,
+) {
+    assert!(
+        !out.stderr.contains("freezing and dumping"),
+        "the source froze before the refusal: {out:?}"
+    );
+    assert_source_counter_healthy(th, w);
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert!(serve.is_alive(), "ferry serve exited");
 }
 
 /// `out`, a migration of the memwriter `w`, failed with one of `codes`: the source

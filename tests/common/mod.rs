@@ -19,8 +19,9 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1277,6 +1278,28 @@ impl FerryCmd {
     }
 
     pub fn run(self) -> FerryOut {
+        self.run_watched(false, |_, _| {})
+    }
+
+    /// Run it as a terminal job (its own process group) and send `signal` to that group
+    /// once its stderr so far satisfies `when` (as a Ctrl-C, or SIGTERM from a supervisor, at
+    /// that moment). Panics if it ends without `when` having held.
+    pub fn run_signalled(self, signal: libc::c_int, when: impl Fn(&str) -> bool) -> FerryOut {
+        let mut sent = false;
+        let out = self.run_watched(true, |pid, err| {
+            if !sent && when(err) {
+                // SAFETY: kill(2) with a process group id we started; no memory involved.
+                let rc = unsafe { libc::kill(-(pid as libc::pid_t), signal) };
+                assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+                sent = true;
+            }
+        });
+        assert!(sent, "ferry ended before the signal was due: {out:?}");
+        out
+    }
+
+    /// Runs it; `tick(pid, stderr so far)` every 10 ms while it runs.
+    fn run_watched(self, own_group: bool, mut tick: impl FnMut(u32, &str)) -> FerryOut {
         let mut out_f = tempfile::tempfile().expect("temp file");
         let mut err_f = tempfile::tempfile().expect("temp file");
         let mut c = match self.prefix.split_first() {
@@ -1296,6 +1319,9 @@ impl FerryCmd {
         if let Some(d) = &self.cwd {
             c.current_dir(d);
         }
+        if own_group {
+            c.process_group(0);
+        }
         match &self.stdout {
             Some(o) => c.stdout(o.stdio()),
             None => c.stdout(out_f.try_clone().unwrap()),
@@ -1306,10 +1332,15 @@ impl FerryCmd {
         drop(c); // closes our copies of the redirected descriptors
         drop(self.stdout);
         let start = Instant::now();
+        let err_path = format!("/proc/self/fd/{}", err_f.as_raw_fd());
         let status = loop {
             if let Some(st) = child.try_wait().expect("wait ferry") {
                 break st;
             }
+            tick(
+                child.id(),
+                &fs::read_to_string(&err_path).unwrap_or_default(),
+            );
             if start.elapsed() > slow(FERRY_TIMEOUT) {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -1808,7 +1839,6 @@ fn ip(args: &[&str]) -> Output {
 /// Run `f` on a thread that has joined the network namespace `/run/netns/<ns>` (only that
 /// thread switches; sockets it creates stay in that namespace wherever they are used).
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    use std::os::fd::AsRawFd;
     let path = format!("/run/netns/{ns}");
     thread::scope(|s| {
         s.spawn(|| {
@@ -2648,7 +2678,6 @@ pub fn start_file_counter_with(
 /// everything the terminal shows into `out`.
 pub fn console_receiver(sock: &Path, out: PathBuf) -> std::thread::JoinHandle<()> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let listener = std::os::unix::net::UnixListener::bind(sock).expect("console socket");
     std::thread::spawn(move || {
         let (conn, _) = listener.accept().expect("console connection");
