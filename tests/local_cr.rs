@@ -835,6 +835,43 @@ fn interrupted_checkpoint_leaves_the_container_running() {
     src.finish();
 }
 
+/// SIGINT to `ferry restore` (a terminal's Ctrl-C): the restore is failed at CRIU's
+/// post-restore, before the restored tasks ran, ferry exits 10, no container, mount or
+/// cgroup is left (the suite's leak check), the images are as they were, and a second
+/// restore from them brings the counter back.
+#[test]
+fn interrupted_restore_leaves_nothing_and_the_images_restore() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("intrrest");
+    let id = rc.id("");
+    let (out, _bundle) = start_file_counter(&rc, &id);
+    wait_counter_lines(&out, 10, T);
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    let n = read_counter_lines(&out).len();
+    let snap = snapshot_tree(&images);
+    let res = cr_cmd("restore", &id, &images, &["-vv"], s(&rc.root))
+        .run_signalled(libc::SIGINT, |err| err.contains("restoring"));
+    let error = res.assert_verbose_error(10);
+    assert!(error.contains("interrupted by SIGINT"), "{res:?}");
+    assert!(
+        res.stderr.contains("failing the restore at post-restore"),
+        "not stopped at post-restore: {res:?}"
+    );
+    assert!(rc.try_state(&id).is_none(), "{id} left in runc: {res:?}");
+    assert_tree_kept(&images, &snap);
+    assert_eq!(read_counter_lines(&out).len(), n, "the restored tasks ran");
+    leak_check(&rc.ids());
+    ferry_restore(&rc, &id, &images, &[]);
+    wait_counter_lines(&out, n + 10, T);
+    assert_file_counts_from_one(&out, n + 10);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
 #[test]
 fn bad_input_criu_missing() {
     if !require_root_and_criu() {

@@ -304,11 +304,12 @@ extern "C" fn on_interrupt_signal(signal: libc::c_int) {
     ferry::ops::interrupt::request(signal);
 }
 
-/// For `checkpoint` and `migrate`: SIGINT, SIGTERM and SIGHUP ask the operation to stop where
-/// that loses nothing ([`ferry::ops::interrupt`]) instead of killing ferry wherever it is.
-/// Killed while a post-copy migration serves its pages, ferry took the page relay with it:
-/// CRIU's lazy dump failed and resumed the source while the destination ran the container
-/// too (two copies), or the destination's copy waited forever for its pages.
+/// For `checkpoint`, `restore` and `migrate`: SIGINT, SIGTERM and SIGHUP ask the operation to
+/// stop where that loses nothing ([`ferry::ops::interrupt`]) instead of killing ferry
+/// wherever it is. Killed while a post-copy migration serves its pages, ferry took the page
+/// relay with it: CRIU's lazy dump failed and resumed the source while the destination ran
+/// the container too (two copies), or the destination's copy waited forever for its pages;
+/// killed in a restore, it left the restore's mounts and runc state behind.
 fn install_interrupt_handlers() {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let act = SigAction::new(
@@ -623,6 +624,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Restore(a) => {
+            install_interrupt_handlers();
             let req = RestoreRequest {
                 id: a.id,
                 runtime_root: a.common.runtime_root,

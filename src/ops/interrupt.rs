@@ -1,8 +1,10 @@
-//! A request to stop a checkpoint or a migration (the binary's SIGINT, SIGTERM and SIGHUP
-//! handlers make it). It is honoured only where stopping loses nothing: before the
-//! container is frozen, and at CRIU's `post-dump` notification, where failing the dump makes
-//! CRIU resume the tasks. Once a migration's commit has begun the request is ignored and the
-//! migration finishes: stopping then could leave the container nowhere or in two places.
+//! A request to stop a checkpoint, a restore or a migration (the binary's SIGINT, SIGTERM
+//! and SIGHUP handlers make it). It is honoured only where stopping loses nothing: before
+//! the container is frozen, at CRIU's `post-dump` notification, where failing the dump makes
+//! CRIU resume the tasks, and at `post-restore`, where failing the restore makes CRIU kill
+//! the restored tasks before they ran. Once a migration's commit has begun the request is
+//! ignored and the migration finishes: stopping then could leave the container nowhere or in
+//! two places.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 

@@ -333,6 +333,7 @@ fn restore_inner(
 ) -> Result<RestoreReport, OpError> {
     let started = Instant::now();
     require_root()?;
+    super::interrupt::check()?;
     let v = validate(req)?;
     prepare_mountpoints(&v.cfg)?;
 
@@ -407,8 +408,19 @@ fn restore_inner(
 
     let old_bundle = v.meta.bundle.clone();
     let mut adopted = false;
+    let mut interrupted = None;
     let mut notify = |n: Notification| -> Reply {
         match n.script {
+            // The last point where stopping loses nothing: CRIU kills the restored tasks,
+            // which have not run yet, and everything made for them is undone.
+            Script::PostRestore if super::interrupt::requested().is_some() => {
+                let name = super::interrupt::requested()
+                    .map(super::interrupt::signal_name)
+                    .unwrap_or_default();
+                tracing::info!("{name}: failing the restore at post-restore");
+                interrupted = Some(name.clone());
+                Reply::Failure(format!("interrupted by {name}"))
+            }
             Script::PostRestore => {
                 let Some(pid) = n.pid else {
                     return Reply::Failure("post-restore without a pid".into());
@@ -471,6 +483,19 @@ fn restore_inner(
     tracing::info!(id = %req.id, images = %req.images.display(), "restoring");
     let result = criu.restore(request, fds, before, &mut notify);
     criu_root.release()?;
+    if let Some(name) = interrupted {
+        match result {
+            // CRIU went on regardless: do not leave an orphan.
+            Ok((_, pid)) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Err(e) => tracing::debug!("the interrupted restore ended with: {e}"),
+        }
+        return Err(OpError::Interrupted(name));
+    }
     let (version, pid) = match result {
         Ok((v, pid)) if adopted => (v, pid),
         Ok((_, pid)) => {
