@@ -82,6 +82,7 @@ impl SourceRelay {
                 changed: Condvar::new(),
                 local: Mutex::new(None),
                 data_end: data.try_clone().ok(),
+                poisoned: AtomicBool::new(false),
             }),
         };
         let v2 = verdict.clone();
@@ -101,7 +102,7 @@ impl SourceRelay {
             let _ = conn.set_nodelay(true);
             *v2.inner.local.lock().unwrap_or_else(|e| e.into_inner()) = conn.try_clone().ok();
             if v2.decided() == Some(false) {
-                poison_stream(&conn);
+                v2.poison(&conn);
                 return Err(std::io::Error::other("poisoned"));
             }
             let (data2, conn2) = (data.try_clone()?, conn.try_clone()?);
@@ -114,7 +115,7 @@ impl SourceRelay {
             if v2.wait(wait) == Some(true) {
                 let _ = conn.shutdown(Shutdown::Write);
             } else {
-                poison_stream(&conn);
+                v2.poison(&conn);
             }
             let back = back.join().unwrap_or(0);
             Ok((fwd, back))
@@ -137,6 +138,8 @@ struct VerdictInner {
     changed: Condvar,
     local: Mutex<Option<TcpStream>>,
     data_end: Option<Link>,
+    /// CRIU's stream was poisoned ([`fail`](Verdict::fail) and the relay thread both may).
+    poisoned: AtomicBool,
 }
 
 /// The commit's outcome for a [`SourceRelay`]: decided once, by the first call.
@@ -165,10 +168,18 @@ impl Verdict {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            poison_stream(s);
+            self.poison(s);
         }
         if let Some(d) = self.inner.data_end.as_ref() {
             let _ = d.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Poisons CRIU's stream `s`, once: a second truncated command would be noise after the
+    /// first (and could reach CRIU before the shutdown of the first).
+    fn poison(&self, s: &TcpStream) {
+        if !self.inner.poisoned.swap(true, Ordering::SeqCst) {
+            poison_stream(s);
         }
     }
 
