@@ -326,6 +326,9 @@ fn list_minus(want: &[(u64, u64)], have: &[(u64, u64)]) -> Vec<(u64, u64)> {
 }
 
 fn list_text(ranges: &[(u64, u64)]) -> String {
+    if ranges.is_empty() {
+        return "none".into();
+    }
     let parts: Vec<String> = ranges
         .iter()
         .map(|&(a, b)| {
@@ -1011,6 +1014,7 @@ mod tests {
         assert_eq!(list_text(&list_minus(&l("0-7"), &l("1-2,5"))), "0,3-4,6-7");
         assert_eq!(list_text(&list_minus(&l("1,6-9"), &l("0-1,8"))), "6-7,9");
         assert_eq!(list_text(&list_minus(&l("1"), &l(""))), "1");
+        assert_eq!(list_text(&l("")), "none");
     }
 
     #[test]
