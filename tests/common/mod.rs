@@ -1286,8 +1286,8 @@ impl FerryCmd {
     /// that moment). Panics if it ends without `when` having held.
     pub fn run_signalled(self, signal: libc::c_int, when: impl Fn(&str) -> bool) -> FerryOut {
         let mut sent = false;
-        let out = self.run_watched(true, |pid, err| {
-            if !sent && when(err) {
+        let out = self.run_watched(true, |pid, stderr| {
+            if !sent && when(&stderr()) {
                 // SAFETY: kill(2) with a process group id we started; no memory involved.
                 let rc = unsafe { libc::kill(-(pid as libc::pid_t), signal) };
                 assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
@@ -1298,8 +1298,12 @@ impl FerryCmd {
         out
     }
 
-    /// Runs it; `tick(pid, stderr so far)` every 10 ms while it runs.
-    fn run_watched(self, own_group: bool, mut tick: impl FnMut(u32, &str)) -> FerryOut {
+    /// Runs it; `tick(pid, read stderr so far)` every 10 ms while it runs.
+    fn run_watched(
+        self,
+        own_group: bool,
+        mut tick: impl FnMut(u32, &dyn Fn() -> String),
+    ) -> FerryOut {
         let mut out_f = tempfile::tempfile().expect("temp file");
         let mut err_f = tempfile::tempfile().expect("temp file");
         let mut c = match self.prefix.split_first() {
@@ -1337,10 +1341,9 @@ impl FerryCmd {
             if let Some(st) = child.try_wait().expect("wait ferry") {
                 break st;
             }
-            tick(
-                child.id(),
-                &fs::read_to_string(&err_path).unwrap_or_default(),
-            );
+            tick(child.id(), &|| {
+                fs::read_to_string(&err_path).unwrap_or_default()
+            });
             if start.elapsed() > slow(FERRY_TIMEOUT) {
                 let _ = child.kill();
                 let _ = child.wait();
