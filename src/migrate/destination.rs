@@ -806,8 +806,6 @@ impl<'a> Receiver<'a> {
         Ok(())
     }
 
-    /// The container's network namespace here, before the source freezes anything: created,
-    /// locked, configured, probed for a clash; config.json then names it.
     /// The received config.json (root already at `rootfs`) as the restore will read it:
     /// refused if its container has a terminal or a bind mount whose source this host lacks.
     fn check_restorable(&self, config: &serde_json::Value) -> Result<(), MigrateError> {
@@ -835,6 +833,8 @@ impl<'a> Receiver<'a> {
         Ok(())
     }
 
+    /// The container's network namespace here, before the source freezes anything: created,
+    /// locked, configured, probed for a clash; config.json then names it.
     fn prepare_net(
         &mut self,
         config: &mut serde_json::Value,
