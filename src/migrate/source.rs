@@ -520,20 +520,22 @@ fn choose_mode(
     }
 }
 
-/// The CPUs and memory nodes `c` is pinned to (the cpuset files its limits set, as its
-/// restore will write them), for the destination to check at Prepare. None when nothing is
-/// pinned or they cannot be read (the restore decides then).
-fn cpuset_of(c: &crate::oci::state::RuncContainer) -> Option<super::wire::Cpuset> {
-    let settings =
-        crate::runtime::cgroups::read_settings(&c.cgroup_paths, &c.raw["config"]["cgroups"])
-            .ok()?;
+/// The CPUs and memory nodes the job's container is pinned to (the cpuset files of the
+/// limits its checkpoint metadata carries, as its restore will write them), for the
+/// destination to check at Prepare. None when nothing is pinned.
+fn cpuset_of(job: &DumpJob) -> Option<super::wire::Cpuset> {
+    let settings = &job.meta.cgroup_settings;
     let cpus = settings.get("cpuset.cpus").cloned();
     let mems = settings.get("cpuset.mems").cloned();
     if cpus.is_none() && mems.is_none() {
         return None;
     }
-    let dir = crate::runtime::cgroups::dir_of(&c.cgroup_paths, "cpuset.cpus")?.clone();
-    Some(super::wire::Cpuset { dir, cpus, mems })
+    let dir = crate::runtime::cgroups::dir_of(&job.container.cgroup_paths, "cpuset.cpus")?;
+    Some(super::wire::Cpuset {
+        dir: dir.clone(),
+        cpus,
+        mems,
+    })
 }
 
 /// Why a container with a terminal is not migrated: its pty master is held by whoever started
@@ -603,7 +605,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         tcp_close: !req.tcp_established,
         net: net.clone().map(Box::new),
         cgroups: Some(crate::runtime::cgroups::layout_of(&job.container.cgroup_paths).into()),
-        cpuset: cpuset_of(&job.container),
+        cpuset: cpuset_of(&job),
     }))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {
