@@ -175,9 +175,9 @@ impl DumpJob {
             // post-dump is answered (CRIU then resumes the tasks). A migration's commit
             // begins in the answer to post-dump; an interrupt after it is not looked at.
             if matches!(n.script, Script::PreDump | Script::PostDump) {
-                if let Some(s) = super::interrupt::requested() {
-                    let name = super::interrupt::signal_name(s);
-                    tracing::info!("{name}: failing the dump at {:?}", n.script);
+                if let Some(name) =
+                    super::interrupt::stop_at(format_args!("dump at {:?}", n.script))
+                {
                     interrupted = Some(name.clone());
                     return Reply::Failure(format!("interrupted by {name}"));
                 }

@@ -34,6 +34,15 @@ pub fn check() -> Result<(), OpError> {
     }
 }
 
+/// At a point where failing the operation loses nothing (a CRIU notification named by
+/// `point`, e.g. "dump at PostDump", formatted only then): the name of the signal that asked
+/// to stop, logged, or None to go on.
+pub fn stop_at(point: std::fmt::Arguments<'_>) -> Option<String> {
+    let name = signal_name(requested()?);
+    tracing::info!("{name}: failing the {point}");
+    Some(name)
+}
+
 /// "SIGINT" for 2; the number for a signal without a name.
 pub fn signal_name(signal: i32) -> String {
     nix::sys::signal::Signal::try_from(signal)

@@ -411,17 +411,15 @@ fn restore_inner(
     let mut interrupted = None;
     let mut notify = |n: Notification| -> Reply {
         match n.script {
-            // The last point where stopping loses nothing: CRIU kills the restored tasks,
-            // which have not run yet, and everything made for them is undone.
-            Script::PostRestore if super::interrupt::requested().is_some() => {
-                let name = super::interrupt::requested()
-                    .map(super::interrupt::signal_name)
-                    .unwrap_or_default();
-                tracing::info!("{name}: failing the restore at post-restore");
-                interrupted = Some(name.clone());
-                Reply::Failure(format!("interrupted by {name}"))
-            }
             Script::PostRestore => {
+                // The last point where stopping loses nothing: CRIU kills the restored tasks,
+                // which have not run yet, and everything made for them is undone.
+                if let Some(name) =
+                    super::interrupt::stop_at(format_args!("restore at post-restore"))
+                {
+                    interrupted = Some(name.clone());
+                    return Reply::Failure(format!("interrupted by {name}"));
+                }
                 let Some(pid) = n.pid else {
                     return Reply::Failure("post-restore without a pid".into());
                 };
