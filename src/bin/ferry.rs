@@ -288,16 +288,12 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 }
 
 fn install_stop_handlers() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(
-        SigHandler::Handler(on_stop_signal),
+    use nix::sys::signal::{SaFlags, Signal};
+    install_handlers(
+        on_stop_signal,
         SaFlags::empty(),
-        SigSet::empty(),
+        &[Signal::SIGINT, Signal::SIGTERM],
     );
-    for s in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let _ = unsafe { sigaction(s, &act) };
-    }
 }
 
 extern "C" fn on_interrupt_signal(signal: libc::c_int) {
@@ -311,14 +307,25 @@ extern "C" fn on_interrupt_signal(signal: libc::c_int) {
 /// the container too (two copies), or the destination's copy waited forever for its pages;
 /// killed in a restore, it left the restore's mounts and runc state behind.
 fn install_interrupt_handlers() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(
-        SigHandler::Handler(on_interrupt_signal),
+    use nix::sys::signal::{SaFlags, Signal};
+    install_handlers(
+        on_interrupt_signal,
         SaFlags::SA_RESTART,
-        SigSet::empty(),
+        &[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP],
     );
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+}
+
+/// Installs `handler`, which must only store to atomics, for `signals`.
+fn install_handlers(
+    handler: extern "C" fn(libc::c_int),
+    flags: nix::sys::signal::SaFlags,
+    signals: &[nix::sys::signal::Signal],
+) {
+    use nix::sys::signal::{sigaction, SigAction, SigHandler, SigSet};
+    let act = SigAction::new(SigHandler::Handler(handler), flags, SigSet::empty());
+    for &s in signals {
+        // SAFETY: both handlers passed here only store to an atomic, which is
+        // async-signal-safe.
         let _ = unsafe { sigaction(s, &act) };
     }
 }

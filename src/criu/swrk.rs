@@ -110,9 +110,10 @@ impl Swrk {
 
         let mut cmd = Command::new(criu);
         cmd.arg("swrk").arg(CHILD_SOCKET_FD.to_string());
-        // Its own process group: a terminal's Ctrl-C goes to ferry, which stops the dump
-        // where that loses nothing, not to CRIU, which would die with its parasite in the
-        // container's tasks.
+        // Its own process group: a terminal's Ctrl-C goes to ferry alone, which ends the
+        // operation where that loses nothing (ops::interrupt); a CRIU killed by it too would
+        // end it wherever it was (a post-copy source's CRIU serves the pages after the
+        // commit).
         cmd.process_group(0);
         match fds.stdio {
             Some([i, o, e]) => {
