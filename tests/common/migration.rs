@@ -79,19 +79,12 @@ pub fn start_counter_shaped(
 ) -> Workload {
     let src = th.src_runc();
     let id = src.id(suffix);
-    let data = src.mkdir(&format!("data{suffix}"));
-    let bundle = src
-        .bundle(&format!("counter{suffix}"))
-        .bind(&data, "/data")
-        .args(&counter_file_args("/data/counter"));
-    let bundle = more(bundle).build();
-    src.run_detached(&id, &bundle, Out::Null);
-    let out = data.join("counter");
+    let (out, bundle) = start_file_counter_named(src, &id, suffix, more);
     wait_counter_lines(&out, 20, slow(T));
     Workload {
         id,
+        data: out.parent().expect("data dir").to_path_buf(),
         out,
-        data,
         bundle,
     }
 }

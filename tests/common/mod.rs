@@ -2667,9 +2667,20 @@ pub fn start_file_counter_with(
     id: &str,
     more: impl FnOnce(Bundle) -> Bundle,
 ) -> (PathBuf, PathBuf) {
-    let data = rc.mkdir("data");
+    start_file_counter_named(rc, id, "", more)
+}
+
+/// [`start_file_counter_with`], its data dir and bundle named `data<suffix>` and
+/// `counter<suffix>` (several in one runc root).
+pub fn start_file_counter_named(
+    rc: &Runc,
+    id: &str,
+    suffix: &str,
+    more: impl FnOnce(Bundle) -> Bundle,
+) -> (PathBuf, PathBuf) {
+    let data = rc.mkdir(&format!("data{suffix}"));
     let bundle = rc
-        .bundle("counter")
+        .bundle(&format!("counter{suffix}"))
         .bind(&data, "/data")
         .args(&counter_file_args("/data/counter"));
     let bundle = more(bundle).build();
