@@ -701,14 +701,7 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
     assert_eq!(cgroup_value(&state, "cpuset", "cpuset.cpus"), "1");
     let limited = cpuset.parent().unwrap().join(dst_cgroup_prefix());
     fs::create_dir(&limited).unwrap();
-    // Removed however the test ends (a failed restore under it cleans up its own dir).
-    struct Rmdir<'a>(&'a Path);
-    impl Drop for Rmdir<'_> {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir(self.0);
-        }
-    }
-    let _rmdir = Rmdir(&limited);
+    let _rmdir = RmdirOnDrop(&limited);
     fs::write(limited.join("cpuset.cpus"), "0").unwrap();
     fs::write(limited.join("cpuset.mems"), "0").unwrap();
     let serve = th.serve(&[]);
@@ -721,6 +714,64 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
     );
     assert!(error.contains(&says), "{out:?}");
     assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+    drop(_rmdir);
+    assert!(!limited.exists(), "{} left behind", limited.display());
+    src.kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// An (empty) directory removed however the test ends: a destination's cgroup a test made
+/// (a failed restore under it cleans up its own dir).
+struct RmdirOnDrop<'a>(&'a Path);
+
+impl Drop for RmdirOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(self.0);
+    }
+}
+
+/// A memwriter holding 64 MiB is migrated post-copy to a destination whose memory cgroup for
+/// received containers (its `--cgroup-prefix` dir) is limited to 32 MiB, as a host keeping
+/// memory for itself limits it: refused when the destination prepares, before the source
+/// freezes (exit 8, naming the limit), the source running on intact, the destination clean,
+/// `ferry serve` up. Without the check the lazy restore succeeds, the source is told to go,
+/// and the OOM killer ends the container on the destination as its pages arrive.
+#[test]
+fn memory_the_destination_has_no_room_for_is_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mmemroom");
+    let src = th.src_runc();
+    let w = start_memwriter(&th, "", 64, 16);
+    let state = src.state_file(&w.id);
+    let memory = Path::new(
+        state["cgroup_paths"]["memory"]
+            .as_str()
+            .expect("memory path"),
+    );
+    let limited = memory.parent().unwrap().join(dst_cgroup_prefix());
+    fs::create_dir(&limited).unwrap();
+    let _rmdir = RmdirOnDrop(&limited);
+    fs::write(
+        limited.join("memory.limit_in_bytes"),
+        (32 * MIB).to_string(),
+    )
+    .unwrap();
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "post-copy", "-v"]);
+    let error = out.assert_verbose_error(8).to_string();
+    let says = format!(
+        "of memory and the memory cgroup {} has room for only",
+        limited.display()
+    );
+    assert!(
+        error.contains("the container holds ")
+            && error.contains(&says)
+            && error.contains("(memory.limit_in_bytes 32.0 MiB, "),
+        "{out:?}"
+    );
+    assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_memwriter_healthy);
     drop(_rmdir);
     assert!(!limited.exists(), "{} left behind", limited.display());
     src.kill_and_delete(&w.id);

@@ -756,6 +756,10 @@ impl<'a> Receiver<'a> {
             crate::runtime::cgroups::check_cpuset(&dir, c.cpus.as_deref(), c.mems.as_deref())
                 .map_err(MigrateError::Incompatible)?;
         }
+        if let Some(m) = &p.memory {
+            let dir = self.relocated(&m.dir);
+            crate::runtime::memroom::check(&dir, m.bytes).map_err(MigrateError::Incompatible)?;
+        }
         let features = self.shared.criu.features()?;
         (self.pre_copy, self.lazy_final) = match p.mode.as_str() {
             "stop-copy" => (false, false),

@@ -538,6 +538,17 @@ fn cpuset_of(job: &DumpJob) -> Option<super::wire::Cpuset> {
     })
 }
 
+/// The memory the job's container holds (see [`crate::runtime::memroom::held`]), for the
+/// destination to check at Prepare. None where its memory cgroup does not show it.
+fn memory_of(job: &DumpJob) -> Option<Box<super::wire::Memory>> {
+    let dir = crate::runtime::cgroups::dir_of(&job.container.cgroup_paths, "memory.stat")?;
+    let bytes = crate::runtime::memroom::held(std::path::Path::new(dir))?;
+    Some(Box::new(super::wire::Memory {
+        dir: dir.clone(),
+        bytes,
+    }))
+}
+
 /// Why a container with a terminal is not migrated: its pty master is held by whoever started
 /// it on the source (a console socket's receiver, containerd's shim), and `ferry serve` has
 /// nobody on the destination to hand the restored one to.
@@ -606,6 +617,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         net: net.clone().map(Box::new),
         cgroups: Some(crate::runtime::cgroups::layout_of(&job.container.cgroup_paths).into()),
         cpuset: cpuset_of(&job),
+        memory: memory_of(&job),
     }))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {

@@ -210,6 +210,20 @@ pub struct Prepare {
     /// is pinned: left to the restore.
     #[serde(default)]
     pub cpuset: Option<Cpuset>,
+    /// The memory the container holds, which its restore allocates again: the destination
+    /// checks that it has room for it. Absent from older sources: left to the restore.
+    #[serde(default)]
+    pub memory: Option<Box<Memory>>,
+}
+
+/// A container's memory on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    /// Its memory cgroup directory (v1 `memory`, v2 the one hierarchy), which the destination
+    /// maps as it maps the container's cgroups.
+    pub dir: String,
+    /// Bytes of anonymous and shared memory its tasks hold.
+    pub bytes: u64,
 }
 
 /// A container's cpuset on the source.

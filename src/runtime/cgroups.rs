@@ -40,9 +40,9 @@ pub struct CgroupSet {
 }
 
 /// Only paths below the cgroup filesystems are touched.
-const CGROUP_FS: &str = "/sys/fs/cgroup/";
+pub(super) const CGROUP_FS: &str = "/sys/fs/cgroup/";
 
-fn check_path(p: &Path) -> Result<(), RuntimeError> {
+pub(super) fn check_path(p: &Path) -> Result<(), RuntimeError> {
     let s = p.to_string_lossy();
     if !s.starts_with(CGROUP_FS) || s.split('/').any(|c| c == "..") {
         return Err(RuntimeError::Cgroup {
@@ -420,7 +420,7 @@ pub fn dir_of<'a>(paths: &'a BTreeMap<String, String>, file: &str) -> Option<&'a
 }
 
 /// Values meaning "no limit": a destination without the file loses nothing.
-fn is_unlimited(v: &str) -> bool {
+pub(super) fn is_unlimited(v: &str) -> bool {
     matches!(
         v,
         "max" | "-1" | "9223372036854771712" | "9223372036854775807"

@@ -5,10 +5,12 @@
 //!   leftover criu-root bind mount; ferry must never do that),
 //! - [`cgroups`]: creating the restored container's cgroups and placing criu in them, and
 //!   writing its limits and device rules back ([`devfilter`]: the v2 device rules' program),
+//! - [`memroom`]: whether a host has room for a container's memory,
 //! - [`runc`]: runc's state.json for a restored container, and calls to the runc binary.
 
 pub mod cgroups;
 pub mod devfilter;
+pub mod memroom;
 pub mod mounts;
 pub mod runc;
 

@@ -316,11 +316,24 @@ pub fn assert_counter_refused_before_the_freeze(
     serve: &Serve,
     out: &FerryOut,
 ) {
+    assert_refused_before_the_freeze(th, w, serve, out, assert_source_counter_healthy);
+}
+
+/// [`assert_counter_refused_before_the_freeze`] for any workload, `healthy` checking that it
+/// runs on at the source.
+#[track_caller]
+pub fn assert_refused_before_the_freeze(
+    th: &TwoHosts,
+    w: &Workload,
+    serve: &Serve,
+    out: &FerryOut,
+    healthy: fn(&TwoHosts, &Workload),
+) {
     assert!(
         !out.stderr.contains("freezing and dumping"),
         "the source froze before the refusal: {out:?}"
     );
-    assert_source_counter_healthy(th, w);
+    healthy(th, w);
     th.assert_dst_clean(&w.id, DST_CLEAN_T);
     assert!(serve.is_alive(), "ferry serve exited");
 }

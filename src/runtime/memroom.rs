@@ -1,0 +1,265 @@
+//! Whether a host has room for a container's memory: checked on a migration's destination
+//! when it prepares, before the source freezes.
+//!
+//! A restore allocates the container's anonymous and shared memory again. Where the
+//! destination has no room for it, a stop-copy restore is killed by the OOM killer after the
+//! freeze and the whole transfer (the source then resumes), and a post-copy one once the
+//! container already runs there and its pages arrive: after the commit, when the source is
+//! gone.
+
+use std::path::Path;
+
+use super::cgroups::{check_path, is_unlimited, CGROUP_FS};
+
+/// Longest memory.stat or /proc/meminfo read (each is 1–3 KiB).
+const MAX_STAT: u64 = 64 * 1024;
+
+fn read_text(path: &Path) -> Option<String> {
+    crate::capped::read_capped(path, MAX_STAT)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// The number on the line `key N` of a cgroup's memory.stat.
+fn stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// The bytes on the line `Key:   N kB` of /proc/meminfo.
+fn meminfo_bytes(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        let kib: u64 =
+            (k == key).then(|| v.trim().trim_end_matches("kB").trim().parse().ok())??;
+        Some(kib.saturating_mul(1024))
+    })
+}
+
+/// Bytes the tasks of the container whose memory cgroup is `dir` hold that a restore
+/// allocates again: anonymous and shared memory (memory.stat: v1 `total_rss` +
+/// `total_shmem`, v2 `anon` + `shmem`). None where the cgroup shows neither.
+pub fn held(dir: &Path) -> Option<u64> {
+    let text = read_text(&dir.join("memory.stat"))?;
+    let sum = |anon, shmem| {
+        Some(stat_value(&text, anon)?.saturating_add(stat_value(&text, shmem).unwrap_or(0)))
+    };
+    sum("total_rss", "total_shmem").or_else(|| sum("anon", "shmem"))
+}
+
+/// A memory cgroup's limit and the part of it in use that its kernel cannot reclaim without
+/// swapping (the charge minus file pages that are not shared memory).
+struct Limit {
+    file: &'static str,
+    limit: u64,
+    used: u64,
+}
+
+/// The limit of the memory cgroup `dir` (v1 `memory.limit_in_bytes`, v2 `memory.max`), None
+/// where it has none.
+fn limit_of(dir: &Path) -> Option<Limit> {
+    let layouts = [
+        (
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_cache",
+            "total_shmem",
+        ),
+        ("memory.max", "memory.current", "file", "shmem"),
+    ];
+    for (file, usage, cache, shmem) in layouts {
+        let Some(limit) = read_text(&dir.join(file)) else {
+            continue;
+        };
+        let limit = limit.trim();
+        if is_unlimited(limit) {
+            return None;
+        }
+        let limit: u64 = limit.parse().ok()?;
+        let usage: u64 = read_text(&dir.join(usage))?.trim().parse().ok()?;
+        let stat = read_text(&dir.join("memory.stat")).unwrap_or_default();
+        let file_pages = stat_value(&stat, cache)
+            .unwrap_or(0)
+            .saturating_sub(stat_value(&stat, shmem).unwrap_or(0));
+        return Some(Limit {
+            file,
+            limit,
+            used: usage.saturating_sub(file_pages),
+        });
+    }
+    None
+}
+
+/// "64.0 MiB", "1.5 GiB", "512 KiB".
+fn size(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if b >= KIB * KIB * KIB {
+        format!("{:.1} GiB", b / (KIB * KIB * KIB))
+    } else if b >= KIB * KIB {
+        format!("{:.1} MiB", b / (KIB * KIB))
+    } else {
+        format!("{} KiB", bytes / 1024)
+    }
+}
+
+/// Whether this host has room for `bytes` of a container's memory in a memory cgroup to be
+/// made at `dir`: room in the host (MemAvailable) and under every limit of the existing
+/// ancestors of `dir` (cgroup limits are hierarchical). Free swap counts as room, for the
+/// host and for each limit alike (a v1 memory+swap limit is not looked at), so only a host
+/// that clearly lacks the room is refused.
+pub fn check(dir: &Path, bytes: u64) -> Result<(), String> {
+    check_path(dir).map_err(|e| e.to_string())?;
+    let meminfo = read_text(Path::new("/proc/meminfo")).unwrap_or_default();
+    let swap = meminfo_bytes(&meminfo, "SwapFree").unwrap_or(0);
+    if let Some(available) = meminfo_bytes(&meminfo, "MemAvailable") {
+        let room = available.saturating_add(swap);
+        if bytes > room {
+            return Err(format!(
+                "the container holds {} of memory and this host has only {} available \
+                 (MemAvailable{} in /proc/meminfo)",
+                size(bytes),
+                size(room),
+                if swap > 0 { " + SwapFree" } else { "" }
+            ));
+        }
+    }
+    let ancestors = dir
+        .ancestors()
+        .skip(1)
+        .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
+        .filter(|a| a.is_dir());
+    fits_limits(ancestors, bytes, swap)
+}
+
+/// [`check`]'s test of the limits of the cgroup directories `dirs`.
+fn fits_limits<'a>(
+    dirs: impl Iterator<Item = &'a Path>,
+    bytes: u64,
+    swap: u64,
+) -> Result<(), String> {
+    for dir in dirs {
+        let Some(l) = limit_of(dir) else { continue };
+        let room = l.limit.saturating_sub(l.used).saturating_add(swap);
+        if bytes > room {
+            return Err(format!(
+                "the container holds {} of memory and the memory cgroup {} has room for only \
+                 {} ({} {}, {} of it in use)",
+                size(bytes),
+                dir.display(),
+                size(room),
+                l.file,
+                size(l.limit),
+                size(l.used)
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn held_is_anonymous_plus_shared_memory_in_either_layout() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "memory.stat",
+            "cache 4096\nrss 8192\nshmem 4096\ntotal_cache 1048576\ntotal_rss 67108864\n\
+             total_shmem 4096\n",
+        );
+        assert_eq!(held(d.path()), Some(64 * MIB + 4096));
+        write(
+            d.path(),
+            "memory.stat",
+            "anon 67108864\nfile 9000\nshmem 0\n",
+        );
+        assert_eq!(held(d.path()), Some(64 * MIB));
+        write(d.path(), "memory.stat", "pgfault 3\n");
+        assert_eq!(held(d.path()), None);
+        assert_eq!(held(&d.path().join("gone")), None);
+    }
+
+    #[test]
+    fn meminfo_is_read_in_bytes() {
+        let text = "MemTotal:       24000000 kB\nMemAvailable:   1000 kB\nSwapFree: 0 kB\n";
+        assert_eq!(meminfo_bytes(text, "MemAvailable"), Some(1_024_000));
+        assert_eq!(meminfo_bytes(text, "SwapFree"), Some(0));
+        assert_eq!(meminfo_bytes(text, "Mem"), None);
+    }
+
+    #[test]
+    fn limits_count_what_cannot_be_reclaimed() {
+        let top = tempfile::tempdir().unwrap();
+        let v1 = top.path().join("v1");
+        std::fs::create_dir(&v1).unwrap();
+        write(&v1, "memory.limit_in_bytes", &(64 * MIB).to_string());
+        write(&v1, "memory.usage_in_bytes", &(40 * MIB).to_string());
+        // 24 MiB of cache of which 4 MiB shared memory: 20 MiB reclaimable, 20 MiB used.
+        write(
+            &v1,
+            "memory.stat",
+            &format!("total_cache {}\ntotal_shmem {}\n", 24 * MIB, 4 * MIB),
+        );
+        let fits = |dir: &Path, bytes, swap| fits_limits(std::iter::once(dir), bytes, swap);
+        assert!(fits(&v1, 44 * MIB, 0).is_ok());
+        let e = fits(&v1, 45 * MIB, 0).unwrap_err();
+        assert!(
+            e.ends_with(&format!(
+                "the memory cgroup {} has room for only 44.0 MiB (memory.limit_in_bytes 64.0 \
+                 MiB, 20.0 MiB of it in use)",
+                v1.display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.starts_with("the container holds 45.0 MiB of memory"),
+            "{e}"
+        );
+        // Free swap is room.
+        assert!(fits(&v1, 45 * MIB, MIB).is_ok());
+
+        let v2 = top.path().join("v2");
+        std::fs::create_dir(&v2).unwrap();
+        write(&v2, "memory.max", &(32 * MIB).to_string());
+        write(&v2, "memory.current", &(8 * MIB).to_string());
+        write(&v2, "memory.stat", "anon 1\nfile 0\nshmem 0\n");
+        assert!(fits(&v2, 24 * MIB, 0).is_ok());
+        assert!(fits(&v2, 24 * MIB + 1, 0)
+            .unwrap_err()
+            .contains("(memory.max 32.0 MiB, 8.0 MiB of it in use)"));
+        // No limit: no refusal, whatever the size.
+        write(&v2, "memory.max", "max");
+        assert!(fits(&v2, u64::MAX, 0).is_ok());
+        write(&v1, "memory.limit_in_bytes", "9223372036854771712");
+        assert!(fits(&v1, u64::MAX, 0).is_ok());
+        // The tightest of several ancestors refuses.
+        let dirs = [v2.as_path(), v1.as_path()];
+        write(&v1, "memory.limit_in_bytes", &(21 * MIB).to_string());
+        let e = fits_limits(dirs.into_iter(), 2 * MIB, 0).unwrap_err();
+        assert!(e.contains(&v1.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn sizes_read_as_people_say_them() {
+        assert_eq!(size(512 * 1024), "512 KiB");
+        assert_eq!(size(64 * MIB), "64.0 MiB");
+        assert_eq!(size(3 * 512 * MIB), "1.5 GiB");
+    }
+
+    #[test]
+    fn only_cgroup_paths_are_checked() {
+        assert!(check(Path::new("/tmp/x"), 1).is_err());
+        assert!(check(Path::new("/sys/fs/cgroup/../x"), 1).is_err());
+    }
+}
