@@ -645,6 +645,49 @@ fn interrupt_after_the_commit_is_not_obeyed_post_copy() {
     th.finish();
 }
 
+/// The source's ferry dies (SIGKILL) after a post-copy migration's commit, while the
+/// restored memwriter still faults in its pages through it. Pages the destination never got
+/// must not turn into zeros there: `ferry serve` freezes the container before CRIU's
+/// lazy-pages daemon learns that the stream ended (the daemon's exit would unregister the
+/// memory, and the container would read zero-filled pages from then on), kills it and
+/// removes it. The memwriter never reports bad memory and never runs in two places; the
+/// destination ends clean and `ferry serve` stays up. (The source's CRIU then resumes its
+/// tasks or ends them, depending on where its page server was: the container runs on at the
+/// source or is lost, post-copy's documented risk.)
+#[test]
+fn source_killed_mid_post_copy_leaves_no_container_without_its_memory() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mpckill");
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let out = th
+        .migrate_cmd(&w.id, &serve.addr, &["--mode", "post-copy", "-vv"])
+        .run_signalled(libc::SIGKILL, |err| err.contains("serving its pages"));
+    assert_eq!(out.code, None, "ferry migrate was not killed: {out:?}");
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    let log = fs::read_to_string(&serve.stderr_path).unwrap_or_default();
+    assert!(
+        !log.contains("all lazy pages received"),
+        "the transfer finished before the kill: nothing was tested\n{log}"
+    );
+    assert!(
+        log.contains("its memory cannot arrive: frozen and removed"),
+        "{log}"
+    );
+    // Whatever still runs (the source, if its CRIU resumed it) writes good lines only,
+    // one writer at a time.
+    thread::sleep(Duration::from_secs(3));
+    assert_memwriter_ok(&w.out);
+    eprintln!(
+        "source container after the kill: {:?}",
+        th.src_runc().status(&w.id)
+    );
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.finish();
+}
+
 fn interrupted_in_freeze(name: &str, mode: &str, signal: libc::c_int) {
     if !require_two_hosts() {
         return;

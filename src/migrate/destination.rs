@@ -334,6 +334,48 @@ fn connection(
     }
 }
 
+/// Stops a post-copy container whose memory can no longer arrive. Armed with the
+/// container's freezer cgroup once it runs; tripped by the relay when the source's pages
+/// stop while the lazy-pages daemon still waits for some. Whichever comes second freezes
+/// the container, before the daemon exits: with the daemon goes the registration of the
+/// missing memory, which the container would read as zero-filled pages from then on.
+#[derive(Clone, Default)]
+struct Tripwire(Arc<Mutex<(Option<PathBuf>, bool)>>);
+
+impl Tripwire {
+    fn arm(&self, freezer: PathBuf) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 {
+            Self::freeze(&freezer);
+        }
+        g.0 = Some(freezer);
+    }
+
+    fn trip(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.1 = true;
+        if let Some(f) = &g.0 {
+            Self::freeze(f);
+        }
+    }
+
+    fn tripped(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    fn freeze(dir: &Path) {
+        tracing::warn!(
+            "the source's pages stopped before all arrived: freezing {}",
+            dir.display()
+        );
+        // Tasks waiting for a page in the kernel cannot freeze; the kill after the daemon
+        // exits gets them.
+        if let Err(e) = crate::runtime::cgroups::freeze(dir, Duration::from_secs(2)) {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
 /// CRIU's lazy-pages daemon on the destination, fed through a loopback relay. Started
 /// without waiting: the restore waits for its socket ([`LazyPages::wait_listening`]) just
 /// before its request goes out.
@@ -349,8 +391,10 @@ impl LazyPages {
         images: &Path,
         work: &Path,
         data: Link,
+        tripwire: Tripwire,
     ) -> Result<LazyPages, MigrateError> {
-        let relay = super::relay::destination_relay(data, Duration::from_secs(120))
+        let broken = Box::new(move || tripwire.trip());
+        let relay = super::relay::destination_relay(data, Duration::from_secs(120), broken)
             .map_err(|e| MigrateError::Rootfs(format!("relay: {e}")))?;
         let port = relay.port;
         let child = std::process::Command::new(criu)
@@ -407,13 +451,18 @@ impl LazyPages {
         self.relay.cancel();
     }
 
-    fn wait(mut self) {
-        match self.child.wait() {
-            Ok(st) if st.success() => tracing::info!("all lazy pages received"),
-            Ok(st) => tracing::warn!("criu lazy-pages ended with {st}"),
-            Err(e) => tracing::warn!("criu lazy-pages: {e}"),
-        }
+    /// Waits until the daemon has every page; Err says why not.
+    fn wait(mut self) -> Result<(), String> {
+        let done = match self.child.wait() {
+            Ok(st) if st.success() => {
+                tracing::info!("all lazy pages received");
+                Ok(())
+            }
+            Ok(st) => Err(format!("criu lazy-pages ended with {st}")),
+            Err(e) => Err(format!("criu lazy-pages: {e}")),
+        };
         let _ = self.relay.join();
+        done
     }
 }
 
@@ -1153,6 +1202,12 @@ impl<'a> Receiver<'a> {
         std::fs::create_dir_all(&restore_work).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
         let mut req = req;
         let mut lazy = None;
+        let tripwire = Tripwire::default();
+        let freezer = req
+            .cgroup_paths
+            .as_ref()
+            .and_then(|p| crate::runtime::cgroups::dir_of(p, "freezer.state"))
+            .map(PathBuf::from);
         if self.lazy_final {
             let data = self
                 .data
@@ -1163,6 +1218,7 @@ impl<'a> Receiver<'a> {
                 &self.images(),
                 &restore_work,
                 data,
+                tripwire.clone(),
             )?);
             req.settings.lazy_pages = true;
         }
@@ -1193,7 +1249,12 @@ impl<'a> Receiver<'a> {
         };
         let restored = restore_gated(&self.shared.criu, &req, &mut gate, &mut unlock, &mut ready);
         let report = match restored {
-            Ok(r) => r,
+            Ok(r) => {
+                if let (Some(f), true) = (&freezer, lazy.is_some()) {
+                    tripwire.arm(f.clone());
+                }
+                r
+            }
             Err(e) => {
                 if let Some(l) = lazy {
                     l.stop();
@@ -1229,9 +1290,43 @@ impl<'a> Receiver<'a> {
         if let Some(l) = lazy {
             // The container runs; its remaining memory arrives as it touches it. Stay until
             // every page is here (the daemon exits then), so the scratch space can go.
-            l.wait();
+            if let Err(why) = l.wait() {
+                return Err(self.discard_lost(&id, freezer.as_deref(), &tripwire, &why));
+            }
         }
         Ok(())
+    }
+
+    /// A post-copy container whose memory cannot arrive any more (the lazy-pages daemon
+    /// ended without every page: `why`) is killed (frozen first where the relay saw the
+    /// pages stop; see [`Tripwire`]) and removed from runc; the rest goes with the failed
+    /// migration's cleanup. Running on, it would read zeros where its pages are missing.
+    fn discard_lost(
+        &mut self,
+        id: &str,
+        freezer: Option<&Path>,
+        tripwire: &Tripwire,
+        why: &str,
+    ) -> MigrateError {
+        let how = if tripwire.tripped() {
+            "the source's pages stopped before all arrived"
+        } else {
+            why
+        };
+        tracing::error!(
+            id = %id,
+            "{how}; its memory cannot arrive: {} and removed",
+            if tripwire.tripped() { "frozen" } else { "killed" }
+        );
+        if let Some(f) = freezer {
+            crate::runtime::cgroups::kill_frozen(f);
+        }
+        if let Err(e) = crate::runtime::runc::Runc::new(&self.shared.cfg.runtime_root).delete(id) {
+            tracing::warn!("removing the lost container: {e}");
+        }
+        MigrateError::Remote(format!(
+            "{how}: the container's memory cannot arrive; it was killed on the destination"
+        ))
     }
 
     /// Undoes what a failed migration left; on success removes only the scratch space.

@@ -15,39 +15,71 @@ use super::link::{Duplex, Link};
 pub type RelayHandle = JoinHandle<std::io::Result<(u64, u64)>>;
 use std::time::{Duration, Instant};
 
-/// Copies both ways until both directions end; returns bytes (a→b, b→a).
-pub fn pump<A: Duplex, B: Duplex>(a: A, b: B) -> std::io::Result<(u64, u64)> {
-    let (a2, b2) = (a.try_clone()?, b.try_clone()?);
-    let _ = a.set_read_timeout(None);
-    let _ = b.set_read_timeout(None);
-    let back = std::thread::spawn(move || copy_then_close(b2, a2));
-    let fwd = copy_then_close(a, b);
-    let back = back.join().unwrap_or(0);
-    Ok((fwd, back))
-}
-
 fn copy_then_close(from: impl Duplex, mut to: impl Duplex) -> u64 {
-    let n = copy_until_end(from, &mut to);
+    let (n, _) = copy_until_end(from, &mut to);
     let _ = to.shutdown(Shutdown::Write);
     n
 }
 
+/// Which end stopped a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// The reader ended (EOF or error).
+    Reader,
+    /// Writing failed.
+    Writer,
+}
+
 /// Copies `from` into `to` until `from` ends (EOF or error) or `to` fails; `to` stays open.
-fn copy_until_end(mut from: impl std::io::Read, to: &mut impl std::io::Write) -> u64 {
+/// Returns the bytes copied and which end stopped it.
+fn copy_until_end(mut from: impl std::io::Read, to: &mut impl std::io::Write) -> (u64, Stopped) {
     let mut buf = vec![0u8; 256 * 1024];
     let mut n = 0u64;
     loop {
         match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return (n, Stopped::Reader),
             Ok(k) => {
                 if to.write_all(&buf[..k]).is_err() {
-                    break;
+                    return (n, Stopped::Writer);
                 }
                 n += k as u64;
             }
         }
     }
-    n
+}
+
+/// The destination's relay between CRIU's lazy-pages daemon (`local`) and the source
+/// (`data`): page requests go out until the daemon's end closes (it has every page, or it
+/// failed), pages come in until the source's end closes. When the pages stop while the
+/// daemon still waits for some (the source's ferry or host died, the link broke), `broken`
+/// runs before the daemon is told: the daemon then fails and exits, and with it goes the
+/// registration of the container's missing memory, which would read as zero-filled pages
+/// from then on. Returns bytes (requests, pages).
+fn pump_pages(
+    local: TcpStream,
+    data: Link,
+    broken: Box<dyn FnOnce() + Send>,
+) -> std::io::Result<(u64, u64)> {
+    let (local2, mut data2) = (local.try_clone()?, data.try_clone()?);
+    let _ = local.set_read_timeout(None);
+    let _ = data.set_read_timeout(None);
+    let daemon_ended = Arc::new(AtomicBool::new(false));
+    let ended = daemon_ended.clone();
+    let requests = std::thread::spawn(move || {
+        let (n, stopped) = copy_until_end(local2, &mut data2);
+        if stopped == Stopped::Reader {
+            ended.store(true, Ordering::SeqCst);
+        }
+        let _ = data2.shutdown(Shutdown::Write);
+        n
+    });
+    let (pages, _) = copy_until_end(data, &mut &local);
+    if !daemon_ended.load(Ordering::SeqCst) {
+        broken();
+    }
+    let _ = local.shutdown(Shutdown::Write);
+    let requests = requests.join().unwrap_or(0);
+    Ok((requests, pages))
 }
 
 fn join_relay(h: RelayHandle) -> std::io::Result<(u64, u64)> {
@@ -111,7 +143,7 @@ impl SourceRelay {
             // CRIU → destination: pages, until CRIU closes.
             let back = std::thread::spawn(move || copy_then_close(conn2, data2));
             // Destination → CRIU: requests, until the destination closes; then the verdict.
-            let fwd = copy_until_end(data, &mut &conn);
+            let (fwd, _) = copy_until_end(data, &mut &conn);
             if v2.wait(wait) == Some(true) {
                 let _ = conn.shutdown(Shutdown::Write);
             } else {
@@ -218,8 +250,12 @@ fn poison_stream(s: &TcpStream) {
 }
 
 /// Destination side: a loopback listener for CRIU's lazy-pages daemon; the first connection
-/// is relayed to `data`.
-pub fn destination_relay(data: Link, wait: Duration) -> std::io::Result<DestinationRelay> {
+/// is relayed to `data` (see [`pump_pages`] for `broken`).
+pub fn destination_relay(
+    data: Link,
+    wait: Duration,
+    broken: Box<dyn FnOnce() + Send>,
+) -> std::io::Result<DestinationRelay> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let port = l.local_addr()?.port();
     l.set_nonblocking(true)?;
@@ -244,7 +280,7 @@ pub fn destination_relay(data: Link, wait: Duration) -> std::io::Result<Destinat
         };
         local.set_nonblocking(false)?;
         let _ = local.set_nodelay(true);
-        pump(local, data)
+        pump_pages(local, data, broken)
     });
     Ok(DestinationRelay {
         port,
@@ -284,13 +320,26 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// A `broken` hook for [`destination_relay`] that records whether it ran.
+    fn broken_probe() -> (Box<dyn FnOnce() + Send>, Arc<AtomicBool>) {
+        let ran = Arc::new(AtomicBool::new(false));
+        let r2 = ran.clone();
+        (Box::new(move || r2.store(true, Ordering::SeqCst)), ran)
+    }
+
+    /// Data connection x <-> y; the destination relay listens for "lazy-pages" (z).
+    fn relay_pair(broken: Box<dyn FnOnce() + Send>) -> (TcpStream, DestinationRelay) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (y, _) = l.accept().unwrap();
+        let h = destination_relay(Link::Tcp(y), Duration::from_secs(5), broken).unwrap();
+        (x, h)
+    }
+
     #[test]
     fn relays_both_ways_and_closes() {
-        // data connection: x <-> y ; destination relay listens for "lazy-pages" (z)
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (y, _) = l.accept().unwrap();
-        let h = destination_relay(Link::Tcp(y), Duration::from_secs(5)).unwrap();
+        let (broken, ran) = broken_probe();
+        let (mut x, h) = relay_pair(broken);
         let mut z = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
         z.write_all(b"request").unwrap();
         let mut buf = [0u8; 7];
@@ -300,10 +349,42 @@ mod tests {
         let mut buf = [0u8; 5];
         z.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"pages");
+        // The daemon has everything: it closes first, and only then does the source.
         drop(z);
+        let mut rest = [0u8; 1];
+        assert_eq!(
+            x.read(&mut rest).unwrap(),
+            0,
+            "the daemon's end did not reach x"
+        );
         x.shutdown(Shutdown::Write).unwrap();
         let (a, b) = h.join().unwrap();
         assert_eq!((a, b), (7, 5));
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "broken ran after a complete transfer"
+        );
+    }
+
+    /// The source's pages stop while the daemon still waits for some: `broken` runs, and
+    /// only after it does the daemon read the end of its stream.
+    #[test]
+    fn pages_ending_before_the_daemon_is_done_run_broken_first() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let (x, h) = relay_pair(Box::new(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            s2.lock().unwrap().push("broken");
+        }));
+        let mut z = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+        z.write_all(b"request").unwrap();
+        drop(x);
+        let mut buf = Vec::new();
+        let _ = z.read_to_end(&mut buf);
+        seen.lock().unwrap().push("daemon saw the end");
+        assert_eq!(*seen.lock().unwrap(), ["broken", "daemon saw the end"]);
+        drop(z);
+        h.join().unwrap();
     }
 
     /// A cancelled relay whose daemon never connected closes the data connection at once
@@ -313,7 +394,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (y, _) = l.accept().unwrap();
-        let h = destination_relay(Link::Tcp(y), Duration::from_secs(120)).unwrap();
+        let h = destination_relay(Link::Tcp(y), Duration::from_secs(120), Box::new(|| ())).unwrap();
         x.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let t0 = Instant::now();
         h.cancel();

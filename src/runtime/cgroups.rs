@@ -133,29 +133,13 @@ impl CgroupSet {
     /// restore may leave CRIU's helpers or half-restored tasks behind), thawing a frozen
     /// freezer first, and waits (bounded) until they are empty.
     pub fn kill_all(&self) {
-        use nix::sys::signal::{kill, Signal};
-        use nix::unistd::Pid;
         for d in &self.created {
             let state = d.join("freezer.state");
             if state.exists() {
                 let _ = std::fs::write(&state, "THAWED");
             }
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let mut left = 0;
-            for d in &self.created {
-                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    left += 1;
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
-            }
-            if left == 0 || std::time::Instant::now() > deadline {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        kill_until_empty(&self.created);
     }
 
     /// Removes the directories this set created (deepest first; rmdir only, which the kernel
@@ -702,6 +686,44 @@ pub fn apply_settings(
         });
     }
     Ok(())
+}
+
+/// SIGKILLs every process in the cgroup directories `dirs` until they are empty (bounded:
+/// 5 s). Frozen ones die once thawed.
+fn kill_until_empty(dirs: &[PathBuf]) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut left = 0;
+        for d in dirs {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                left += 1;
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        if left == 0 || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Kills every process of the freezer cgroup `dir` without letting any run again: SIGKILL
+/// while they are frozen (as [`freeze`] left them, or running if it could not), then thaw,
+/// so that they die on their way back to user space; waits (bounded) until it is empty.
+pub fn kill_frozen(dir: &Path) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    if let Err(e) = thaw(dir) {
+        tracing::warn!("{e}");
+    }
+    kill_until_empty(&[dir.to_path_buf()]);
 }
 
 /// Whether a freezer cgroup (v1 `freezer.state`, v2 `cgroup.freeze`) is frozen, if readable.
