@@ -626,15 +626,9 @@ fn interrupt_during_the_freeze_leaves_the_source_running_post_copy() {
 /// ran the container too (both memwriters appending to the same file).
 #[test]
 fn interrupt_after_the_commit_is_not_obeyed_post_copy() {
-    if !require_two_hosts() {
+    let Some((th, w, serve, out)) = signalled_once_serving_pages("mintrlate", libc::SIGINT) else {
         return;
-    }
-    let th = TwoHosts::new("mintrlate");
-    let w = start_memwriter(&th, "", 256, 16);
-    let serve = th.serve(&[]);
-    let out = th
-        .migrate_cmd(&w.id, &serve.addr, &["--mode", "post-copy", "-vv"])
-        .run_signalled(libc::SIGINT, |err| err.contains("serving its pages"));
+    };
     assert!(
         out.stderr
             .contains("SIGINT arrived after the commit had begun: not stopped"),
@@ -656,15 +650,9 @@ fn interrupt_after_the_commit_is_not_obeyed_post_copy() {
 /// source or is lost, post-copy's documented risk.)
 #[test]
 fn source_killed_mid_post_copy_leaves_no_container_without_its_memory() {
-    if !require_two_hosts() {
+    let Some((th, w, serve, out)) = signalled_once_serving_pages("mpckill", libc::SIGKILL) else {
         return;
-    }
-    let th = TwoHosts::new("mpckill");
-    let w = start_memwriter(&th, "", 256, 16);
-    let serve = th.serve(&[]);
-    let out = th
-        .migrate_cmd(&w.id, &serve.addr, &["--mode", "post-copy", "-vv"])
-        .run_signalled(libc::SIGKILL, |err| err.contains("serving its pages"));
+    };
     assert_eq!(out.code, None, "ferry migrate was not killed: {out:?}");
     th.assert_dst_clean(&w.id, DST_CLEAN_T);
     let log = fs::read_to_string(&serve.stderr_path).unwrap_or_default();
@@ -686,6 +674,25 @@ fn source_killed_mid_post_copy_leaves_no_container_without_its_memory() {
     );
     assert!(serve.is_alive(), "ferry serve exited");
     th.finish();
+}
+
+/// A 256 MiB memwriter migrated post-copy (`-vv`), `signal` sent to `ferry migrate`'s
+/// process group once the commit is done and it serves the pages. None without the two-host
+/// rig.
+fn signalled_once_serving_pages(
+    name: &str,
+    signal: libc::c_int,
+) -> Option<(TwoHosts, Workload, Serve, FerryOut)> {
+    if !require_two_hosts() {
+        return None;
+    }
+    let th = TwoHosts::new(name);
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let out = th
+        .migrate_cmd(&w.id, &serve.addr, &["--mode", "post-copy", "-vv"])
+        .run_signalled(signal, |err| err.contains("serving its pages"));
+    Some((th, w, serve, out))
 }
 
 fn interrupted_in_freeze(name: &str, mode: &str, signal: libc::c_int) {
