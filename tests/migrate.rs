@@ -811,6 +811,7 @@ fn memory_the_destination_has_no_room_for_is_refused_before_the_freeze() {
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "post-copy", "-v"]);
     let error = out.assert_verbose_error(8).to_string();
+    eprintln!("refused: {error}");
     let says = format!(
         "of memory and the memory cgroup {} has room for only",
         limited.display()
