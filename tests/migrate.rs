@@ -676,6 +676,65 @@ fn source_killed_mid_post_copy_leaves_no_container_without_its_memory() {
     th.finish();
 }
 
+/// CRIU's lazy-pages daemon on the destination dies (SIGKILL) after a post-copy commit,
+/// while pages are still on their way: `ferry serve` kills the container, which would
+/// otherwise run on reading zeros where its memory is missing, and removes it; the source's
+/// CRIU took the end of the stream for a finished transfer and ended its copy, so `ferry
+/// migrate` must not report success: it exits 8 saying the container was lost after the
+/// commit. Before, it printed its report and exited 0.
+#[test]
+fn destination_daemon_killed_mid_post_copy_is_reported_lost() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mlpkill");
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let log_path = serve.stderr_path.clone();
+    let dst_dir = log_path.parent().unwrap().display().to_string();
+    // Once serve has confirmed the commit, its lazy-pages daemon goes.
+    let killer = thread::spawn(move || {
+        let t0 = Instant::now();
+        while t0.elapsed() < slow(T) {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains("migration received; container running") {
+                let pattern = format!("criu lazy-pages .*{dst_dir}");
+                let st = Command::new("pkill")
+                    .args(["-KILL", "-f", &pattern])
+                    .status()
+                    .expect("pkill");
+                return st.success();
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        false
+    });
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "post-copy", "-v"]);
+    assert!(
+        killer.join().unwrap(),
+        "no lazy-pages daemon was killed: {out:?}"
+    );
+    let log = fs::read_to_string(&serve.stderr_path).unwrap_or_default();
+    assert!(
+        !log.contains("all lazy pages received"),
+        "the transfer finished before the kill: nothing was tested\n{log}"
+    );
+    let error = out.assert_verbose_error(8).to_string();
+    assert!(
+        error.contains("the container was lost after the commit")
+            && error.contains("memory cannot arrive; it was killed on the destination"),
+        "{out:?}"
+    );
+    assert!(
+        log.contains("its memory cannot arrive: killed and removed"),
+        "{log}"
+    );
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert_memwriter_ok(&w.out);
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.finish();
+}
+
 /// A 256 MiB memwriter migrated post-copy (`-vv`), `signal` sent to `ferry migrate`'s
 /// process group once the commit is done and it serves the pages. None without the two-host
 /// rig.

@@ -62,6 +62,12 @@ pub enum MigrateError {
          `runc delete` the source ({0})"
     )]
     Ambiguous(String),
+    #[error(
+        "the container was lost after the commit: the destination ran it but its memory could \
+         not all arrive, so it killed it, and the source's copy was ended when the page \
+         transfer stopped ({0})"
+    )]
+    Lost(String),
 }
 
 impl MigrateError {
@@ -78,9 +84,9 @@ impl MigrateError {
             {
                 ErrorKind::Invalid
             }
-            MigrateError::Wire(WireError::Peer { .. }) | MigrateError::Remote(_) => {
-                ErrorKind::Remote
-            }
+            MigrateError::Wire(WireError::Peer { .. })
+            | MigrateError::Remote(_)
+            | MigrateError::Lost(_) => ErrorKind::Remote,
             MigrateError::Wire(_) => ErrorKind::Network,
             MigrateError::Rootfs(_) => ErrorKind::Internal,
             MigrateError::Net(_) => ErrorKind::Environment,

@@ -549,6 +549,33 @@ fn memory_of(job: &DumpJob) -> Option<Box<super::wire::Memory>> {
     }))
 }
 
+/// How long the source waits, after serving the last page, for the destination's word.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
+/// Post-copy, once the source served its pages: the destination closes the control
+/// connection when every page has arrived, or first sends an error when the container's
+/// memory could not all arrive (it killed the container then). No word within
+/// [`SETTLE_WAIT`] is logged and taken as arrived: the source's CRIU counted the transfer
+/// complete.
+fn pages_settled(ctl: &mut Ctl) -> Result<(), MigrateError> {
+    let _ = ctl.stream.set_read_timeout(Some(SETTLE_WAIT));
+    match ctl.recv() {
+        Err(WireError::Closed) => Ok(()),
+        Err(WireError::Peer { message, .. }) => Err(MigrateError::Lost(message)),
+        Err(e) => {
+            tracing::warn!("no word from the destination after the page transfer: {e}");
+            Ok(())
+        }
+        Ok(other) => {
+            tracing::warn!(
+                "unexpected {:?} from the destination after the page transfer",
+                other.kind()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Why a container with a terminal is not migrated: its pty master is held by whoever started
 /// it on the source (a console socket's receiver, containerd's shim), and `ferry serve` has
 /// nobody on the destination to hand the restored one to.
@@ -1164,6 +1191,7 @@ fn run(
             }
         }
     }
+    let served_pages = relay.is_some();
     if let Some(r) = relay {
         if dumped.is_err() || failure.is_some() {
             // Failed: nothing more is to cross (a relay still connecting to a CRIU that
@@ -1206,6 +1234,9 @@ fn run(
                 "the destination did not confirm the commit: {f}"
             )))
         }
+    }
+    if served_pages {
+        pages_settled(ctl)?;
     }
     let mut stats = read_dump_stats(&images)
         .unwrap_or_default()

@@ -38,6 +38,10 @@
 //!                                          D→S Restored{pid} | Error
 //! S→D Commit                               D resumes, hands to runc  D→S Committed{pid} | Error
 //! S releases its hold: the source tasks end.
+//! post-copy / hybrid: pages flow on through the data connection as the container faults
+//!   them in; D closes the control connection once every page has arrived, or first sends
+//!                                          D→S Error (its memory could not all arrive: D
+//!                                          killed the container)
 //! ```
 //! Any error before S receives `Committed` resumes the source; D undoes everything when the
 //! connection ends before `Commit`.
