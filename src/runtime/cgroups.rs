@@ -688,21 +688,25 @@ pub fn apply_settings(
     Ok(())
 }
 
+/// SIGKILLs every process in the cgroup directory `dir`; returns how many there were.
+fn kill_procs(dir: &Path) -> usize {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let mut n = 0;
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        n += 1;
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    n
+}
+
 /// SIGKILLs every process in the cgroup directories `dirs` until they are empty (bounded:
 /// 5 s). Frozen ones die once thawed.
 fn kill_until_empty(dirs: &[PathBuf]) {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let mut left = 0;
-        for d in dirs {
-            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                left += 1;
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
+        let left: usize = dirs.iter().map(|d| kill_procs(d)).sum();
         if left == 0 || std::time::Instant::now() > deadline {
             return;
         }
@@ -714,12 +718,7 @@ fn kill_until_empty(dirs: &[PathBuf]) {
 /// while they are frozen (as [`freeze`] left them, or running if it could not), then thaw,
 /// so that they die on their way back to user space; waits (bounded) until it is empty.
 pub fn kill_frozen(dir: &Path) {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    }
+    kill_procs(dir);
     if let Err(e) = thaw(dir) {
         tracing::warn!("{e}");
     }
