@@ -16,7 +16,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -799,43 +799,63 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
     let w = start_counter_shaped(&th, "", |b| {
         b.resources(serde_json::json!({"cpu": {"cpus": "1"}}))
     });
-    // The destination's --cgroup-prefix dir in the cpuset hierarchy, made beforehand with
-    // CPU 0 only (as a host reserving CPUs for itself would).
+    // The destination's cpuset for received containers: CPU 0 only (as a host reserving
+    // CPUs for itself would).
     let state = src.state_file(&w.id);
-    let cpuset = Path::new(
-        state["cgroup_paths"]["cpuset"]
-            .as_str()
-            .expect("cpuset path"),
-    );
     assert_eq!(cgroup_value(&state, "cpuset", "cpuset.cpus"), "1");
-    let limited = cpuset.parent().unwrap().join(dst_cgroup_prefix());
-    fs::create_dir(&limited).unwrap();
-    let _rmdir = RmdirOnDrop(&limited);
-    fs::write(limited.join("cpuset.cpus"), "0").unwrap();
-    fs::write(limited.join("cpuset.mems"), "0").unwrap();
+    let limited = LimitedPrefix::make(
+        &state,
+        "cpuset",
+        &[("cpuset.cpus", "0"), ("cpuset.mems", "0")],
+    );
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
     let error = out.assert_verbose_error(8).to_string();
     let says = format!(
         "the container is pinned to CPUs 1 (cpuset.cpus) and this host's cpuset {} has only \
          0: 1 missing",
-        limited.display()
+        limited.0.display()
     );
     assert!(error.contains(&says), "{out:?}");
     assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
-    drop(_rmdir);
-    assert!(!limited.exists(), "{} left behind", limited.display());
+    limited.remove();
     src.kill_and_delete(&w.id);
     th.finish();
 }
 
-/// An (empty) directory removed however the test ends: a destination's cgroup a test made
-/// (a failed restore under it cleans up its own dir).
-struct RmdirOnDrop<'a>(&'a Path);
+/// The destination's `--cgroup-prefix` dir in one controller's hierarchy (beside the source
+/// container's cgroup: the hosts share cgroupfs), made before `ferry serve` with limits of
+/// its own, and removed however the test ends (a failed restore under it cleans up its own
+/// dir).
+struct LimitedPrefix(PathBuf);
 
-impl Drop for RmdirOnDrop<'_> {
+impl LimitedPrefix {
+    /// Beside the cgroup of `controller` in the source container's runc `state`, with
+    /// `files` written.
+    fn make(state: &serde_json::Value, controller: &str, files: &[(&str, &str)]) -> Self {
+        let own = state["cgroup_paths"][controller]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {controller} cgroup in {state}"));
+        let dir = Path::new(own).parent().unwrap().join(dst_cgroup_prefix());
+        fs::create_dir(&dir).unwrap();
+        let made = LimitedPrefix(dir);
+        for (file, value) in files {
+            fs::write(made.0.join(file), value).unwrap();
+        }
+        made
+    }
+
+    /// Removes it, asserting that nothing was left in it.
+    fn remove(self) {
+        let dir = self.0.clone();
+        drop(self);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+impl Drop for LimitedPrefix {
     fn drop(&mut self) {
-        let _ = fs::remove_dir(self.0);
+        let _ = fs::remove_dir(&self.0);
     }
 }
 
@@ -853,27 +873,19 @@ fn memory_the_destination_has_no_room_for_is_refused_before_the_freeze() {
     let th = TwoHosts::new("mmemroom");
     let src = th.src_runc();
     let w = start_memwriter(&th, "", 64, 16);
-    let state = src.state_file(&w.id);
-    let memory = Path::new(
-        state["cgroup_paths"]["memory"]
-            .as_str()
-            .expect("memory path"),
+    let limit = (32 * MIB).to_string();
+    let limited = LimitedPrefix::make(
+        &src.state_file(&w.id),
+        "memory",
+        &[("memory.limit_in_bytes", &limit)],
     );
-    let limited = memory.parent().unwrap().join(dst_cgroup_prefix());
-    fs::create_dir(&limited).unwrap();
-    let _rmdir = RmdirOnDrop(&limited);
-    fs::write(
-        limited.join("memory.limit_in_bytes"),
-        (32 * MIB).to_string(),
-    )
-    .unwrap();
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "post-copy", "-v"]);
     let error = out.assert_verbose_error(8).to_string();
     eprintln!("refused: {error}");
     let says = format!(
         "of memory and the memory cgroup {} has room for only",
-        limited.display()
+        limited.0.display()
     );
     assert!(
         error.contains("the container holds ")
@@ -882,8 +894,7 @@ fn memory_the_destination_has_no_room_for_is_refused_before_the_freeze() {
         "{out:?}"
     );
     assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_memwriter_healthy);
-    drop(_rmdir);
-    assert!(!limited.exists(), "{} left behind", limited.display());
+    limited.remove();
     src.kill_and_delete(&w.id);
     th.finish();
 }
