@@ -899,6 +899,57 @@ fn memory_the_destination_has_no_room_for_is_refused_before_the_freeze() {
     th.finish();
 }
 
+/// Two memwriters holding 64 MiB each are migrated post-copy at the same time to a
+/// destination whose memory cgroup for received containers is limited to 100 MiB: room for
+/// either, not for both. The first migration is paused (SIGSTOP) once its source froze: the
+/// destination gave it room at Prepare, and none of its memory is there yet. The second,
+/// migrated meanwhile, is refused at Prepare (exit 8, naming the room the first one claimed),
+/// its source running on and the destination clean of it; the first then completes. Without
+/// the claim the second is given the same room, and the OOM killer ends a container on the
+/// destination once both have their memory there.
+#[test]
+fn room_given_to_a_migration_under_way_is_not_given_again() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mmemclaim");
+    let src = th.src_runc();
+    let a = start_memwriter(&th, "a", 64, 16);
+    let b = start_memwriter(&th, "b", 64, 16);
+    let limit = (100 * MIB).to_string();
+    let limited = LimitedPrefix::make(
+        &src.state_file(&a.id),
+        "memory",
+        &[("memory.limit_in_bytes", &limit)],
+    );
+    let serve = th.serve(&[]);
+    let mut second = None;
+    let out = th
+        .migrate_cmd(&a.id, &serve.addr, &["--mode", "post-copy", "-vv"])
+        .run_paused(
+            |err| err.contains("container frozen"),
+            || second = Some(th.migrate(&b.id, &serve.addr, &["--mode", "post-copy", "-v"])),
+        );
+    let second = second.expect("the second migration ran");
+    let error = second.assert_verbose_error(8).to_string();
+    eprintln!("refused: {error}");
+    let says = format!(
+        "the memory cgroup {} has room for only ",
+        limited.0.display()
+    );
+    assert!(
+        error.contains(&says) && error.contains("claimed by 1 migration under way)"),
+        "{second:?}"
+    );
+    assert_refused_before_the_freeze(&th, &b, &serve, &second, assert_source_memwriter_healthy);
+    assert_memwriter_migrated(&th, &a, &out, Some("post-copy"), 3);
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.dst_runc().kill_and_delete(&a.id);
+    src.kill_and_delete(&b.id);
+    limited.remove();
+    th.finish();
+}
+
 /// The container has a bind mount whose host source is renamed away while the migration
 /// runs, after the destination prepared (and found it) and before it restores (the running
 /// container keeps its mount): the destination's restore fails (exit 8). The source keeps

@@ -97,6 +97,9 @@ struct Shared {
     sessions: Mutex<HashMap<String, SyncSender<Link>>>,
     /// Containers being received.
     busy: Mutex<HashSet<String>>,
+    /// Room for their memory given to migrations under way, by container; see
+    /// [`crate::runtime::memroom::Claim`].
+    claims: Mutex<HashMap<String, crate::runtime::memroom::Claim>>,
     /// Set once `serve` is asked to stop: no new migrations.
     stopping: AtomicBool,
     /// The `--cgroup-prefix` directories restores went into: removed when empty at the end.
@@ -131,6 +134,7 @@ pub fn serve(
         criu,
         sessions: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
+        claims: Mutex::new(HashMap::new()),
         stopping: AtomicBool::new(false),
         prefix_dirs: Mutex::new(Default::default()),
     });
@@ -806,8 +810,18 @@ impl<'a> Receiver<'a> {
                 .map_err(MigrateError::Incompatible)?;
         }
         if let Some(m) = &p.memory {
+            use crate::runtime::memroom::{check, Claim};
             let dir = self.relocated(&m.dir);
-            crate::runtime::memroom::check(&dir, m.bytes).map_err(MigrateError::Incompatible)?;
+            // Checked and claimed under one lock: two migrations preparing at once must not
+            // both be given the same room.
+            let mut claims = self.shared.claims.lock().unwrap_or_else(|e| e.into_inner());
+            let others: Vec<Claim> = claims.values().cloned().collect();
+            check(&dir, m.bytes, &others).map_err(MigrateError::Incompatible)?;
+            let claim = Claim {
+                dir,
+                bytes: m.bytes,
+            };
+            claims.insert(p.container.clone(), claim);
         }
         let features = self.shared.criu.features()?;
         (self.pre_copy, self.lazy_final) = match p.mode.as_str() {
@@ -1380,6 +1394,11 @@ impl<'a> Receiver<'a> {
             }
         }
         if let Some(id) = &self.id {
+            self.shared
+                .claims
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
             self.shared
                 .busy
                 .lock()

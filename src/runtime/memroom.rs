@@ -7,7 +7,7 @@
 //! container already runs there and its pages arrive: after the commit, when the source is
 //! gone.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::cgroups::{check_path, is_unlimited, CGROUP_FS};
 
@@ -105,24 +105,63 @@ fn size(bytes: u64) -> String {
     }
 }
 
+/// Room a host gave a migration under way for its container's memory: the memory cgroup
+/// its container will have (`dir`) and the bytes it holds. Until they arrive there, the same
+/// room cannot be given to another migration.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub dir: PathBuf,
+    pub bytes: u64,
+}
+
+impl Claim {
+    /// What has not arrived yet: the bytes less what the container's memory cgroup holds
+    /// already (all of them before its restore made it).
+    fn outstanding(&self) -> u64 {
+        self.bytes.saturating_sub(held(&self.dir).unwrap_or(0))
+    }
+}
+
+/// The outstanding bytes of `claims` (those under `within`, where given) and their count.
+fn claimed(claims: &[Claim], within: Option<&Path>) -> (u64, usize) {
+    claims
+        .iter()
+        .filter(|c| within.map_or(true, |w| c.dir.starts_with(w)))
+        .map(Claim::outstanding)
+        .filter(|&b| b > 0)
+        .fold((0, 0), |(sum, n), b| (sum.saturating_add(b), n + 1))
+}
+
+/// ", 64.0 MiB claimed by 1 migration under way" for a non-zero claim; "" for none.
+fn claimed_note((bytes, n): (u64, usize)) -> String {
+    match n {
+        0 => String::new(),
+        1 => format!(", {} claimed by 1 migration under way", size(bytes)),
+        n => format!(", {} claimed by {n} migrations under way", size(bytes)),
+    }
+}
+
 /// Whether this host has room for `bytes` of a container's memory in a memory cgroup to be
 /// made at `dir`: room in the host (MemAvailable) and under every limit of the existing
-/// ancestors of `dir` (cgroup limits are hierarchical). Free swap counts as room, for the
-/// host and for each limit alike (a v1 memory+swap limit is not looked at), so only a host
-/// that clearly lacks the room is refused.
-pub fn check(dir: &Path, bytes: u64) -> Result<(), String> {
+/// ancestors of `dir` (cgroup limits are hierarchical), less what `claims` of other
+/// migrations under way still need there. Free swap counts as room, for the host and for
+/// each limit alike (a v1 memory+swap limit is not looked at), so only a host that clearly
+/// lacks the room is refused.
+pub fn check(dir: &Path, bytes: u64, claims: &[Claim]) -> Result<(), String> {
     check_path(dir).map_err(|e| e.to_string())?;
     let meminfo = read_text(Path::new("/proc/meminfo")).unwrap_or_default();
     let swap = meminfo_bytes(&meminfo, "SwapFree").unwrap_or(0);
     if let Some(available) = meminfo_bytes(&meminfo, "MemAvailable") {
-        let room = available.saturating_add(swap);
+        let others = claimed(claims, None);
+        let room = available.saturating_add(swap).saturating_sub(others.0);
         if bytes > room {
             return Err(format!(
                 "the container holds {} of memory and this host has only {} available \
-                 (MemAvailable{} in /proc/meminfo)",
+                 (MemAvailable{} in /proc/meminfo{})",
                 size(bytes),
                 size(room),
-                if swap > 0 { " + SwapFree" } else { "" }
+                if swap > 0 { " + SwapFree" } else { "" },
+                claimed_note(others)
             ));
         }
     }
@@ -131,7 +170,7 @@ pub fn check(dir: &Path, bytes: u64) -> Result<(), String> {
         .skip(1)
         .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
         .filter(|a| a.is_dir());
-    fits_limits(ancestors, bytes, swap)
+    fits_limits(ancestors, bytes, swap, claims)
 }
 
 /// [`check`]'s test of the limits of the cgroup directories `dirs`.
@@ -139,20 +178,27 @@ fn fits_limits<'a>(
     dirs: impl Iterator<Item = &'a Path>,
     bytes: u64,
     swap: u64,
+    claims: &[Claim],
 ) -> Result<(), String> {
     for dir in dirs {
         let Some(l) = limit_of(dir) else { continue };
-        let room = l.limit.saturating_sub(l.used).saturating_add(swap);
+        let others = claimed(claims, Some(dir));
+        let room = l
+            .limit
+            .saturating_sub(l.used)
+            .saturating_add(swap)
+            .saturating_sub(others.0);
         if bytes > room {
             return Err(format!(
                 "the container holds {} of memory and the memory cgroup {} has room for only \
-                 {} ({} {}, {} of it in use)",
+                 {} ({} {}, {} of it in use{})",
                 size(bytes),
                 dir.display(),
                 size(room),
                 l.file,
                 size(l.limit),
-                size(l.used)
+                size(l.used),
+                claimed_note(others)
             ));
         }
     }
@@ -211,7 +257,7 @@ mod tests {
             "memory.stat",
             &format!("total_cache {}\ntotal_shmem {}\n", 24 * MIB, 4 * MIB),
         );
-        let fits = |dir: &Path, bytes, swap| fits_limits(std::iter::once(dir), bytes, swap);
+        let fits = |dir: &Path, bytes, swap| fits_limits(std::iter::once(dir), bytes, swap, &[]);
         assert!(fits(&v1, 44 * MIB, 0).is_ok());
         let e = fits(&v1, 45 * MIB, 0).unwrap_err();
         assert!(
@@ -246,8 +292,58 @@ mod tests {
         // The tightest of several ancestors refuses.
         let dirs = [v2.as_path(), v1.as_path()];
         write(&v1, "memory.limit_in_bytes", &(21 * MIB).to_string());
-        let e = fits_limits(dirs.into_iter(), 2 * MIB, 0).unwrap_err();
+        let e = fits_limits(dirs.into_iter(), 2 * MIB, 0, &[]).unwrap_err();
         assert!(e.contains(&v1.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn room_claimed_by_migrations_under_way_is_not_given_again() {
+        let top = tempfile::tempdir().unwrap();
+        let limited = top.path().join("prefix");
+        std::fs::create_dir(&limited).unwrap();
+        write(&limited, "memory.limit_in_bytes", &(100 * MIB).to_string());
+        write(&limited, "memory.usage_in_bytes", "0");
+        let fits = |bytes, claims: &[Claim]| {
+            fits_limits(std::iter::once(limited.as_path()), bytes, 0, claims)
+        };
+        // A migration into this cgroup was given room for 64 MiB; its container's memory
+        // cgroup does not exist yet.
+        let a = Claim {
+            dir: limited.join("a"),
+            bytes: 64 * MIB,
+        };
+        assert!(fits(64 * MIB, &[]).is_ok());
+        let e = fits(64 * MIB, std::slice::from_ref(&a)).unwrap_err();
+        assert!(
+            e.ends_with(
+                "has room for only 36.0 MiB (memory.limit_in_bytes 100.0 MiB, 0 KiB of it in \
+                 use, 64.0 MiB claimed by 1 migration under way)"
+            ),
+            "{e}"
+        );
+        assert!(fits(36 * MIB, std::slice::from_ref(&a)).is_ok());
+        // A claim elsewhere does not take room here.
+        let elsewhere = Claim {
+            dir: top.path().join("other/b"),
+            bytes: 64 * MIB,
+        };
+        assert!(fits(64 * MIB, std::slice::from_ref(&elsewhere)).is_ok());
+        // Once its memory arrived, it is in the cgroup's usage and no longer claimed.
+        std::fs::create_dir(&a.dir).unwrap();
+        write(&a.dir, "memory.stat", &format!("total_rss {}\n", 64 * MIB));
+        write(&limited, "memory.usage_in_bytes", &(64 * MIB).to_string());
+        assert!(fits(36 * MIB, std::slice::from_ref(&a)).is_ok());
+        let e = fits(37 * MIB, std::slice::from_ref(&a)).unwrap_err();
+        assert!(e.ends_with("64.0 MiB of it in use)"), "{e}");
+        // Half arrived: half still claimed.
+        write(&a.dir, "memory.stat", &format!("total_rss {}\n", 32 * MIB));
+        write(&limited, "memory.usage_in_bytes", &(32 * MIB).to_string());
+        assert!(fits(36 * MIB, std::slice::from_ref(&a)).is_ok());
+        let e = fits(37 * MIB, &[a.clone(), a]).unwrap_err();
+        assert!(
+            e.contains(", 64.0 MiB claimed by 2 migrations under way)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -259,7 +355,7 @@ mod tests {
 
     #[test]
     fn only_cgroup_paths_are_checked() {
-        assert!(check(Path::new("/tmp/x"), 1).is_err());
-        assert!(check(Path::new("/sys/fs/cgroup/../x"), 1).is_err());
+        assert!(check(Path::new("/tmp/x"), 1, &[]).is_err());
+        assert!(check(Path::new("/sys/fs/cgroup/../x"), 1, &[]).is_err());
     }
 }

@@ -1298,6 +1298,34 @@ impl FerryCmd {
         out
     }
 
+    /// Runs it; once `when(stderr so far)`, stops its process group (SIGSTOP), runs
+    /// `meanwhile` and lets it go on (SIGCONT).
+    pub fn run_paused(self, when: impl Fn(&str) -> bool, meanwhile: impl FnOnce()) -> FerryOut {
+        let mut meanwhile = Some(meanwhile);
+        let out = self.run_watched(true, |pid, stderr| {
+            if meanwhile.is_some() && when(&stderr()) {
+                let signal = |sig| {
+                    // SAFETY: kill(2) with a process group id we started; no memory involved.
+                    let rc = unsafe { libc::kill(-(pid as libc::pid_t), sig) };
+                    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+                };
+                signal(libc::SIGSTOP);
+                let f = meanwhile.take().expect("checked");
+                // Let it go on even when `meanwhile` fails, then fail.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+                signal(libc::SIGCONT);
+                if let Err(p) = r {
+                    std::panic::resume_unwind(p);
+                }
+            }
+        });
+        assert!(
+            meanwhile.is_none(),
+            "ferry ended before the pause was due: {out:?}"
+        );
+        out
+    }
+
     /// Runs it; `tick(pid, read stderr so far)` every 10 ms while it runs.
     fn run_watched(
         self,
