@@ -950,6 +950,61 @@ fn room_given_to_a_migration_under_way_is_not_given_again() {
     th.finish();
 }
 
+/// A tmpfs of `size` mounted on a directory for as long as it lives.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        must(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir)
+                .output()
+                .unwrap(),
+            "mount a tmpfs",
+        );
+        SmallTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// A memwriter holding 64 MiB is migrated stop-copy to a destination whose work dir (where
+/// the dump writes its pages) is on a filesystem with 32 MiB: refused when the destination
+/// prepares, before the source freezes (exit 8, naming the work dir), the source running on
+/// intact, the destination clean, `ferry serve` up. Without the check the page stream runs
+/// out of room during the dump, with the container frozen.
+#[test]
+fn pages_the_destination_has_no_disk_for_are_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mdiskroom");
+    let w = start_memwriter(&th, "", 64, 16);
+    let work = th.dst_runc().mkdir("serve-work");
+    let small = SmallTmpfs::mount(&work, "32m");
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
+    let error = out.assert_verbose_error(8).to_string();
+    eprintln!("refused: {error}");
+    let says = format!(
+        "of memory, which its dump writes into the work dir {}, and that filesystem has room \
+         for only ",
+        work.display()
+    );
+    assert!(error.contains(&says), "{out:?}");
+    // The small tmpfs is the test's own mount in the destination's dir: gone before the
+    // destination is checked for leftovers.
+    drop(small);
+    assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_memwriter_healthy);
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 /// The container has a bind mount whose host source is renamed away while the migration
 /// runs, after the destination prepared (and found it) and before it restores (the running
 /// container keeps its mount): the destination's restore fails (exit 8). The source keeps

@@ -100,6 +100,8 @@ struct Shared {
     /// Room for their memory given to migrations under way, by container; see
     /// [`crate::runtime::memroom::Claim`].
     claims: Mutex<HashMap<String, crate::runtime::memroom::Claim>>,
+    /// Room for their page images given to migrations under way, by container.
+    disk_claims: Mutex<HashMap<String, crate::runtime::memroom::DiskClaim>>,
     /// Set once `serve` is asked to stop: no new migrations.
     stopping: AtomicBool,
     /// The `--cgroup-prefix` directories restores went into: removed when empty at the end.
@@ -135,6 +137,7 @@ pub fn serve(
         sessions: Mutex::new(HashMap::new()),
         busy: Mutex::new(HashSet::new()),
         claims: Mutex::new(HashMap::new()),
+        disk_claims: Mutex::new(HashMap::new()),
         stopping: AtomicBool::new(false),
         prefix_dirs: Mutex::new(Default::default()),
     });
@@ -833,6 +836,24 @@ impl<'a> Receiver<'a> {
                 return Err(MigrateError::Remote(format!("unknown mode {other:?}")));
             }
         };
+        // Every mode but post-copy writes the pages into the work dir (pre-copy rounds, the
+        // final dump): refused now what would run out of room after the freeze.
+        if let (Some(m), true) = (&p.memory, self.pre_copy || !self.lazy_final) {
+            use crate::runtime::memroom::{check_disk, DiskClaim};
+            let mut claims = self
+                .shared
+                .disk_claims
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let others: Vec<DiskClaim> = claims.values().cloned().collect();
+            check_disk(&self.shared.cfg.work_dir, m.bytes, &others)
+                .map_err(MigrateError::Incompatible)?;
+            let claim = DiskClaim {
+                dir: self.work(),
+                bytes: m.bytes,
+            };
+            claims.insert(p.container.clone(), claim);
+        }
         if self.lazy_final && !features.lazy_pages {
             return Err(MigrateError::Incompatible(format!(
                 "{} needs userfaultfd (lazy_pages), which the destination lacks",
@@ -1396,6 +1417,11 @@ impl<'a> Receiver<'a> {
         if let Some(id) = &self.id {
             self.shared
                 .claims
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            self.shared
+                .disk_claims
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(id);

@@ -5,7 +5,8 @@
 //! destination has no room for it, a stop-copy restore is killed by the OOM killer after the
 //! freeze and the whole transfer (the source then resumes), and a post-copy one once the
 //! container already runs there and its pages arrive: after the commit, when the source is
-//! gone.
+//! gone. A dump that writes its pages into the destination's work dir (all modes but
+//! post-copy) needs room on that filesystem too, or it fails after the freeze.
 
 use std::path::{Path, PathBuf};
 
@@ -124,10 +125,17 @@ impl Claim {
 
 /// The outstanding bytes of `claims` (those under `within`, where given) and their count.
 fn claimed(claims: &[Claim], within: Option<&Path>) -> (u64, usize) {
-    claims
-        .iter()
-        .filter(|c| within.map_or(true, |w| c.dir.starts_with(w)))
-        .map(Claim::outstanding)
+    tally(
+        claims
+            .iter()
+            .filter(|c| within.map_or(true, |w| c.dir.starts_with(w)))
+            .map(Claim::outstanding),
+    )
+}
+
+/// The sum of the non-zero `outstanding` bytes and their count.
+fn tally(outstanding: impl Iterator<Item = u64>) -> (u64, usize) {
+    outstanding
         .filter(|&b| b > 0)
         .fold((0, 0), |(sum, n), b| (sum.saturating_add(b), n + 1))
 }
@@ -201,6 +209,80 @@ fn fits_limits<'a>(
                 claimed_note(others)
             ));
         }
+    }
+    Ok(())
+}
+
+/// Room a migration under way was given on the destination's disk for the pages its dumps
+/// write there: its session's work dir and the container's memory in bytes. Until they are
+/// written, the same room cannot be given to another migration.
+#[derive(Debug, Clone)]
+pub struct DiskClaim {
+    pub dir: PathBuf,
+    pub bytes: u64,
+}
+
+impl DiskClaim {
+    /// What has not been written yet.
+    fn outstanding(&self) -> u64 {
+        self.bytes.saturating_sub(bytes_under(&self.dir))
+    }
+}
+
+/// Most directory entries [`bytes_under`] looks at (a session's images are a few hundred).
+const MAX_WALK: usize = 1 << 16;
+
+/// The bytes of the files under `dir` (0 where it does not exist).
+fn bytes_under(dir: &Path) -> u64 {
+    let (mut total, mut seen) = (0u64, 0usize);
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            seen += 1;
+            if seen > MAX_WALK {
+                return total;
+            }
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                todo.push(e.path());
+            } else if m.is_file() {
+                total = total.saturating_add(m.len());
+            }
+        }
+    }
+    total
+}
+
+/// Whether the filesystem of the work dir `work` has room for `bytes` of page images (free
+/// space an unprivileged writer may use), less what `claims` of other migrations under way
+/// have still to write there.
+pub fn check_disk(work: &Path, bytes: u64, claims: &[DiskClaim]) -> Result<(), String> {
+    let Ok(st) = nix::sys::statvfs::statvfs(work) else {
+        return Ok(());
+    };
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    fits_disk(work, free, bytes, claims)
+}
+
+/// [`check_disk`] with the free bytes given.
+fn fits_disk(work: &Path, free: u64, bytes: u64, claims: &[DiskClaim]) -> Result<(), String> {
+    let others = tally(claims.iter().map(DiskClaim::outstanding));
+    let room = free.saturating_sub(others.0);
+    if bytes > room {
+        return Err(format!(
+            "the container holds {} of memory, which its dump writes into the work dir {}, and \
+             that filesystem has room for only {} ({} free{})",
+            size(bytes),
+            work.display(),
+            size(room),
+            size(free),
+            claimed_note(others)
+        ));
     }
     Ok(())
 }
@@ -344,6 +426,43 @@ mod tests {
             e.contains(", 64.0 MiB claimed by 2 migrations under way)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn disk_room_counts_what_other_migrations_have_still_to_write() {
+        let top = tempfile::tempdir().unwrap();
+        let work = top.path();
+        assert!(fits_disk(work, 100 * MIB, 100 * MIB, &[]).is_ok());
+        let e = fits_disk(work, 100 * MIB, 101 * MIB, &[]).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "the container holds 101.0 MiB of memory, which its dump writes into the work \
+                 dir {}, and that filesystem has room for only 100.0 MiB (100.0 MiB free)",
+                work.display()
+            )
+        );
+        // Another session was given 64 MiB and has written 16 of them so far.
+        let other = work.join("session-a");
+        std::fs::create_dir_all(other.join("images")).unwrap();
+        std::fs::write(
+            other.join("images/pages-1.img"),
+            vec![0u8; 16 * MIB as usize],
+        )
+        .unwrap();
+        let a = DiskClaim {
+            dir: other,
+            bytes: 64 * MIB,
+        };
+        let claims = std::slice::from_ref(&a);
+        assert!(fits_disk(work, 100 * MIB, 52 * MIB, claims).is_ok());
+        let e = fits_disk(work, 100 * MIB, 53 * MIB, claims).unwrap_err();
+        assert!(
+            e.ends_with("room for only 52.0 MiB (100.0 MiB free, 48.0 MiB claimed by 1 migration under way)"),
+            "{e}"
+        );
+        assert_eq!(bytes_under(&work.join("none")), 0);
+        assert!(check_disk(&work.join("none"), u64::MAX, &[]).is_ok());
     }
 
     #[test]
