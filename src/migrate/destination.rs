@@ -341,6 +341,22 @@ fn connection(
     }
 }
 
+/// Checks a migration's `claim` to room on this host against the other migrations' `claims`
+/// and records it for container `id`. Under one lock: two migrations preparing at once must
+/// not both be given the same room.
+fn claim_room<C: Clone>(
+    claims: &Mutex<HashMap<String, C>>,
+    id: &str,
+    claim: C,
+    check: impl FnOnce(&[C]) -> Result<(), String>,
+) -> Result<(), MigrateError> {
+    let mut claims = claims.lock().unwrap_or_else(|e| e.into_inner());
+    let others: Vec<C> = claims.values().cloned().collect();
+    check(&others).map_err(MigrateError::Incompatible)?;
+    claims.insert(id.to_string(), claim);
+    Ok(())
+}
+
 /// Stops a post-copy container whose memory can no longer arrive. Armed with the
 /// container's freezer cgroup once it runs; tripped by the relay when the source's pages
 /// stop while the lazy-pages daemon still waits for some. Whichever comes second freezes
@@ -815,16 +831,13 @@ impl<'a> Receiver<'a> {
         if let Some(m) = &p.memory {
             use crate::runtime::memroom::{check, Claim};
             let dir = self.relocated(&m.dir);
-            // Checked and claimed under one lock: two migrations preparing at once must not
-            // both be given the same room.
-            let mut claims = self.shared.claims.lock().unwrap_or_else(|e| e.into_inner());
-            let others: Vec<Claim> = claims.values().cloned().collect();
-            check(&dir, m.bytes, &others).map_err(MigrateError::Incompatible)?;
             let claim = Claim {
-                dir,
+                dir: dir.clone(),
                 bytes: m.bytes,
             };
-            claims.insert(p.container.clone(), claim);
+            claim_room(&self.shared.claims, &p.container, claim, |others| {
+                check(&dir, m.bytes, others)
+            })?;
         }
         let features = self.shared.criu.features()?;
         (self.pre_copy, self.lazy_final) = match p.mode.as_str() {
@@ -840,19 +853,13 @@ impl<'a> Receiver<'a> {
         // final dump): refused now what would run out of room after the freeze.
         if let (Some(m), true) = (&p.memory, self.pre_copy || !self.lazy_final) {
             use crate::runtime::memroom::{check_disk, DiskClaim};
-            let mut claims = self
-                .shared
-                .disk_claims
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let others: Vec<DiskClaim> = claims.values().cloned().collect();
-            check_disk(&self.shared.cfg.work_dir, m.bytes, &others)
-                .map_err(MigrateError::Incompatible)?;
             let claim = DiskClaim {
                 dir: self.work(),
                 bytes: m.bytes,
             };
-            claims.insert(p.container.clone(), claim);
+            claim_room(&self.shared.disk_claims, &p.container, claim, |others| {
+                check_disk(&self.shared.cfg.work_dir, m.bytes, others)
+            })?;
         }
         if self.lazy_final && !features.lazy_pages {
             return Err(MigrateError::Incompatible(format!(
@@ -1343,15 +1350,14 @@ impl<'a> Receiver<'a> {
         tripwire: &Tripwire,
         why: &str,
     ) -> MigrateError {
-        let how = if tripwire.tripped() {
-            "the source's pages stopped before all arrived"
+        let (how, done) = if tripwire.tripped() {
+            ("the source's pages stopped before all arrived", "frozen")
         } else {
-            why
+            (why, "killed")
         };
         tracing::error!(
             id = %id,
-            "{how}; its memory cannot arrive: {} and removed",
-            if tripwire.tripped() { "frozen" } else { "killed" }
+            "{how}; its memory cannot arrive: {done} and removed"
         );
         if let Some(f) = freezer {
             crate::runtime::cgroups::kill_frozen(f);

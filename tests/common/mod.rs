@@ -1288,9 +1288,7 @@ impl FerryCmd {
         let mut sent = false;
         let out = self.run_watched(true, |pid, stderr| {
             if !sent && when(&stderr()) {
-                // SAFETY: kill(2) with a process group id we started; no memory involved.
-                let rc = unsafe { libc::kill(-(pid as libc::pid_t), signal) };
-                assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+                signal_group(pid, signal);
                 sent = true;
             }
         });
@@ -1304,16 +1302,11 @@ impl FerryCmd {
         let mut meanwhile = Some(meanwhile);
         let out = self.run_watched(true, |pid, stderr| {
             if meanwhile.is_some() && when(&stderr()) {
-                let signal = |sig| {
-                    // SAFETY: kill(2) with a process group id we started; no memory involved.
-                    let rc = unsafe { libc::kill(-(pid as libc::pid_t), sig) };
-                    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-                };
-                signal(libc::SIGSTOP);
+                signal_group(pid, libc::SIGSTOP);
                 let f = meanwhile.take().expect("checked");
                 // Let it go on even when `meanwhile` fails, then fail.
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-                signal(libc::SIGCONT);
+                signal_group(pid, libc::SIGCONT);
                 if let Err(p) = r {
                     std::panic::resume_unwind(p);
                 }
@@ -2748,4 +2741,11 @@ pub fn console_receiver(sock: &Path, out: PathBuf) -> std::thread::JoinHandle<()
             .unwrap();
         let _ = std::io::copy(&mut master, &mut f);
     })
+}
+
+/// Sends `signal` to the process group led by `pid` (a command run in its own group).
+fn signal_group(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) with a process group id we started; no memory involved.
+    let rc = unsafe { libc::kill(-(pid as libc::pid_t), signal) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
 }
