@@ -215,6 +215,67 @@ fn failed_restore_resumes_the_source_confined() {
     th.finish();
 }
 
+/// The destination keeps received containers in a delegated subtree that was given no pids
+/// controller (its parent enables only cpu, cpuset and memory for it), and the container
+/// has a pids limit: refused when the destination prepares, before the source freezes
+/// (exit 8, naming the limit and the cgroup), the source running on confined, the
+/// destination clean. Without the check the source froze, the restore failed writing
+/// pids.max, and the source resumed.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn limits_the_destination_cannot_set_are_refused_before_the_freeze() {
+    if !require_cgroup2() || !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("cg2lim");
+    let w = start_counter_with(&th, "", &[(Path::new(RNG), "/rng")]);
+    let own = v2_dir(&th.src_runc().state_file(&w.id));
+    let name = format!("{}-nopids", dst_cgroup_prefix());
+    let subtree = Subtree::make(&Path::new(&own).parent().unwrap().join(&name));
+    let serve = th.serve(&["--cgroup-prefix", &format!("{name}/inner")]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
+    let error = out.assert_verbose_error(8).to_string();
+    let says = format!(
+        "the container's pids.max is 99 and this host's cgroup {} has no pids.max",
+        subtree.0.join("inner").display()
+    );
+    assert!(error.contains(&says), "{out:?}");
+    assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+    assert_confined(th.src_runc(), &w.id, "source container");
+    subtree.remove();
+    th.src_runc().kill_and_delete(&w.id);
+    drop(serve);
+    th.finish();
+}
+
+/// A cgroup whose child `inner` gets only the cpu, cpuset and memory controllers; removed
+/// however the test ends.
+struct Subtree(std::path::PathBuf);
+
+impl Subtree {
+    fn make(dir: &Path) -> Self {
+        std::fs::create_dir(dir).unwrap();
+        let made = Subtree(dir.to_path_buf());
+        std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +cpuset +memory").unwrap();
+        std::fs::create_dir(dir.join("inner")).unwrap();
+        made
+    }
+
+    /// Removes it, asserting that nothing was left in it.
+    fn remove(self) {
+        let dir = self.0.clone();
+        drop(self);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+impl Drop for Subtree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.0.join("inner"));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
 fn zz_no_leftovers() {

@@ -555,6 +555,8 @@ pub struct Receiver<'a> {
 }
 
 const MAX_CONFIG: usize = 4 * 1024 * 1024;
+/// Most cgroup directories a container has (one per v1 controller, and `unified`).
+const MAX_CGROUP_PATHS: usize = 32;
 /// Most pre-dump rounds accepted from a source.
 const MAX_ROUNDS: u32 = 64;
 /// Longest wait for a page server to finish writing once its round ended.
@@ -828,6 +830,9 @@ impl<'a> Receiver<'a> {
             crate::runtime::cgroups::check_cpuset(&dir, c.cpus.as_deref(), c.mems.as_deref())
                 .map_err(MigrateError::Incompatible)?;
         }
+        if let Some(l) = &p.limits {
+            self.check_limits(l)?;
+        }
         if let Some(m) = &p.memory {
             use crate::runtime::memroom::{check, Claim};
             let dir = self.relocated(&m.dir);
@@ -899,6 +904,25 @@ impl<'a> Receiver<'a> {
                 .unwrap_or_default(),
         }))?;
         Ok(())
+    }
+
+    /// The source's word on the container's cgroup limits: refused if the cgroups its
+    /// restore will make here could not take them.
+    fn check_limits(&self, l: &crate::migrate::wire::Limits) -> Result<(), MigrateError> {
+        use crate::runtime::cgroups::{check_settable, validate_settings};
+        if l.paths.len() > MAX_CGROUP_PATHS {
+            return Err(MigrateError::Remote(format!(
+                "{} cgroup paths (at most {MAX_CGROUP_PATHS})",
+                l.paths.len()
+            )));
+        }
+        validate_settings(&l.settings).map_err(MigrateError::Remote)?;
+        let paths = l
+            .paths
+            .iter()
+            .map(|(k, v)| (k.clone(), self.relocated(v).to_string_lossy().into_owned()))
+            .collect();
+        check_settable(&paths, &l.settings).map_err(MigrateError::Incompatible)
     }
 
     /// The received config.json (root already at `rootfs`) as the restore will read it:

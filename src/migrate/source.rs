@@ -549,6 +549,25 @@ fn memory_of(job: &DumpJob) -> Option<Box<super::wire::Memory>> {
     }))
 }
 
+/// The job's container's cgroup limits (see [`super::wire::Limits`]), for the destination
+/// to check at Prepare. None when it has none.
+fn limits_of(job: &DumpJob) -> Option<Box<super::wire::Limits>> {
+    let settings: std::collections::BTreeMap<String, String> = job
+        .meta
+        .cgroup_settings
+        .iter()
+        .filter(|(k, _)| *k != crate::runtime::cgroups::DEVICES_LIST)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if settings.is_empty() {
+        return None;
+    }
+    Some(Box::new(super::wire::Limits {
+        paths: job.container.cgroup_paths.clone(),
+        settings,
+    }))
+}
+
 /// How long the source waits, after serving the last page, for the destination's word.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
@@ -645,6 +664,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         cgroups: Some(crate::runtime::cgroups::layout_of(&job.container.cgroup_paths).into()),
         cpuset: cpuset_of(&job),
         memory: memory_of(&job),
+        limits: limits_of(&job),
     }))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {

@@ -51,6 +51,7 @@
 //! bytes of the data connection run inside TLS. A TLS destination answers a plaintext Hello
 //! with Error{kind: "tls"}; a plaintext destination reports a TLS record as a bad magic.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
@@ -218,6 +219,20 @@ pub struct Prepare {
     /// checks that it has room for it. Absent from older sources: left to the restore.
     #[serde(default)]
     pub memory: Option<Box<Memory>>,
+    /// The container's cgroup limits: the destination checks that the cgroups it will make
+    /// can take them. Absent from older sources: left to the restore.
+    #[serde(default)]
+    pub limits: Option<Box<Limits>>,
+}
+
+/// A container's cgroup limits on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Its cgroup directories (runc's `cgroup_paths`: controller → dir), which the
+    /// destination maps as it maps the container's cgroups.
+    pub paths: BTreeMap<String, String>,
+    /// The limit files and values its restore writes (without the v1 device rules).
+    pub settings: BTreeMap<String, String>,
 }
 
 /// A container's memory on the source.

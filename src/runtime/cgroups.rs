@@ -389,6 +389,100 @@ fn cpuset_fits(
     Ok(())
 }
 
+/// Where the kernel lists the huge page sizes it has (`hugepages-2048kB`, …).
+const HUGEPAGES: &str = "/sys/kernel/mm/hugepages";
+
+/// Whether the limits `settings` (from [`read_settings`]) can be written into the cgroups
+/// of `paths` (controller → dir; the restore's, not made yet) as [`apply_settings`] will
+/// write them: a migration's destination asks before the source freezes. The nearest
+/// existing cgroup above each dir decides. Below a root it has the files the restore's
+/// cgroups will have (v1: those of its controller; v2: those of the controllers its parent
+/// gives it, which the restore enables all the way down). A root has no limit files of its
+/// own, so there it is enough that the hierarchy exists (v1) or offers the controller (v2
+/// `cgroup.controllers`). Huge page limits need the size in the kernel. "No limit" values
+/// pass, as in the restore; so do the v1 device rules (every v1 hierarchy has them).
+pub fn check_settable(
+    paths: &BTreeMap<String, String>,
+    settings: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    for d in paths.values() {
+        check_path(Path::new(d)).map_err(|e| e.to_string())?;
+    }
+    settable(paths, settings, Path::new(HUGEPAGES))
+}
+
+/// [`check_settable`], with the kernel's huge page sizes listed in `hugepages`.
+fn settable(
+    paths: &BTreeMap<String, String>,
+    settings: &BTreeMap<String, String>,
+    hugepages: &Path,
+) -> Result<(), String> {
+    let v2 = v2_dir(paths).is_some();
+    let is_cgroup = |d: &Path| d.join("cgroup.procs").exists();
+    for (file, value) in settings {
+        if file == DEVICES_LIST || is_unlimited(value) {
+            continue;
+        }
+        let lacks = |why: String| format!("the container's {file} is {value} and {why}");
+        let controller = controller_of(file);
+        if let Some(kb) = hugetlb_kb(file) {
+            let sized = hugepages.join(format!("hugepages-{kb}kB"));
+            if !sized.is_dir() {
+                return Err(lacks(format!(
+                    "this host has no huge pages of that size ({} does not exist)",
+                    sized.display()
+                )));
+            }
+        }
+        let Some(dir) = dir_of(paths, file) else {
+            return Err(lacks(format!(
+                "this host has no {controller} cgroup for it"
+            )));
+        };
+        let Some(have) = Path::new(dir).ancestors().find(|a| is_cgroup(a)) else {
+            return Err(lacks(format!(
+                "this host has no cgroup hierarchy with the {controller} controller above {dir}"
+            )));
+        };
+        let root = !have.parent().is_some_and(is_cgroup);
+        if !root {
+            if !have.join(file).exists() {
+                return Err(lacks(format!(
+                    "this host's cgroup {} has no {file}, so neither would the container's \
+                     cgroup under it",
+                    have.display()
+                )));
+            }
+        } else if v2 {
+            let offered = crate::capped::read_capped(&have.join("cgroup.controllers"), 4096)
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                .unwrap_or_default();
+            if !offered.split_whitespace().any(|c| c == controller) {
+                return Err(lacks(format!(
+                    "this host's cgroup v2 has no {controller} controller (cgroup.controllers: \
+                     {offered:?})"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The page size in KiB of a huge page limit file (`hugetlb.2MB.max` → 2048).
+fn hugetlb_kb(file: &str) -> Option<u64> {
+    let size = file.strip_prefix("hugetlb.")?.split('.').next()?;
+    if !is_page_size(size) {
+        return None;
+    }
+    let digits = size.trim_end_matches(|c: char| c.is_ascii_uppercase());
+    let unit = match &size[digits.len()..] {
+        "KB" => 1,
+        "MB" => 1024,
+        _ => 1024 * 1024,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
+}
+
 /// The limit table of a layout: [`LIMIT_FILES_V2`] on v2, else [`LIMIT_FILES`].
 fn limit_table(v2: bool) -> &'static [(&'static str, &'static [&'static str])] {
     if v2 {
@@ -814,6 +908,71 @@ pub fn renamed_paths(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_the_cgroups_here_cannot_take_are_found_before_the_restore() {
+        let t = tempfile::tempdir().unwrap();
+        let touch = |rel: &str, text: &str| {
+            let p = t.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        // v2: the root offers four controllers; "nopids" below it got no pids from it.
+        touch("v2/cgroup.procs", "");
+        touch("v2/cgroup.controllers", "cpu memory pids hugetlb\n");
+        touch("v2/nopids/cgroup.procs", "");
+        touch("v2/nopids/memory.max", "max");
+        touch("hp/hugepages-2048kB/nr_hugepages", "0");
+        let hp = t.path().join("hp");
+        let v2 =
+            |dir: &str| BTreeMap::from([(String::new(), t.path().join(dir).display().to_string())]);
+        let one = |file: &str, value: &str| BTreeMap::from([(file.into(), value.into())]);
+        let check = |paths: &BTreeMap<String, String>, file: &str, value: &str| {
+            settable(paths, &one(file, value), &hp)
+        };
+        let under = v2("v2/nopids/prefix/ctr");
+        check(&under, "memory.max", "268435456").unwrap();
+        check(&under, "pids.max", "max").unwrap();
+        let e = check(&under, "pids.max", "99").unwrap_err();
+        assert!(
+            e.starts_with("the container's pids.max is 99 and this host's cgroup ")
+                && e.contains("/v2/nopids has no pids.max"),
+            "{e}"
+        );
+        let at_root = v2("v2/ctr");
+        check(&at_root, "pids.max", "99").unwrap();
+        check(&at_root, "hugetlb.2MB.max", "4194304").unwrap();
+        let e = check(&at_root, "io.weight", "100").unwrap_err();
+        assert!(e.contains("no io controller"), "{e}");
+        let e = check(&at_root, "hugetlb.1GB.max", "1073741824").unwrap_err();
+        assert!(e.contains("hugepages-1048576kB does not exist"), "{e}");
+        // v1: a memory hierarchy, no pids one; the device rules are every hierarchy's.
+        touch("v1/memory/cgroup.procs", "");
+        let v1 = BTreeMap::from([
+            (
+                "memory".to_string(),
+                t.path().join("v1/memory/p/c").display().to_string(),
+            ),
+            (
+                "pids".to_string(),
+                t.path().join("v1/pids/p/c").display().to_string(),
+            ),
+        ]);
+        check(&v1, "memory.limit_in_bytes", "268435456").unwrap();
+        check(&v1, DEVICES_LIST, "c 1:3 rwm").unwrap();
+        let e = check(&v1, "pids.max", "99").unwrap_err();
+        assert!(
+            e.contains("no cgroup hierarchy with the pids controller"),
+            "{e}"
+        );
+        let e = check(&v1, "cpu.shares", "512").unwrap_err();
+        assert!(e.contains("no cpu cgroup for it"), "{e}");
+        assert_eq!(hugetlb_kb("hugetlb.64KB.limit_in_bytes"), Some(64));
+        assert_eq!(hugetlb_kb("hugetlb.x.max"), None);
+        // Paths outside the cgroup filesystem are refused as such.
+        let e = check_settable(&at_root, &one("pids.max", "99")).unwrap_err();
+        assert!(e.contains("not a path below"), "{e}");
+    }
 
     #[test]
     fn settings_go_back_in_order_and_are_checked() {

@@ -2178,8 +2178,9 @@ impl TwoHosts {
     }
 
     /// Start `ferry -v serve --listen 192.0.2.2:0 --token-file <token> --bundles <dst bundles>
-    /// --runtime-root <dst runc root> --work-dir <dst work>/serve-work --cgroup-prefix
-    /// ferry-dst-<pid> [extra…]` in the destination namespace and wait for its `listening` line.
+    /// --runtime-root <dst runc root> --work-dir <dst work>/serve-work [extra…] --cgroup-prefix
+    /// ferry-dst-<pid>` (unless `extra` gives one) in the destination namespace and wait for
+    /// its `listening` line.
     pub fn serve_with_token(&self, token: &Path, extra: &[&str]) -> Serve {
         self.serve_full(token, &[], extra)
     }
@@ -2211,12 +2212,14 @@ impl TwoHosts {
             .arg(&dst.root)
             .arg("--work-dir")
             .arg(&work)
-            .args(["--cgroup-prefix", &dst_cgroup_prefix()])
             .args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err_f);
+        if !extra.contains(&"--cgroup-prefix") {
+            c.args(["--cgroup-prefix", &dst_cgroup_prefix()]);
+        }
         let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {c:?}: {e}"));
         let stdout = child.stdout.take().unwrap();
         let proc = Arc::new(Mutex::new(child));
