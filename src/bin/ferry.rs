@@ -69,8 +69,9 @@ struct ServeArgs {
     /// Scratch space for incoming images.
     #[arg(long, value_parser = abs_path, value_name = "DIR", default_value = "/run/ferry/serve")]
     work_dir: PathBuf,
-    /// Place restored containers' cgroups under this name.
-    #[arg(long, value_name = "NAME")]
+    /// Place restored containers' cgroups under this name (or NAME/NAME…: a path of
+    /// names) in the parent of the cgroup each had on the source.
+    #[arg(long, value_parser = cgroup_prefix, value_name = "NAME")]
     cgroup_prefix: Option<String>,
     /// Register received containers as tasks of this containerd (socket path), running
     /// under containerd-shim-ferry-v2; replaces --runtime-root with the shim's.
@@ -232,6 +233,34 @@ fn abs_path(s: &str) -> Result<PathBuf, String> {
         return Err("empty path".into());
     }
     std::path::absolute(s).map_err(|e| format!("cannot make {s} absolute: {e}"))
+}
+
+/// `--cgroup-prefix`: cgroup names joined by `/`, which stay below the parent they are
+/// placed in (no `.`, `..`, empty or absolute parts) and name no interface file.
+fn cgroup_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("empty cgroup name".into());
+    }
+    if s.len() > 1024 {
+        return Err(format!("{} bytes (at most 1024)", s.len()));
+    }
+    for part in s.split('/') {
+        let why = if part.is_empty() {
+            "an empty name (a leading, trailing or doubled '/')"
+        } else if part == "." || part == ".." {
+            "'.' or '..' (the prefix stays below the container's parent cgroup)"
+        } else if part.len() > 255 {
+            "a name longer than 255 bytes"
+        } else if part.chars().any(char::is_control) {
+            "a control character"
+        } else if part.starts_with("cgroup.") {
+            "a name of cgroup's own files (cgroup.*)"
+        } else {
+            continue;
+        };
+        return Err(format!("contains {why}"));
+    }
+    Ok(s.to_string())
 }
 
 fn exit_code(kind: ErrorKind) -> u8 {
@@ -712,6 +741,43 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("Usage") && !msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn cgroup_prefixes_stay_below_the_parent() {
+        let serve = |prefix: &str| {
+            Cli::try_parse_from([
+                "ferry",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--token-file",
+                "/t",
+                "--cgroup-prefix",
+                prefix,
+            ])
+        };
+        for ok in ["ferry-in", "delegated/ferry", "a.b-c_d"] {
+            assert!(serve(ok).is_ok(), "{ok}");
+        }
+        for (bad, says) in [
+            ("", "empty cgroup name"),
+            ("/abs", "a leading"),
+            ("a//b", "doubled"),
+            ("../x", "'..'"),
+            ("a/./b", "'.'"),
+            ("cgroup.procs", "cgroup's own files"),
+            ("a\nb", "control character"),
+        ] {
+            let msg = match serve(bad) {
+                Ok(_) => panic!("{bad:?} parsed"),
+                Err(e) => usage_error(&e.to_string()),
+            };
+            assert!(
+                msg.contains("--cgroup-prefix") && msg.contains(says) && !msg.contains('\n'),
+                "{bad:?}: {msg}"
+            );
+        }
     }
 
     #[test]
