@@ -803,7 +803,7 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
     // CPUs for itself would).
     let state = src.state_file(&w.id);
     assert_eq!(cgroup_value(&state, "cpuset", "cpuset.cpus"), "1");
-    let limited = LimitedPrefix::make(
+    let limited = limited_prefix(
         &state,
         "cpuset",
         &[("cpuset.cpus", "0"), ("cpuset.mems", "0")],
@@ -814,7 +814,7 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
     let says = format!(
         "the container is pinned to CPUs 1 (cpuset.cpus) and this host's cpuset {} has only \
          0: 1 missing",
-        limited.0.display()
+        limited.path().display()
     );
     assert!(error.contains(&says), "{out:?}");
     assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
@@ -823,40 +823,22 @@ fn pinned_cpus_the_destination_lacks_are_refused_before_the_freeze() {
     th.finish();
 }
 
-/// The destination's `--cgroup-prefix` dir in one controller's hierarchy (beside the source
-/// container's cgroup: the hosts share cgroupfs), made before `ferry serve` with limits of
-/// its own, and removed however the test ends (a failed restore under it cleans up its own
-/// dir).
-struct LimitedPrefix(PathBuf);
-
-impl LimitedPrefix {
-    /// Beside the cgroup of `controller` in the source container's runc `state`, with
-    /// `files` written.
-    fn make(state: &serde_json::Value, controller: &str, files: &[(&str, &str)]) -> Self {
-        let own = state["cgroup_paths"][controller]
-            .as_str()
-            .unwrap_or_else(|| panic!("no {controller} cgroup in {state}"));
-        let dir = Path::new(own).parent().unwrap().join(dst_cgroup_prefix());
-        fs::create_dir(&dir).unwrap();
-        let made = LimitedPrefix(dir);
-        for (file, value) in files {
-            fs::write(made.0.join(file), value).unwrap();
-        }
-        made
-    }
-
-    /// Removes it, asserting that nothing was left in it.
-    fn remove(self) {
-        let dir = self.0.clone();
-        drop(self);
-        assert!(!dir.exists(), "{} left behind", dir.display());
-    }
-}
-
-impl Drop for LimitedPrefix {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.0);
-    }
+/// The destination's `--cgroup-prefix` dir in one controller's hierarchy, beside the cgroup
+/// of `controller` in the source container's runc `state` (the hosts share cgroupfs), made
+/// before `ferry serve` with `files` (limits of its own) written, and removed however the
+/// test ends (a failed restore under it cleans up its own dir).
+fn limited_prefix(
+    state: &serde_json::Value,
+    controller: &str,
+    files: &[(&str, &str)],
+) -> MadeCgroup {
+    let own = state["cgroup_paths"][controller]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {controller} cgroup in {state}"));
+    MadeCgroup::make(
+        &Path::new(own).parent().unwrap().join(dst_cgroup_prefix()),
+        files,
+    )
 }
 
 /// A memwriter holding 64 MiB is migrated post-copy to a destination whose memory cgroup for
@@ -874,7 +856,7 @@ fn memory_the_destination_has_no_room_for_is_refused_before_the_freeze() {
     let src = th.src_runc();
     let w = start_memwriter(&th, "", 64, 16);
     let limit = (32 * MIB).to_string();
-    let limited = LimitedPrefix::make(
+    let limited = limited_prefix(
         &src.state_file(&w.id),
         "memory",
         &[("memory.limit_in_bytes", &limit)],
@@ -885,7 +867,7 @@ fn memory_the_destination_has_no_room_for_is_refused_before_the_freeze() {
     eprintln!("refused: {error}");
     let says = format!(
         "of memory and the memory cgroup {} has room for only",
-        limited.0.display()
+        limited.path().display()
     );
     assert!(
         error.contains("the container holds ")
@@ -917,7 +899,7 @@ fn room_given_to_a_migration_under_way_is_not_given_again() {
     let a = start_memwriter(&th, "a", 64, 16);
     let b = start_memwriter(&th, "b", 64, 16);
     let limit = (100 * MIB).to_string();
-    let limited = LimitedPrefix::make(
+    let limited = limited_prefix(
         &src.state_file(&a.id),
         "memory",
         &[("memory.limit_in_bytes", &limit)],
@@ -935,7 +917,7 @@ fn room_given_to_a_migration_under_way_is_not_given_again() {
     eprintln!("refused: {error}");
     let says = format!(
         "the memory cgroup {} has room for only ",
-        limited.0.display()
+        limited.path().display()
     );
     assert!(
         error.contains(&says) && error.contains("claimed by 1 migration under way)"),

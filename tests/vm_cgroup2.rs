@@ -231,13 +231,18 @@ fn limits_the_destination_cannot_set_are_refused_before_the_freeze() {
     let w = start_counter_with(&th, "", &[(Path::new(RNG), "/rng")]);
     let own = v2_dir(&th.src_runc().state_file(&w.id));
     let name = format!("{}-nopids", dst_cgroup_prefix());
-    let subtree = Subtree::make(&Path::new(&own).parent().unwrap().join(&name));
+    // Its child `inner` gets only the cpu, cpuset and memory controllers.
+    let subtree = MadeCgroup::make(
+        &Path::new(&own).parent().unwrap().join(&name),
+        &[("cgroup.subtree_control", "+cpu +cpuset +memory")],
+    )
+    .child("inner", &[]);
     let serve = th.serve(&["--cgroup-prefix", &format!("{name}/inner")]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
     let error = out.assert_verbose_error(8).to_string();
     let says = format!(
         "the container's pids.max is 99 and this host's cgroup {} has no pids.max",
-        subtree.0.join("inner").display()
+        subtree.path().display()
     );
     assert!(error.contains(&says), "{out:?}");
     assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
@@ -246,34 +251,6 @@ fn limits_the_destination_cannot_set_are_refused_before_the_freeze() {
     th.src_runc().kill_and_delete(&w.id);
     drop(serve);
     th.finish();
-}
-
-/// A cgroup whose child `inner` gets only the cpu, cpuset and memory controllers; removed
-/// however the test ends.
-struct Subtree(std::path::PathBuf);
-
-impl Subtree {
-    fn make(dir: &Path) -> Self {
-        std::fs::create_dir(dir).unwrap();
-        let made = Subtree(dir.to_path_buf());
-        std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +cpuset +memory").unwrap();
-        std::fs::create_dir(dir.join("inner")).unwrap();
-        made
-    }
-
-    /// Removes it, asserting that nothing was left in it.
-    fn remove(self) {
-        let dir = self.0.clone();
-        drop(self);
-        assert!(!dir.exists(), "{} left behind", dir.display());
-    }
-}
-
-impl Drop for Subtree {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(self.0.join("inner"));
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }
 
 #[test]

@@ -1819,6 +1819,55 @@ pub fn dst_cgroup_prefix() -> String {
     format!("ferry-dst-{}", std::process::id())
 }
 
+/// Cgroup directories a test made, each inside the one before, with files written in each;
+/// removed innermost first however the test ends.
+pub struct MadeCgroup(Vec<PathBuf>);
+
+impl MadeCgroup {
+    /// Makes `dir` and writes `files` into it.
+    pub fn make(dir: &Path, files: &[(&str, &str)]) -> Self {
+        MadeCgroup(Vec::new()).with(dir.to_path_buf(), files)
+    }
+
+    /// Makes `name` inside the innermost one, with `files`.
+    pub fn child(self, name: &str, files: &[(&str, &str)]) -> Self {
+        let dir = self.path().join(name);
+        self.with(dir, files)
+    }
+
+    fn with(mut self, dir: PathBuf, files: &[(&str, &str)]) -> Self {
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        self.0.push(dir);
+        for (file, value) in files {
+            let path = self.path().join(file);
+            fs::write(&path, value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        self
+    }
+
+    /// The innermost.
+    pub fn path(&self) -> &Path {
+        self.0.last().expect("a cgroup made")
+    }
+
+    /// Removes them, asserting that nothing was left in them.
+    pub fn remove(self) {
+        let dirs = self.0.clone();
+        drop(self);
+        for d in dirs {
+            assert!(!d.exists(), "{} left behind", d.display());
+        }
+    }
+}
+
+impl Drop for MadeCgroup {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
 /// Removes this process's (empty) `--cgroup-prefix` dirs, for tests in which `ferry serve`
 /// exited before the containers it received were deleted.
 pub fn remove_empty_prefix_dirs() {
