@@ -782,6 +782,59 @@ fn interrupted_in_freeze(name: &str, mode: &str, signal: libc::c_int) {
     th.finish();
 }
 
+/// A destination whose runc is of an older minor release than the source's (here a
+/// wrapper that reports 1.0.0 and runs the real runc otherwise), or has no runc at all, is
+/// refused when the destination prepares, before the source freezes: exit 8 naming both
+/// versions (or the missing one), the source never frozen, the destination clean, `ferry
+/// serve` up. Without the check both migrations "succeeded": the container was handed to a
+/// runc that may not know the state a newer one wrote, or to none (nothing there could stop
+/// or delete it).
+#[test]
+fn a_destination_runc_that_cannot_take_over_is_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mruncver");
+    let src = th.src_runc();
+    let w = start_counter(&th, "");
+    let version = Command::new("runc")
+        .arg("--version")
+        .output()
+        .expect("runc --version");
+    let theirs = String::from_utf8_lossy(&version.stdout)
+        .split_whitespace()
+        .nth(2)
+        .expect("runc --version names a version")
+        .to_string();
+    let wrapper = th.dst_runc().path("old-runc");
+    fs::write(
+        &wrapper,
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'runc version 1.0.0'; exit 0; }\nexec runc \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    for (runc, says) in [
+        (
+            wrapper.display().to_string(),
+            format!("this host's runc 1.0.0 is older than the source's {theirs}"),
+        ),
+        (
+            "/nonexistent/runc".to_string(),
+            "this host's runc gives no version".to_string(),
+        ),
+    ] {
+        let serve = th.serve_with_env(&[("FERRY_RUNC", &runc)], &[]);
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
+        let error = out.assert_verbose_error(8).to_string();
+        assert!(error.contains(&says), "{out:?}");
+        assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+        drop(serve);
+    }
+    src.kill_and_delete(&w.id);
+    th.finish();
+}
+
 /// A container pinned to a CPU the destination cannot give it (here: the destination's
 /// cpuset for received containers holds only CPU 0, the container is pinned to CPU 1) is
 /// refused when the destination prepares, before the source freezes: exit 8 naming the CPUs,

@@ -821,6 +821,11 @@ impl<'a> Receiver<'a> {
                 "destination CRIU {mine} is older than the source's {theirs}"
             )));
         }
+        let runc = Runc::new(&self.shared.cfg.runtime_root)
+            .version()
+            .unwrap_or_else(|e| e.to_string());
+        crate::runtime::runc::check_adoptable(&runc, &p.runc_version)
+            .map_err(MigrateError::Incompatible)?;
         if let Some(theirs) = &p.cgroups {
             crate::runtime::cgroups::check_layout(theirs, crate::runtime::cgroups::host_layout())
                 .map_err(MigrateError::Incompatible)?;
@@ -899,9 +904,7 @@ impl<'a> Receiver<'a> {
             criu_version: mine.to_string(),
             mem_track: features.mem_track,
             lazy_pages: features.lazy_pages,
-            runc_version: Runc::new(&self.shared.cfg.runtime_root)
-                .version()
-                .unwrap_or_default(),
+            runc_version: runc,
         }))?;
         Ok(())
     }

@@ -202,9 +202,53 @@ impl Runc {
     }
 }
 
+/// Major and minor of a runc version as `runc --version` gives it ("1.1.5+ds1" → (1, 1)).
+fn minor_version(v: &str) -> Option<(u32, u32)> {
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Whether this host's runc (`mine`, from [`Runc::version`]) can take over a container the
+/// runc `theirs` ran: it must be there, and not of an older minor release (its state file
+/// and cgroup handling change between those; patch releases keep them). A version that
+/// does not parse is not compared.
+pub fn check_adoptable(mine: &str, theirs: &str) -> Result<(), String> {
+    let Some(m) = minor_version(mine) else {
+        return Err(format!(
+            "this host's runc gives no version ({mine:?}); set FERRY_RUNC or put runc in PATH"
+        ));
+    };
+    match minor_version(theirs) {
+        Some(t) if m < t => Err(format!(
+            "this host's runc {mine} is older than the source's {theirs} (a runc of an older \
+             minor release may not take over a container a newer one ran)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runc_takes_over_from_its_own_or_an_older_minor_release() {
+        assert_eq!(minor_version("1.1.5+ds1"), Some((1, 1)));
+        assert_eq!(minor_version("1.2.0-rc.1"), Some((1, 2)));
+        assert_eq!(minor_version("unknown"), None);
+        check_adoptable("1.1.5+ds1", "1.1.12").unwrap();
+        check_adoptable("1.2.0", "1.1.5+ds1").unwrap();
+        check_adoptable("1.1.5", "unknown").unwrap();
+        let e = check_adoptable("1.0.0", "1.1.5+ds1").unwrap_err();
+        assert!(
+            e.contains("runc 1.0.0 is older than the source's 1.1.5+ds1"),
+            "{e}"
+        );
+        let e = check_adoptable("unknown", "1.1.5").unwrap_err();
+        assert!(e.contains("no version"), "{e}");
+    }
 
     #[test]
     fn timestamps() {
