@@ -1008,6 +1008,54 @@ impl Drop for SmallTmpfs {
     }
 }
 
+/// A memwriter holding 64 MiB is migrated stop-copy to a `ferry serve` whose work dir is a
+/// tmpfs (as Debian's `/run`, where its default work dir is, holds its files in memory) and
+/// which runs in a memory cgroup limited to 32 MiB (a service with a memory limit): the
+/// dump's pages would be memory charged to that cgroup. Refused when the destination
+/// prepares, before the source freezes (exit 8, naming serve's cgroup), the source running
+/// on intact, the destination clean, `ferry serve` up. Without the check the dump froze the
+/// container and the OOM killer ended `ferry serve` as the pages arrived.
+#[test]
+fn pages_a_tmpfs_work_dir_has_no_memory_for_are_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mtmpfsmem");
+    let w = start_memwriter(&th, "", 64, 16);
+    let work = th.dst_runc().mkdir("serve-work");
+    let tmpfs = SmallTmpfs::mount(&work, "256m");
+    // ferry serve's own memory cgroup, beside the container's (the hosts share cgroupfs).
+    let state = th.src_runc().state_file(&w.id);
+    let own = state["cgroup_paths"]["memory"]
+        .as_str()
+        .expect("a memory cgroup");
+    let limit = (32 * MIB).to_string();
+    let cgroup = MadeCgroup::make(
+        &Path::new(own)
+            .parent()
+            .unwrap()
+            .join(format!("{}-serve", dst_cgroup_prefix())),
+        &[("memory.limit_in_bytes", &limit)],
+    );
+    let serve = th.serve(&[]);
+    fs::write(cgroup.path().join("cgroup.procs"), serve.pid().to_string()).unwrap();
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
+    let error = out.assert_verbose_error(8).to_string();
+    eprintln!("refused: {error}");
+    let says = format!(
+        "a tmpfs (its files are held in memory), and ferry serve's memory cgroup {}, which \
+         they are charged to, has room for only ",
+        cgroup.path().display()
+    );
+    assert!(error.contains(&says), "{out:?}");
+    drop(tmpfs);
+    assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_memwriter_healthy);
+    drop(serve);
+    cgroup.remove();
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 /// A memwriter holding 64 MiB is migrated stop-copy to a destination whose work dir (where
 /// the dump writes its pages) is on a filesystem with 32 MiB: refused when the destination
 /// prepares, before the source freezes (exit 8, naming the work dir), the source running on

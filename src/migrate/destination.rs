@@ -357,6 +357,16 @@ fn claim_room<C: Clone>(
     Ok(())
 }
 
+/// The claims of migrations other than `id`'s.
+fn others_of<C: Clone>(claims: &Mutex<HashMap<String, C>>, id: &str) -> Vec<C> {
+    let claims = claims.lock().unwrap_or_else(|e| e.into_inner());
+    claims
+        .iter()
+        .filter(|(k, _)| k.as_str() != id)
+        .map(|(_, c)| c.clone())
+        .collect()
+}
+
 /// Stops a post-copy container whose memory can no longer arrive. Armed with the
 /// container's freezer cgroup once it runs; tripped by the relay when the source's pages
 /// stop while the lazy-pages daemon still waits for some. Whichever comes second freezes
@@ -870,6 +880,18 @@ impl<'a> Receiver<'a> {
             claim_room(&self.shared.disk_claims, &p.container, claim, |others| {
                 check_disk(&self.shared.cfg.work_dir, m.bytes, others)
             })?;
+            // A tmpfs work dir holds the pages in memory too, until the restore has read them.
+            if crate::runtime::memroom::in_memory(&self.shared.cfg.work_dir) {
+                let mem = others_of(&self.shared.claims, &p.container);
+                let disk = others_of(&self.shared.disk_claims, &p.container);
+                crate::runtime::memroom::check_pages_in_memory(
+                    &self.shared.cfg.work_dir,
+                    m.bytes,
+                    &mem,
+                    &disk,
+                )
+                .map_err(MigrateError::Incompatible)?;
+            }
         }
         if self.lazy_final && !features.lazy_pages {
             return Err(MigrateError::Incompatible(format!(

@@ -213,6 +213,101 @@ fn fits_limits<'a>(
     Ok(())
 }
 
+/// Whether `work` is on a tmpfs, whose files are held in memory (Debian's `/run`, where
+/// `ferry serve`'s default work dir is).
+pub fn in_memory(work: &Path) -> bool {
+    use nix::sys::statfs::{statfs, TMPFS_MAGIC};
+    statfs(work).is_ok_and(|st| st.filesystem_type() == TMPFS_MAGIC)
+}
+
+/// This process's memory cgroup directory, from `/proc/self/cgroup` (the v1 `memory` line,
+/// else the v2 one on a v2-only host).
+fn own_memory_cgroup() -> Option<PathBuf> {
+    let text = read_text(Path::new("/proc/self/cgroup"))?;
+    let v2_only = Path::new(CGROUP_FS).join("cgroup.controllers").exists();
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        let rel = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            Some(Path::new(CGROUP_FS).join("memory").join(rel))
+        } else if v2_only && controllers.is_empty() {
+            Some(Path::new(CGROUP_FS).join(rel))
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether the `bytes` of pages a dump writes into the work dir `work`, a tmpfs (see
+/// [`in_memory`]), fit in memory besides the container's own `bytes` (which [`check`]
+/// counted): the host needs room for both (MemAvailable, less what `claims` and the
+/// `disk` claims of other migrations under way still need), and the files are charged to
+/// `ferry serve`'s own memory cgroup, so its limits (and its ancestors') must hold them.
+pub fn check_pages_in_memory(
+    work: &Path,
+    bytes: u64,
+    claims: &[Claim],
+    disk: &[DiskClaim],
+) -> Result<(), String> {
+    let pages = tally(disk.iter().map(DiskClaim::outstanding));
+    let refuse = |where_: String| {
+        format!(
+            "the container holds {} of memory, which its dump writes into the work dir {}, a \
+             tmpfs (its files are held in memory), and {where_}",
+            size(bytes),
+            work.display(),
+        )
+    };
+    let meminfo = read_text(Path::new("/proc/meminfo")).unwrap_or_default();
+    let swap = meminfo_bytes(&meminfo, "SwapFree").unwrap_or(0);
+    if let Some(available) = meminfo_bytes(&meminfo, "MemAvailable") {
+        let others = claimed(claims, None);
+        let room = available
+            .saturating_add(swap)
+            .saturating_sub(others.0)
+            .saturating_sub(pages.0)
+            .saturating_sub(bytes);
+        if bytes > room {
+            return Err(refuse(format!(
+                "this host has only {} available for them besides the restored memory \
+                 (MemAvailable{} in /proc/meminfo{})",
+                size(room),
+                if swap > 0 { " + SwapFree" } else { "" },
+                claimed_note((others.0.saturating_add(pages.0), others.1.max(pages.1))),
+            )));
+        }
+    }
+    let Some(own) = own_memory_cgroup() else {
+        return Ok(());
+    };
+    for dir in own
+        .ancestors()
+        .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
+        .filter(|a| a.is_dir())
+    {
+        let Some(l) = limit_of(dir) else { continue };
+        let room = l
+            .limit
+            .saturating_sub(l.used)
+            .saturating_add(swap)
+            .saturating_sub(pages.0);
+        if bytes > room {
+            return Err(refuse(format!(
+                "ferry serve's memory cgroup {}, which they are charged to, has room for only \
+                 {} ({} {}, {} of it in use{})",
+                dir.display(),
+                size(room),
+                l.file,
+                size(l.limit),
+                size(l.used),
+                claimed_note(pages)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Room a migration under way was given on the destination's disk for the pages its dumps
 /// write there: its session's work dir and the container's memory in bytes. Until they are
 /// written, the same room cannot be given to another migration.
