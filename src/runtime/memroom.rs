@@ -58,6 +58,23 @@ struct Limit {
     used: u64,
 }
 
+impl Limit {
+    /// What is left under it (free swap counting as room), less `claimed` bytes.
+    fn room(&self, swap: u64, claimed: u64) -> u64 {
+        self.limit
+            .saturating_sub(self.used)
+            .saturating_add(swap)
+            .saturating_sub(claimed)
+    }
+}
+
+/// `dir` and those of its ancestors that exist, inside the cgroup filesystem.
+fn existing_up_from(dir: &Path) -> impl Iterator<Item = &Path> {
+    dir.ancestors()
+        .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
+        .filter(|a| a.is_dir())
+}
+
 /// The limit of the memory cgroup `dir` (v1 `memory.limit_in_bytes`, v2 `memory.max`), None
 /// where it has none.
 fn limit_of(dir: &Path) -> Option<Limit> {
@@ -173,11 +190,7 @@ pub fn check(dir: &Path, bytes: u64, claims: &[Claim]) -> Result<(), String> {
             ));
         }
     }
-    let ancestors = dir
-        .ancestors()
-        .skip(1)
-        .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
-        .filter(|a| a.is_dir());
+    let ancestors = existing_up_from(dir).filter(|a| *a != dir);
     fits_limits(ancestors, bytes, swap, claims)
 }
 
@@ -191,11 +204,7 @@ fn fits_limits<'a>(
     for dir in dirs {
         let Some(l) = limit_of(dir) else { continue };
         let others = claimed(claims, Some(dir));
-        let room = l
-            .limit
-            .saturating_sub(l.used)
-            .saturating_add(swap)
-            .saturating_sub(others.0);
+        let room = l.room(swap, others.0);
         if bytes > room {
             return Err(format!(
                 "the container holds {} of memory and the memory cgroup {} has room for only \
@@ -281,17 +290,9 @@ pub fn check_pages_in_memory(
     let Some(own) = own_memory_cgroup() else {
         return Ok(());
     };
-    for dir in own
-        .ancestors()
-        .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
-        .filter(|a| a.is_dir())
-    {
+    for dir in existing_up_from(&own) {
         let Some(l) = limit_of(dir) else { continue };
-        let room = l
-            .limit
-            .saturating_sub(l.used)
-            .saturating_add(swap)
-            .saturating_sub(pages.0);
+        let room = l.room(swap, pages.0);
         if bytes > room {
             return Err(refuse(format!(
                 "ferry serve's memory cgroup {}, which they are charged to, has room for only \
