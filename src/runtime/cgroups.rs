@@ -53,6 +53,13 @@ pub(super) fn check_path(p: &Path) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// `dir` and those of its ancestors that exist, inside the cgroup filesystem.
+pub(super) fn existing_up_from(dir: &Path) -> impl Iterator<Item = &Path> {
+    dir.ancestors()
+        .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
+        .filter(|a| a.is_dir())
+}
+
 /// Whether a cgroup directory holds processes.
 pub fn has_processes(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("cgroup.procs"))
@@ -338,10 +345,8 @@ pub fn check_cpuset(dir: &Path, cpus: Option<&str>, mems: Option<&str>) -> Resul
     let holder = if v2 {
         Some(PathBuf::from(CGROUP_FS))
     } else {
-        dir.ancestors()
-            .skip(1)
-            .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
-            .find(|a| a.is_dir())
+        existing_up_from(dir)
+            .find(|a| *a != dir)
             .map(Path::to_path_buf)
     };
     match holder {

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::cgroups::{check_path, is_unlimited, CGROUP_FS};
+use super::cgroups::{check_path, existing_up_from, is_unlimited, CGROUP_FS};
 
 /// Longest memory.stat or /proc/meminfo read (each is 1–3 KiB).
 const MAX_STAT: u64 = 64 * 1024;
@@ -27,6 +27,37 @@ fn stat_value(text: &str, key: &str) -> Option<u64> {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok())?
     })
+}
+
+/// The host's free memory, from /proc/meminfo: MemAvailable (None where the kernel does not
+/// show it) and SwapFree, which counts as room too.
+struct HostFree {
+    available: Option<u64>,
+    swap: u64,
+}
+
+impl HostFree {
+    fn read() -> HostFree {
+        let meminfo = read_text(Path::new("/proc/meminfo")).unwrap_or_default();
+        HostFree {
+            available: meminfo_bytes(&meminfo, "MemAvailable"),
+            swap: meminfo_bytes(&meminfo, "SwapFree").unwrap_or(0),
+        }
+    }
+
+    /// MemAvailable and free swap together, when the kernel shows the former.
+    fn room(&self) -> Option<u64> {
+        self.available.map(|a| a.saturating_add(self.swap))
+    }
+
+    /// What [`Self::room`] counts, as its message names it.
+    fn counted(&self) -> &'static str {
+        if self.swap > 0 {
+            "MemAvailable + SwapFree"
+        } else {
+            "MemAvailable"
+        }
+    }
 }
 
 /// The bytes on the line `Key:   N kB` of /proc/meminfo.
@@ -66,13 +97,6 @@ impl Limit {
             .saturating_add(swap)
             .saturating_sub(claimed)
     }
-}
-
-/// `dir` and those of its ancestors that exist, inside the cgroup filesystem.
-fn existing_up_from(dir: &Path) -> impl Iterator<Item = &Path> {
-    dir.ancestors()
-        .take_while(|a| a.as_os_str().len() >= CGROUP_FS.len())
-        .filter(|a| a.is_dir())
 }
 
 /// The limit of the memory cgroup `dir` (v1 `memory.limit_in_bytes`, v2 `memory.max`), None
@@ -174,24 +198,23 @@ fn claimed_note((bytes, n): (u64, usize)) -> String {
 /// lacks the room is refused.
 pub fn check(dir: &Path, bytes: u64, claims: &[Claim]) -> Result<(), String> {
     check_path(dir).map_err(|e| e.to_string())?;
-    let meminfo = read_text(Path::new("/proc/meminfo")).unwrap_or_default();
-    let swap = meminfo_bytes(&meminfo, "SwapFree").unwrap_or(0);
-    if let Some(available) = meminfo_bytes(&meminfo, "MemAvailable") {
+    let host = HostFree::read();
+    if let Some(free) = host.room() {
         let others = claimed(claims, None);
-        let room = available.saturating_add(swap).saturating_sub(others.0);
+        let room = free.saturating_sub(others.0);
         if bytes > room {
             return Err(format!(
-                "the container holds {} of memory and this host has only {} available \
-                 (MemAvailable{} in /proc/meminfo{})",
+                "the container holds {} of memory and this host has only {} available ({} in \
+                 /proc/meminfo{})",
                 size(bytes),
                 size(room),
-                if swap > 0 { " + SwapFree" } else { "" },
+                host.counted(),
                 claimed_note(others)
             ));
         }
     }
     let ancestors = existing_up_from(dir).filter(|a| *a != dir);
-    fits_limits(ancestors, bytes, swap, claims)
+    fits_limits(ancestors, bytes, host.swap, claims)
 }
 
 /// [`check`]'s test of the limits of the cgroup directories `dirs`.
@@ -268,21 +291,19 @@ pub fn check_pages_in_memory(
             work.display(),
         )
     };
-    let meminfo = read_text(Path::new("/proc/meminfo")).unwrap_or_default();
-    let swap = meminfo_bytes(&meminfo, "SwapFree").unwrap_or(0);
-    if let Some(available) = meminfo_bytes(&meminfo, "MemAvailable") {
+    let host = HostFree::read();
+    if let Some(free) = host.room() {
         let others = claimed(claims, None);
-        let room = available
-            .saturating_add(swap)
+        let room = free
             .saturating_sub(others.0)
             .saturating_sub(pages.0)
             .saturating_sub(bytes);
         if bytes > room {
             return Err(refuse(format!(
-                "this host has only {} available for them besides the restored memory \
-                 (MemAvailable{} in /proc/meminfo{})",
+                "this host has only {} available for them besides the restored memory ({} in \
+                 /proc/meminfo{})",
                 size(room),
-                if swap > 0 { " + SwapFree" } else { "" },
+                host.counted(),
                 claimed_note((others.0.saturating_add(pages.0), others.1.max(pages.1))),
             )));
         }
@@ -292,7 +313,7 @@ pub fn check_pages_in_memory(
     };
     for dir in existing_up_from(&own) {
         let Some(l) = limit_of(dir) else { continue };
-        let room = l.room(swap, pages.0);
+        let room = l.room(host.swap, pages.0);
         if bytes > room {
             return Err(refuse(format!(
                 "ferry serve's memory cgroup {}, which they are charged to, has room for only \
