@@ -16,7 +16,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -983,29 +983,6 @@ fn room_given_to_a_migration_under_way_is_not_given_again() {
     src.kill_and_delete(&b.id);
     limited.remove();
     th.finish();
-}
-
-/// A tmpfs of `size` mounted on a directory for as long as it lives.
-struct SmallTmpfs(PathBuf);
-
-impl SmallTmpfs {
-    fn mount(dir: &Path, size: &str) -> Self {
-        must(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(dir)
-                .output()
-                .unwrap(),
-            "mount a tmpfs",
-        );
-        SmallTmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-    }
 }
 
 /// A memwriter holding 64 MiB is migrated stop-copy to a `ferry serve` whose work dir is a

@@ -209,6 +209,52 @@ fn precopy_policy_stops_when_dirtying_outpaces_the_link() {
     th.finish();
 }
 
+/// The same fast dirtier, to a destination whose work dir (a 160 MiB tmpfs, 2.5× the
+/// workload) holds its round 1 and one more full dump, not two: the rounds stop after round 1
+/// because another would not leave room for a final dump of the whole memory, and the
+/// migration succeeds, memory intact. Without the rule the rounds went on (each a full
+/// 64 MiB) and the final dump ran out of room with the container frozen.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn precopy_rounds_keep_room_for_the_final_dump() {
+    require_two_hosts();
+    require_mem_track();
+    let th = TwoHosts::new("vroom");
+    let w = start_memwriter(&th, "", 64, 4096);
+    let work = th.dst_runc().mkdir("serve-work");
+    let tmpfs = SmallTmpfs::mount(&work, "160m");
+    let serve = th.serve(&[]);
+    let out = th.migrate(
+        &w.id,
+        &serve.addr,
+        &[
+            "--mode",
+            "pre-copy",
+            "--max-rounds",
+            "10",
+            "--target-downtime-ms",
+            "1",
+        ],
+    );
+    let v = assert_memwriter_migrated(&th, &w, &out, Some("pre-copy"), 3);
+    let pr = pre_rounds(&v);
+    vm::report(&format!(
+        "work dir of 160 MiB: pre-dump rounds (pages) {pr:?}; stopped: {}",
+        v["rounds_reason"]
+    ));
+    assert_eq!(pr.len(), 1, "{v}");
+    assert!(
+        v["rounds_reason"].as_str().is_some_and(|r| r
+            .starts_with("the destination's work dir has room for ")
+            && r.contains("and a final dump of the whole 64.")),
+        "rounds_reason: {v}"
+    );
+    th.dst_runc().kill_and_delete(&w.id);
+    drop(serve);
+    drop(tmpfs);
+    th.finish();
+}
+
 /// `--mode hybrid`: pre-dump rounds, then a lazy final dump; memory intact.
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run)"]

@@ -744,7 +744,7 @@ impl<'a> Receiver<'a> {
                         }
                         0
                     };
-                    self.ctl.send(&Msg::PageServerReady)?;
+                    self.ctl.send(&self.ready())?;
                     Ok(State::Dumping { round })
                 }
             }
@@ -775,7 +775,7 @@ impl<'a> Receiver<'a> {
                     )?;
                     round + 1
                 };
-                self.ctl.send(&Msg::PageServerReady)?;
+                self.ctl.send(&self.ready())?;
                 Ok(State::Dumping { round: next })
             }
             (State::Dumping { round: 0 }, Msg::Manifest(m)) => self.step(
@@ -1108,6 +1108,15 @@ impl<'a> Receiver<'a> {
         self.data_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| MigrateError::Remote("no data connection within 30 s".into()))
+    }
+
+    /// PageServerReady, with the room the work dir has left for this migration's pages.
+    fn ready(&self) -> Msg {
+        let id = self.id.as_deref().unwrap_or_default();
+        let others = others_of(&self.shared.disk_claims, id);
+        Msg::PageServerReady(super::wire::Ready {
+            room: crate::runtime::memroom::disk_room(&self.shared.cfg.work_dir, &others),
+        })
     }
 
     /// Starts a page server writing into `dir` (relative to the images dir) with `parent`

@@ -16,16 +16,27 @@
 //!    to the cap;
 //! 4. otherwise → another round.
 //!
+//! Whatever the rule (these and the anchors' below), a round is started only if the
+//! destination's work dir keeps room for it and for a final dump of the whole working set
+//! after it (see [`Policy::room_check`]): rounds write their pages there as well, and a final
+//! dump that runs out of room fails with the container frozen. (A lazy final dump, hybrid's,
+//! writes no pages there: only the round must fit.)
+//!
 //! The anchors' fixed rules are here too, for the benchmark to compare against: P.Haul's
 //! (stop at ≤ 64 pages, at > 10 % growth over the previous round, or after 9 rounds) and
 //! go-criu phaul's as used in practice (one round).
 
 use serde::Serialize;
 
+use crate::runtime::memroom::size;
+
 /// Page size the predictions use (CRIU's pages on x86-64).
 pub const PAGE: u64 = 4096;
 /// A round must be predicted to cut the freeze to this fraction or less to be worth it.
 pub const MIN_SHRINK: f64 = 0.8;
+/// What the room rule keeps over its estimates of the pages still to come (the images
+/// besides the pages, a round larger than predicted).
+pub const ROOM_MARGIN: f64 = 1.25;
 
 /// What ferry measured of one pre-dump round.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -38,6 +49,8 @@ pub struct RoundFacts {
     /// Milliseconds from the start of the previous round to the start of this one (0 for the
     /// first).
     pub since_previous_ms: f64,
+    /// Bytes the destination's work dir can still take after this round, when it said.
+    pub room_after: Option<u64>,
 }
 
 /// The outcome of a decision.
@@ -86,6 +99,9 @@ pub struct Policy {
     pub kind: PolicyKind,
     pub max_rounds: u32,
     pub target_downtime_ms: u64,
+    /// Whether the final dump writes its pages into the destination's work dir (all modes
+    /// but hybrid, whose final dump is lazy).
+    final_on_disk: bool,
     rounds: Vec<RoundFacts>,
 }
 
@@ -105,7 +121,16 @@ impl Policy {
             kind,
             max_rounds: max_rounds.max(1),
             target_downtime_ms,
+            final_on_disk: true,
             rounds: Vec::new(),
+        }
+    }
+
+    /// The final dump will be lazy: its pages go straight into the restored container.
+    pub fn with_lazy_final(self) -> Policy {
+        Policy {
+            final_on_disk: false,
+            ..self
         }
     }
 
@@ -132,9 +157,78 @@ impl Policy {
         Some(last.pages_written as f64 / last.since_previous_ms)
     }
 
+    /// Pages the next round would carry, which are also the pages the final dump would carry
+    /// if the rounds stopped now: what the workload dirties during one round, never more than
+    /// the first round wrote. Known from round 2 on.
+    pub fn next_pages(&self) -> Option<f64> {
+        let dirty = self.dirty_pages_per_ms()?;
+        let last = self.rounds.last()?;
+        let working_set = self.rounds[0].pages_written.max(1) as f64;
+        Some((dirty * last.wall_ms.max(1.0)).min(working_set))
+    }
+
     /// Records a finished round and decides whether to stop.
     pub fn after_round(&mut self, facts: RoundFacts) -> Decision {
         self.rounds.push(facts);
+        let d = self.by_kind();
+        if d.stop {
+            return d;
+        }
+        match self.room_check() {
+            Some(reason) => Decision {
+                stop: true,
+                reason,
+                ..d
+            },
+            None => d,
+        }
+    }
+
+    /// Why another round must not start, when the destination's work dir would be left with
+    /// too little room: it must take the next round (as predicted, or the whole working set
+    /// before the dirty rate is known) and after it a final dump of the whole working set
+    /// (unless that is lazy), with [`ROOM_MARGIN`] over both.
+    pub fn room_check(&self) -> Option<String> {
+        let room = self.rounds.last()?.room_after?;
+        let whole = self.rounds[0].pages_written as f64;
+        let next = self.next_pages().unwrap_or(whole);
+        let last = if self.final_on_disk { whole } else { 0.0 };
+        let need = (next + last) * PAGE as f64 * ROOM_MARGIN;
+        let mib = |pages: f64| size((pages * PAGE as f64) as u64);
+        ((room as f64) < need).then(|| {
+            let after = if self.final_on_disk {
+                format!(" and a final dump of the whole {} after it", mib(whole))
+            } else {
+                String::new()
+            };
+            format!(
+                "the destination's work dir has room for {} more: not enough for another round \
+                 (~{}){after}",
+                size(room),
+                mib(next),
+            )
+        })
+    }
+
+    /// When the final dump is predicted to write more than the destination's work dir can
+    /// take after the last round: why the migration should not freeze the container.
+    pub fn final_room_shortfall(&self) -> Option<String> {
+        if !self.final_on_disk {
+            return None;
+        }
+        let room = self.rounds.last()?.room_after?;
+        let next = self.next_pages()? * PAGE as f64;
+        ((room as f64) < next).then(|| {
+            format!(
+                "the final dump is predicted to write ~{} of pages into the destination's work \
+                 dir, which has room for only {} after the pre-dump rounds",
+                size(next as u64),
+                size(room)
+            )
+        })
+    }
+
+    fn by_kind(&self) -> Decision {
         match self.kind {
             PolicyKind::Adaptive => self.adaptive(),
             PolicyKind::PHaul => self.phaul(),
@@ -168,7 +262,7 @@ impl Policy {
         };
         let overhead = overhead_ms(&self.rounds);
         let freeze_for = |pages: f64| overhead + pages / link;
-        let Some(dirty) = self.dirty_pages_per_ms() else {
+        let (Some(dirty), Some(next_pages)) = (self.dirty_pages_per_ms(), self.next_pages()) else {
             // After the first round only the link is known. If even all of the memory fits
             // into the target, what is dirtied during one round surely does.
             let whole = freeze_for(last.pages_written as f64);
@@ -194,10 +288,7 @@ impl Policy {
                 predicted_freeze_ms: None,
             };
         };
-        // Pages the final dump would carry if the rounds stop now: dirtied during this round
-        // (and the little time until the freeze), never more than the round before wrote.
-        let working_set = self.rounds[0].pages_written.max(1) as f64;
-        let next_pages = (dirty * last.wall_ms.max(1.0)).min(working_set);
+        // The final dump would carry `next_pages` if the rounds stop now.
         let predicted = freeze_for(next_pages);
         if predicted <= target {
             return Decision {
@@ -280,6 +371,7 @@ mod tests {
             write_ms: write,
             wall_ms: write + 10.0,
             since_previous_ms: since,
+            room_after: None,
         }
     }
 
@@ -336,8 +428,103 @@ mod tests {
             write_ms: 0.0,
             wall_ms: 5.0,
             since_previous_ms: 0.0,
+            room_after: None,
         });
         assert!(d.stop);
+    }
+
+    fn with_room(mut r: RoundFacts, room: u64) -> RoundFacts {
+        r.room_after = Some(room);
+        r
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn rounds_stop_while_the_destination_keeps_room_for_a_whole_final_dump() {
+        // 256 MiB working set; round 1 leaves 400 MiB: a second round of up to 256 MiB and a
+        // final dump of 256 MiB after it need 640 MiB.
+        let mut p = Policy::new(PolicyKind::Adaptive, 8, 1);
+        let d = p.after_round(with_room(round(65_536, 0.0), 400 * MIB));
+        assert!(d.stop, "{d:?}");
+        assert!(
+            d.reason
+                .starts_with("the destination's work dir has room for 400.0 MiB more"),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason.ends_with(
+                "not enough for another round (~256.0 MiB) and a final dump of the whole 256.0 \
+                 MiB after it"
+            ),
+            "{}",
+            d.reason
+        );
+        // A lazy final dump (hybrid) needs no room there: only the round must fit.
+        let mut l = Policy::new(PolicyKind::Adaptive, 8, 1).with_lazy_final();
+        assert!(!l.after_round(with_room(round(65_536, 0.0), 400 * MIB)).stop);
+        let d = l.after_round(with_room(round(40_000, 266.0), 100 * MIB));
+        assert!(
+            d.stop && d.reason.ends_with("another round (~97.7 MiB)"),
+            "{d:?}"
+        );
+        assert_eq!(l.final_room_shortfall(), None);
+        // With 700 MiB left the rounds go on as without the rule.
+        let mut q = Policy::new(PolicyKind::Adaptive, 8, 1);
+        assert!(!q.after_round(with_room(round(65_536, 0.0), 700 * MIB)).stop);
+        // Round 2 (40 000 pages since round 1 began 266 ms before: ~150 pages/ms, ~98 MiB over
+        // its 166 ms) leaves 330 MiB: the next round and a whole final dump need (98 + 256) ×
+        // 1.25 = 442 MiB.
+        let d = q.after_round(with_room(round(40_000, 266.0), 330 * MIB));
+        assert!(d.stop && d.reason.contains("another round (~"), "{d:?}");
+        // 500 MiB would have done.
+        let mut r = Policy::new(PolicyKind::Adaptive, 8, 1);
+        r.after_round(with_room(round(65_536, 0.0), 700 * MIB));
+        assert!(
+            !r.after_round(with_room(round(40_000, 266.0), 500 * MIB))
+                .stop
+        );
+        // The rule holds for the anchors' rules too.
+        let mut h = Policy::new(PolicyKind::PHaul, 8, 0);
+        let d = h.after_round(with_room(round(65_536, 0.0), 100 * MIB));
+        assert!(d.stop && d.reason.contains("room"), "{d:?}");
+    }
+
+    #[test]
+    fn a_stop_for_another_reason_keeps_its_reason() {
+        let mut p = Policy::new(PolicyKind::Adaptive, 8, 300);
+        let d = p.after_round(with_room(round(10_000, 0.0), 0));
+        assert!(d.stop && d.reason.contains("within the target"), "{d:?}");
+    }
+
+    #[test]
+    fn a_final_dump_predicted_beyond_the_room_left_is_told() {
+        let mut p = Policy::new(PolicyKind::Adaptive, 2, 1);
+        p.after_round(with_room(round(65_536, 0.0), 700 * MIB));
+        assert_eq!(
+            p.final_room_shortfall(),
+            None,
+            "no prediction before round 2"
+        );
+        // The final dump would carry ~98 MiB (as above); 50 MiB are left.
+        let d = p.after_round(with_room(round(40_000, 266.0), 50 * MIB));
+        assert!(d.stop, "{d:?}");
+        let why = p.final_room_shortfall().expect("a shortfall");
+        assert!(
+            why.starts_with("the final dump is predicted to write ~")
+                && why.ends_with("which has room for only 50.0 MiB after the pre-dump rounds"),
+            "{why}"
+        );
+        let mut q = Policy::new(PolicyKind::Adaptive, 2, 1);
+        q.after_round(with_room(round(65_536, 0.0), 700 * MIB));
+        q.after_round(with_room(round(40_000, 266.0), 200 * MIB));
+        assert_eq!(q.final_room_shortfall(), None);
+        // Without word from the destination nothing is told.
+        let mut r = Policy::new(PolicyKind::Adaptive, 2, 1);
+        r.after_round(round(65_536, 0.0));
+        r.after_round(round(40_000, 266.0));
+        assert_eq!(r.final_room_shortfall(), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Token;
 use super::link::{self, Link};
-use super::policy::{Policy, PolicyKind, RoundFacts};
+use super::policy::{Policy, PolicyKind, RoundFacts, PAGE};
 use super::progress::{bytes_acked, Progress};
 use super::relay::{free_loopback_port, SourceRelay};
 use super::rootfs::{manifest, HashCache};
@@ -812,8 +812,13 @@ fn pre_dump_rounds(
     ps_fd: std::os::fd::RawFd,
     images: &Path,
     progress: (&Progress, &Option<Link>),
+    mut room: Option<u64>,
+    lazy_final: bool,
 ) -> Result<PreRounds, MigrateError> {
     let mut policy = Policy::new(req.policy, req.max_rounds, req.target_downtime_ms);
+    if lazy_final {
+        policy = policy.with_lazy_final();
+    }
     let mut rounds = Vec::new();
     let mut previous_start: Option<Instant> = None;
     let mut before = crate::images::DumpStats::default();
@@ -857,6 +862,8 @@ fn pre_dump_rounds(
             since_previous_ms: previous_start
                 .map(|p| start.duration_since(p).as_secs_f64() * 1000.0)
                 .unwrap_or(0.0),
+            // What the destination had before the round, less the round's pages.
+            room_after: room.map(|r| r.saturating_sub(st.pages_written * PAGE)),
         };
         previous_start = Some(start);
         let decision = policy.after_round(facts);
@@ -875,12 +882,18 @@ fn pre_dump_rounds(
             bytes: st.pages_written * 4096,
             ms: wall.as_millis() as u64,
         });
+        if decision.stop {
+            // Better refused now, with the container running, than failed after the freeze.
+            if let Some(why) = policy.final_room_shortfall() {
+                return Err(MigrateError::Incompatible(why));
+            }
+        }
         ctl.send(&Msg::RoundDone(RoundDone {
             round: k,
             next_final: decision.stop,
         }))?;
         // Hybrid: the round's page maps come back first (see `receive_pagemaps`).
-        receive_pagemaps(ctl, &dir)?;
+        room = receive_pagemaps(ctl, &dir)?;
         if decision.stop {
             return Ok(PreRounds {
                 rounds,
@@ -956,10 +969,11 @@ const MAX_PAGEMAP: u64 = 256 * 1024 * 1024;
 /// Until PageServerReady: image files the destination sends back into a round's directory
 /// (hybrid: the round's page maps, and empty pages images of the same names, so that the
 /// lazy final dump finds its parent chain and marks pages already sent as in the parent).
-fn receive_pagemaps(ctl: &mut Ctl, dir: &Path) -> Result<(), MigrateError> {
+/// Returns the room the destination reports left in its work dir.
+fn receive_pagemaps(ctl: &mut Ctl, dir: &Path) -> Result<Option<u64>, MigrateError> {
     loop {
         let f = match ctl.recv()? {
-            Msg::PageServerReady => return Ok(()),
+            Msg::PageServerReady(r) => return Ok(r.room),
             Msg::File(f) if f.target == Target::Image => f,
             other => {
                 return Err(WireError::Unexpected {
@@ -1020,8 +1034,8 @@ fn run(
     crate::ops::interrupt::check()?;
 
     let (data, _) = open(req, Role::Data, Some(session_id))?;
-    match ctl.recv()? {
-        Msg::PageServerReady => {}
+    let room = match ctl.recv()? {
+        Msg::PageServerReady(r) => r.room,
         other => {
             return Err(WireError::Unexpected {
                 got: other.kind(),
@@ -1029,7 +1043,7 @@ fn run(
             }
             .into())
         }
-    }
+    };
 
     let images = work.join("images");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Rootfs(e.to_string()))?;
@@ -1072,6 +1086,8 @@ fn run(
             fd,
             &images,
             (&progress, &probe),
+            room,
+            mode == Mode::Hybrid,
         )?;
         pre_rounds = done.rounds;
         rounds_reason = done.reason;

@@ -5,9 +5,9 @@
 //! fails to decode. File data travels in [`Kind::Chunk`] frames as raw bytes; every other
 //! message's payload is one JSON object.
 //!
-//! Protocol version 2 — the message sequence (S = source, `ferry migrate`; D = destination,
+//! Protocol version 3 — the message sequence (S = source, `ferry migrate`; D = destination,
 //! `ferry serve`). Version 1 carried one network interface's facts at the top of `net`; 2
-//! carries a list, `net.ifaces`.
+//! carries a list, `net.ifaces`; 3 adds `room` to PageServerReady.
 //!
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
@@ -20,7 +20,9 @@
 //! S→D Manifest{entries, last}*             D→S Need{paths}
 //! S→D (File{rootfs, path} Chunk* FileEnd)* SyncDone
 //!   second connection, S→D Hello{role: data, session} … Welcome: D hands it to its page
-//!   server                                 D→S PageServerReady
+//!   server                                 D→S PageServerReady{room}
+//!   (room: the bytes D's work dir can still take, less other migrations' claims; S's rounds
+//!   policy keeps room there for the final dump)
 //! pre-copy / hybrid only, once per pre-dump round k = 1, 2, …: S PRE_DUMPs while the
 //!   container runs, pages through the data connection into D's page server (images dir
 //!   pre-k, parent pre-(k-1)); then
@@ -30,7 +32,7 @@
 //!                                          hybrid: D→S (File{image: pagemap-*/pages-*}
 //!                                          Chunk* FileEnd)* — the round's page maps, the
 //!                                          pages images as empty names
-//!                                          D→S PageServerReady
+//!                                          D→S PageServerReady{room}
 //! S freezes and dumps; pages go through the data connection; at post-dump S holds:
 //! S→D Manifest*  (final rootfs delta)     D→S Need
 //! S→D files, SyncDone{deleted}, (File{image} Chunk* FileEnd)*, Restore{meta}
@@ -56,9 +58,9 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Versions this build speaks (`ferry --version` prints them; keep the two in step).
-pub const SUPPORTED_VERSIONS: &[u32] = &[2];
+pub const SUPPORTED_VERSIONS: &[u32] = &[3];
 pub const MAGIC: [u8; 2] = *b"FY";
 pub const HEADER_LEN: usize = 8;
 /// Largest payload accepted.
@@ -338,6 +340,15 @@ pub struct RoundDone {
     pub next_final: bool,
 }
 
+/// The destination's page server for the next transfer is listening.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Ready {
+    /// Bytes the destination's work dir can still take (free space less what other
+    /// migrations under way have still to write there), when it could tell.
+    #[serde(default)]
+    pub room: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Empty {}
 
@@ -356,7 +367,7 @@ pub enum Msg {
     Chunk(Vec<u8>),
     FileEnd,
     SyncDone(SyncDone),
-    PageServerReady,
+    PageServerReady(Ready),
     Restore(RestoreMsg),
     Restored(Pid),
     Commit,
@@ -381,7 +392,7 @@ impl Msg {
             Msg::Chunk(_) => Kind::Chunk,
             Msg::FileEnd => Kind::FileEnd,
             Msg::SyncDone(_) => Kind::SyncDone,
-            Msg::PageServerReady => Kind::PageServerReady,
+            Msg::PageServerReady(_) => Kind::PageServerReady,
             Msg::Restore(_) => Kind::Restore,
             Msg::Restored(_) => Kind::Restored,
             Msg::Commit => Kind::Commit,
@@ -416,7 +427,8 @@ impl Msg {
             Msg::Restored(m) | Msg::Committed(m) => j(out, m),
             Msg::Error(m) => j(out, m),
             Msg::RoundDone(m) => j(out, m),
-            Msg::FileEnd | Msg::PageServerReady | Msg::Commit | Msg::Ok => j(out, &Empty {}),
+            Msg::PageServerReady(m) => j(out, m),
+            Msg::FileEnd | Msg::Commit | Msg::Ok => j(out, &Empty {}),
         }
     }
 
@@ -444,10 +456,7 @@ impl Msg {
                 Msg::FileEnd
             }
             Kind::SyncDone => Msg::SyncDone(j(kind, payload)?),
-            Kind::PageServerReady => {
-                j::<Empty>(kind, payload)?;
-                Msg::PageServerReady
-            }
+            Kind::PageServerReady => Msg::PageServerReady(j(kind, payload)?),
             Kind::Restore => Msg::Restore(j(kind, payload)?),
             Kind::Restored => Msg::Restored(j(kind, payload)?),
             Kind::Commit => {
@@ -584,6 +593,10 @@ mod tests {
         }));
         round_trip(Msg::Restored(Pid { pid: 42 }));
         round_trip(Msg::Commit);
+        round_trip(Msg::PageServerReady(Ready {
+            room: Some(7 << 30),
+        }));
+        round_trip(Msg::PageServerReady(Ready::default()));
         round_trip(Msg::RoundDone(RoundDone {
             round: 2,
             next_final: true,

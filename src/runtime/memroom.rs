@@ -135,7 +135,7 @@ fn limit_of(dir: &Path) -> Option<Limit> {
 }
 
 /// "64.0 MiB", "1.5 GiB", "512 KiB".
-fn size(bytes: u64) -> String {
+pub(crate) fn size(bytes: u64) -> String {
     const KIB: f64 = 1024.0;
     let b = bytes as f64;
     if b >= KIB * KIB * KIB {
@@ -379,17 +379,33 @@ fn bytes_under(dir: &Path) -> u64 {
 /// space an unprivileged writer may use), less what `claims` of other migrations under way
 /// have still to write there.
 pub fn check_disk(work: &Path, bytes: u64, claims: &[DiskClaim]) -> Result<(), String> {
-    let Ok(st) = nix::sys::statvfs::statvfs(work) else {
-        return Ok(());
-    };
-    let free = st.blocks_available().saturating_mul(st.fragment_size());
-    fits_disk(work, free, bytes, claims)
+    match free_on(work) {
+        Some(free) => fits_disk(work, free, bytes, claims),
+        None => Ok(()),
+    }
+}
+
+/// Free space an unprivileged writer may use on the filesystem of `dir`.
+fn free_on(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
+/// The bytes the filesystem of the work dir `work` can still take, less what `claims` of
+/// other migrations have still to write there; `None` when it cannot be told.
+pub fn disk_room(work: &Path, claims: &[DiskClaim]) -> Option<u64> {
+    Some(room_left(free_on(work)?, claims).0)
+}
+
+/// `free` less what `claims` have still to write; and those claims' tally.
+fn room_left(free: u64, claims: &[DiskClaim]) -> (u64, (u64, usize)) {
+    let others = tally(claims.iter().map(DiskClaim::outstanding));
+    (free.saturating_sub(others.0), others)
 }
 
 /// [`check_disk`] with the free bytes given.
 fn fits_disk(work: &Path, free: u64, bytes: u64, claims: &[DiskClaim]) -> Result<(), String> {
-    let others = tally(claims.iter().map(DiskClaim::outstanding));
-    let room = free.saturating_sub(others.0);
+    let (room, others) = room_left(free, claims);
     if bytes > room {
         return Err(format!(
             "the container holds {} of memory, which its dump writes into the work dir {}, and \
@@ -580,6 +596,11 @@ mod tests {
         );
         assert_eq!(bytes_under(&work.join("none")), 0);
         assert!(check_disk(&work.join("none"), u64::MAX, &[]).is_ok());
+        // The room reported between pre-copy rounds: free space less the 48 MiB still claimed.
+        assert_eq!(room_left(100 * MIB, claims).0, 52 * MIB);
+        assert_eq!(room_left(40 * MIB, claims).0, 0);
+        assert!(disk_room(work, claims).is_some());
+        assert_eq!(disk_room(&work.join("none"), &[]), None);
     }
 
     #[test]

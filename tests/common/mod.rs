@@ -1819,6 +1819,29 @@ pub fn dst_cgroup_prefix() -> String {
     format!("ferry-dst-{}", std::process::id())
 }
 
+/// A tmpfs of `size` mounted on a directory for as long as it lives.
+pub struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Self {
+        must(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir)
+                .output()
+                .unwrap(),
+            "mount a tmpfs",
+        );
+        SmallTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
 /// Cgroup directories a test made, each inside the one before, with files written in each;
 /// removed innermost first however the test ends.
 pub struct MadeCgroup(Vec<PathBuf>);
