@@ -35,6 +35,16 @@ const PRE_ARGS: &[&str] = &[
     "1",
 ];
 
+/// Pre-copy for the fast dirtier: room for ten rounds, a target no final dump can meet.
+const FAST_ARGS: &[&str] = &[
+    "--mode",
+    "pre-copy",
+    "--max-rounds",
+    "10",
+    "--target-downtime-ms",
+    "1",
+];
+
 /// A few MiB/s dirtied: pre-copy converges.
 const SLOW_DIRTY_MIB_S: u32 = 2;
 
@@ -180,20 +190,7 @@ fn precopy_policy_stops_when_dirtying_outpaces_the_link() {
     require_two_hosts();
     require_mem_track();
     let th = TwoHosts::new("vfast");
-    let v = migrate_memwriter(
-        &th,
-        "",
-        64,
-        4096,
-        &[
-            "--mode",
-            "pre-copy",
-            "--max-rounds",
-            "10",
-            "--target-downtime-ms",
-            "1",
-        ],
-    );
+    let v = migrate_memwriter(&th, "", 64, 4096, FAST_ARGS);
     let pr = pre_rounds(&v);
     vm::report(&format!(
         "fast dirtier: pre-dump rounds (pages) {pr:?}; stopped: {}",
@@ -224,18 +221,7 @@ fn precopy_rounds_keep_room_for_the_final_dump() {
     let work = th.dst_runc().mkdir("serve-work");
     let tmpfs = SmallTmpfs::mount(&work, "160m");
     let serve = th.serve(&[]);
-    let out = th.migrate(
-        &w.id,
-        &serve.addr,
-        &[
-            "--mode",
-            "pre-copy",
-            "--max-rounds",
-            "10",
-            "--target-downtime-ms",
-            "1",
-        ],
-    );
+    let out = th.migrate(&w.id, &serve.addr, FAST_ARGS);
     let v = assert_memwriter_migrated(&th, &w, &out, Some("pre-copy"), 3);
     let pr = pre_rounds(&v);
     vm::report(&format!(
