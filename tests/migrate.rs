@@ -1000,7 +1000,7 @@ fn pages_a_tmpfs_work_dir_has_no_memory_for_are_refused_before_the_freeze() {
     let th = TwoHosts::new("mtmpfsmem");
     let w = start_memwriter(&th, "", 64, 16);
     let work = th.dst_runc().mkdir("serve-work");
-    let tmpfs = SmallTmpfs::mount(&work, "256m");
+    let tmpfs = Mounted::tmpfs(&work, "256m");
     // ferry serve's own memory cgroup, beside the container's (the hosts share cgroupfs).
     let state = th.src_runc().state_file(&w.id);
     let own = state["cgroup_paths"]["memory"]
@@ -1046,7 +1046,7 @@ fn pages_the_destination_has_no_disk_for_are_refused_before_the_freeze() {
     let th = TwoHosts::new("mdiskroom");
     let w = start_memwriter(&th, "", 64, 16);
     let work = th.dst_runc().mkdir("serve-work");
-    let small = SmallTmpfs::mount(&work, "32m");
+    let small = Mounted::tmpfs(&work, "32m");
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
     let error = out.assert_verbose_error(8).to_string();
@@ -1060,6 +1060,53 @@ fn pages_the_destination_has_no_disk_for_are_refused_before_the_freeze() {
     // The small tmpfs is the test's own mount in the destination's dir: gone before the
     // destination is checked for leftovers.
     drop(small);
+    assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_memwriter_healthy);
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// The destination's bundles dir and work dir on one filesystem (a 72 MiB tmpfs), a 64 MiB
+/// memwriter whose rootfs holds 16 MiB more: its pages fit there, and its rootfs, but not
+/// both. Refused when the destination compares the rootfs, before the source freezes (exit
+/// 8, naming the bundles dir and the room kept for the pages), the source running on intact,
+/// the destination clean. Without the check the rootfs went in while the container ran and
+/// the dump then ran out of room with the container frozen.
+#[test]
+fn rootfs_and_pages_the_destination_has_no_room_for_are_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mrootroom");
+    let w = start_memwriter(&th, "", 64, 16);
+    fs::write(w.bundle.join("rootfs/blob"), vec![7u8; 16 << 20]).unwrap();
+    let dst = th.dst_runc();
+    let shared = dst.mkdir("shared-fs");
+    let tmpfs = Mounted::tmpfs(&shared, "72m");
+    for d in ["bundles", "work"] {
+        fs::create_dir(shared.join(d)).unwrap();
+    }
+    let bundles = Mounted::bind(&shared.join("bundles"), &dst.bundles);
+    let work = Mounted::bind(&shared.join("work"), &dst.mkdir("serve-work"));
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
+    let error = out.assert_verbose_error(8).to_string();
+    eprintln!("refused: {error}");
+    assert!(
+        error.contains("the container's rootfs files to copy take 1"),
+        "{out:?}"
+    );
+    let says = format!(
+        "and the filesystem of the bundles dir {} has room for only ",
+        dst.bundles.display()
+    );
+    assert!(error.contains(&says), "{out:?}");
+    assert!(
+        error.contains(
+            "of it kept for the page images still to come into the work dir on the same filesystem"
+        ),
+        "{out:?}"
+    );
+    drop((work, bundles, tmpfs));
     assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_memwriter_healthy);
     th.src_runc().kill_and_delete(&w.id);
     th.finish();

@@ -219,7 +219,7 @@ fn precopy_rounds_keep_room_for_the_final_dump() {
     let th = TwoHosts::new("vroom");
     let w = start_memwriter(&th, "", 64, 4096);
     let work = th.dst_runc().mkdir("serve-work");
-    let tmpfs = SmallTmpfs::mount(&work, "160m");
+    let tmpfs = Mounted::tmpfs(&work, "160m");
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, FAST_ARGS);
     let v = assert_memwriter_migrated(&th, &w, &out, Some("pre-copy"), 3);

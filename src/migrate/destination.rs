@@ -689,6 +689,9 @@ impl<'a> Receiver<'a> {
                 let rootfs = self.bundle().join("rootfs");
                 let read_before = self.hashes.reads;
                 let need = needed(&rootfs, &entries, &mut self.hashes)?;
+                if !final_sync {
+                    self.check_rootfs_room(&entries, &need)?;
+                }
                 tracing::debug!(
                     entries = entries.len(),
                     need = need.len(),
@@ -1108,6 +1111,36 @@ impl<'a> Receiver<'a> {
         self.data_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| MigrateError::Remote("no data connection within 30 s".into()))
+    }
+
+    /// The rootfs files the destination needs must fit into the bundles dir's filesystem,
+    /// besides the page images still to come when the work dir is on it too: refused now, not
+    /// out of room during the sync or, worse, the dump after it.
+    fn check_rootfs_room(&self, entries: &[Entry], need: &[String]) -> Result<(), MigrateError> {
+        let sizes: HashMap<&str, u64> = entries
+            .iter()
+            .filter(|e| e.kind == "f")
+            .map(|e| (e.path.as_str(), e.size))
+            .collect();
+        let bytes = need
+            .iter()
+            .filter_map(|p| sizes.get(p.as_str()))
+            .fold(0u64, |sum, b| sum.saturating_add(*b));
+        let claims: Vec<_> = {
+            let c = self
+                .shared
+                .disk_claims
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            c.values().cloned().collect()
+        };
+        crate::runtime::memroom::check_rootfs(
+            &self.shared.cfg.bundles,
+            bytes,
+            &self.shared.cfg.work_dir,
+            &claims,
+        )
+        .map_err(MigrateError::Incompatible)
     }
 
     /// PageServerReady, with the room the work dir has left for this migration's pages.

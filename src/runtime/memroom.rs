@@ -403,6 +403,54 @@ fn room_left(free: u64, claims: &[DiskClaim]) -> (u64, (u64, usize)) {
     (free.saturating_sub(others.0), others)
 }
 
+/// Whether the filesystem of the bundles dir `bundles` has room for `bytes` of rootfs files
+/// to copy, besides the page images `claims` (this migration's and others') have still to
+/// write into the work dir `work` when that is on the same filesystem.
+pub fn check_rootfs(
+    bundles: &Path,
+    bytes: u64,
+    work: &Path,
+    claims: &[DiskClaim],
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(free) = free_on(bundles) else {
+        return Ok(());
+    };
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let shared = dev(bundles).is_some() && dev(bundles) == dev(work);
+    let kept = if shared {
+        tally(claims.iter().map(DiskClaim::outstanding)).0
+    } else {
+        0
+    };
+    fits_rootfs(bundles, free, bytes, kept)
+}
+
+/// [`check_rootfs`] with the free bytes and the bytes kept for page images given.
+fn fits_rootfs(bundles: &Path, free: u64, bytes: u64, kept: u64) -> Result<(), String> {
+    let room = free.saturating_sub(kept);
+    if bytes <= room {
+        return Ok(());
+    }
+    let note = if kept > 0 {
+        format!(
+            ", {} of it kept for the page images still to come into the work dir on the same \
+             filesystem",
+            size(kept)
+        )
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "the container's rootfs files to copy take {}, and the filesystem of the bundles dir {} \
+         has room for only {} ({} free{note})",
+        size(bytes),
+        bundles.display(),
+        size(room),
+        size(free),
+    ))
+}
+
 /// [`check_disk`] with the free bytes given.
 fn fits_disk(work: &Path, free: u64, bytes: u64, claims: &[DiskClaim]) -> Result<(), String> {
     let (room, others) = room_left(free, claims);
@@ -601,6 +649,40 @@ mod tests {
         assert_eq!(room_left(40 * MIB, claims).0, 0);
         assert!(disk_room(work, claims).is_some());
         assert_eq!(disk_room(&work.join("none"), &[]), None);
+    }
+
+    #[test]
+    fn rootfs_files_fit_besides_the_page_images_on_the_same_filesystem() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path();
+        assert!(fits_rootfs(b, 100 * MIB, 100 * MIB, 0).is_ok());
+        let e = fits_rootfs(b, 100 * MIB, 101 * MIB, 0).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "the container's rootfs files to copy take 101.0 MiB, and the filesystem of the \
+                 bundles dir {} has room for only 100.0 MiB (100.0 MiB free)",
+                b.display()
+            )
+        );
+        assert!(fits_rootfs(b, 100 * MIB, 36 * MIB, 64 * MIB).is_ok());
+        let e = fits_rootfs(b, 100 * MIB, 37 * MIB, 64 * MIB).unwrap_err();
+        assert!(
+            e.ends_with(
+                "room for only 36.0 MiB (100.0 MiB free, 64.0 MiB of it kept for the page images \
+                 still to come into the work dir on the same filesystem)"
+            ),
+            "{e}"
+        );
+        // Page images count only on the same filesystem (a work dir on /proc is not).
+        let claim = DiskClaim {
+            dir: b.join("session"),
+            bytes: u64::MAX / 2,
+        };
+        let claims = std::slice::from_ref(&claim);
+        assert!(check_rootfs(b, 1, Path::new("/proc"), claims).is_ok());
+        assert!(check_rootfs(b, 1, b, claims).is_err());
+        assert!(check_rootfs(&b.join("none"), u64::MAX, b, &[]).is_ok());
     }
 
     #[test]

@@ -1819,24 +1819,30 @@ pub fn dst_cgroup_prefix() -> String {
     format!("ferry-dst-{}", std::process::id())
 }
 
-/// A tmpfs of `size` mounted on a directory for as long as it lives.
-pub struct SmallTmpfs(PathBuf);
+/// A mount a test made, unmounted (lazily) when dropped.
+pub struct Mounted(PathBuf);
 
-impl SmallTmpfs {
-    pub fn mount(dir: &Path, size: &str) -> Self {
-        must(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(dir)
-                .output()
-                .unwrap(),
-            "mount a tmpfs",
-        );
-        SmallTmpfs(dir.to_path_buf())
+impl Mounted {
+    /// A tmpfs of `size` on `dir`.
+    pub fn tmpfs(dir: &Path, size: &str) -> Self {
+        Mounted::run(
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]),
+            dir,
+        )
+    }
+
+    /// `src` bind-mounted on `onto`.
+    pub fn bind(src: &Path, onto: &Path) -> Self {
+        Mounted::run(Command::new("mount").arg("--bind").arg(src), onto)
+    }
+
+    fn run(mount: &mut Command, onto: &Path) -> Self {
+        must(mount.arg(onto).output().unwrap(), "mount");
+        Mounted(onto.to_path_buf())
     }
 }
 
-impl Drop for SmallTmpfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).output();
     }
