@@ -241,6 +241,38 @@ fn precopy_rounds_keep_room_for_the_final_dump() {
     th.finish();
 }
 
+/// The fast dirtier again, to a work dir of 100 MiB: round 1 leaves ~36 MiB, and by the end
+/// of it the container has rewritten its whole 64 MiB (its soft-dirty bits say so), which
+/// the final dump would write. Refused after round 1, before the freeze (exit 5, naming the
+/// room), the source running on intact, the destination clean. Without the count there was
+/// no prediction after round 1: the container froze and the final dump ran out of room.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn precopy_a_final_dump_the_room_left_cannot_take_is_refused_before_the_freeze() {
+    require_two_hosts();
+    require_mem_track();
+    let th = TwoHosts::new("vnoroom");
+    let w = start_memwriter(&th, "", 64, 4096);
+    let work = th.dst_runc().mkdir("serve-work");
+    let tmpfs = Mounted::tmpfs(&work, "100m");
+    let serve = th.serve(&[]);
+    let mut args = FAST_ARGS.to_vec();
+    args.push("-v");
+    let out = th.migrate(&w.id, &serve.addr, &args);
+    let error = out.assert_verbose_error(5).to_string();
+    vm::report(&format!("work dir of 100 MiB: {error}"));
+    assert!(
+        error.contains("the final dump is predicted to write ~")
+            && error.contains("which has room for only "),
+        "{out:?}"
+    );
+    drop(tmpfs);
+    assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_memwriter_healthy);
+    drop(serve);
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 /// `--mode hybrid`: pre-dump rounds, then a lazy final dump; memory intact.
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run)"]

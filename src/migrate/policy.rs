@@ -51,6 +51,9 @@ pub struct RoundFacts {
     pub since_previous_ms: f64,
     /// Bytes the destination's work dir can still take after this round, when it said.
     pub room_after: Option<u64>,
+    /// Pages the container wrote since this round froze it (its soft-dirty bits, counted as
+    /// the round ended), when they could be counted.
+    pub dirty_now: Option<u64>,
 }
 
 /// The outcome of a decision.
@@ -167,6 +170,14 @@ impl Policy {
         Some((dirty * last.wall_ms.max(1.0)).min(working_set))
     }
 
+    /// What the next round — or the final dump, if the rounds stop now — would carry, for the
+    /// room rules: [`Policy::next_pages`], or after round 1 the pages written since it froze
+    /// the container (about what the workload writes during one round).
+    fn pages_to_come(&self) -> Option<f64> {
+        self.next_pages()
+            .or_else(|| Some(self.rounds.last()?.dirty_now? as f64))
+    }
+
     /// Records a finished round and decides whether to stop.
     pub fn after_round(&mut self, facts: RoundFacts) -> Decision {
         self.rounds.push(facts);
@@ -186,12 +197,12 @@ impl Policy {
 
     /// Why another round must not start, when the destination's work dir would be left with
     /// too little room: it must take the next round (as predicted, or the whole working set
-    /// before the dirty rate is known) and after it a final dump of the whole working set
+    /// when nothing predicts it) and after it a final dump of the whole working set
     /// (unless that is lazy), with [`ROOM_MARGIN`] over both.
     pub fn room_check(&self) -> Option<String> {
         let room = self.rounds.last()?.room_after?;
         let whole = self.rounds[0].pages_written as f64;
-        let next = self.next_pages().unwrap_or(whole);
+        let next = self.pages_to_come().unwrap_or(whole);
         let last = if self.final_on_disk { whole } else { 0.0 };
         let need = (next + last) * PAGE as f64 * ROOM_MARGIN;
         let mib = |pages: f64| size((pages * PAGE as f64) as u64);
@@ -217,7 +228,7 @@ impl Policy {
             return None;
         }
         let room = self.rounds.last()?.room_after?;
-        let next = self.next_pages()? * PAGE as f64;
+        let next = self.pages_to_come()? * PAGE as f64;
         ((room as f64) < next).then(|| {
             format!(
                 "the final dump is predicted to write ~{} of pages into the destination's work \
@@ -372,6 +383,7 @@ mod tests {
             wall_ms: write + 10.0,
             since_previous_ms: since,
             room_after: None,
+            dirty_now: None,
         }
     }
 
@@ -429,6 +441,7 @@ mod tests {
             wall_ms: 5.0,
             since_previous_ms: 0.0,
             room_after: None,
+            dirty_now: None,
         });
         assert!(d.stop);
     }
@@ -520,6 +533,27 @@ mod tests {
         q.after_round(with_room(round(65_536, 0.0), 700 * MIB));
         q.after_round(with_room(round(40_000, 266.0), 200 * MIB));
         assert_eq!(q.final_room_shortfall(), None);
+        // After round 1 the pages written since it froze the container stand in for a
+        // prediction: all 256 MiB rewritten, 100 MiB of room left.
+        let mut f = Policy::new(PolicyKind::Adaptive, 8, 1);
+        let mut r1 = with_room(round(65_536, 0.0), 100 * MIB);
+        r1.dirty_now = Some(65_536);
+        let d = f.after_round(r1);
+        assert!(
+            d.stop && d.reason.contains("another round (~256.0 MiB)"),
+            "{d:?}"
+        );
+        let why = f.final_room_shortfall().expect("a shortfall");
+        assert!(
+            why.starts_with("the final dump is predicted to write ~256.0 MiB"),
+            "{why}"
+        );
+        // 10 MiB rewritten: no further round (10 + 256 MiB would not fit), but the final dump
+        // fits.
+        let mut g = Policy::new(PolicyKind::Adaptive, 8, 1);
+        r1.dirty_now = Some(2_560);
+        assert!(g.after_round(r1).stop);
+        assert_eq!(g.final_room_shortfall(), None);
         // Without word from the destination nothing is told.
         let mut r = Policy::new(PolicyKind::Adaptive, 2, 1);
         r.after_round(round(65_536, 0.0));

@@ -864,6 +864,11 @@ fn pre_dump_rounds(
                 .unwrap_or(0.0),
             // What the destination had before the round, less the round's pages.
             room_after: room.map(|r| r.saturating_sub(st.pages_written * PAGE)),
+            dirty_now: job.tasks().and_then(|pids| {
+                crate::runtime::softdirty::dirty_pages(&pids)
+                    .map_err(|e| tracing::debug!("soft-dirty pages not counted: {e}"))
+                    .ok()
+            }),
         };
         previous_start = Some(start);
         let decision = policy.after_round(facts);
@@ -871,6 +876,7 @@ fn pre_dump_rounds(
         tracing::info!(
             round = k,
             pages = st.pages_written,
+            dirty_now = facts.dirty_now,
             ms = wall.as_millis() as u64,
             stop = decision.stop,
             "{}",

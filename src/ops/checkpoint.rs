@@ -153,6 +153,17 @@ impl DumpJob {
         })
     }
 
+    /// The container's processes (thread group ids), from its freezer cgroup.
+    pub fn tasks(&self) -> Option<Vec<i32>> {
+        let procs = std::fs::read_to_string(self.freezer.as_ref()?.join("cgroup.procs")).ok()?;
+        Some(
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect(),
+        )
+    }
+
     /// DUMPs on the session, freezing the container itself (1 ms polls; CRIU's own loop
     /// sleeps 100 ms) as late as CRIU lets it: at CRIU's `pre-dump` notification, which
     /// comes after CRIU took the request and before it looks at the freezer and seizes the

@@ -6,13 +6,15 @@
 //! - [`cgroups`]: creating the restored container's cgroups and placing criu in them, and
 //!   writing its limits and device rules back ([`devfilter`]: the v2 device rules' program),
 //! - [`memroom`]: whether a host has room for a container's memory,
-//! - [`runc`]: runc's state.json for a restored container, and calls to the runc binary.
+//! - [`runc`]: runc's state.json for a restored container, and calls to the runc binary,
+//! - [`softdirty`]: the pages a container wrote since CRIU's last pre-dump round.
 
 pub mod cgroups;
 pub mod devfilter;
 pub mod memroom;
 pub mod mounts;
 pub mod runc;
+pub mod softdirty;
 
 use std::path::PathBuf;
 
