@@ -155,13 +155,7 @@ impl DumpJob {
 
     /// The container's processes (thread group ids), from its freezer cgroup.
     pub fn tasks(&self) -> Option<Vec<i32>> {
-        let procs = std::fs::read_to_string(self.freezer.as_ref()?.join("cgroup.procs")).ok()?;
-        Some(
-            procs
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect(),
-        )
+        crate::runtime::cgroups::procs(self.freezer.as_ref()?)
     }
 
     /// DUMPs on the session, freezing the container itself (1 ms polls; CRIU's own loop

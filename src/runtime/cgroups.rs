@@ -787,13 +787,19 @@ pub fn apply_settings(
     Ok(())
 }
 
+/// The processes (thread group ids) in the cgroup directory `dir`; None where it cannot be
+/// read.
+pub fn procs(dir: &Path) -> Option<Vec<i32>> {
+    let text = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    Some(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
 /// SIGKILLs every process in the cgroup directory `dir`; returns how many there were.
 fn kill_procs(dir: &Path) -> usize {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     let mut n = 0;
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+    for pid in procs(dir).unwrap_or_default() {
         n += 1;
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
