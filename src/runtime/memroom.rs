@@ -282,7 +282,7 @@ pub fn check_pages_in_memory(
     claims: &[Claim],
     disk: &[DiskClaim],
 ) -> Result<(), String> {
-    let pages = tally(disk.iter().map(DiskClaim::outstanding));
+    let pages = pending(disk);
     let refuse = |where_: String| {
         format!(
             "the container holds {} of memory, which its dump writes into the work dir {}, a \
@@ -346,6 +346,11 @@ impl DiskClaim {
     }
 }
 
+/// What `claims` have still to write, and how many of them have something left.
+fn pending(claims: &[DiskClaim]) -> (u64, usize) {
+    tally(claims.iter().map(DiskClaim::outstanding))
+}
+
 /// Most directory entries [`bytes_under`] looks at (a session's images are a few hundred).
 const MAX_WALK: usize = 1 << 16;
 
@@ -399,7 +404,7 @@ pub fn disk_room(work: &Path, claims: &[DiskClaim]) -> Option<u64> {
 
 /// `free` less what `claims` have still to write; and those claims' tally.
 fn room_left(free: u64, claims: &[DiskClaim]) -> (u64, (u64, usize)) {
-    let others = tally(claims.iter().map(DiskClaim::outstanding));
+    let others = pending(claims);
     (free.saturating_sub(others.0), others)
 }
 
@@ -417,12 +422,8 @@ pub fn check_rootfs(
         return Ok(());
     };
     let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
-    let shared = dev(bundles).is_some() && dev(bundles) == dev(work);
-    let kept = if shared {
-        tally(claims.iter().map(DiskClaim::outstanding)).0
-    } else {
-        0
-    };
+    let shared = matches!((dev(bundles), dev(work)), (Some(b), Some(w)) if b == w);
+    let kept = if shared { pending(claims).0 } else { 0 };
     fits_rootfs(bundles, free, bytes, kept)
 }
 
