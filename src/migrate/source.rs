@@ -864,11 +864,13 @@ fn pre_dump_rounds(
                 .unwrap_or(0.0),
             // What the destination had before the round, less the round's pages.
             room_after: room.map(|r| r.saturating_sub(st.pages_written * PAGE)),
-            dirty_now: job.tasks().and_then(|pids| {
-                crate::runtime::softdirty::dirty_pages(&pids)
-                    .map_err(|e| tracing::debug!("soft-dirty pages not counted: {e}"))
-                    .ok()
-            }),
+            // Only the room rules use it, and only until a dirty rate is known (round 2 on):
+            // not scanned where it would not count.
+            dirty_now: if k == 1 && room.is_some() {
+                written_since_round(job)
+            } else {
+                None
+            },
         };
         previous_start = Some(start);
         let decision = policy.after_round(facts);
@@ -885,7 +887,7 @@ fn pre_dump_rounds(
         rounds.push(Round {
             pages_scanned: st.pages_scanned,
             pages_written: st.pages_written,
-            bytes: st.pages_written * 4096,
+            bytes: st.pages_written * PAGE,
             ms: wall.as_millis() as u64,
         });
         if decision.stop {
@@ -910,6 +912,14 @@ fn pre_dump_rounds(
         }
     }
     unreachable!("the rounds loop only ends by returning")
+}
+
+/// The pages the container wrote since the last pre-dump round froze it, when they can be
+/// counted (see [`crate::runtime::softdirty`]).
+fn written_since_round(job: &DumpJob) -> Option<u64> {
+    crate::runtime::softdirty::dirty_pages(&job.tasks()?)
+        .map_err(|e| tracing::debug!("soft-dirty pages not counted: {e}"))
+        .ok()
 }
 
 /// Bytes sent on the data connection, as seen through ferry's copy of it.
