@@ -38,6 +38,11 @@ pub const MIN_SHRINK: f64 = 0.8;
 /// besides the pages, a round larger than predicted).
 pub const ROOM_MARGIN: f64 = 1.25;
 
+/// `pages` as a size in words ("64.0 MiB").
+fn pages_size(pages: f64) -> String {
+    size((pages * PAGE as f64) as u64)
+}
+
 /// What ferry measured of one pre-dump round.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RoundFacts {
@@ -205,10 +210,12 @@ impl Policy {
         let next = self.pages_to_come().unwrap_or(whole);
         let last = if self.final_on_disk { whole } else { 0.0 };
         let need = (next + last) * PAGE as f64 * ROOM_MARGIN;
-        let mib = |pages: f64| size((pages * PAGE as f64) as u64);
         ((room as f64) < need).then(|| {
             let after = if self.final_on_disk {
-                format!(" and a final dump of the whole {} after it", mib(whole))
+                format!(
+                    " and a final dump of the whole {} after it",
+                    pages_size(whole)
+                )
             } else {
                 String::new()
             };
@@ -216,7 +223,7 @@ impl Policy {
                 "the destination's work dir has room for {} more: not enough for another round \
                  (~{}){after}",
                 size(room),
-                mib(next),
+                pages_size(next),
             )
         })
     }
@@ -228,12 +235,12 @@ impl Policy {
             return None;
         }
         let room = self.rounds.last()?.room_after?;
-        let next = self.pages_to_come()? * PAGE as f64;
-        ((room as f64) < next).then(|| {
+        let next = self.pages_to_come()?;
+        ((room as f64) < next * PAGE as f64).then(|| {
             format!(
                 "the final dump is predicted to write ~{} of pages into the destination's work \
                  dir, which has room for only {} after the pre-dump rounds",
-                size(next as u64),
+                pages_size(next),
                 size(room)
             )
         })
