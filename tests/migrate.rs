@@ -999,7 +999,7 @@ fn pages_a_tmpfs_work_dir_has_no_memory_for_are_refused_before_the_freeze() {
     }
     let th = TwoHosts::new("mtmpfsmem");
     let w = start_memwriter(&th, "", 64, 16);
-    let work = th.dst_runc().mkdir("serve-work");
+    let work = th.serve_work();
     let tmpfs = Mounted::tmpfs(&work, "256m");
     // ferry serve's own memory cgroup, beside the container's (the hosts share cgroupfs).
     let state = th.src_runc().state_file(&w.id);
@@ -1045,7 +1045,7 @@ fn pages_the_destination_has_no_disk_for_are_refused_before_the_freeze() {
     }
     let th = TwoHosts::new("mdiskroom");
     let w = start_memwriter(&th, "", 64, 16);
-    let work = th.dst_runc().mkdir("serve-work");
+    let work = th.serve_work();
     let small = Mounted::tmpfs(&work, "32m");
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
@@ -1086,7 +1086,7 @@ fn rootfs_and_pages_the_destination_has_no_room_for_are_refused_before_the_freez
         fs::create_dir(shared.join(d)).unwrap();
     }
     let bundles = Mounted::bind(&shared.join("bundles"), &dst.bundles);
-    let work = Mounted::bind(&shared.join("work"), &dst.mkdir("serve-work"));
+    let work = Mounted::bind(&shared.join("work"), &th.serve_work());
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "-v"]);
     let error = out.assert_verbose_error(8).to_string();

@@ -218,8 +218,7 @@ fn precopy_rounds_keep_room_for_the_final_dump() {
     require_mem_track();
     let th = TwoHosts::new("vroom");
     let w = start_memwriter(&th, "", 64, 4096);
-    let work = th.dst_runc().mkdir("serve-work");
-    let tmpfs = Mounted::tmpfs(&work, "160m");
+    let tmpfs = Mounted::tmpfs(&th.serve_work(), "160m");
     let serve = th.serve(&[]);
     let out = th.migrate(&w.id, &serve.addr, FAST_ARGS);
     let v = assert_memwriter_migrated(&th, &w, &out, Some("pre-copy"), 3);
@@ -253,8 +252,7 @@ fn precopy_a_final_dump_the_room_left_cannot_take_is_refused_before_the_freeze()
     require_mem_track();
     let th = TwoHosts::new("vnoroom");
     let w = start_memwriter(&th, "", 64, 4096);
-    let work = th.dst_runc().mkdir("serve-work");
-    let tmpfs = Mounted::tmpfs(&work, "100m");
+    let tmpfs = Mounted::tmpfs(&th.serve_work(), "100m");
     let serve = th.serve(&[]);
     let mut args = FAST_ARGS.to_vec();
     args.push("-v");

@@ -2250,6 +2250,12 @@ impl TwoHosts {
         ]
     }
 
+    /// `<dst work>/serve-work`, the `--work-dir` every `ferry serve` here is given (made if
+    /// missing).
+    pub fn serve_work(&self) -> PathBuf {
+        self.dst_runc().mkdir("serve-work")
+    }
+
     /// Start `ferry serve` on the destination with the shared token.
     pub fn serve(&self, extra: &[&str]) -> Serve {
         self.serve_with_token(&self.token, extra)
@@ -2274,7 +2280,7 @@ impl TwoHosts {
         let k = self.serves.lock().unwrap().len();
         let stderr_path = dst.work.join(format!("serve-{k}.stderr"));
         let err_f = File::create(&stderr_path).expect("create serve stderr file");
-        let work = dst.mkdir("serve-work");
+        let work = self.serve_work();
         let prefix = TwoHosts::netns_prefix(&self.dst_ns);
         let mut c = Command::new(&prefix[0]);
         c.args(&prefix[1..])
