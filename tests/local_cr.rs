@@ -714,7 +714,7 @@ fn bad_input_runtime_root_not_runc() {
 }
 
 #[test]
-fn bad_input_restore_empty_or_missing_images_dir() {
+fn bad_input_restore_empty_missing_or_file_images_dir() {
     if !require_root_and_criu() {
         return;
     }
@@ -733,6 +733,16 @@ fn bad_input_restore_empty_or_missing_images_dir() {
     src.cmd("restore", &other, &missing, &["--bundle", &bundle])
         .run()
         .assert_error(3);
+    src.assert_not_created(&other);
+
+    // A file where the images directory should be: said so, not "does not exist".
+    let a_file = src.rc.path("images-file");
+    std::fs::write(&a_file, b"x").unwrap();
+    let out = src
+        .cmd("restore", &other, &a_file, &["--bundle", &bundle])
+        .run();
+    out.assert_error(4);
+    assert!(out.stderr.contains("is not a directory"), "{out:?}");
     src.assert_not_created(&other);
 
     src.assert_healthy();

@@ -452,7 +452,7 @@ fn serve_refuses_a_bad_token_or_listen_address() {
     let a_file = a_file.display().to_string();
     let under_file = format!("{a_file}/x");
     for (flag, dir, says) in [
-        ("--bundles", a_file.as_str(), "File exists"),
+        ("--bundles", a_file.as_str(), "not a directory"),
         ("--work-dir", under_file.as_str(), "Not a directory"),
     ] {
         let out = serve_with(&good, "127.0.0.1:0", &[flag, dir]);
@@ -463,6 +463,16 @@ fn serve_refuses_a_bad_token_or_listen_address() {
             "{out:?}"
         );
     }
+    // A runc root restores could not use: invalid input, before "listening".
+    let out = serve_with(&good, "127.0.0.1:0", &["--runtime-root", &a_file]);
+    out.assert_error(4);
+    assert!(out.stdout.is_empty(), "serve started: {out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "--runtime-root: {a_file} is not a runc state root"
+        )),
+        "{out:?}"
+    );
     for (token, listen, code, says) in [
         (
             &short,

@@ -575,7 +575,13 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("ferry: error: {}", one_line(&format!("{e:#}")));
-                    Ok(ExitCode::from(exit_code(ErrorKind::Environment)))
+                    let invalid = e.downcast_ref::<std::io::Error>().map(|e| e.kind())
+                        == Some(std::io::ErrorKind::InvalidInput);
+                    let kind = match invalid {
+                        true => ErrorKind::Invalid,
+                        false => ErrorKind::Environment,
+                    };
+                    Ok(ExitCode::from(exit_code(kind)))
                 }
             }
         }

@@ -109,14 +109,30 @@ struct Shared {
 }
 
 impl ServeConfig {
-    /// Creates `bundles` and `work_dir` if needed; an error names the flag and the path (a
-    /// file in a directory's place fails too: "File exists"). [`serve`] needs them.
+    /// Creates `bundles`, `work_dir` and the runc root if needed; an error names the flag and
+    /// the path ("not a directory" for a file in a directory's place). [`serve`] needs them.
     pub fn make_dirs(&self) -> std::io::Result<()> {
+        let named = |flag: &str, dir: &Path, e: &dyn std::fmt::Display| {
+            format!("{flag} {}: {e}", dir.display())
+        };
         for (flag, dir) in [("--bundles", &self.bundles), ("--work-dir", &self.work_dir)] {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("{flag} {}: {e}", dir.display()))
-            })?;
+            if dir.exists() && !dir.is_dir() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    named(flag, dir, &"not a directory"),
+                ));
+            }
+            std::fs::create_dir_all(dir)
+                .map_err(|e| std::io::Error::new(e.kind(), named(flag, dir, &e)))?;
         }
+        // A runc root restores could not use would otherwise fail only at the first migration.
+        // InvalidInput: the caller's "invalid input" (a runc root that is not runc's).
+        crate::oci::state::RuncRoot::open_or_create(&self.runtime_root).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("--runtime-root: {e}"),
+            )
+        })?;
         Ok(())
     }
 }

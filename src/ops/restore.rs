@@ -71,6 +71,12 @@ struct Validated {
 fn validate(req: &RestoreRequest) -> Result<Validated, OpError> {
     validate_id(&req.id)?;
     if !req.images.is_dir() {
+        if req.images.exists() {
+            return Err(OpError::Invalid(format!(
+                "images directory {} is not a directory",
+                req.images.display()
+            )));
+        }
         return Err(OpError::NoImages(req.images.clone()));
     }
     let meta = CheckpointMeta::load(&req.images)?;
