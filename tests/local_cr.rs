@@ -51,16 +51,6 @@ fn assert_no_lock_rules(pid: u64) {
     }
 }
 
-/// The counter output in `path` is one unbroken sequence 1, 2, 3, … of at least `min`.
-#[track_caller]
-fn assert_file_counts_from_one(path: &Path, min: usize) -> Vec<u64> {
-    let v = read_counter_lines(path);
-    assert!(!v.is_empty(), "{} is empty", path.display());
-    assert_eq!(v[0], 1, "counter in {} does not start at 1", path.display());
-    assert_strictly_continues(&v, min);
-    v
-}
-
 /// Number of counter lines in `path` does not change for a while (the writer is gone).
 #[track_caller]
 fn assert_stopped_writing(path: &Path) {
@@ -204,6 +194,15 @@ fn counter_checkpoint_restore_continues() {
     assert_stopped_writing(&out);
     rc.teardown();
     leak_check(&rc.ids());
+}
+
+/// A paused container (`runc pause`) stays paused through checkpoint and restore.
+#[test]
+fn paused_container_checkpoint_restore_stays_paused() {
+    if !require_root_and_criu() {
+        return;
+    }
+    paused_checkpoint_restore(T);
 }
 
 /// A read-only root (`root.readonly`, as `docker run --read-only`): checkpoint and restore

@@ -384,6 +384,100 @@ fn two_containers_concurrently() {
 // ---------------------------------------------------------------------------------------
 
 /// `ferry serve --page-server` other than ferry or criu: one line, exit 4, no `listening`.
+/// A paused container (`runc pause`) is moved as it is: paused on the destination, where it
+/// has not run a step (the counter stands still), and `runc resume` there lets it count on
+/// strictly. Before, the destination let it run.
+#[test]
+fn paused_container_stays_paused_stop_copy() {
+    paused_migration("mpause", "stop-copy");
+}
+
+/// The same in post-copy: its memory comes over while it stays paused.
+#[test]
+fn paused_container_stays_paused_post_copy() {
+    paused_migration("mpausepc", "post-copy");
+}
+
+fn paused_migration(name: &str, mode: &str) {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new(name);
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let n = pause_counter(th.src_runc(), &w);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+    let v = migrate_json(&out, Some(mode));
+    eprintln!("migrate ({mode}) of a paused container: {v}");
+    assert_eq!(v["paused"], true, "{v}");
+    assert_eq!(th.src_runc().status(&w.id), None, "source container left");
+    assert_eq!(th.dst_runc().status(&w.id).as_deref(), Some("paused"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read_counter_lines(&w.out).len(),
+        n,
+        "the paused container counted on the destination"
+    );
+    must(
+        th.dst_runc()
+            .cmd()
+            .args(["resume", &w.id])
+            .output()
+            .unwrap(),
+        "runc resume on the destination",
+    );
+    assert_counter_continues(&w.out, n, 10);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
+/// Pauses the counter `w` and waits until it stands still; returns its line count.
+fn pause_counter(rc: &Runc, w: &Workload) -> usize {
+    must(
+        rc.cmd().args(["pause", &w.id]).output().unwrap(),
+        "runc pause",
+    );
+    assert_eq!(rc.status(&w.id).as_deref(), Some("paused"));
+    // A write under way when the freezer took it lands at once.
+    std::thread::sleep(Duration::from_millis(200));
+    read_counter_lines(&w.out).len()
+}
+
+/// A migration of a paused container that fails after the dump (here at post-dump, by an
+/// injected fault) leaves the source paused, not running, and the destination clean.
+#[test]
+fn paused_container_stays_paused_when_the_migration_fails() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mpausefail");
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let n = pause_counter(th.src_runc(), &w);
+    let out = th
+        .migrate_cmd(&w.id, &serve.addr, &["--mode", "stop-copy"])
+        .env("FERRY_TEST_FAULT", "fail-post-dump")
+        .run();
+    assert_failed_with(&out, &[8]);
+    assert!(out.stderr.contains("injected fault"), "{out:?}");
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert_eq!(th.src_runc().status(&w.id).as_deref(), Some("paused"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(read_counter_lines(&w.out).len(), n, "the source ran");
+    must(
+        th.src_runc()
+            .cmd()
+            .args(["resume", &w.id])
+            .output()
+            .unwrap(),
+        "runc resume on the source",
+    );
+    assert_source_counter_healthy(&th, &w);
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 #[test]
 fn serve_refuses_an_unknown_page_server() {
     let dir = tempfile::tempdir().unwrap();

@@ -147,6 +147,18 @@ fn checkpoint_restore_keeps_limits_and_device_rules() {
     leak_check(&rc.ids());
 }
 
+/// A paused container stays paused through checkpoint and restore on v2 too, where the
+/// freezer is `cgroup.freeze` in the one hierarchy that CRIU shares with the container until
+/// it is done.
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
+fn paused_container_checkpoint_restore_stays_paused() {
+    if !require_cgroup2() {
+        return;
+    }
+    paused_checkpoint_restore(T);
+}
+
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run --cgroup2)"]
 fn migration_keeps_limits_and_device_rules() {

@@ -514,6 +514,12 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
         if !r.rounds_reason.is_empty() {
             println!("  rounds stopped: {}", r.rounds_reason);
         }
+        if r.paused {
+            println!(
+                "  paused, as it was here: `runc resume {}` there lets it go on",
+                r.container
+            );
+        }
         if a.tcp_established {
             println!("  TCP connections carried over: {}", r.tcp_connections);
         } else if r.tcp_closed > 0 {
@@ -684,14 +690,21 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                 },
                 cgroup_paths: None,
                 null_stdio: false,
+                unpause: false,
             };
             let r = restore(&criu, &req)?;
             if a.common.json {
                 print_json(&r).map_err(|e| OpError::Invalid(e.to_string()))?;
             } else {
                 println!(
-                    "restored {} as pid {} in {} ms",
-                    r.container, r.pid, r.elapsed_ms
+                    "restored {} as pid {} in {} ms{}",
+                    r.container,
+                    r.pid,
+                    r.elapsed_ms,
+                    match r.paused {
+                        true => " (paused, as it was checkpointed: `runc resume` lets it go on)",
+                        false => "",
+                    }
                 );
             }
             Ok(ExitCode::SUCCESS)

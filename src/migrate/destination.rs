@@ -1346,6 +1346,7 @@ impl<'a> Receiver<'a> {
             },
             cgroup_paths: Some(self.cgroup_paths(&meta)?),
             null_stdio: true,
+            unpause: false,
         };
         let restore_work = self.work().join("restore");
         std::fs::create_dir_all(&restore_work).map_err(|e| MigrateError::Rootfs(e.to_string()))?;

@@ -127,6 +127,8 @@ pub struct MigrateReport {
     pub tcp_closed: u64,
     /// The source's network namespace (given by path) was removed after the commit.
     pub netns_removed: bool,
+    /// The container was paused (`runc pause`) and is paused on the destination too.
+    pub paused: bool,
 }
 
 /// The control connection, counting what is sent.
@@ -617,6 +619,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         ..Default::default()
     };
     let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;
+    let paused = job.meta.paused;
     if job.cfg.terminal {
         return Err(MigrateError::Unsupported(TERMINAL_REFUSED.into()));
     }
@@ -756,6 +759,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         tcp_connections: if req.tcp_established { out.tcp } else { 0 },
         tcp_closed: if req.tcp_established { 0 } else { out.tcp },
         netns_removed,
+        paused,
     })
 }
 

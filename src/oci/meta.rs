@@ -59,6 +59,10 @@ pub struct CheckpointMeta {
     /// cgroups before CRIU runs.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub cgroup_settings: std::collections::BTreeMap<String, String>,
+    /// The container was paused (its freezer frozen, `runc pause`) before the dump: the
+    /// restore leaves it paused, as CRIU does when it restores a freezer's state itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 impl CheckpointMeta {

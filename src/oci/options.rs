@@ -589,6 +589,7 @@ mod tests {
             network_lock_skipped: false,
             net_sysctls: BTreeMap::new(),
             cgroup_settings: BTreeMap::new(),
+            paused: false,
         };
         let mut cg = BTreeMap::new();
         cg.insert(

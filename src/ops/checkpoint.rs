@@ -94,7 +94,6 @@ pub struct DumpJob {
     pub opts: CriuOpts,
     pub meta: CheckpointMeta,
     freezer: Option<PathBuf>,
-    was_frozen: bool,
 }
 
 impl DumpJob {
@@ -117,6 +116,9 @@ impl DumpJob {
             loopback_only_netns = facts.loopback_only_netns,
             "network lock for the dump"
         );
+        let freezer = c.freeze_cgroup().map(PathBuf::from);
+        // Paused (`runc pause`) before ferry froze it: it stays so whatever happens.
+        let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);
         let meta = CheckpointMeta {
             format: META_FORMAT,
             container: id.to_string(),
@@ -140,16 +142,14 @@ impl DumpJob {
                 &c.cgroup_paths,
                 &c.raw["config"]["cgroups"],
             )?,
+            paused: was_frozen,
         };
-        let freezer = c.freeze_cgroup().map(PathBuf::from);
-        let was_frozen = freezer.as_deref().and_then(is_frozen).unwrap_or(false);
         Ok(DumpJob {
             container: c,
             cfg,
             opts,
             meta,
             freezer,
-            was_frozen,
         })
     }
 
@@ -171,7 +171,7 @@ impl DumpJob {
         notify: &mut dyn Notify,
         timeout: Duration,
     ) -> Result<Option<Instant>, OpError> {
-        let to_freeze = self.freezer.as_deref().filter(|_| !self.was_frozen);
+        let to_freeze = self.freezer.as_deref().filter(|_| !self.meta.paused);
         let mut frozen_at = None;
         let mut freeze_failed = None;
         let mut interrupted = None;
@@ -219,7 +219,7 @@ impl DumpJob {
     /// is unknown keeps the source paused rather than risk two running copies).
     pub fn settle_freezer(&self, keep_frozen: bool) {
         if let Some(f) = self.freezer.as_deref() {
-            if !self.was_frozen && !keep_frozen && is_frozen(f) == Some(true) {
+            if !self.meta.paused && !keep_frozen && is_frozen(f) == Some(true) {
                 if let Err(t) = thaw(f) {
                     tracing::warn!("cannot thaw {} after the dump: {t}", f.display());
                 }

@@ -49,6 +49,9 @@ pub struct RestoreRequest {
     pub cgroup_paths: Option<BTreeMap<String, String>>,
     /// Give the restored container /dev/null instead of ferry's own stdio.
     pub null_stdio: bool,
+    /// Let a container checkpointed paused run anyway (containerd's start of a checkpoint
+    /// has no paused outcome); otherwise it is restored paused.
+    pub unpause: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +61,8 @@ pub struct RestoreReport {
     pub pid: i32,
     pub bundle: PathBuf,
     pub elapsed_ms: u64,
+    /// Checkpointed paused, it is restored paused (`runc resume` lets it go on).
+    pub paused: bool,
 }
 
 /// Everything checked before anything is changed.
@@ -295,6 +300,31 @@ fn descriptors_of(pid: i32) -> Vec<String> {
         .collect()
 }
 
+/// Freezes a restored container's cgroup, without waiting for it to settle: runc reports it
+/// paused and `runc resume` lets it go on. CRIU (`criu_pid`) is in that cgroup too, for the
+/// tasks to inherit it, and has work left: it goes back to ferry's own freezer cgroup first.
+fn pause_restored(
+    cgroup_paths: &BTreeMap<String, String>,
+    criu_pid: Option<u32>,
+) -> Result<(), String> {
+    let dir = crate::runtime::cgroups::dir_of(cgroup_paths, "freezer.state")
+        .map(Path::new)
+        .ok_or("it has no freezer cgroup")?;
+    let pid = criu_pid.ok_or("CRIU's pid is unknown")?;
+    let read = |f: String| std::fs::read_to_string(&f).map_err(|e| format!("{f}: {e}"));
+    let home = crate::runtime::cgroups::freezer_home(
+        dir,
+        &read(format!("/proc/{pid}/cgroup"))?,
+        &read("/proc/self/cgroup".into())?,
+    )
+    .ok_or_else(|| format!("CRIU's freezer cgroup is not {}", dir.display()))?
+    .join("cgroup.procs");
+    std::fs::write(&home, pid.to_string()).map_err(|e| format!("{}: {e}", home.display()))?;
+    crate::runtime::cgroups::start_freeze(dir)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 pub fn restore(criu: &Criu, req: &RestoreRequest) -> Result<RestoreReport, OpError> {
     restore_inner(criu, req, None, &mut |_| Ok(()), &mut || {}, &mut || Ok(()))
 }
@@ -413,6 +443,8 @@ fn restore_inner(
     };
 
     let old_bundle = v.meta.bundle.clone();
+    let criu_pid = std::cell::Cell::new(None);
+    let paused = v.meta.paused && !req.unpause;
     let mut adopted = false;
     let mut interrupted = None;
     let mut notify = |n: Notification| -> Reply {
@@ -466,6 +498,15 @@ fn restore_inner(
                 on_network_unlock();
                 Reply::Success
             }
+            // Where CRIU itself writes a restored freezer's state: the tasks are restored
+            // and about to be let go. Frozen now, they stop before running an instruction.
+            Script::PreResume if paused => {
+                if let Err(e) = pause_restored(&v.cgroup_paths, criu_pid.get()) {
+                    // CRIU resumes the tasks whatever the reply: say so rather than fail.
+                    tracing::warn!("the container was paused at checkpoint but runs now: {e}");
+                }
+                Reply::Success
+            }
             Script::OrphanPtsMaster => match (n.fd, &req.console_socket) {
                 (Some(fd), Some(sock)) => match send_console(sock, fd) {
                     Ok(()) => Reply::Success,
@@ -477,8 +518,10 @@ fn restore_inner(
         }
     };
     let paths = v.cgroup_paths.clone();
+    let criu_pid_cell = &criu_pid;
     let before = |criu_pid: u32, opts: &mut crate::pb::CriuOpts| -> Result<(), String> {
         CgroupSet::enter(&paths, criu_pid).map_err(|e| e.to_string())?;
+        criu_pid_cell.set(Some(criu_pid));
         let cg = std::fs::read_to_string(format!("/proc/{criu_pid}/cgroup"))
             .map_err(|e| e.to_string())?;
         opts.cg_root.extend(cgroup_roots(&cg));
@@ -537,5 +580,6 @@ fn restore_inner(
         pid,
         bundle: v.cfg.bundle.clone(),
         elapsed_ms: elapsed_ms(started),
+        paused,
     })
 }

@@ -840,11 +840,9 @@ pub fn is_frozen(dir: &Path) -> Option<bool> {
         .map(|s| s.trim() == "1")
 }
 
-/// Freezes a freezer cgroup and waits until it is frozen, polling every millisecond.
-///
-/// CRIU freezes with 100 ms sleeps between checks; a container that ferry froze already is
-/// seized at once (CRIU thaws it again after a successful dump, the tasks staying seized).
-pub fn freeze(dir: &Path, timeout: std::time::Duration) -> Result<(), RuntimeError> {
+/// Asks a freezer cgroup to freeze (v1 `freezer.state` FROZEN, v2 `cgroup.freeze` 1) and
+/// returns the file and value written; the tasks freeze as they next leave the kernel.
+pub fn start_freeze(dir: &Path) -> Result<(PathBuf, &'static str), RuntimeError> {
     let v1 = dir.join("freezer.state");
     let (file, value) = if v1.exists() {
         (v1, "FROZEN")
@@ -852,6 +850,47 @@ pub fn freeze(dir: &Path, timeout: std::time::Duration) -> Result<(), RuntimeErr
         (dir.join("cgroup.freeze"), "1")
     };
     std::fs::write(&file, value).map_err(io_err("freeze", &file))?;
+    Ok((file, value))
+}
+
+/// The path of the freezer's hierarchy in a `/proc/PID/cgroup` text: the v1 line naming
+/// `freezer` when `v1`, else the v2 line (`0::/path`).
+fn freezer_path_in(proc_cgroup: &str, v1: bool) -> Option<&str> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut it = line.splitn(3, ':');
+        let (id, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+        let hit = match v1 {
+            true => ctrls.split(',').any(|c| c == "freezer"),
+            false => id == "0" && ctrls.is_empty(),
+        };
+        hit.then_some(path)
+    })
+}
+
+/// The freezer cgroup `pid` should move to so that freezing `frozen` (where `pid` is now,
+/// as `pid_cgroup`, its /proc/PID/cgroup, says) leaves it running: the one of the same
+/// hierarchy that `home_cgroup` (another process's /proc/PID/cgroup) names.
+pub fn freezer_home(frozen: &Path, pid_cgroup: &str, home_cgroup: &str) -> Option<PathBuf> {
+    let v1 = frozen.join("freezer.state").exists();
+    let now = freezer_path_in(pid_cgroup, v1)?;
+    let home = freezer_path_in(home_cgroup, v1)?;
+    let frozen = frozen.to_str()?;
+    let mount = match now {
+        "/" => frozen,
+        _ => frozen.strip_suffix(now)?,
+    };
+    Some(PathBuf::from(format!(
+        "{}{home}",
+        mount.trim_end_matches('/')
+    )))
+}
+
+/// Freezes a freezer cgroup and waits until it is frozen, polling every millisecond.
+///
+/// CRIU freezes with 100 ms sleeps between checks; a container that ferry froze already is
+/// seized at once (CRIU thaws it again after a successful dump, the tasks staying seized).
+pub fn freeze(dir: &Path, timeout: std::time::Duration) -> Result<(), RuntimeError> {
+    let (file, value) = start_freeze(dir)?;
     let started = std::time::Instant::now();
     let mut rewritten = started;
     loop {
@@ -1246,5 +1285,35 @@ mod tests {
         assert!(e.contains("not a path below"), "{e}");
         let e = check_cpuset(Path::new("/sys/fs/cgroup/../x"), Some("0"), None).unwrap_err();
         assert!(e.contains("not a path below"), "{e}");
+    }
+
+    #[test]
+    fn freezer_home_is_the_same_hierarchy_under_the_other_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let frozen = dir.path().join("ferry-dst/c1");
+        std::fs::create_dir_all(&frozen).unwrap();
+        let v1_now = "12:freezer:/ferry-dst/c1\n3:cpu,cpuacct:/ferry-dst/c1\n0::/ferry-dst/c1\n";
+        let v1_home = "12:freezer:/user.slice\n3:cpu,cpuacct:/\n0::/x\n";
+        // v2 (no freezer.state): the "0::" line.
+        assert_eq!(
+            freezer_home(&frozen, v1_now, v1_home),
+            Some(dir.path().join("x"))
+        );
+        std::fs::write(frozen.join("freezer.state"), "THAWED").unwrap();
+        assert_eq!(
+            freezer_home(&frozen, v1_now, v1_home),
+            Some(dir.path().join("user.slice"))
+        );
+        let root_home = "12:freezer:/\n";
+        assert_eq!(
+            freezer_home(&frozen, v1_now, root_home),
+            Some(dir.path().to_path_buf())
+        );
+        // Not where the process is said to be, or no freezer line: no answer.
+        assert_eq!(freezer_home(&frozen, "12:freezer:/other\n", v1_home), None);
+        assert_eq!(
+            freezer_home(&frozen, "3:cpu:/ferry-dst/c1\n", v1_home),
+            None
+        );
     }
 }

@@ -364,6 +364,7 @@ impl Service {
             },
             cgroup_paths: None,
             null_stdio: false,
+            unpause: true,
         };
         let master = console.map(|s| tokio::spawn(s.receive(Duration::from_secs(600))));
         // Taken before CRIU runs: the restored init is our child (rst_sibling) and may exit

@@ -22,7 +22,7 @@ pub const CHECKPOINT_FIELDS: &[&str] = &[
     "leave_running",
 ];
 
-pub const RESTORE_FIELDS: &[&str] = &["criu_version", "container", "pid", "elapsed_ms"];
+pub const RESTORE_FIELDS: &[&str] = &["criu_version", "container", "pid", "elapsed_ms", "paused"];
 
 #[track_caller]
 pub fn assert_version_string(v: &Value) {
@@ -97,7 +97,13 @@ pub fn ferry_restore(rc: &Runc, id: &str, images: &Path, extra: &[&str]) -> u64 
     let pid = json_u64(&v, "pid");
     assert!(pid > 0, "{v}");
     let st = rc.state(id);
-    assert_eq!(st["status"], "running", "runc state after restore: {st}");
+    // Checkpointed paused, restored paused.
+    let want = if v["paused"] == true {
+        "paused"
+    } else {
+        "running"
+    };
+    assert_eq!(st["status"], want, "runc state after restore: {st}");
     assert_eq!(
         st["pid"].as_u64(),
         Some(pid),
@@ -113,4 +119,60 @@ pub fn assert_exec_works(rc: &Runc, id: &str) {
         &format!("runc exec {id} echo hi"),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+}
+
+/// The counter output in `path` is one unbroken sequence 1, 2, 3, … of at least `min`.
+#[track_caller]
+pub fn assert_file_counts_from_one(path: &Path, min: usize) -> Vec<u64> {
+    let v = read_counter_lines(path);
+    assert!(!v.is_empty(), "{} is empty", path.display());
+    assert_eq!(v[0], 1, "counter in {} does not start at 1", path.display());
+    assert_strictly_continues(&v, min);
+    v
+}
+
+/// A paused container (`runc pause`): checkpoint (with and without --leave-running) keeps it
+/// paused, and the restore brings it back paused (it does not count) until `runc resume`,
+/// then it counts on strictly. `t`: how long counting may take.
+pub fn paused_checkpoint_restore(t: Duration) {
+    let rc = Runc::new("paused");
+    let id = rc.id("");
+    let (out, _bundle) = start_file_counter(&rc, &id);
+    wait_counter_lines(&out, 20, t);
+    must(
+        rc.cmd().args(["pause", &id]).output().unwrap(),
+        "runc pause",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let n = read_counter_lines(&out).len();
+
+    let kept = rc.mkdir("images-kept");
+    let v = ferry_checkpoint(&rc, &id, &kept, true);
+    assert_eq!(rc.status(&id).as_deref(), Some("paused"), "{v}");
+    let images = rc.mkdir("images");
+    ferry_checkpoint(&rc, &id, &images, false);
+    assert!(!rc.list_ids().contains(&id));
+
+    // ferry_restore checks that runc says paused (the report's `paused`).
+    let meta: Value =
+        serde_json::from_str(&fs::read_to_string(images.join("ferry.json")).unwrap()).unwrap();
+    assert_eq!(meta["paused"], true, "{meta}");
+    ferry_restore(&rc, &id, &images, &[]);
+    assert_eq!(rc.status(&id).as_deref(), Some("paused"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read_counter_lines(&out).len(),
+        n,
+        "the restored container ran"
+    );
+    must(
+        rc.cmd().args(["resume", &id]).output().unwrap(),
+        "runc resume",
+    );
+    wait_counter_lines(&out, n + 10, t);
+    assert_file_counts_from_one(&out, n + 10);
+
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
 }

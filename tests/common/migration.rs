@@ -17,6 +17,7 @@ pub const MEM_T: Duration = Duration::from_secs(60);
 pub const MIB: u64 = 1 << 20;
 
 pub const MIGRATE_FIELDS: &[&str] = &[
+    "paused",
     "mode",
     "mode_reason",
     "rounds",
