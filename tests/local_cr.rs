@@ -796,7 +796,7 @@ fn bad_input_restore_existing_id() {
 }
 
 #[test]
-fn bad_input_checkpoint_stopped_container() {
+fn bad_input_checkpoint_stopped_or_created_container() {
     if !require_root_and_criu() {
         return;
     }
@@ -808,6 +808,35 @@ fn bad_input_checkpoint_stopped_container() {
     let images = src.rc.mkdir("images");
     src.assert_checkpoint_refused(src.cmd("checkpoint", &done, &images, &[]), &images, 7);
     must(src.rc.delete(&done, false), "runc delete stopped container");
+
+    // `runc create`d, not started: its init is runc's own, which CRIU cannot dump (it
+    // failed with "Can't lookup mount=… for fd=-3"). Refused, and still startable.
+    let created = src.rc.id("-created");
+    let bundle = src.rc.bundle("sleeper").args(&["sleep", "1000"]).build();
+    src.rc.track(&created);
+    must(
+        src.rc
+            .cmd()
+            .args(["create", "--bundle"])
+            .arg(&bundle)
+            .arg(&created)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .unwrap(),
+        "runc create",
+    );
+    let out = src.cmd("checkpoint", &created, &images, &[]).run();
+    out.assert_error(7);
+    assert!(out.stderr.contains("created, not started"), "{out:?}");
+    assert_eq!(src.rc.status(&created).as_deref(), Some("created"));
+    must(
+        src.rc.cmd().args(["start", &created]).output().unwrap(),
+        "runc start",
+    );
+    src.rc.wait_status(&created, "running", T);
+    src.rc.kill_and_delete(&created);
     src.finish();
 }
 

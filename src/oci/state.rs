@@ -17,6 +17,8 @@ pub const DEFAULT_RUNC_ROOT: &str = "/run/runc";
 /// Cap on state.json (real ones are a few KiB).
 pub const MAX_STATE_JSON: u64 = 4 * 1024 * 1024;
 pub const STATE_FILE: &str = "state.json";
+/// What `runc start` opens to let a created container's init exec the process.
+const EXEC_FIFO: &str = "exec.fifo";
 
 /// A runc state root.
 #[derive(Debug, Clone)]
@@ -98,7 +100,10 @@ impl RuncRoot {
                     source,
                 }
             })?;
-        RuncContainer::from_raw(id, &file, raw)
+        let mut c = RuncContainer::from_raw(id, &file, raw)?;
+        // runc's own test for "created": the exec fifo `runc start` opens is still there.
+        c.created = dir.join(EXEC_FIFO).exists();
+        Ok(c)
     }
 }
 
@@ -122,6 +127,8 @@ pub struct RuncContainer {
     pub cgroup_paths: BTreeMap<String, String>,
     /// The whole state.json, kept for the hand-back.
     pub raw: Value,
+    /// `runc create`d but not started: its init is runc's, waiting on the exec fifo.
+    pub created: bool,
 }
 
 impl RuncContainer {
@@ -164,6 +171,7 @@ impl RuncContainer {
             rootfs: PathBuf::from(rootfs),
             cgroup_paths,
             raw,
+            created: false,
         })
     }
 
@@ -175,6 +183,9 @@ impl RuncContainer {
         };
         if self.init_pid <= 0 {
             return Err(not("no init process".into()));
+        }
+        if self.created {
+            return Err(not("created, not started: `runc start` it first".into()));
         }
         match process_start_time(self.init_pid) {
             Ok((start, state)) if start == self.init_start && state != 'Z' && state != 'X' => {
