@@ -796,7 +796,7 @@ fn bad_input_restore_existing_id() {
 }
 
 #[test]
-fn bad_input_checkpoint_stopped_or_created_container() {
+fn bad_input_checkpoint_stopped_created_or_with_exec_processes() {
     if !require_root_and_criu() {
         return;
     }
@@ -837,6 +837,27 @@ fn bad_input_checkpoint_stopped_or_created_container() {
     );
     src.rc.wait_status(&created, "running", T);
     src.rc.kill_and_delete(&created);
+
+    // A process `runc exec` started is outside the init's tree CRIU dumps: refused while
+    // frozen, rather than checkpointed without it. The source runs on with it.
+    let exec = src
+        .rc
+        .cmd()
+        .args(["exec", "-d", &src.id, "sleep", "1000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(exec.success(), "runc exec -d: {exec}");
+    let out = src.cmd("checkpoint", &src.id, &images, &[]).run();
+    out.assert_error(7);
+    assert!(
+        out.stderr.contains("outside its init's process tree"),
+        "{out:?}"
+    );
+    assert!(!images.join("ferry.json").exists());
+    src.assert_healthy();
     src.finish();
 }
 

@@ -478,6 +478,51 @@ fn paused_container_stays_paused_when_the_migration_fails() {
     th.finish();
 }
 
+/// A process `runc exec` started is in the container's cgroup but not in its init's tree,
+/// which is all CRIU dumps: CRIU only warned of an "unexpected process" and the migration
+/// went through without it, the source's copy killed with the rest. Now the dump fails
+/// while frozen, before CRIU seizes anything: exit 7 naming the process, the source
+/// running on with it, the destination clean.
+#[test]
+fn exec_started_processes_are_refused_not_lost() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mexec");
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let exec = th
+        .src_runc()
+        .cmd()
+        .args(["exec", "-d", &w.id, "sleep", "1000"])
+        // Not captured: the detached process would hold the pipes open.
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(exec.success(), "runc exec -d: {exec}");
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_counter_not_migrated(&th, &w, &out, &[7], DST_CLEAN_T);
+    assert!(
+        out.stderr
+            .contains("1 process(es) outside its init's process tree"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("(sleep)"), "{out:?}");
+    let ps = must(
+        th.src_runc().cmd().args(["ps", &w.id]).output().unwrap(),
+        "runc ps",
+    );
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).contains("sleep 1000"),
+        "the exec'd process is gone: {ps:?}"
+    );
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 #[test]
 fn serve_refuses_an_unknown_page_server() {
     let dir = tempfile::tempdir().unwrap();

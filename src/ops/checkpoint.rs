@@ -174,6 +174,7 @@ impl DumpJob {
         let to_freeze = self.freezer.as_deref().filter(|_| !self.meta.paused);
         let mut frozen_at = None;
         let mut freeze_failed = None;
+        let mut stray_failed = None;
         let mut interrupted = None;
         let mut freezing_notify = |n: Notification| -> Reply {
             // The last points where stopping loses nothing: before the freeze, and before
@@ -197,11 +198,25 @@ impl DumpJob {
                 }
                 tracing::debug!(ms = at.elapsed().as_millis() as u64, "container frozen");
             }
+            // Frozen (by ferry or paused before): processes CRIU would leave behind fail
+            // the dump here, before CRIU seizes anything.
+            if let (true, Some(f)) = (n.script == Script::PreDump, self.freezer.as_deref()) {
+                let strays = crate::runtime::cgroups::strays(f, self.container.init_pid);
+                if !strays.is_empty() {
+                    let e = stray_error(&self.container.id, &strays);
+                    let text = e.to_string();
+                    stray_failed = Some(e);
+                    return Reply::Failure(text);
+                }
+            }
             notify.notify(n)
         };
         let dumped = run_dump(session, request, &mut freezing_notify, timeout);
         if let Some(e) = freeze_failed {
             return Err(e.into());
+        }
+        if let Some(e) = stray_failed {
+            return Err(e);
         }
         if let Some(name) = interrupted {
             if let Err(e) = dumped {
@@ -226,6 +241,22 @@ impl DumpJob {
             }
         }
     }
+}
+
+/// Processes outside the init's tree: a checkpoint would lose them.
+fn stray_error(id: &str, strays: &[(i32, String)]) -> OpError {
+    let named: Vec<String> = strays
+        .iter()
+        .take(5)
+        .map(|(pid, comm)| format!("{pid} ({comm})"))
+        .collect();
+    OpError::Conflict(format!(
+        "container {id:?} has {} process(es) outside its init's process tree, which a \
+         checkpoint would lose: pid {}{} (runc exec started? end them first)",
+        strays.len(),
+        named.join(", "),
+        if strays.len() > 5 { ", …" } else { "" }
+    ))
 }
 
 pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointReport, OpError> {

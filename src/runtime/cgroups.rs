@@ -794,6 +794,51 @@ pub fn procs(dir: &Path) -> Option<Vec<i32>> {
     Some(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
+/// Most processes [`strays`] looks at, and most parents it follows from each.
+const MAX_STRAY_SCAN: usize = 65_536;
+const MAX_ANCESTRY: usize = 1024;
+
+/// The processes of the cgroup `dir` that do not descend from `init` (pid, command name):
+/// a dump of `init`'s tree leaves them behind, CRIU only warning of an "unexpected process
+/// in the freezer cgroup" (e.g. one `runc exec` started: its parent is runc, not the
+/// container's init). Meant for a frozen cgroup, whose tree cannot change; a process whose
+/// ancestry cannot be read is not counted.
+pub fn strays(dir: &Path, init: i32) -> Vec<(i32, String)> {
+    let ppid = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid …; the name may hold spaces and parentheses.
+        stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let descends = |pid: i32| -> bool {
+        let mut cur = pid;
+        for _ in 0..MAX_ANCESTRY {
+            if cur == init {
+                return true;
+            }
+            match ppid(cur) {
+                Some(p) if p > 1 => cur = p,
+                Some(_) => return false,
+                None => return true,
+            }
+        }
+        true
+    };
+    procs(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .take(MAX_STRAY_SCAN)
+        .filter(|&p| !descends(p))
+        .map(|p| {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            (p, comm.trim().to_string())
+        })
+        .collect()
+}
+
 /// SIGKILLs every process in the cgroup directory `dir`; returns how many there were.
 fn kill_procs(dir: &Path) -> usize {
     use nix::sys::signal::{kill, Signal};
@@ -1315,5 +1360,20 @@ mod tests {
             freezer_home(&frozen, "3:cpu:/ferry-dst/c1\n", v1_home),
             None
         );
+    }
+
+    #[test]
+    fn strays_are_the_processes_init_is_no_ancestor_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        std::fs::write(dir.path().join("cgroup.procs"), format!("{me}\n")).unwrap();
+        let parent = std::os::unix::process::parent_id() as i32;
+        assert_eq!(strays(dir.path(), me), vec![]);
+        assert_eq!(strays(dir.path(), parent), vec![]);
+        // No ancestor of this process: its chain ends at pid 1 first.
+        let s = strays(dir.path(), i32::MAX);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].0, me);
+        assert!(!s[0].1.is_empty(), "{s:?}");
     }
 }
