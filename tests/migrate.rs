@@ -523,6 +523,33 @@ fn exec_started_processes_are_refused_not_lost() {
     th.finish();
 }
 
+/// The container ends by itself while its rootfs crosses, before the freeze: the migration
+/// fails saying it is not running (exit 7), not with what CRIU made of a dump of nothing;
+/// the destination is clean and serve stays up.
+#[test]
+fn a_container_that_stops_during_the_migration_is_reported_stopped() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mstops");
+    let w = start_counter(&th, "");
+    add_rootfs_ballast(&w);
+    let serve = th.serve(&[]);
+    let out = migrate_with_fault(&th, &w.id, &serve.addr, "stop-copy", || {
+        must(th.src_runc().kill(&w.id, "KILL"), "runc kill");
+    });
+    assert_failed_with(&out, &[7]);
+    assert!(
+        out.stderr
+            .contains(&format!("container {:?} is not running", w.id)),
+        "{out:?}"
+    );
+    th.assert_dst_clean(&w.id, DST_CLEAN_T);
+    assert!(serve.is_alive(), "ferry serve exited");
+    must(th.src_runc().delete(&w.id, false), "runc delete");
+    th.finish();
+}
+
 #[test]
 fn serve_refuses_an_unknown_page_server() {
     let dir = tempfile::tempdir().unwrap();

@@ -224,6 +224,10 @@ impl DumpJob {
             }
             return Err(OpError::Interrupted(name));
         }
+        if dumped.is_err() {
+            // It ended under the dump: say so rather than quote what CRIU made of it.
+            self.container.check_running()?;
+        }
         dumped?;
         Ok(frozen_at)
     }
