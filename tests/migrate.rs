@@ -550,6 +550,45 @@ fn a_container_that_stops_during_the_migration_is_reported_stopped() {
     th.finish();
 }
 
+/// A second dump of a container while a migration of it is under way (here `ferry
+/// checkpoint --leave-running`, while memory crosses the link) is refused at once (exit 7),
+/// and the migration goes through. Without the lock, the checkpoint's CRIU failed on the
+/// tasks the migration's CRIU held (exit 6).
+#[test]
+fn a_second_dump_during_a_migration_is_refused() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mlock");
+    let w = start_memwriter(&th, "", 256, 16);
+    let serve = th.serve(&[]);
+    let images = th.src_runc().mkdir("images");
+    let mut second = None;
+    let out = migrate_with_fault(&th, &w.id, &serve.addr, "stop-copy", || {
+        second = Some(ferry(&[
+            "checkpoint",
+            &w.id,
+            "--images",
+            s(&images),
+            "--leave-running",
+            "--runtime-root",
+            s(&th.src_runc().root),
+        ]));
+    });
+    let second = second.unwrap();
+    second.assert_error(7);
+    assert!(
+        second.stderr.contains(&format!(
+            "a checkpoint or migration of container {:?} is already under way",
+            w.id
+        )),
+        "{second:?}"
+    );
+    assert_memwriter_migrated(&th, &w, &out, Some("stop-copy"), 10);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 #[test]
 fn serve_refuses_an_unknown_page_server() {
     let dir = tempfile::tempdir().unwrap();

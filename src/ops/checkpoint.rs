@@ -94,6 +94,75 @@ pub struct DumpJob {
     pub opts: CriuOpts,
     pub meta: CheckpointMeta,
     freezer: Option<PathBuf>,
+    /// Held while the job lives: one dump of a container at a time.
+    _lock: ContainerLock,
+}
+
+/// Where the locks of [`ContainerLock::take`] live.
+const LOCK_DIR: &str = "locks";
+
+/// The lock of one container for one checkpoint or migration: a file under /run/ferry,
+/// flocked, and removed when released.
+struct ContainerLock {
+    path: PathBuf,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl ContainerLock {
+    /// Takes the lock of container `id` of the runc root `root`, without waiting. A second
+    /// dump at the same time is refused: its CRIU could not seize the tasks the first one
+    /// holds, and after failing it would act on a freezer the first one owns.
+    fn take(root: &Path, id: &str) -> Result<ContainerLock, OpError> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let dir = Path::new(super::restore::FERRY_RUN_DIR).join(LOCK_DIR);
+        let env = |e: &dyn std::fmt::Display| {
+            OpError::Environment(format!("lock for {id:?} in {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| env(&e))?;
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        // FNV-1a of the root's path: one lock per root and id, whatever the path's length.
+        let hash = root
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let path = dir.join(format!("{hash:016x}-{id}"));
+        // A holder removes the file as it lets go: a lock taken on a file no longer at
+        // `path` locks nothing, so take it again on the new one (bounded).
+        for _ in 0..16 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| env(&e))?;
+            let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| match e {
+                nix::errno::Errno::EWOULDBLOCK => OpError::Conflict(format!(
+                    "a checkpoint or migration of container {id:?} is already under way"
+                )),
+                e => env(&e),
+            })?;
+            let same = match (file.metadata(), std::fs::metadata(&path)) {
+                (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
+                _ => false,
+            };
+            if same {
+                return Ok(ContainerLock { path, _file: file });
+            }
+        }
+        Err(env(&"the lock file keeps being replaced"))
+    }
+}
+
+impl Drop for ContainerLock {
+    fn drop(&mut self) {
+        // Removed while still held (the flock goes with the file after this).
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl DumpJob {
@@ -107,6 +176,7 @@ impl DumpJob {
         let root = RuncRoot::open(runtime_root)?;
         let c = root.load(id)?;
         c.check_running()?;
+        let lock = ContainerLock::take(runtime_root, id)?;
         let cfg = BundleConfig::load(&c.bundle)?;
         cfg.check_restorable_root()?;
         let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
@@ -150,6 +220,7 @@ impl DumpJob {
             opts,
             meta,
             freezer,
+            _lock: lock,
         })
     }
 
