@@ -218,10 +218,21 @@ pub fn process_start_time(pid: i32) -> std::io::Result<(u64, char)> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad /proc stat"))
 }
 
-/// Parses /proc/<pid>/stat; the command name may contain spaces and parentheses.
+/// Parent pid (field 4) of /proc/<pid>/stat; None where it cannot be read.
+pub fn process_parent(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields(&text)?.get(1)?.parse().ok()
+}
+
+/// The fields of a /proc/<pid>/stat after the command name (field 3 on), which may itself
+/// contain spaces and parentheses.
+fn stat_fields(text: &str) -> Option<Vec<&str>> {
+    Some(text[text.rfind(')')? + 1..].split_whitespace().collect())
+}
+
+/// Parses /proc/<pid>/stat: start time (field 22) and state (field 3).
 pub fn parse_stat(text: &str) -> Option<(u64, char)> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(text)?;
     // fields[0] is field 3 (state); field 22 is fields[19]
     let state = fields.first()?.chars().next()?;
     let start = fields.get(19)?.parse().ok()?;
@@ -238,6 +249,10 @@ mod tests {
             "4242 (sh) x (y)) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_stat(s), Some((987654, 'S')));
         assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(
+            process_parent(std::process::id() as i32),
+            Some(std::os::unix::process::parent_id() as i32)
+        );
     }
 
     #[test]

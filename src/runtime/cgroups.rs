@@ -804,22 +804,13 @@ const MAX_ANCESTRY: usize = 1024;
 /// container's init). Meant for a frozen cgroup, whose tree cannot change; a process whose
 /// ancestry cannot be read is not counted.
 pub fn strays(dir: &Path, init: i32) -> Vec<(i32, String)> {
-    let ppid = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // pid (comm) state ppid …; the name may hold spaces and parentheses.
-        stat[stat.rfind(')')? + 1..]
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
     let descends = |pid: i32| -> bool {
         let mut cur = pid;
         for _ in 0..MAX_ANCESTRY {
             if cur == init {
                 return true;
             }
-            match ppid(cur) {
+            match crate::oci::state::process_parent(cur) {
                 Some(p) if p > 1 => cur = p,
                 Some(_) => return false,
                 None => return true,
