@@ -619,7 +619,6 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         ..Default::default()
     };
     let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;
-    let paused = job.meta.paused;
     if job.cfg.terminal {
         return Err(MigrateError::Unsupported(TERMINAL_REFUSED.into()));
     }
@@ -759,7 +758,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         tcp_connections: if req.tcp_established { out.tcp } else { 0 },
         tcp_closed: if req.tcp_established { 0 } else { out.tcp },
         netns_removed,
-        paused,
+        paused: job.meta.paused,
     })
 }
 

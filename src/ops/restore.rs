@@ -443,7 +443,8 @@ fn restore_inner(
     };
 
     let old_bundle = v.meta.bundle.clone();
-    let criu_pid = std::cell::Cell::new(None);
+    // CRIU's pid once it runs, for the pause at pre-resume.
+    let criu_seen = std::cell::Cell::new(None);
     let paused = v.meta.paused && !req.unpause;
     let mut adopted = false;
     let mut interrupted = None;
@@ -501,7 +502,7 @@ fn restore_inner(
             // Where CRIU itself writes a restored freezer's state: the tasks are restored
             // and about to be let go. Frozen now, they stop before running an instruction.
             Script::PreResume if paused => {
-                if let Err(e) = pause_restored(&v.cgroup_paths, criu_pid.get()) {
+                if let Err(e) = pause_restored(&v.cgroup_paths, criu_seen.get()) {
                     // CRIU resumes the tasks whatever the reply: say so rather than fail.
                     tracing::warn!("the container was paused at checkpoint but runs now: {e}");
                 }
@@ -518,10 +519,9 @@ fn restore_inner(
         }
     };
     let paths = v.cgroup_paths.clone();
-    let criu_pid_cell = &criu_pid;
     let before = |criu_pid: u32, opts: &mut crate::pb::CriuOpts| -> Result<(), String> {
         CgroupSet::enter(&paths, criu_pid).map_err(|e| e.to_string())?;
-        criu_pid_cell.set(Some(criu_pid));
+        criu_seen.set(Some(criu_pid));
         let cg = std::fs::read_to_string(format!("/proc/{criu_pid}/cgroup"))
             .map_err(|e| e.to_string())?;
         opts.cg_root.extend(cgroup_roots(&cg));
