@@ -840,16 +840,7 @@ fn bad_input_checkpoint_stopped_created_or_with_exec_processes() {
 
     // A process `runc exec` started is outside the init's tree CRIU dumps: refused while
     // frozen, rather than checkpointed without it. The source runs on with it.
-    let exec = src
-        .rc
-        .cmd()
-        .args(["exec", "-d", &src.id, "sleep", "1000"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(exec.success(), "runc exec -d: {exec}");
+    src.rc.exec_detached(&src.id, &["sleep", "1000"]);
     let out = src.cmd("checkpoint", &src.id, &images, &[]).run();
     out.assert_error(7);
     assert!(

@@ -418,14 +418,7 @@ fn paused_migration(name: &str, mode: &str) {
         n,
         "the paused container counted on the destination"
     );
-    must(
-        th.dst_runc()
-            .cmd()
-            .args(["resume", &w.id])
-            .output()
-            .unwrap(),
-        "runc resume on the destination",
-    );
+    th.dst_runc().resume(&w.id);
     assert_counter_continues(&w.out, n, 10);
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
@@ -433,10 +426,7 @@ fn paused_migration(name: &str, mode: &str) {
 
 /// Pauses the counter `w` and waits until it stands still; returns its line count.
 fn pause_counter(rc: &Runc, w: &Workload) -> usize {
-    must(
-        rc.cmd().args(["pause", &w.id]).output().unwrap(),
-        "runc pause",
-    );
+    rc.pause(&w.id);
     assert_eq!(rc.status(&w.id).as_deref(), Some("paused"));
     // A write under way when the freezer took it lands at once.
     std::thread::sleep(Duration::from_millis(200));
@@ -464,14 +454,7 @@ fn paused_container_stays_paused_when_the_migration_fails() {
     assert_eq!(th.src_runc().status(&w.id).as_deref(), Some("paused"));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(read_counter_lines(&w.out).len(), n, "the source ran");
-    must(
-        th.src_runc()
-            .cmd()
-            .args(["resume", &w.id])
-            .output()
-            .unwrap(),
-        "runc resume on the source",
-    );
+    th.src_runc().resume(&w.id);
     assert_source_counter_healthy(&th, &w);
     assert!(serve.is_alive(), "ferry serve exited");
     th.src_runc().kill_and_delete(&w.id);
@@ -491,17 +474,7 @@ fn exec_started_processes_are_refused_not_lost() {
     let th = TwoHosts::new("mexec");
     let w = start_counter(&th, "");
     let serve = th.serve(&[]);
-    let exec = th
-        .src_runc()
-        .cmd()
-        .args(["exec", "-d", &w.id, "sleep", "1000"])
-        // Not captured: the detached process would hold the pipes open.
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(exec.success(), "runc exec -d: {exec}");
+    th.src_runc().exec_detached(&w.id, &["sleep", "1000"]);
     let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
     assert_counter_not_migrated(&th, &w, &out, &[7], DST_CLEAN_T);
     assert!(
@@ -1741,13 +1714,7 @@ fn rootfs_changes_while_running_arrive_with_the_final_delta() {
     let v = migrate_json(&migrated, Some("stop-copy"));
     assert_migrated(&th, &id, &v);
     let dst = th.dst_runc();
-    let paused = Command::new("runc")
-        .arg("--root")
-        .arg(&dst.root)
-        .args(["pause", &id])
-        .output()
-        .expect("runc pause");
-    assert!(paused.status.success(), "runc pause: {paused:?}");
+    dst.pause(&id);
 
     let w = th.dst_bundle(&id).join("rootfs/var/w");
     let acc: Vec<u64> = fs::read_to_string(w.join("acc"))
@@ -1790,13 +1757,7 @@ fn rootfs_changes_while_running_arrive_with_the_final_delta() {
         );
     }
     if last_done < n {
-        let resumed = Command::new("runc")
-            .arg("--root")
-            .arg(&dst.root)
-            .args(["resume", &id])
-            .output()
-            .expect("runc resume");
-        assert!(resumed.status.success(), "runc resume: {resumed:?}");
+        dst.resume(&id);
         wait_counter_lines(&out, n as usize, slow(T));
         if n % 10 == 0 {
             assert_kept(n);

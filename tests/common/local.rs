@@ -139,10 +139,7 @@ pub fn paused_checkpoint_restore(t: Duration) {
     let id = rc.id("");
     let (out, _bundle) = start_file_counter(&rc, &id);
     wait_counter_lines(&out, 20, t);
-    must(
-        rc.cmd().args(["pause", &id]).output().unwrap(),
-        "runc pause",
-    );
+    rc.pause(&id);
     std::thread::sleep(Duration::from_millis(200));
     let n = read_counter_lines(&out).len();
 
@@ -165,10 +162,7 @@ pub fn paused_checkpoint_restore(t: Duration) {
         n,
         "the restored container ran"
     );
-    must(
-        rc.cmd().args(["resume", &id]).output().unwrap(),
-        "runc resume",
-    );
+    rc.resume(&id);
     wait_counter_lines(&out, n + 10, t);
     assert_file_counts_from_one(&out, n + 10);
 

@@ -1024,6 +1024,34 @@ impl Runc {
         run_output(self.cmd().arg("exec").arg(id).args(args))
     }
 
+    /// `runc pause id`, which must succeed.
+    #[track_caller]
+    pub fn pause(&self, id: &str) {
+        must(run_output(self.cmd().arg("pause").arg(id)), "runc pause");
+    }
+
+    /// `runc resume id`, which must succeed.
+    #[track_caller]
+    pub fn resume(&self, id: &str) {
+        must(run_output(self.cmd().arg("resume").arg(id)), "runc resume");
+    }
+
+    /// `runc exec -d id args…`, which must succeed. Its stdio is /dev/null, not captured:
+    /// the detached process would hold the pipes open.
+    #[track_caller]
+    pub fn exec_detached(&self, id: &str, args: &[&str]) {
+        let status = self
+            .cmd()
+            .args(["exec", "-d", id])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run runc exec -d");
+        assert!(status.success(), "runc exec -d {id} {args:?}: {status}");
+    }
+
     /// `runc kill id SIG`.
     pub fn kill(&self, id: &str, sig: &str) -> Output {
         run_output(self.cmd().arg("kill").arg(id).arg(sig))
