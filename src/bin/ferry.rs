@@ -26,9 +26,10 @@ struct Cli {
     /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
-    /// Longest wait for any single answer from CRIU, in seconds (criu is killed after it).
+    /// Longest wait for any single answer from CRIU, in seconds, at most a day (criu is killed
+    /// after it).
     #[arg(long, value_name = "SECS", default_value_t = 300, global = true,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout: u64,
     #[command(subcommand)]
     command: Cmd,
@@ -139,8 +140,8 @@ struct MigrateArgs {
     /// Most pre-copy rounds.
     #[arg(long, default_value_t = 8)]
     max_rounds: u32,
-    /// Freeze the pre-copy policy aims for.
-    #[arg(long, default_value_t = 300)]
+    /// Freeze the pre-copy policy aims for (at least 1).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     target_downtime_ms: u64,
     /// What stops the pre-copy rounds: adaptive (ferry's), or the anchors' fixed rules
     /// p.haul and one-round, for comparisons.
@@ -804,5 +805,32 @@ mod tests {
         let msg = parse_error(&["ferry", "--timeout", "0", "check"]);
         assert!(msg.contains("--timeout") && msg.contains('0'), "{msg}");
         assert!(Cli::try_parse_from(["ferry", "--timeout", "1", "check"]).is_ok());
+    }
+
+    /// A wait past what the clock can express used to panic at the first answer from CRIU.
+    #[test]
+    fn timeout_longer_than_a_day_is_refused() {
+        let msg = parse_error(&["ferry", "--timeout", "18446744073709551615", "check"]);
+        assert!(msg.contains("--timeout") && msg.contains("86400"), "{msg}");
+        assert!(Cli::try_parse_from(["ferry", "--timeout", "86400", "check"]).is_ok());
+    }
+
+    #[test]
+    fn zero_target_downtime_is_refused() {
+        let base = [
+            "ferry",
+            "migrate",
+            "c",
+            "--to",
+            "127.0.0.1:1",
+            "--token-file",
+            "/t",
+        ];
+        let msg = parse_error(&[&base[..], &["--target-downtime-ms", "0"]].concat());
+        assert!(
+            msg.contains("--target-downtime-ms") && msg.contains('0'),
+            "{msg}"
+        );
+        assert!(Cli::try_parse_from([&base[..], &["--target-downtime-ms", "1"]].concat()).is_ok());
     }
 }

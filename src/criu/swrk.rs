@@ -202,9 +202,10 @@ impl Swrk {
         }
     }
 
-    /// Receives one response datagram, waiting at most `timeout` (None: forever).
+    /// Receives one response datagram, waiting at most `timeout` (None, or a wait too long
+    /// for the clock to express: forever).
     pub fn recv(&mut self, op: &'static str, timeout: Option<Duration>) -> Result<Received> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             let wait = match deadline {
                 None => PollTimeout::NONE,
