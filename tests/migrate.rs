@@ -704,6 +704,35 @@ fn migrate_refuses_a_malformed_destination() {
     }
 }
 
+/// A token file that is a FIFO or a directory: one line, exit 4, at once. Opening a FIFO
+/// used to wait for a writer, and SIGTERM did not end that wait (ferry's handlers restart
+/// the call).
+#[test]
+fn a_token_file_that_is_no_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for (token, says) in [(&fifo, "not a regular file"), (&tokens, "is a directory")] {
+        let t = token.display().to_string();
+        let serve = ["serve", "--listen", "127.0.0.1:0", "--token-file", &t];
+        let migrate = ["migrate", "c", "--to", "127.0.0.1:1", "--token-file", &t];
+        for args in [&serve[..], &migrate[..]] {
+            let out = ferry(args);
+            out.assert_error(4);
+            assert!(out.stdout.is_empty(), "{out:?}");
+            assert!(
+                out.stderr.contains(&format!("token: {t}: {says}")),
+                "{out:?}"
+            );
+        }
+    }
+}
+
 /// `ferry serve` with another token: refused (exit 4), nothing happens on either side.
 #[test]
 fn wrong_token() {

@@ -52,8 +52,7 @@ impl Token {
         use std::io::Read as _;
         use std::os::unix::fs::PermissionsExt;
         let bad = |why: String| MigrateError::Token(format!("{}: {why}", path.display()));
-        let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-        let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
+        let (f, meta) = crate::capped::open_regular(path).map_err(|e| bad(e.to_string()))?;
         if meta.len() > MAX_TOKEN_FILE {
             return Err(bad(format!("larger than {MAX_TOKEN_FILE} bytes")));
         }

@@ -202,11 +202,7 @@ fn read_pem(what: &'static str, path: &Path) -> Result<(Vec<u8>, std::fs::Metada
         path: path.to_path_buf(),
         why,
     };
-    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
-    }
+    let (f, meta) = crate::capped::open_regular(path).map_err(|e| bad(e.to_string()))?;
     if meta.len() > MAX_PEM_FILE {
         return Err(bad(format!("larger than {MAX_PEM_FILE} bytes")));
     }
@@ -1099,6 +1095,11 @@ pub(crate) mod tests {
         write(&garbage, "-----BEGIN CERTIFICATE-----\n!!!!\n", 0o600);
         let empty = d.join("empty.pem");
         write(&empty, "", 0o600);
+        // A FIFO: opening it for reading must not wait for a writer.
+        let fifo = d.join("fifo.key");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let open_key = d.join("open.key");
         write(
             &open_key,
@@ -1171,6 +1172,22 @@ pub(crate) mod tests {
                 },
                 "--tls-ca",
                 "No such file",
+            ),
+            (
+                TlsFiles {
+                    key: fifo.clone(),
+                    ..good.clone()
+                },
+                "--tls-key",
+                "not a regular file",
+            ),
+            (
+                TlsFiles {
+                    ca: d.to_path_buf(),
+                    ..good.clone()
+                },
+                "--tls-ca",
+                "is a directory",
             ),
         ];
         for (files, flag, words) in cases {
