@@ -15,8 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::Metadata;
 use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -34,7 +39,10 @@ fn err(what: impl std::fmt::Display) -> MigrateError {
 
 /// sha256 of a file's content.
 pub fn hash_file(p: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(p)?;
+    hash_reader(std::fs::File::open(p)?)
+}
+
+fn hash_reader(mut f: impl Read) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -53,7 +61,7 @@ fn hash_bytes(b: &[u8]) -> String {
 
 /// What identifies a file's content without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -61,15 +69,28 @@ struct Stamp {
     ctime_ns: i128,
 }
 
+fn ns(s: i64, n: i64) -> i128 {
+    i128::from(s) * 1_000_000_000 + i128::from(n)
+}
+
 impl Stamp {
     fn of(m: &Metadata) -> Stamp {
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
         Stamp {
             dev: m.dev(),
             ino: m.ino(),
             size: m.len(),
             mtime_ns: ns(m.mtime(), m.mtime_nsec()),
             ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    fn of_stat(st: &nix::sys::stat::FileStat) -> Stamp {
+        Stamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
         }
     }
 }
@@ -87,25 +108,39 @@ pub struct HashCache {
 
 impl HashCache {
     /// The sha256 of `p`, whose metadata is `m`: from the cache when the file is unchanged
-    /// since it was hashed, else read.
+    /// since it was hashed, else read (for this side's own copy, which nothing else writes).
     pub fn hash(&mut self, p: &Path, m: &Metadata) -> std::io::Result<String> {
-        let stamp = Stamp::of(m);
+        self.hash_with(p, Stamp::of(m), || std::fs::File::open(p))
+    }
+
+    /// The sha256 of a file the walk met: from the cache, or read through [`Found::open`].
+    fn hash_found(&mut self, f: &Found) -> std::io::Result<String> {
+        self.hash_with(f.path, f.stamp, || f.open())
+    }
+
+    fn hash_with(
+        &mut self,
+        p: &Path,
+        stamp: Stamp,
+        open: impl FnOnce() -> std::io::Result<std::fs::File>,
+    ) -> std::io::Result<String> {
         if let Some((s, h)) = self.map.get(p) {
             if *s == stamp {
                 return Ok(h.clone());
             }
         }
         let before = SystemTime::now();
-        let h = hash_file(p)?;
+        // At most one byte past the listed size: more means it changed anyway, and a file
+        // that keeps growing is not chased.
+        let h = hash_reader(open()?.take(stamp.size.saturating_add(1)))?;
         self.reads += 1;
-        self.remember(p, m, h.clone(), before);
+        self.remember(p, stamp, h.clone(), before);
         Ok(h)
     }
 
-    /// Records `hash` for `p` (metadata `m`), read or written at `at`; a file changed within
+    /// Records `hash` for `p` (stamp `stamp`), read or written at `at`; a file changed within
     /// [`RACY`] of that is not remembered.
-    fn remember(&mut self, p: &Path, m: &Metadata, hash: String, at: SystemTime) {
-        let stamp = Stamp::of(m);
+    fn remember(&mut self, p: &Path, stamp: Stamp, hash: String, at: SystemTime) {
         let changed = SystemTime::UNIX_EPOCH
             + Duration::from_nanos(u64::try_from(stamp.ctime_ns.max(0)).unwrap_or(u64::MAX));
         if changed + RACY < at {
@@ -125,86 +160,214 @@ impl HashCache {
     }
 }
 
-/// Lists `root` (paths relative to it, parents before children) with content hashes.
-pub fn manifest(root: &Path, cache: &mut HashCache) -> Result<Vec<Entry>, MigrateError> {
-    walk(root, &mut |p, m| cache.hash(p, m))
+/// Whether an error reading a rootfs path means only that it changed since it was listed:
+/// gone, replaced by a symlink or something other than a regular file, or a parent replaced.
+pub fn changed_since_listed(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        || e.kind() == std::io::ErrorKind::InvalidInput
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
+        )
 }
 
-/// Lists `root` like [`manifest`], hashing files with `hash_of`.
+fn not_regular() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+}
+
+/// A rootfs opened once; every later open resolves beneath it, following no symlink in any
+/// component and crossing no mount. The source's container runs during the first rounds and
+/// can swap any file or directory for a symlink (to a host file, say) or a FIFO between the
+/// listing and the read: what ferry reads then is still inside the rootfs, and never blocks.
+pub struct Beneath {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// Flags every read-only open below a rootfs takes.
+fn read_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC
+}
+
+impl Beneath {
+    pub fn open(root: &Path) -> Result<Beneath, MigrateError> {
+        let f = std::fs::File::open(root).map_err(|e| err(format!("{}: {e}", root.display())))?;
+        Ok(Beneath {
+            fd: f.into(),
+            path: root.to_path_buf(),
+        })
+    }
+
+    fn open_at(&self, rel: &Path, flags: OFlag) -> std::io::Result<OwnedFd> {
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let how = OpenHow::new().flags(flags).resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+        let fd = nix::fcntl::openat2(self.fd.as_raw_fd(), rel, how)?;
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The regular file `rel`, opened for reading (any other kind: "not a regular file").
+    pub fn file(&self, rel: &Path) -> std::io::Result<std::fs::File> {
+        let f = std::fs::File::from(self.open_at(rel, read_flags())?);
+        if !f.metadata()?.is_file() {
+            return Err(not_regular());
+        }
+        Ok(f)
+    }
+
+    /// The target of the symlink `rel`.
+    pub fn link(&self, rel: &Path) -> std::io::Result<PathBuf> {
+        let (parent, name) = match (rel.parent(), rel.file_name()) {
+            (Some(p), Some(n)) => (p, n),
+            _ => return Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        let dir = self.open_at(
+            parent,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        )?;
+        Ok(nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name)?.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A regular file the walk met: where it is, its stamp, and the directory it is in.
+struct Found<'a> {
+    path: &'a Path,
+    stamp: Stamp,
+    dir: RawFd,
+    name: &'a std::ffi::OsStr,
+}
+
+impl Found<'_> {
+    /// Opens the file the walk listed: the name in the directory already open, without
+    /// following a symlink or waiting on a FIFO. A file replaced since it was listed fails
+    /// (see [`changed_since_listed`]).
+    fn open(&self) -> std::io::Result<std::fs::File> {
+        let fd = nix::fcntl::openat(Some(self.dir), self.name, read_flags(), Mode::empty())?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let m = f.metadata()?;
+        if !m.is_file() || m.dev() != self.stamp.dev || m.ino() != self.stamp.ino {
+            return Err(not_regular());
+        }
+        Ok(f)
+    }
+}
+
+/// Lists `root` (paths relative to it, parents before children) with content hashes.
+pub fn manifest(root: &Beneath, cache: &mut HashCache) -> Result<Vec<Entry>, MigrateError> {
+    walk(root, &mut |f| cache.hash_found(f))
+}
+
+/// Lists `root` like [`manifest`], hashing files with `hash_of`. Entries that change while
+/// they are listed are left out (the frozen final round lists everything as it is).
 fn walk(
-    root: &Path,
-    hash_of: &mut dyn FnMut(&Path, &Metadata) -> std::io::Result<String>,
+    root: &Beneath,
+    hash_of: &mut dyn FnMut(&Found) -> std::io::Result<String>,
 ) -> Result<Vec<Entry>, MigrateError> {
-    let dev = std::fs::symlink_metadata(root)
-        .map_err(|e| err(format!("{}: {e}", root.display())))?
-        .dev();
+    let at = |rel: &Path, e: &dyn std::fmt::Display| {
+        err(format!("{}: {e}", root.path().join(rel).display()))
+    };
+    let dev = nix::sys::stat::fstat(root.fd.as_raw_fd())
+        .map_err(|e| at(Path::new(""), &e))?
+        .st_dev;
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        let mut names: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|e| err(format!("{}: {e}", dir.display())))?
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let dir = match root.open_at(&rel, read_flags() | OFlag::O_DIRECTORY) {
+            Ok(d) => d,
+            Err(e) if !rel.as_os_str().is_empty() && changed_since_listed(&e) => continue,
+            Err(e) => return Err(at(&rel, &e)),
+        };
+        let mut dir = nix::dir::Dir::from(dir).map_err(|e| at(&rel, &e))?;
+        let mut names: Vec<std::ffi::OsString> = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(|e| at(&rel, &e))?;
+            let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+            if name != "." && name != ".." {
+                names.push(name.to_os_string());
+            }
+        }
         names.sort();
+        let dfd = dir.as_raw_fd();
         for name in names {
             let r = rel.join(&name);
-            let p = root.join(&r);
-            let Ok(m) = std::fs::symlink_metadata(&p) else {
-                continue;
+            let Ok(st) =
+                nix::sys::stat::fstatat(Some(dfd), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            else {
+                continue; // gone
             };
-            if m.dev() != dev {
+            if st.st_dev != dev {
                 continue; // a mount inside the rootfs (bind mounts are restored as external mounts)
             }
             let path = r.to_string_lossy().into_owned();
-            let mode = m.permissions().mode() & 0o7777;
-            let ft = m.file_type();
-            let entry = if ft.is_dir() {
-                stack.push(r.clone());
-                Entry {
-                    path,
-                    kind: "d".into(),
-                    mode,
-                    size: 0,
-                    hash: String::new(),
+            let mode = st.st_mode & 0o7777;
+            let entry = match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => {
+                    stack.push(r.clone());
+                    Entry {
+                        path,
+                        kind: "d".into(),
+                        mode,
+                        size: 0,
+                        hash: String::new(),
+                    }
                 }
-            } else if ft.is_symlink() {
-                let target = match std::fs::read_link(&p) {
-                    Ok(t) => t,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // gone
-                    Err(e) => return Err(err(format!("{}: {e}", p.display()))),
-                };
-                let t = target.to_string_lossy().into_owned();
-                Entry {
-                    path,
-                    kind: "l".into(),
-                    mode,
-                    size: t.len() as u64,
-                    hash: hash_bytes(t.as_bytes()),
+                libc::S_IFLNK => {
+                    let target = match nix::fcntl::readlinkat(Some(dfd), name.as_os_str()) {
+                        Ok(t) => t,
+                        // gone, or no longer a symlink
+                        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL) => continue,
+                        Err(e) => return Err(at(&r, &e)),
+                    };
+                    let t = target.to_string_lossy().into_owned();
+                    Entry {
+                        path,
+                        kind: "l".into(),
+                        mode,
+                        size: t.len() as u64,
+                        hash: hash_bytes(t.as_bytes()),
+                    }
                 }
-            } else if ft.is_file() {
-                let hash = match hash_of(&p, &m) {
-                    Ok(h) => h,
-                    // Deleted since it was listed (the container runs during the first round).
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(err(format!("{}: {e}", p.display()))),
-                };
-                Entry {
-                    path,
-                    kind: "f".into(),
-                    mode,
-                    size: m.len(),
-                    hash,
+                libc::S_IFREG => {
+                    let found = Found {
+                        path: &root.path().join(&r),
+                        stamp: Stamp::of_stat(&st),
+                        dir: dfd,
+                        name: &name,
+                    };
+                    let hash = match hash_of(&found) {
+                        Ok(h) => h,
+                        // Changed since it was listed (the container runs during the first round).
+                        Err(e) if changed_since_listed(&e) => continue,
+                        Err(e) => return Err(at(&r, &e)),
+                    };
+                    Entry {
+                        path,
+                        kind: "f".into(),
+                        mode,
+                        size: found.stamp.size,
+                        hash,
+                    }
                 }
-            } else {
-                continue; // device nodes, fifos, sockets are not copied
+                _ => continue, // device nodes, fifos, sockets are not copied
             };
             out.push(entry);
             if out.len() > MAX_ENTRIES {
                 return Err(err(format!(
                     "more than {MAX_ENTRIES} entries in {}",
-                    root.display()
+                    root.path().display()
                 )));
             }
         }
@@ -345,7 +508,7 @@ fn remove_local_tree(p: &Path) -> Result<(), MigrateError> {
 pub fn delete_extra(root: &Path, entries: &[Entry]) -> Result<Vec<String>, MigrateError> {
     let keep: BTreeSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     // Only the paths matter here: nothing is hashed.
-    let local = walk(root, &mut |_, _| Ok(String::new()))?;
+    let local = walk(&Beneath::open(root)?, &mut |_| Ok(String::new()))?;
     let mut gone = Vec::new();
     // Deepest first, so a directory is empty by the time it is considered.
     let mut extra: Vec<&Entry> = local
@@ -387,7 +550,7 @@ mod tests {
         std::fs::write(dst.path().join("stale"), b"old").unwrap();
 
         let mut cache = HashCache::default();
-        let m = manifest(src.path(), &mut cache).unwrap();
+        let m = manifest(&Beneath::open(src.path()).unwrap(), &mut cache).unwrap();
         let need = needed(dst.path(), &m, &mut cache).unwrap();
         assert_eq!(need, vec!["bin/app".to_string(), "bin/sh".to_string()]);
         let idx = index(&m);
@@ -432,13 +595,13 @@ mod tests {
         let m = std::fs::symlink_metadata(&old).unwrap();
         cache.remember(
             &old,
-            &m,
+            Stamp::of(&m),
             hash_file(&old).unwrap(),
             SystemTime::now() + RACY * 2,
         );
-        let h1 = manifest(dir.path(), &mut cache).unwrap();
+        let h1 = manifest(&Beneath::open(dir.path()).unwrap(), &mut cache).unwrap();
         assert_eq!(cache.reads, 1, "only the racy file is read");
-        let h2 = manifest(dir.path(), &mut cache).unwrap();
+        let h2 = manifest(&Beneath::open(dir.path()).unwrap(), &mut cache).unwrap();
         assert_eq!(
             cache.reads, 2,
             "the racy file is read again, the other is not"
@@ -448,7 +611,7 @@ mod tests {
         // Same size, mtime put back: ctime moved, so it is read and the new hash seen.
         std::fs::write(&old, b"cccc").unwrap();
         backdate(&old);
-        let h3 = manifest(dir.path(), &mut cache).unwrap();
+        let h3 = manifest(&Beneath::open(dir.path()).unwrap(), &mut cache).unwrap();
         assert_eq!(cache.reads, 4);
         let e = |m: &[Entry]| m.iter().find(|e| e.path == "old").unwrap().hash.clone();
         assert_ne!(e(&h1), e(&h3));
@@ -460,6 +623,89 @@ mod tests {
         let m = std::fs::symlink_metadata(&fresh).unwrap();
         assert_eq!(dst.hash(&fresh, &m).unwrap(), hash_bytes(b"bbbb"));
         assert_eq!(dst.reads, 0);
+    }
+
+    fn mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// The container runs while the first round lists its rootfs. Whatever it swaps in
+    /// between the listing and the read (a directory or a file for a symlink to the host, a
+    /// file for a FIFO), the walk reads nothing outside the rootfs and does not block; what
+    /// changed is left out.
+    #[test]
+    fn swaps_during_the_walk_never_lead_outside_the_rootfs() {
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("secret"), b"host only").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir(r.join("adir")).unwrap();
+        std::fs::write(r.join("adir/inner"), b"i").unwrap();
+        for f in ["bfile", "cfile", "dfile", "efile"] {
+            std::fs::write(r.join(f), f).unwrap();
+        }
+        let swap_for_link = |p: &Path, to: &Path| {
+            std::fs::remove_file(p)
+                .or_else(|_| std::fs::remove_dir_all(p))
+                .unwrap();
+            std::os::unix::fs::symlink(to, p).unwrap();
+        };
+        let mut cache = HashCache::default();
+        let mut opened = Vec::new();
+        let entries = walk(&Beneath::open(r).unwrap(), &mut |f| {
+            let name = f.path.file_name().unwrap().to_str().unwrap().to_string();
+            match name.as_str() {
+                // listed as a directory, then replaced before it is read
+                "bfile" => swap_for_link(&r.join("adir"), host.path()),
+                // listed as a file, replaced before it is opened
+                "cfile" => swap_for_link(&r.join("cfile"), &host.path().join("secret")),
+                "dfile" => {
+                    std::fs::remove_file(r.join("dfile")).unwrap();
+                    mkfifo(&r.join("dfile"));
+                }
+                _ => {}
+            }
+            opened.push(name);
+            cache.hash_found(f)
+        })
+        .unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["adir", "bfile", "efile"], "{entries:?}");
+        assert_eq!(opened, ["bfile", "cfile", "dfile", "efile"]);
+        assert_eq!(cache.reads, 2, "only bfile and efile were read");
+    }
+
+    /// What the source sends after the manifest is opened beneath the rootfs too.
+    #[test]
+    fn sends_open_nothing_outside_the_rootfs() {
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("secret"), b"host only").unwrap();
+        std::os::unix::fs::symlink("/etc", host.path().join("link")).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::write(r.join("file"), b"in").unwrap();
+        std::os::unix::fs::symlink("file", r.join("link")).unwrap();
+        std::os::unix::fs::symlink(host.path().join("secret"), r.join("to-host")).unwrap();
+        std::os::unix::fs::symlink(host.path(), r.join("dir-to-host")).unwrap();
+        mkfifo(&r.join("fifo"));
+        let b = Beneath::open(r).unwrap();
+        let mut s = String::new();
+        b.file(Path::new("file"))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "in");
+        assert_eq!(b.link(Path::new("link")).unwrap(), PathBuf::from("file"));
+        for rel in ["to-host", "dir-to-host/secret", "fifo", "link", "gone"] {
+            let e = b.file(Path::new(rel)).unwrap_err();
+            assert!(changed_since_listed(&e), "{rel}: {e}");
+        }
+        for rel in ["dir-to-host/link", "file", "gone"] {
+            let e = b.link(Path::new(rel)).unwrap_err();
+            assert!(changed_since_listed(&e), "{rel}: {e}");
+        }
     }
 
     #[test]

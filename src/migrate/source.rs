@@ -21,7 +21,7 @@ use super::link::{self, Link};
 use super::policy::{Policy, PolicyKind, RoundFacts, PAGE};
 use super::progress::{bytes_acked, Progress};
 use super::relay::{free_loopback_port, SourceRelay};
-use super::rootfs::{manifest, HashCache};
+use super::rootfs::{changed_since_listed, manifest, Beneath, HashCache};
 use super::tls::TlsClient;
 use super::wire::{
     check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, RoundDone, SyncDone,
@@ -254,8 +254,9 @@ pub(crate) fn send_file(
     path: &Path,
     mode: u32,
 ) -> Result<u64, MigrateError> {
-    send_file_as(ctl, target, name, path, mode, Changing::Fails)
-        .map(|sent| sent.unwrap_or_default())
+    let (f, _) = crate::capped::open_regular(path)
+        .map_err(|e| MigrateError::Rootfs(format!("{}: {e}", path.display())))?;
+    send_file_as(ctl, target, name, path, f, mode, Changing::Fails)
 }
 
 /// What a file that changes while it is being sent does.
@@ -263,39 +264,26 @@ pub(crate) fn send_file(
 enum Changing {
     /// The send fails (images; the rootfs while frozen: nothing may change it then).
     Fails,
-    /// Best effort (the rootfs while the container runs): a file gone is skipped, one that
-    /// grew is cut at the size the manifest gave (`at_most`: the destination accepts no
-    /// more), one that shrank while read is padded with zeros. The final round compares
-    /// hashes and sends it again as it is then.
+    /// Best effort (the rootfs while the container runs): a file that grew is cut at the
+    /// size the manifest gave (`at_most`: the destination accepts no more), one that shrank
+    /// while read is padded with zeros. The final round compares hashes and sends it again
+    /// as it is then.
     Tolerated { at_most: u64 },
 }
 
-/// Sends a file; `None` when it vanished and `changing` tolerates that.
+/// Sends the open regular file `f` (`path` names it in errors).
 fn send_file_as(
     ctl: &mut Ctl,
     target: Target,
     name: &str,
     path: &Path,
+    mut f: std::fs::File,
     mode: u32,
     changing: Changing,
-) -> Result<Option<u64>, MigrateError> {
+) -> Result<u64, MigrateError> {
     let io = |e: std::io::Error| MigrateError::Rootfs(format!("{}: {e}", path.display()));
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                && matches!(changing, Changing::Tolerated { .. }) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(io(e)),
-    };
-    let md = f.metadata().map_err(io)?;
-    let mut size = md.len();
+    let mut size = f.metadata().map_err(io)?.len();
     if let Changing::Tolerated { at_most } = changing {
-        if !md.is_file() {
-            return Ok(None); // replaced by a directory or other since the manifest
-        }
         size = size.min(at_most);
     }
     ctl.send(&Msg::File(FileStart {
@@ -329,7 +317,7 @@ fn send_file_as(
         )));
     }
     ctl.send(&Msg::FileEnd)?;
-    Ok(Some(total))
+    Ok(total)
 }
 
 /// One rootfs round: manifest, the destination's needs, the files. Returns files sent.
@@ -340,7 +328,8 @@ fn sync_rootfs(
     hashes: &mut HashCache,
 ) -> Result<u64, MigrateError> {
     let read_before = hashes.reads;
-    let entries = manifest(rootfs, hashes)?;
+    let rootfs = Beneath::open(rootfs)?;
+    let entries = manifest(&rootfs, hashes)?;
     tracing::debug!(
         entries = entries.len(),
         files_read = hashes.reads - read_before,
@@ -380,12 +369,17 @@ fn sync_rootfs(
         let e = idx.get(p.as_str()).ok_or_else(|| {
             MigrateError::Remote(format!("asked for {p:?}, which is not in the manifest"))
         })?;
-        let full = rootfs.join(super::rootfs::check_rel(p)?);
+        let rel = super::rootfs::check_rel(p)?;
+        let full = rootfs.path().join(&rel);
+        // While the container runs, what changed since the manifest is skipped: the final
+        // round (frozen) settles it.
+        let skip = |x: &std::io::Error| !final_sync && changed_since_listed(x);
+        let fail = |x: std::io::Error| MigrateError::Rootfs(format!("{}: {x}", full.display()));
         if e.kind == "l" {
-            let t = match std::fs::read_link(&full) {
+            let t = match rootfs.link(&rel) {
                 Ok(t) => t,
-                Err(x) if x.kind() == std::io::ErrorKind::NotFound && !final_sync => continue,
-                Err(x) => return Err(MigrateError::Rootfs(format!("{}: {x}", full.display()))),
+                Err(x) if skip(&x) => continue, // (EINVAL: no longer a symlink)
+                Err(x) => return Err(fail(x)),
             };
             ctl.send(&Msg::File(FileStart {
                 target: Target::Rootfs,
@@ -396,14 +390,17 @@ fn sync_rootfs(
             ctl.send(&Msg::Chunk(t.to_string_lossy().as_bytes().to_vec()))?;
             ctl.send(&Msg::FileEnd)?;
         } else {
+            let f = match rootfs.file(&rel) {
+                Ok(f) => f,
+                Err(x) if skip(&x) => continue,
+                Err(x) => return Err(fail(x)),
+            };
             let changing = if final_sync {
                 Changing::Fails
             } else {
                 Changing::Tolerated { at_most: e.size }
             };
-            if send_file_as(ctl, Target::Rootfs, p, &full, e.mode, changing)?.is_none() {
-                continue; // gone since the manifest; the final round settles it
-            }
+            send_file_as(ctl, Target::Rootfs, p, &full, f, e.mode, changing)?;
         }
         sent += 1;
     }
