@@ -755,6 +755,36 @@ fn wrong_token() {
     th.finish();
 }
 
+/// A bundle config.json larger than a migration carries (4 MiB) is refused before the
+/// container is touched (exit 4, saying so), instead of being read whole and sent.
+#[test]
+fn an_oversized_config_json_is_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mbigcfg");
+    let w = start_counter(&th, "");
+    // runc read the config at create; ferry reads it again to send it.
+    let path = w.bundle.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["annotations"] = serde_json::json!({"pad": "x".repeat(5 << 20)});
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &[]);
+    assert_counter_not_migrated(&th, &w, &out, &[4], DST_CLEAN_T);
+    assert!(
+        out.stderr.contains("/config.json: 52")
+            && out
+                .stderr
+                .contains(" bytes; a migration carries at most 4194304"),
+        "{out:?}"
+    );
+    assert!(serve.is_alive(), "ferry serve exited");
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 /// A container with a terminal is refused before it is touched (exit 4, the message says
 /// why): nothing on the destination could receive its restored pty master. The source keeps
 /// running on its terminal, the destination stays clean, `ferry serve` stays up.

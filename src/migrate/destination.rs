@@ -580,7 +580,6 @@ pub struct Receiver<'a> {
     hashes: HashCache,
 }
 
-const MAX_CONFIG: usize = 4 * 1024 * 1024;
 /// Most cgroup directories a container has (one per v1 controller, and `unified`).
 const MAX_CGROUP_PATHS: usize = 32;
 /// Most pre-dump rounds accepted from a source.
@@ -818,7 +817,7 @@ impl<'a> Receiver<'a> {
 
     fn prepare(&mut self, p: Prepare) -> Result<(), MigrateError> {
         validate_id(&p.container).map_err(crate::ops::OpError::from)?;
-        if p.config.len() > MAX_CONFIG {
+        if p.config.len() as u64 > super::wire::MAX_CONFIG {
             return Err(MigrateError::Remote("config.json too large".into()));
         }
         {

@@ -643,8 +643,24 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     let runc_version = Runc::new(&req.runtime_root)
         .version()
         .unwrap_or_else(|_| "unknown".into());
-    let config = std::fs::read_to_string(job.container.bundle.join("config.json"))
-        .map_err(|e| MigrateError::Rootfs(format!("reading config.json: {e}")))?;
+    let config_path = job.container.bundle.join("config.json");
+    let unusable =
+        |why: String| MigrateError::Unsupported(format!("{}: {why}", config_path.display()));
+    let config = match crate::capped::read_capped(&config_path, super::wire::MAX_CONFIG) {
+        Ok(b) => String::from_utf8(b).map_err(|_| unusable("not UTF-8".into()))?,
+        Err(crate::capped::CappedError::Io(e)) => {
+            return Err(MigrateError::Rootfs(format!(
+                "{}: {e}",
+                config_path.display()
+            )))
+        }
+        Err(crate::capped::CappedError::TooLarge(n)) => {
+            return Err(unusable(format!(
+                "{n} bytes; a migration carries at most {}",
+                super::wire::MAX_CONFIG
+            )))
+        }
+    };
 
     let (stream, session_id) = open(req, Role::Control, None)?;
     let mut ctl = Ctl { stream, sent: 0 };

@@ -67,6 +67,8 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_FRAME: u32 = 16 * 1024 * 1024;
 /// File data per chunk frame.
 pub const CHUNK: usize = 1024 * 1024;
+/// Largest config.json a Prepare carries (the source checks before sending).
+pub const MAX_CONFIG: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
