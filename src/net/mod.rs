@@ -171,22 +171,19 @@ pub fn established_tcp_in_background(pid: i32) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         files
             .into_iter()
-            .map(|mut f| {
-                let mut t = String::new();
-                match std::io::Read::read_to_string(&mut f, &mut t) {
-                    Ok(_) => count_established(&t),
-                    Err(_) => 0,
-                }
-            })
+            .map(|f| count_established(std::io::BufReader::new(f)))
             .sum()
     })
 }
 
-/// Lines of a /proc/net/tcp table whose state column is `01` (ESTABLISHED).
-pub fn count_established(table: &str) -> u64 {
+/// Lines of a /proc/net/tcp table whose state column is `01` (ESTABLISHED), read line by
+/// line: the table has a line per socket of the container, which holds as many as it likes.
+/// A read error ends the count.
+pub fn count_established(table: impl std::io::BufRead) -> u64 {
     table
         .lines()
         .skip(1)
+        .map_while(Result::ok)
         .filter(|l| l.split_whitespace().nth(3) == Some("01"))
         .count() as u64
 }
@@ -200,6 +197,6 @@ mod tests {
                  1: 0100000A:1F90 6400000A:D1C2 01 00000000:00000000\n\
                  2: 0100000A:1F90 6400000A:D1C4 01 00000000:00000000\n\
                  3: 0100000A:1F90 6400000A:D1C6 06 00000000:00000000\n";
-        assert_eq!(super::count_established(t), 2);
+        assert_eq!(super::count_established(t.as_bytes()), 2);
     }
 }
