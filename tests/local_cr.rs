@@ -857,6 +857,31 @@ fn write_script(path: &Path, body: &str) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// A checkpoint into a filesystem too small for the images: CRIU's dump fails (exit 6), the
+/// one-line error names the cause once (CRIU logs it once per image buffer), no `ferry.json`
+/// vouches for the partial images, and the container runs on.
+#[test]
+fn checkpoint_into_a_full_filesystem_leaves_the_container_running() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let src = Source::start("enospc");
+    let full = src.rc.mkdir("full");
+    let _tmpfs = Mounted::tmpfs(&full, "256k");
+    let images = full.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let out = src.cmd("checkpoint", &src.id, &images, &[]).run();
+    out.assert_error(6);
+    assert_eq!(
+        out.stderr.matches("No space left on device").count(),
+        1,
+        "{out:?}"
+    );
+    assert!(!images.join("ferry.json").exists(), "{out:?}");
+    src.assert_healthy();
+    src.finish();
+}
+
 /// SIGTERM to `ferry checkpoint` (its process group, as a supervisor stopping the job)
 /// while the container is frozen: the dump is failed at CRIU's post-dump, CRIU resumes the
 /// tasks, ferry exits 10 saying so, the counter runs on, and the images dir holds no

@@ -17,12 +17,23 @@ fn is_noise(line: &str) -> bool {
     line.contains("RLIMIT_NOFILE") || line.contains("kdat cache")
 }
 
-/// The relevant lines of CRIU's log text: the last error lines, or else its last lines.
+/// A log line without CRIU's leading `(seconds)` timestamp.
+fn body(line: &str) -> &str {
+    let l = line.trim();
+    match l.strip_prefix('(').and_then(|r| r.split_once(") ")) {
+        Some((t, rest)) if t.bytes().all(|b| b.is_ascii_digit() || b == b'.') => rest,
+        _ => l,
+    }
+}
+
+/// The relevant lines of CRIU's log text: the last error lines (a line repeating the one
+/// before it but for the timestamp counted once), or else its last lines.
 pub fn excerpt_from_text(text: &str) -> Vec<String> {
-    let errors: Vec<&str> = text
+    let mut errors: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("Error") && !is_noise(l))
         .collect();
+    errors.dedup_by(|later, earlier| body(later) == body(earlier));
     let pick: Vec<&str> = if errors.is_empty() {
         text.lines().filter(|l| !l.trim().is_empty()).collect()
     } else {
@@ -62,6 +73,21 @@ mod tests {
         assert_eq!(ex.len(), 2);
         assert!(ex[0].contains("unreachable sharing"));
         assert!(ex.iter().all(|l| !l.contains("RLIMIT_NOFILE")));
+    }
+
+    #[test]
+    fn a_repeated_error_is_reported_once() {
+        let log = "(00.066534) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
+                   (00.066550) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
+                   (00.066587) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
+                   (00.066854) Error (criu/cr-dump.c:1975): Dumping FAILED.\n";
+        assert_eq!(
+            excerpt_from_text(log),
+            vec![
+                "(00.066534) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device",
+                "(00.066854) Error (criu/cr-dump.c:1975): Dumping FAILED.",
+            ]
+        );
     }
 
     #[test]
