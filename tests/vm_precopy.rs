@@ -160,6 +160,20 @@ fn precopy_counter_continues() {
     th.finish();
 }
 
+/// A paused container (`runc pause`) migrated with pre-copy rounds, then with hybrid: CRIU's
+/// pre-dumps freeze and let go of a cgroup runc had frozen already, and the container must
+/// neither run in between nor arrive running (see tests/migrate.rs for stop-copy and
+/// post-copy).
+#[test]
+#[ignore = "runs inside the VM rig (tests/vm/run)"]
+fn paused_container_stays_paused_pre_copy_and_hybrid() {
+    require_two_hosts();
+    for (name, mode) in [("vpause", "pre-copy"), ("vpauseh", "hybrid")] {
+        let v = paused_migration(name, mode).expect("two hosts");
+        assert!(!pre_rounds(&v).is_empty(), "{mode}: no pre-dump round: {v}");
+    }
+}
+
 /// `--mode auto` on a kernel with dirty tracking picks pre-copy and says why.
 #[test]
 #[ignore = "runs inside the VM rig (tests/vm/run)"]

@@ -494,3 +494,42 @@ pub fn add_rootfs_ballast(w: &Workload) {
     let old = std::time::SystemTime::now() - Duration::from_secs(3600);
     fs::File::open(&ballast).unwrap().set_modified(old).unwrap();
 }
+
+/// Migrates the counter, paused, with `--mode mode`: it arrives paused (the report says so),
+/// stands still on the destination, and counts on strictly once resumed. Returns the
+/// report (None: no two hosts here, as `require_two_hosts` decided).
+pub fn paused_migration(name: &str, mode: &str) -> Option<Value> {
+    if !require_two_hosts() {
+        return None;
+    }
+    let th = TwoHosts::new(name);
+    let w = start_counter(&th, "");
+    let serve = th.serve(&[]);
+    let n = pause_counter(th.src_runc(), &w);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+    let v = migrate_json(&out, Some(mode));
+    eprintln!("migrate ({mode}) of a paused container: {v}");
+    assert_eq!(v["paused"], true, "{v}");
+    assert_eq!(th.src_runc().status(&w.id), None, "source container left");
+    assert_eq!(th.dst_runc().status(&w.id).as_deref(), Some("paused"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read_counter_lines(&w.out).len(),
+        n,
+        "the paused container counted on the destination"
+    );
+    th.dst_runc().resume(&w.id);
+    assert_counter_continues(&w.out, n, 10);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+    Some(v)
+}
+
+/// Pauses the counter `w` and waits until it stands still; returns its line count.
+pub fn pause_counter(rc: &Runc, w: &Workload) -> usize {
+    rc.pause(&w.id);
+    assert_eq!(rc.status(&w.id).as_deref(), Some("paused"));
+    // A write under way when the freezer took it lands at once.
+    std::thread::sleep(Duration::from_millis(200));
+    read_counter_lines(&w.out).len()
+}
