@@ -52,9 +52,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-capped-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let fifo = dir.join("fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let e = open_regular(&fifo).unwrap_err();
         assert_eq!(e.to_string(), "not a regular file");
         let e = open_regular(&dir).unwrap_err();

@@ -241,7 +241,8 @@ impl Beneath {
     }
 }
 
-/// A regular file the walk met: where it is, its stamp, and the directory it is in.
+/// A regular file the walk met: where it is, its stamp, and the directory it is in (`dir`:
+/// the walk's descriptor of it, open while the walk is in that directory).
 struct Found<'a> {
     path: &'a Path,
     stamp: Stamp,
@@ -626,9 +627,7 @@ mod tests {
     }
 
     fn mkfifo(p: &Path) {
-        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(p, Mode::from_bits_truncate(0o600)).unwrap();
     }
 
     /// The container runs while the first round lists its rootfs. Whatever it swaps in

@@ -1097,9 +1097,7 @@ pub(crate) mod tests {
         write(&empty, "", 0o600);
         // A FIFO: opening it for reading must not wait for a writer.
         let fifo = d.join("fifo.key");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let open_key = d.join("open.key");
         write(
             &open_key,
