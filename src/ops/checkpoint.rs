@@ -379,7 +379,20 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
     let dumped = job.run(&mut session, request, &mut notify, criu.timeout());
     session.finish(Duration::from_secs(5));
     job.settle_freezer(false);
-    dumped?;
+    if let Err(e) = dumped {
+        // CRIU's log is in the same place and may be cut short: name the cause here.
+        let full = [&req.images, &work]
+            .into_iter()
+            .find_map(|d| crate::runtime::memroom::ran_full(d).map(|free| (d, free)));
+        return Err(match full {
+            Some((dir, free)) => OpError::Environment(format!(
+                "no room left for the images: the filesystem of {} has {free} bytes free \
+                 (the container runs on; {e})",
+                dir.display()
+            )),
+            None => e,
+        });
+    }
     if !saved {
         job.meta.save(&req.images)?;
     }

@@ -390,6 +390,17 @@ pub fn check_disk(work: &Path, bytes: u64, claims: &[DiskClaim]) -> Result<(), S
     }
 }
 
+/// Less than this free on a filesystem after a failed write: it ran full.
+const FULL_BELOW: u64 = 1 << 20;
+
+/// The bytes free (to root) on the filesystem of `dir` when that is less than 1 MiB: after a
+/// failed dump into it, the likely cause. `None` when there is more, or it cannot be told.
+pub fn ran_full(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let free = st.blocks_free().saturating_mul(st.fragment_size());
+    (free < FULL_BELOW).then_some(free)
+}
+
 /// Free space an unprivileged writer may use on the filesystem of `dir`.
 fn free_on(dir: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(dir).ok()?;
