@@ -26,14 +26,18 @@ fn body(line: &str) -> &str {
     }
 }
 
-/// The relevant lines of CRIU's log text: the last error lines (a line repeating the one
-/// before it but for the timestamp counted once), or else its last lines.
+/// The relevant lines of CRIU's log text: the last error lines (a line repeated but for the
+/// timestamp counted once, where it came last), or else its last lines.
 pub fn excerpt_from_text(text: &str) -> Vec<String> {
     let mut errors: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("Error") && !is_noise(l))
         .collect();
-    errors.dedup_by(|later, earlier| body(later) == body(earlier));
+    // Each complaint once, where it was last made.
+    let mut seen = std::collections::HashSet::new();
+    errors.reverse();
+    errors.retain(|l| seen.insert(body(l)));
+    errors.reverse();
     let pick: Vec<&str> = if errors.is_empty() {
         text.lines().filter(|l| !l.trim().is_empty()).collect()
     } else {
@@ -77,15 +81,17 @@ mod tests {
 
     #[test]
     fn a_repeated_error_is_reported_once() {
-        let log = "(00.066534) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
-                   (00.066550) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
-                   (00.066587) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
-                   (00.066854) Error (criu/cr-dump.c:1975): Dumping FAILED.\n";
+        let log = "(00.068537) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
+                   (00.068600) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
+                   (00.069025) Error (criu/namespaces.c:1163): Namespaces dumping finished with error 65280\n\
+                   (00.069046) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device\n\
+                   (00.069555) Error (criu/cr-dump.c:1975): Dumping FAILED.\n";
         assert_eq!(
             excerpt_from_text(log),
             vec![
-                "(00.066534) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device",
-                "(00.066854) Error (criu/cr-dump.c:1975): Dumping FAILED.",
+                "(00.069025) Error (criu/namespaces.c:1163): Namespaces dumping finished with error 65280",
+                "(00.069046) Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device",
+                "(00.069555) Error (criu/cr-dump.c:1975): Dumping FAILED.",
             ]
         );
     }
