@@ -852,6 +852,19 @@ fn bad_input_checkpoint_stopped_created_or_with_exec_processes() {
     src.finish();
 }
 
+/// A failed checkpoint took its images back (no `ferry.json` vouches for anything, the
+/// disk is free again); at most CRIU's log is left.
+#[track_caller]
+fn assert_only_the_log_left(images: &Path) {
+    let left: Vec<String> = std::fs::read_dir(images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "dump.log")
+        .collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", images.display());
+}
+
 fn write_script(path: &Path, body: &str) {
     fs::write(path, body).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
@@ -884,9 +897,57 @@ fn checkpoint_into_a_full_filesystem_leaves_the_container_running() {
         out.stderr.matches("No space left on device").count() <= 1,
         "{out:?}"
     );
-    assert!(!images.join("ferry.json").exists(), "{out:?}");
+    assert_only_the_log_left(&images);
     src.assert_healthy();
     src.finish();
+}
+
+/// A file the container deleted but keeps open, over CRIU's 1 MiB ghost limit: the
+/// checkpoint fails with a line naming `--ghost-limit` (exit 6, CRIU), the container runs on;
+/// a retry into the same images dir with the limit raised checkpoints it, and after the
+/// restore the process still reads the file's content.
+#[test]
+fn a_deleted_open_file_over_the_ghost_limit_needs_the_flag() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("ghost");
+    let id = rc.id("");
+    let (out, _bundle) = start_file_counter_with(&rc, &id, |b| {
+        b.args(&ghost_counter_args("/data/counter", 2048))
+    });
+    wait_counter_lines(&out, 10, T);
+    let images = rc.mkdir("images");
+    let failed = cr_cmd("checkpoint", &id, &images, &[], s(&rc.root)).run();
+    failed.assert_error(6);
+    assert!(
+        failed.stderr.contains("Can't dump ghost file")
+            && failed.stderr.contains("--ghost-limit raises it"),
+        "{failed:?}"
+    );
+    assert_only_the_log_left(&images);
+    assert_eq!(rc.status(&id).as_deref(), Some("running"));
+    let n = read_counter_lines(&out).len();
+    wait_counter_lines(&out, n + 10, T);
+
+    cr_cmd(
+        "checkpoint",
+        &id,
+        &images,
+        &["--ghost-limit", "4M"],
+        s(&rc.root),
+    )
+    .run()
+    .ok();
+    assert_stopped_writing(&out);
+    let n = read_counter_lines(&out).len();
+    ferry_restore(&rc, &id, &images, &[]);
+    wait_counter_lines(&out, n + 10, T);
+    assert_file_counts_from_one(&out, n + 10);
+    assert_ghost_kept(&rc, &id);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
 }
 
 /// SIGTERM to `ferry checkpoint` (its process group, as a supervisor stopping the job)
@@ -913,6 +974,7 @@ fn interrupted_checkpoint_leaves_the_container_running() {
         !images.join("ferry.json").exists(),
         "an interrupted checkpoint vouches for its images"
     );
+    assert_only_the_log_left(&images);
     src.assert_healthy();
     src.finish();
 }

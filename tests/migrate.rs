@@ -1789,3 +1789,40 @@ fn rootfs_changes_while_running_arrive_with_the_final_delta() {
     dst.kill_and_delete(&id);
     th.finish();
 }
+
+/// A file the container deleted but keeps open, over CRIU's 1 MiB ghost limit: the final
+/// dump fails, the line says what to do (exit 6, CRIU), the source counts on and the
+/// destination is clean; a retry with `--ghost-limit` migrates it and the restored process
+/// still reads the file's content.
+#[test]
+fn a_deleted_open_file_over_the_ghost_limit_needs_the_flag() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mghost");
+    let w = start_counter_shaped(&th, "", |b| {
+        b.args(&ghost_counter_args("/data/counter", 2048))
+    });
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "post-copy"]);
+    assert!(
+        out.stderr.contains("Can't dump ghost file")
+            && out.stderr.contains("--ghost-limit raises it"),
+        "{out:?}"
+    );
+    assert_counter_not_migrated(&th, &w, &out, &[6], DST_CLEAN_T);
+    assert!(
+        serve.is_alive(),
+        "ferry serve exited after a failed migration"
+    );
+
+    let out = th.migrate(
+        &w.id,
+        &serve.addr,
+        &["--mode", "post-copy", "--ghost-limit", "4M"],
+    );
+    assert_counter_migrated(&th, &w, &out, Some("post-copy"), 20);
+    assert_ghost_kept(th.dst_runc(), &w.id);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}

@@ -147,6 +147,10 @@ struct MigrateArgs {
     /// p.haul and one-round, for comparisons.
     #[arg(long, default_value = "adaptive", value_name = "POLICY")]
     rounds_policy: String,
+    /// Largest file the container deleted but keeps open whose content is saved with the
+    /// checkpoint (bytes, or with a K, M or G suffix; at most 4G-1) [default: CRIU's, 1M].
+    #[arg(long, value_parser = ghost_limit, value_name = "SIZE")]
+    ghost_limit: Option<u32>,
     /// runc's state root (runc --root).
     #[arg(long, value_parser = abs_path, value_name = "DIR", default_value = DEFAULT_RUNC_ROOT)]
     runtime_root: PathBuf,
@@ -201,6 +205,10 @@ struct CheckpointArgs {
     /// Leave the container running after the checkpoint.
     #[arg(long)]
     leave_running: bool,
+    /// Largest file the container deleted but keeps open whose content is saved with the
+    /// checkpoint (bytes, or with a K, M or G suffix; at most 4G-1) [default: CRIU's, 1M].
+    #[arg(long, value_parser = ghost_limit, value_name = "SIZE")]
+    ghost_limit: Option<u32>,
     #[command(flatten)]
     common: Common,
 }
@@ -234,6 +242,46 @@ fn abs_path(s: &str) -> Result<PathBuf, String> {
         return Err("empty path".into());
     }
     std::path::absolute(s).map_err(|e| format!("cannot make {s} absolute: {e}"))
+}
+
+/// `--ghost-limit`: bytes, or a number with a K, M or G suffix (powers of 1024), within
+/// CRIU's 32-bit field.
+fn ghost_limit(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => return Err(format!("{s:?}: the suffix must be K, M or G")),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{s:?} is not a size (bytes, or a number with K, M or G)"
+        ));
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("{s:?} is over the most CRIU takes, {} bytes", u32::MAX))
+}
+
+/// The error line, with what the user can do about a failure ferry has a flag for.
+fn with_hint(msg: String) -> String {
+    if msg.contains("Can't dump ghost file") {
+        format!(
+            "{msg} (a file the container deleted but keeps open is larger than the limit; \
+             --ghost-limit raises it)"
+        )
+    } else {
+        msg
+    }
 }
 
 /// `--cgroup-prefix`: cgroup names joined by `/`, which stay below the parent they are
@@ -476,6 +524,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
             None => a.runtime_root,
         },
         tcp_established: a.tcp_established,
+        ghost_limit: a.ghost_limit,
         progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         io_timeout: std::time::Duration::from_secs(300),
         tls,
@@ -595,7 +644,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
         Cmd::Migrate(a) => match migrate_cmd(criu, a) {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err((msg, kind)) => {
-                eprintln!("ferry: error: {}", one_line(&msg));
+                eprintln!("ferry: error: {}", one_line(&with_hint(msg)));
                 Ok(ExitCode::from(exit_code(kind)))
             }
         },
@@ -651,6 +700,7 @@ fn run(cli: Cli) -> Result<ExitCode, OpError> {
                 settings: DumpSettings {
                     leave_running: a.leave_running,
                     tcp_established: a.common.tcp_established,
+                    ghost_limit: a.ghost_limit,
                     network_lock: ferry::net::lock::host_method().map(|m| m.criu()),
                     ext_unix_sk: a.common.ext_unix_sk,
                     file_locks: a.common.file_locks,
@@ -736,7 +786,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: error: {}", one_line(&e.to_string()));
+            eprintln!("ferry: error: {}", one_line(&with_hint(e.to_string())));
             ExitCode::from(exit_code(e.kind()))
         }
     }
@@ -761,6 +811,51 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("Usage") && !msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn ghost_limits_are_sizes_criu_can_take() {
+        assert_eq!(ghost_limit("0"), Ok(0));
+        assert_eq!(ghost_limit("4096"), Ok(4096));
+        assert_eq!(ghost_limit("64K"), Ok(64 << 10));
+        assert_eq!(ghost_limit("16m"), Ok(16 << 20));
+        assert_eq!(ghost_limit("3G"), Ok(3 << 30));
+        assert_eq!(ghost_limit("4294967295"), Ok(u32::MAX));
+        for bad in [
+            "4G",
+            "4294967296",
+            "99999999999999999999",
+            "18446744073709551615K",
+        ] {
+            let e = ghost_limit(bad).unwrap_err();
+            assert!(e.contains("over the most CRIU takes"), "{bad}: {e}");
+        }
+        for bad in ["", "M", "-1", "1.5M", "1 M", "0x10"] {
+            let e = ghost_limit(bad).unwrap_err();
+            assert!(e.contains("is not a size"), "{bad}: {e}");
+        }
+        assert!(ghost_limit("10T").unwrap_err().contains("K, M or G"));
+        let msg = parse_error(&[
+            "ferry",
+            "checkpoint",
+            "x",
+            "--images",
+            "/i",
+            "--ghost-limit",
+            "5G",
+        ]);
+        assert!(
+            msg.contains("--ghost-limit") && msg.contains("over the most"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_ghost_file_over_the_limit_names_the_flag() {
+        let criu = "criu dump failed (errno 0): (00.02) Error (criu/files-reg.c:1031): Can't \
+                    dump ghost file /tmp/g of 2101248 size, increase limit";
+        assert!(with_hint(criu.into()).ends_with("--ghost-limit raises it)"));
+        assert_eq!(with_hint("other".into()), "other");
     }
 
     #[test]

@@ -84,6 +84,8 @@ pub struct MigrateRequest {
     pub policy: PolicyKind,
     pub runtime_root: PathBuf,
     pub tcp_established: bool,
+    /// CRIU's `ghost_limit` for the final dump (None: CRIU's default).
+    pub ghost_limit: Option<u32>,
     /// Draw progress lines on the terminal (stderr).
     pub progress: bool,
     /// Longest wait for any answer from the destination.
@@ -613,6 +615,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         tcp_established: req.tcp_established,
         tcp_close: !req.tcp_established,
         network_lock: crate::net::lock::host_method().map(|m| m.criu()),
+        ghost_limit: req.ghost_limit,
         ..Default::default()
     };
     let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;

@@ -128,6 +128,9 @@ pub struct DumpSettings {
     pub cgroups_mode: Option<CriuCgMode>,
     /// Namespaces (CLONE_NEW* bits) to restore empty (CRIU's `empty_ns`; only network).
     pub empty_ns: u32,
+    /// Largest deleted-but-open file whose content goes into the images (CRIU's
+    /// `ghost_limit`; None: CRIU's default, 1 MiB).
+    pub ghost_limit: Option<u32>,
 }
 
 /// Optional CRIU behaviour for restores.
@@ -342,6 +345,9 @@ pub fn dump_options(cfg: &BundleConfig, f: &DumpFacts, s: &DumpSettings) -> Criu
     }
     if s.empty_ns != 0 {
         o.set_empty_ns(s.empty_ns);
+    }
+    if let Some(n) = s.ghost_limit {
+        o.set_ghost_limit(n);
     }
     if let Some(fc) = &f.freeze_cgroup {
         o.set_freeze_cgroup(fc.clone());

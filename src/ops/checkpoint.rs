@@ -49,7 +49,8 @@ pub struct CheckpointReport {
 }
 
 /// Checks that `images` may receive a checkpoint of `id`: missing or empty, or an earlier
-/// ferry checkpoint of the same container.
+/// ferry checkpoint of the same container, or what a failed checkpoint left (only CRIU's
+/// log, see [`discard_partial_images`]).
 fn prepare_images_dir(images: &Path, id: &str) -> Result<(), OpError> {
     if !images.exists() {
         std::fs::create_dir_all(images).map_err(|source| OciError::Write {
@@ -67,7 +68,10 @@ fn prepare_images_dir(images: &Path, id: &str) -> Result<(), OpError> {
         )));
     }
     let empty = std::fs::read_dir(images)
-        .map(|mut d| d.next().is_none())
+        .map(|d| {
+            d.flatten()
+                .all(|e| e.file_name() == DUMP_LOG && e.file_type().is_ok_and(|t| t.is_file()))
+        })
         .unwrap_or(false);
     if empty {
         return Ok(());
@@ -83,6 +87,36 @@ fn prepare_images_dir(images: &Path, id: &str) -> Result<(), OpError> {
             "images directory {} is not empty and holds no ferry checkpoint; use an empty directory",
             images.display()
         ))),
+    }
+}
+
+/// After a failed dump: removes the images CRIU wrote (and the stale ones of an earlier
+/// checkpoint there, which no `ferry.json` vouches for any more), so that they neither hold
+/// the disk (a dump that filled it) nor block a retry into the same directory. CRIU's log
+/// stays for the operator. Only regular files with CRIU's image names go; subdirectories
+/// and anything else are left alone.
+fn discard_partial_images(images: &Path) {
+    let Ok(dir) = std::fs::read_dir(images) else {
+        return;
+    };
+    let mut removed = 0u32;
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let criu_made = name.ends_with(".img") || name == DUMP_STATS_FILE;
+        if criu_made && e.file_type().is_ok_and(|t| t.is_file()) {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => tracing::warn!(file = %e.path().display(), "{err}"),
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            images = %images.display(),
+            "removed the images of the failed dump (CRIU's log stays)"
+        );
     }
 }
 
@@ -380,6 +414,7 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
     session.finish(Duration::from_secs(5));
     job.settle_freezer(false);
     if let Err(e) = dumped {
+        discard_partial_images(&req.images);
         // CRIU's log is in the same place and may be cut short: name the cause here. (Only
         // for CRIU's failures: an interrupt or a refusal keeps its own message and code.)
         let criu_failed = matches!(e, OpError::Criu(_));
@@ -421,4 +456,47 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
         stats,
         elapsed_ms: elapsed_ms(started),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_failed_dump_leaves_only_the_log_and_the_dir_takes_a_retry() {
+        let t = tempfile::tempdir().unwrap();
+        let images = t.path();
+        for f in [
+            "pages-1.img",
+            "inventory.img",
+            "stats-dump",
+            DUMP_LOG,
+            "notes.txt",
+        ] {
+            std::fs::write(images.join(f), "x").unwrap();
+        }
+        std::fs::create_dir(images.join("sub.img")).unwrap();
+        discard_partial_images(images);
+        assert_eq!(names(images), [DUMP_LOG, "notes.txt", "sub.img"]);
+        // Someone else's files: not a failed checkpoint's remains.
+        assert!(prepare_images_dir(images, "c").is_err());
+        std::fs::remove_file(images.join("notes.txt")).unwrap();
+        std::fs::remove_dir(images.join("sub.img")).unwrap();
+        // Only CRIU's log: taken as empty.
+        prepare_images_dir(images, "c").unwrap();
+        // A directory named like the log is not the log.
+        std::fs::remove_file(images.join(DUMP_LOG)).unwrap();
+        std::fs::create_dir(images.join(DUMP_LOG)).unwrap();
+        assert!(prepare_images_dir(images, "c").is_err());
+    }
 }

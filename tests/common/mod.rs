@@ -473,6 +473,33 @@ pub fn counter_file_args(file: &str) -> Vec<String> {
     vec!["sh".into(), "-c".into(), script]
 }
 
+/// The end of the file [`ghost_counter_args`] deletes and keeps open.
+pub const GHOST_TAIL: &str = "ghost-tail\n";
+
+/// The counter of [`counter_file_args`], after writing a file of `kib` KiB and
+/// [`GHOST_TAIL`], opening it on fd 3 and deleting it: a "ghost" file, whose content only
+/// the checkpoint can carry.
+pub fn ghost_counter_args(file: &str, kib: u32) -> Vec<String> {
+    let script = format!(
+        "dd if=/dev/zero of=/tmp/ghost bs=1024 count={kib} 2>/dev/null; \
+         printf '{}' >> /tmp/ghost; exec 3</tmp/ghost; rm /tmp/ghost; \
+         i=0; while true; do i=$((i+1)); echo $i >> {file}; sleep 0.05; done",
+        GHOST_TAIL.trim_end().to_string() + "\\n"
+    );
+    vec!["sh".into(), "-c".into(), script]
+}
+
+/// The container's init (of [`ghost_counter_args`]) still reads its deleted file to the end.
+#[track_caller]
+pub fn assert_ghost_kept(rc: &Runc, id: &str) {
+    let n = GHOST_TAIL.len().to_string();
+    let out = must(
+        rc.exec(id, &["tail", "-c", &n, "/proc/1/fd/3"]),
+        "read the deleted file",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), GHOST_TAIL);
+}
+
 /// Counter that also appends each value to `file` (inside the container).
 pub fn counter_tee_args(file: &str) -> Vec<String> {
     let script =
