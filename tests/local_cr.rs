@@ -902,6 +902,47 @@ fn checkpoint_into_a_full_filesystem_leaves_the_container_running() {
     src.finish();
 }
 
+/// A dump that filled a filesystem larger than the "full" mark (a 3 MiB deleted file into a
+/// 2 MiB tmpfs) is still named a full filesystem (exit 5), although removing its partial
+/// images gives the room back; only the log is left.
+#[test]
+fn a_dump_that_filled_its_filesystem_is_named_so_after_its_images_go() {
+    if !require_root_and_criu() {
+        return;
+    }
+    let rc = Runc::new("ghostfull");
+    let id = rc.id("");
+    let (out, _bundle) = start_file_counter_with(&rc, &id, |b| {
+        b.args(&ghost_counter_args("/data/counter", 3072))
+    });
+    wait_counter_lines(&out, 10, T);
+    let full = rc.mkdir("full");
+    let _tmpfs = Mounted::tmpfs(&full, "2m");
+    let images = full.join("images");
+    let failed = cr_cmd(
+        "checkpoint",
+        &id,
+        &images,
+        &["--ghost-limit", "4M"],
+        s(&rc.root),
+    )
+    .run();
+    failed.assert_error(5);
+    assert!(
+        failed
+            .stderr
+            .contains("ferry: error: no room left for the images: the filesystem of"),
+        "{failed:?}"
+    );
+    assert_only_the_log_left(&images);
+    assert_eq!(rc.status(&id).as_deref(), Some("running"));
+    let n = read_counter_lines(&out).len();
+    wait_counter_lines(&out, n + 10, T);
+    rc.kill_and_delete(&id);
+    rc.teardown();
+    leak_check(&rc.ids());
+}
+
 /// A file the container deleted but keeps open, over CRIU's 1 MiB ghost limit: the
 /// checkpoint fails with a line naming `--ghost-limit` (exit 6, CRIU), the container runs on;
 /// a retry into the same images dir with the limit raised checkpoints it, and after the

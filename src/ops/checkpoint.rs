@@ -414,14 +414,15 @@ pub fn checkpoint(criu: &Criu, req: &CheckpointRequest) -> Result<CheckpointRepo
     session.finish(Duration::from_secs(5));
     job.settle_freezer(false);
     if let Err(e) = dumped {
-        discard_partial_images(&req.images);
         // CRIU's log is in the same place and may be cut short: name the cause here. (Only
         // for CRIU's failures: an interrupt or a refusal keeps its own message and code.)
+        // Looked at before the partial images go, which gives the room back.
         let criu_failed = matches!(e, OpError::Criu(_));
         let full = [&req.images, &work]
             .into_iter()
             .filter(|_| criu_failed)
             .find_map(|d| crate::runtime::memroom::ran_full(d).map(|free| (d, free)));
+        discard_partial_images(&req.images);
         return Err(match full {
             Some((dir, free)) => OpError::Environment(format!(
                 "no room left for the images: the filesystem of {} has {free} bytes free \

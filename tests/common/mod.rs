@@ -482,9 +482,9 @@ pub const GHOST_TAIL: &str = "ghost-tail\n";
 pub fn ghost_counter_args(file: &str, kib: u32) -> Vec<String> {
     let script = format!(
         "dd if=/dev/zero of=/tmp/ghost bs=1024 count={kib} 2>/dev/null; \
-         printf '{}' >> /tmp/ghost; exec 3</tmp/ghost; rm /tmp/ghost; \
+         echo {} >> /tmp/ghost; exec 3</tmp/ghost; rm /tmp/ghost; \
          i=0; while true; do i=$((i+1)); echo $i >> {file}; sleep 0.05; done",
-        GHOST_TAIL.trim_end().to_string() + "\\n"
+        GHOST_TAIL.trim_end()
     );
     vec!["sh".into(), "-c".into(), script]
 }
