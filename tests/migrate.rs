@@ -864,6 +864,17 @@ fn source_killed_mid_post_copy_leaves_no_container_without_its_memory() {
         return;
     };
     assert_eq!(out.code, None, "ferry migrate was not killed: {out:?}");
+    // Its lock file stays (no Drop on SIGKILL), unlocked: the next dump of any container
+    // removes it, which `zz_no_leftovers` checks.
+    let locks: Vec<String> = fs::read_dir("/run/ferry/locks")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(&format!("-{}", w.id)))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(locks.len(), 1, "the killed ferry's lock file: {locks:?}");
     th.assert_dst_clean(&w.id, DST_CLEAN_T);
     let log = fs::read_to_string(&serve.stderr_path).unwrap_or_default();
     assert!(

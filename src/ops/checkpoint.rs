@@ -136,24 +136,35 @@ pub struct DumpJob {
 const LOCK_DIR: &str = "locks";
 
 /// The lock of one container for one checkpoint or migration: a file under /run/ferry,
-/// flocked, and removed when released.
+/// flocked, and removed when released. The file of a holder that was killed (SIGKILL, so
+/// no `Drop`) stays behind unlocked; the next [`ContainerLock::take`] of any container
+/// removes it.
 struct ContainerLock {
     path: PathBuf,
     _file: nix::fcntl::Flock<std::fs::File>,
 }
+
+/// How many lock files one [`ContainerLock::take`] looks at for stale ones.
+const LOCK_SWEEP_MAX: usize = 64;
 
 impl ContainerLock {
     /// Takes the lock of container `id` of the runc root `root`, without waiting. A second
     /// dump at the same time is refused: its CRIU could not seize the tasks the first one
     /// holds, and after failing it would act on a freezer the first one owns.
     fn take(root: &Path, id: &str) -> Result<ContainerLock, OpError> {
+        Self::take_in(
+            &Path::new(super::restore::FERRY_RUN_DIR).join(LOCK_DIR),
+            root,
+            id,
+        )
+    }
+
+    fn take_in(dir: &Path, root: &Path, id: &str) -> Result<ContainerLock, OpError> {
         use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::MetadataExt;
-        let dir = Path::new(super::restore::FERRY_RUN_DIR).join(LOCK_DIR);
         let env = |e: &dyn std::fmt::Display| {
             OpError::Environment(format!("lock for {id:?} in {}: {e}", dir.display()))
         };
-        std::fs::create_dir_all(&dir).map_err(|e| env(&e))?;
+        std::fs::create_dir_all(dir).map_err(|e| env(&e))?;
         let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
         // FNV-1a of the root's path: one lock per root and id, whatever the path's length.
         let hash = root
@@ -164,6 +175,7 @@ impl ContainerLock {
                 (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
             });
         let path = dir.join(format!("{hash:016x}-{id}"));
+        sweep_stale_locks(dir, &path);
         // A holder removes the file as it lets go: a lock taken on a file no longer at
         // `path` locks nothing, so take it again on the new one (bounded).
         for _ in 0..16 {
@@ -180,15 +192,46 @@ impl ContainerLock {
                 )),
                 e => env(&e),
             })?;
-            let same = match (file.metadata(), std::fs::metadata(&path)) {
-                (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
-                _ => false,
-            };
-            if same {
+            if still_at(&file, &path) {
                 return Ok(ContainerLock { path, _file: file });
             }
         }
         Err(env(&"the lock file keeps being replaced"))
+    }
+}
+
+/// Whether the open `file` is still the one at `path`.
+fn still_at(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
+        _ => false,
+    }
+}
+
+/// Removes the lock files in `dir` (other than `keep`) that nobody holds: left by a ferry
+/// that was killed. Each is removed only while locked and still in place, as a holder
+/// removes its own, so a taker that opened it meanwhile finds it gone and takes a new one.
+/// Best effort, and at most [`LOCK_SWEEP_MAX`] entries per call.
+fn sweep_stale_locks(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten().take(LOCK_SWEEP_MAX) {
+        let path = entry.path();
+        if path == keep || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            continue;
+        };
+        let Ok(held) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue; // held: a dump under way
+        };
+        if still_at(&held, &path) && std::fs::remove_file(&path).is_ok() {
+            tracing::debug!(lock = %path.display(), "removed a stale lock file");
+        }
     }
 }
 
@@ -499,5 +542,31 @@ mod tests {
         std::fs::remove_file(images.join(DUMP_LOG)).unwrap();
         std::fs::create_dir(images.join(DUMP_LOG)).unwrap();
         assert!(prepare_images_dir(images, "c").is_err());
+    }
+
+    #[test]
+    fn a_lock_is_exclusive_and_a_killed_holders_file_is_swept() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("locks");
+        let root = t.path();
+        let a = ContainerLock::take_in(&dir, root, "a").unwrap();
+        let again = ContainerLock::take_in(&dir, root, "a");
+        assert!(
+            matches!(again, Err(OpError::Conflict(_))),
+            "{:?}",
+            again.err()
+        );
+        // Left by a holder that was killed: the file, unlocked.
+        std::fs::write(dir.join("0123456789abcdef-gone"), "").unwrap();
+        std::fs::create_dir(dir.join("not-a-lock")).unwrap();
+        let b = ContainerLock::take_in(&dir, root, "b").unwrap();
+        let mut left = names(&dir);
+        left.retain(|n| !n.ends_with("-a") && !n.ends_with("-b"));
+        assert_eq!(left, ["not-a-lock"], "the stale file stays");
+        // The held ones are not swept, and go when released.
+        assert_eq!(names(&dir).len(), 3);
+        drop((a, b));
+        assert_eq!(names(&dir), ["not-a-lock"]);
+        ContainerLock::take_in(&dir, root, "a").unwrap();
     }
 }

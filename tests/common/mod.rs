@@ -1669,7 +1669,8 @@ pub fn leak_check(ids: &[String]) {
 }
 
 /// Global check at the end of a test binary: no criu-root / .criu.cgyard mounts, no criu
-/// processes, no CRIU firewall rules, no cgroups or scratch dirs of this test process.
+/// processes, no CRIU firewall rules, no cgroups, lock files or scratch dirs of this test
+/// process.
 #[track_caller]
 pub fn global_leak_check() {
     let suffix = format!("-{}", std::process::id());
@@ -1680,6 +1681,16 @@ pub fn global_leak_check() {
                 .into_iter()
                 .map(|d| format!("leftover cgroup dir: {d}")),
         );
+        // Lock files of this process's containers: a killed ferry's is swept by the next
+        // dump of any container.
+        if let Ok(rd) = fs::read_dir("/run/ferry/locks") {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.contains("-ft-") && n.ends_with(&suffix) {
+                    p.push(format!("leftover lock file: {}", e.path().display()));
+                }
+            }
+        }
         for base in [RUNC_ROOT_BASE, WORK_BASE] {
             if let Ok(rd) = fs::read_dir(base) {
                 for e in rd.flatten() {
