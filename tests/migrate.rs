@@ -1837,3 +1837,43 @@ fn a_deleted_open_file_over_the_ghost_limit_needs_the_flag() {
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
+
+/// The destination fails to write one of the final dump's images (injected: as a full disk
+/// would), after the source's CRIU was told to go on. Both modes fail at once with exit 8
+/// naming the file, the source counting on, the destination clean and `ferry serve` up.
+/// Before, a post-copy migration hung: the relay gave up connecting to CRIU's lazy page
+/// server once the migration had failed, and CRIU, which started listening just after,
+/// waited in accept for ever with the container frozen.
+#[test]
+fn an_image_the_destination_cannot_write_fails_the_migration_at_once() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mimgfail");
+    let w = start_counter(&th, "");
+    let serve = th.serve_with_env(&[("FERRY_TEST_FAULT", "fail-image")], &[]);
+    for mode in ["post-copy", "stop-copy"] {
+        let t0 = Instant::now();
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+        eprintln!("failed {mode} migration took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{mode}: the source stayed frozen {:?} after the destination failed",
+            t0.elapsed()
+        );
+        assert!(
+            out.stderr.contains("writing ")
+                && out
+                    .stderr
+                    .contains("injected fault (FERRY_TEST_FAULT=fail-image)"),
+            "{mode}: {out:?}"
+        );
+        assert_counter_not_migrated(&th, &w, &out, &[8], DST_CLEAN_T);
+        assert!(
+            serve.is_alive(),
+            "ferry serve exited after a failed migration"
+        );
+    }
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}

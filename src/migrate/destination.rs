@@ -1118,6 +1118,13 @@ impl<'a> Receiver<'a> {
             )));
         }
         let dest = self.images().join(rel);
+        if std::env::var("FERRY_TEST_FAULT").as_deref() == Ok("fail-image") {
+            tracing::warn!("FERRY_TEST_FAULT: failing to write an image");
+            return Err(MigrateError::Write(format!(
+                "{}: injected fault (FERRY_TEST_FAULT=fail-image)",
+                dest.display()
+            )));
+        }
         self.receive_into(&f, &dest, MAX_IMAGE_FILE)
     }
 

@@ -48,6 +48,10 @@ pub enum MigrateError {
     Remote(String),
     #[error("rootfs sync: {0}")]
     Rootfs(String),
+    /// A file received over the control channel (an image, a rootfs file) could not be
+    /// written.
+    #[error("writing {0}")]
+    Write(String),
     #[error("{0}")]
     Op(#[from] OpError),
     #[error("{0}")]
@@ -88,7 +92,7 @@ impl MigrateError {
             | MigrateError::Remote(_)
             | MigrateError::Lost(_) => ErrorKind::Remote,
             MigrateError::Wire(_) => ErrorKind::Network,
-            MigrateError::Rootfs(_) => ErrorKind::Internal,
+            MigrateError::Rootfs(_) | MigrateError::Write(_) => ErrorKind::Internal,
             MigrateError::Net(_) => ErrorKind::Environment,
             MigrateError::Op(e) => e.kind(),
         }

@@ -115,14 +115,17 @@ impl SourceRelay {
                 local: Mutex::new(None),
                 data_end: data.try_clone().ok(),
                 poisoned: AtomicBool::new(false),
+                criu_ended: AtomicBool::new(false),
             }),
         };
         let v2 = verdict.clone();
         let handle = std::thread::spawn(move || {
             let deadline = Instant::now() + wait;
             let conn = loop {
-                if v2.decided() == Some(false) {
-                    // CRIU may never listen (its dump failed first): stop trying.
+                // Failed before CRIU listened: it may still do so (the post-dump reply went
+                // out before the destination failed) and would then wait in accept for
+                // ever, so connect and poison it; unless it has ended without listening.
+                if v2.decided() == Some(false) && v2.inner.criu_ended.load(Ordering::SeqCst) {
                     return Err(std::io::Error::other("poisoned"));
                 }
                 match TcpStream::connect(("127.0.0.1", port)) {
@@ -160,6 +163,12 @@ impl SourceRelay {
         self.verdict.clone()
     }
 
+    /// CRIU's dump has ended: a relay that has not connected yet stops trying once the
+    /// migration failed (a failed dump may never have listened).
+    pub fn criu_ended(&self) {
+        self.verdict.inner.criu_ended.store(true, Ordering::SeqCst);
+    }
+
     pub fn join(self) -> std::io::Result<(u64, u64)> {
         join_relay(self.handle)
     }
@@ -172,6 +181,8 @@ struct VerdictInner {
     data_end: Option<Link>,
     /// CRIU's stream was poisoned ([`fail`](Verdict::fail) and the relay thread both may).
     poisoned: AtomicBool,
+    /// See [`SourceRelay::criu_ended`].
+    criu_ended: AtomicBool,
 }
 
 /// The commit's outcome for a [`SourceRelay`]: decided once, by the first call.
@@ -449,7 +460,8 @@ mod tests {
         }
     }
 
-    /// A poisoned source relay stops trying to reach a CRIU that never listens.
+    /// A poisoned source relay stops trying to reach a CRIU that never listens, once its
+    /// dump has ended.
     #[test]
     fn poisoned_source_relay_stops_connecting() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -459,7 +471,30 @@ mod tests {
         let r = SourceRelay::start(port, Link::Tcp(y), Duration::from_secs(120));
         let t0 = Instant::now();
         r.verdict().fail();
+        r.criu_ended();
         assert!(r.join().is_err());
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    }
+
+    /// The migration fails before CRIU's lazy page server listens, and it listens after
+    /// that (the post-dump reply went out first): the relay still connects and poisons it,
+    /// so that CRIU does not wait in accept for ever.
+    #[test]
+    fn a_source_relay_failed_early_poisons_a_late_listener() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (y, _) = l.accept().unwrap();
+        let port = free_loopback_port().unwrap();
+        let r = SourceRelay::start(port, Link::Tcp(y), Duration::from_secs(120));
+        r.verdict().fail();
+        std::thread::sleep(Duration::from_millis(100));
+        let criu = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let (mut c, _) = criu.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut c, &mut got).unwrap();
+        assert_eq!(got, [0xff], "a truncated command, then the end");
+        r.criu_ended();
+        assert!(r.join().is_err());
     }
 }

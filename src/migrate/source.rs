@@ -968,7 +968,7 @@ pub(crate) fn receive_file(
             f.path, f.size
         )));
     }
-    let io = |e: std::io::Error| MigrateError::Rootfs(format!("{}: {e}", dest.display()));
+    let io = |e: std::io::Error| MigrateError::Write(format!("{}: {e}", dest.display()));
     let mut out = std::fs::File::create(dest).map_err(io)?;
     let mut got = 0u64;
     loop {
@@ -1264,7 +1264,9 @@ fn run(
     }
     let served_pages = relay.is_some();
     if let Some(r) = relay {
-        if dumped.is_err() || failure.is_some() {
+        r.criu_ended();
+        let failed = dumped.is_err() || failure.is_some();
+        if failed {
             // Failed: nothing more is to cross (a relay still connecting to a CRIU that
             // failed before listening would otherwise wait out its deadline).
             r.verdict().fail();
@@ -1278,6 +1280,8 @@ fn run(
                     "post-copy page transfer finished"
                 );
             }
+            // A failed migration's relay ends with the poisoned stream: said by the error.
+            Err(e) if failed => tracing::debug!("post-copy relay: {e}"),
             Err(e) => tracing::warn!("post-copy relay: {e}"),
         }
     }
