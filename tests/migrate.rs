@@ -1877,3 +1877,39 @@ fn an_image_the_destination_cannot_write_fails_the_migration_at_once() {
     th.src_runc().kill_and_delete(&w.id);
     th.finish();
 }
+
+/// A 3 MiB deleted-but-open file, allowed by `--ghost-limit 4M`, and a destination whose
+/// work dir (a 2 MiB tmpfs) cannot take the copy of it that the dump writes, even in
+/// post-copy, whose pages never go there. Refused when the destination prepares, before
+/// the source freezes (exit 8, naming the deleted files and the work dir), the source
+/// counting on, the destination clean. Before, the dump failed during the freeze.
+#[test]
+fn deleted_files_the_destination_has_no_room_for_are_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mghostroom");
+    let w = start_counter_shaped(&th, "", |b| {
+        b.args(&ghost_counter_args("/data/counter", 3072))
+    });
+    let work = th.serve_work();
+    let small = Mounted::tmpfs(&work, "2m");
+    let serve = th.serve(&[]);
+    let out = th.migrate(
+        &w.id,
+        &serve.addr,
+        &["--mode", "post-copy", "--ghost-limit", "4M", "-v"],
+    );
+    let error = out.assert_verbose_error(8).to_string();
+    eprintln!("refused: {error}");
+    let says = format!(
+        "the container keeps 3.0 MiB of deleted files open, which its dump copies into the \
+         work dir {}, and that filesystem has room for only ",
+        work.display()
+    );
+    assert!(error.contains(&says), "{out:?}");
+    drop(small);
+    assert_refused_before_the_freeze(&th, &w, &serve, &out, assert_source_counter_healthy);
+    th.src_runc().kill_and_delete(&w.id);
+    th.finish();
+}

@@ -573,6 +573,8 @@ pub struct Receiver<'a> {
     net: Option<crate::net::dest::DestNet>,
     tcp_established: bool,
     tcp_close: bool,
+    /// Bytes of the deleted files the container keeps open (the source's Prepare).
+    ghosts: u64,
     /// The source's IP address, as this connection came from it.
     peer_ip: String,
     /// Hashes of this side's rootfs copy, so that the final round (frozen) reads only what
@@ -609,6 +611,7 @@ impl<'a> Receiver<'a> {
             net: None,
             tcp_established: false,
             tcp_close: false,
+            ghosts: 0,
             peer_ip: String::new(),
             hashes: HashCache::default(),
         }
@@ -888,15 +891,24 @@ impl<'a> Receiver<'a> {
             }
         };
         // Every mode but post-copy writes the pages into the work dir (pre-copy rounds, the
-        // final dump): refused now what would run out of room after the freeze.
-        if let (Some(m), true) = (&p.memory, self.pre_copy || !self.lazy_final) {
+        // final dump), and every mode the ghost files: refused now what would run out of
+        // room after the freeze.
+        let dump = crate::runtime::memroom::DumpBytes {
+            memory: match (&p.memory, self.pre_copy || !self.lazy_final) {
+                (Some(m), true) => m.bytes,
+                _ => 0,
+            },
+            ghosts: p.ghosts,
+        };
+        self.ghosts = p.ghosts;
+        if dump.total() > 0 {
             use crate::runtime::memroom::{check_disk, DiskClaim};
             let claim = DiskClaim {
                 dir: self.work(),
-                bytes: m.bytes,
+                bytes: dump.total(),
             };
             claim_room(&self.shared.disk_claims, &p.container, claim, |others| {
-                check_disk(&self.shared.cfg.work_dir, m.bytes, others)
+                check_disk(&self.shared.cfg.work_dir, &dump, others)
             })?;
             // A tmpfs work dir holds the pages in memory too, until the restore has read them.
             if crate::runtime::memroom::in_memory(&self.shared.cfg.work_dir) {
@@ -904,7 +916,7 @@ impl<'a> Receiver<'a> {
                 let disk = others_of(&self.shared.disk_claims, &p.container);
                 crate::runtime::memroom::check_pages_in_memory(
                     &self.shared.cfg.work_dir,
-                    m.bytes,
+                    &dump,
                     &mem,
                     &disk,
                 )
@@ -1158,7 +1170,10 @@ impl<'a> Receiver<'a> {
         };
         crate::runtime::memroom::check_rootfs(
             &self.shared.cfg.bundles,
-            bytes,
+            crate::runtime::memroom::RootfsBytes {
+                copy: bytes,
+                ghosts: self.ghosts,
+            },
             &self.shared.cfg.work_dir,
             &claims,
         )

@@ -550,6 +550,21 @@ fn memory_of(job: &DumpJob) -> Option<Box<super::wire::Memory>> {
     }))
 }
 
+/// Bytes of the deleted files the job's container keeps open that its dump copies (see
+/// [`crate::runtime::memroom::ghost_bytes`]), for the destination to check at Prepare. The
+/// container runs on, so this is what it holds now.
+fn ghosts_of(job: &DumpJob, limit: Option<u32>) -> u64 {
+    let Some(pids) = job
+        .container
+        .freeze_cgroup()
+        .and_then(|d| crate::runtime::cgroups::procs(std::path::Path::new(d)))
+    else {
+        return 0;
+    };
+    let limit = limit.map_or(crate::oci::options::CRIU_GHOST_LIMIT, u64::from);
+    crate::runtime::memroom::ghost_bytes(&pids, limit)
+}
+
 /// The job's container's cgroup limits (see [`super::wire::Limits`]), for the destination
 /// to check at Prepare. None when it has none.
 fn limits_of(job: &DumpJob) -> Option<Box<super::wire::Limits>> {
@@ -683,6 +698,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         cpuset: cpuset_of(&job),
         memory: memory_of(&job),
         limits: limits_of(&job),
+        ghosts: ghosts_of(&job, req.ghost_limit),
     }))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {

@@ -227,6 +227,11 @@ pub struct Prepare {
     /// can take them. Absent from older sources: left to the restore.
     #[serde(default)]
     pub limits: Option<Box<Limits>>,
+    /// Bytes of deleted files the container keeps open, which its final dump copies into
+    /// the images (CRIU's ghost files): the destination counts them with the room its work
+    /// dir needs. Absent from older sources: 0.
+    #[serde(default)]
+    pub ghosts: u64,
 }
 
 /// A container's cgroup limits on the source.

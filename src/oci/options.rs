@@ -133,6 +133,9 @@ pub struct DumpSettings {
     pub ghost_limit: Option<u32>,
 }
 
+/// CRIU's `ghost_limit` when none is given: 1 MiB.
+pub const CRIU_GHOST_LIMIT: u64 = 1 << 20;
+
 /// Optional CRIU behaviour for restores.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreSettings {

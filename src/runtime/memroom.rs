@@ -81,6 +81,80 @@ pub fn held(dir: &Path) -> Option<u64> {
     sum("total_rss", "total_shmem").or_else(|| sum("anon", "shmem"))
 }
 
+/// What a migration's dumps write into the destination's work dir, besides CRIU's small
+/// images: the container's memory (every mode but post-copy, whose pages stay at the
+/// source until fetched) and its ghost files (see [`ghost_bytes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DumpBytes {
+    pub memory: u64,
+    pub ghosts: u64,
+}
+
+impl DumpBytes {
+    pub fn total(&self) -> u64 {
+        self.memory.saturating_add(self.ghosts)
+    }
+
+    /// The start of a refusal: what the container has that the dump writes.
+    fn what(&self) -> String {
+        match (self.memory, self.ghosts) {
+            (m, 0) => format!(
+                "the container holds {} of memory, which its dump writes",
+                size(m)
+            ),
+            (0, g) => format!(
+                "the container keeps {} of deleted files open, which its dump copies",
+                size(g)
+            ),
+            (m, g) => format!(
+                "the container holds {} of memory and keeps {} of deleted files open, which its \
+                 dump writes",
+                size(m),
+                size(g)
+            ),
+        }
+    }
+}
+
+/// Most open files [`ghost_bytes`] looks at, over all the processes.
+const MAX_FDS: usize = 1 << 20;
+
+/// Bytes of the deleted files that the processes `pids` keep open, which a dump copies into
+/// its images (CRIU's ghost files): those of at most `limit` bytes (a larger one fails the
+/// dump anyway), each counted once and by the blocks it has (a sparse file's holes are not
+/// copied). memfd files are left out: their memory is the cgroup's shmem, counted already.
+pub fn ghost_bytes(pids: &[i32], limit: u64) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let (mut total, mut looked) = (0u64, 0usize);
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            looked += 1;
+            if looked > MAX_FDS {
+                return total;
+            }
+            let path = fd.path();
+            // The open file itself (the magic link leads to it even when deleted).
+            let Ok(m) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !m.is_file() || m.nlink() != 0 || m.len() > limit {
+                continue;
+            }
+            let memfd = std::fs::read_link(&path)
+                .is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"/memfd:"));
+            if !memfd && seen.insert((m.dev(), m.ino())) {
+                total = total.saturating_add(m.len().min(m.blocks().saturating_mul(512)));
+            }
+        }
+    }
+    total
+}
+
 /// A memory cgroup's limit and the part of it in use that its kernel cannot reclaim without
 /// swapping (the charge minus file pages that are not shared memory).
 struct Limit {
@@ -278,16 +352,16 @@ fn own_memory_cgroup() -> Option<PathBuf> {
 /// `ferry serve`'s own memory cgroup, so its limits (and its ancestors') must hold them.
 pub fn check_pages_in_memory(
     work: &Path,
-    bytes: u64,
+    dump: &DumpBytes,
     claims: &[Claim],
     disk: &[DiskClaim],
 ) -> Result<(), String> {
     let pages = pending(disk);
+    let bytes = dump.total();
     let refuse = |where_: String| {
         format!(
-            "the container holds {} of memory, which its dump writes into the work dir {}, a \
-             tmpfs (its files are held in memory), and {where_}",
-            size(bytes),
+            "{} into the work dir {}, a tmpfs (its files are held in memory), and {where_}",
+            dump.what(),
             work.display(),
         )
     };
@@ -383,9 +457,9 @@ fn bytes_under(dir: &Path) -> u64 {
 /// Whether the filesystem of the work dir `work` has room for `bytes` of page images (free
 /// space an unprivileged writer may use), less what `claims` of other migrations under way
 /// have still to write there.
-pub fn check_disk(work: &Path, bytes: u64, claims: &[DiskClaim]) -> Result<(), String> {
+pub fn check_disk(work: &Path, dump: &DumpBytes, claims: &[DiskClaim]) -> Result<(), String> {
     match free_on(work) {
-        Some(free) => fits_disk(work, free, bytes, claims),
+        Some(free) => fits_disk(work, free, dump, claims),
         None => Ok(()),
     }
 }
@@ -424,7 +498,7 @@ fn room_left(free: u64, claims: &[DiskClaim]) -> (u64, (u64, usize)) {
 /// write into the work dir `work` when that is on the same filesystem.
 pub fn check_rootfs(
     bundles: &Path,
-    bytes: u64,
+    files: RootfsBytes,
     work: &Path,
     claims: &[DiskClaim],
 ) -> Result<(), String> {
@@ -435,15 +509,32 @@ pub fn check_rootfs(
     let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
     let shared = matches!((dev(bundles), dev(work)), (Some(b), Some(w)) if b == w);
     let kept = if shared { pending(claims).0 } else { 0 };
-    fits_rootfs(bundles, free, bytes, kept)
+    fits_rootfs(bundles, free, files, kept)
+}
+
+/// What a migration writes into the destination's bundles dir: the rootfs files to copy,
+/// and the ghost files (see [`ghost_bytes`]), which the restore writes back into the rootfs
+/// and which stay there, deleted, as long as the container keeps them open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RootfsBytes {
+    pub copy: u64,
+    pub ghosts: u64,
 }
 
 /// [`check_rootfs`] with the free bytes and the bytes kept for page images given.
-fn fits_rootfs(bundles: &Path, free: u64, bytes: u64, kept: u64) -> Result<(), String> {
+fn fits_rootfs(bundles: &Path, free: u64, files: RootfsBytes, kept: u64) -> Result<(), String> {
     let room = free.saturating_sub(kept);
-    if bytes <= room {
+    if files.copy.saturating_add(files.ghosts) <= room {
         return Ok(());
     }
+    let ghosts = if files.ghosts > 0 {
+        format!(
+            ", and the deleted files it keeps open, which its restore writes back there, take {}",
+            size(files.ghosts)
+        )
+    } else {
+        String::new()
+    };
     let note = if kept > 0 {
         format!(
             ", {} of it kept for the page images still to come into the work dir on the same \
@@ -454,9 +545,9 @@ fn fits_rootfs(bundles: &Path, free: u64, bytes: u64, kept: u64) -> Result<(), S
         String::new()
     };
     Err(format!(
-        "the container's rootfs files to copy take {}, and the filesystem of the bundles dir {} \
-         has room for only {} ({} free{note})",
-        size(bytes),
+        "the container's rootfs files to copy take {}{ghosts}, and the filesystem of the \
+         bundles dir {} has room for only {} ({} free{note})",
+        size(files.copy),
         bundles.display(),
         size(room),
         size(free),
@@ -464,13 +555,12 @@ fn fits_rootfs(bundles: &Path, free: u64, bytes: u64, kept: u64) -> Result<(), S
 }
 
 /// [`check_disk`] with the free bytes given.
-fn fits_disk(work: &Path, free: u64, bytes: u64, claims: &[DiskClaim]) -> Result<(), String> {
+fn fits_disk(work: &Path, free: u64, dump: &DumpBytes, claims: &[DiskClaim]) -> Result<(), String> {
     let (room, others) = room_left(free, claims);
-    if bytes > room {
+    if dump.total() > room {
         return Err(format!(
-            "the container holds {} of memory, which its dump writes into the work dir {}, and \
-             that filesystem has room for only {} ({} free{})",
-            size(bytes),
+            "{} into the work dir {}, and that filesystem has room for only {} ({} free{})",
+            dump.what(),
             work.display(),
             size(room),
             size(free),
@@ -621,12 +711,118 @@ mod tests {
         );
     }
 
+    fn mem(memory: u64) -> DumpBytes {
+        DumpBytes { memory, ghosts: 0 }
+    }
+
+    #[test]
+    fn a_refusal_names_the_memory_and_the_deleted_files_the_dump_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let work = d.path();
+        let both = DumpBytes {
+            memory: 64 * MIB,
+            ghosts: 3 * MIB,
+        };
+        assert_eq!(both.total(), 67 * MIB);
+        assert!(fits_disk(work, 67 * MIB, &both, &[]).is_ok());
+        let e = fits_disk(work, 66 * MIB, &both, &[]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "the container holds 64.0 MiB of memory and keeps 3.0 MiB of deleted files open, \
+                 which its dump writes into the work dir "
+            ),
+            "{e}"
+        );
+        let ghosts = DumpBytes {
+            memory: 0,
+            ghosts: 3 * MIB,
+        };
+        let e = fits_disk(work, 2 * MIB, &ghosts, &[]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "the container keeps 3.0 MiB of deleted files open, which its dump copies into \
+                 the work dir "
+            ),
+            "{e}"
+        );
+    }
+
+    /// A child holding a deleted file, a deleted sparse file, a deleted (sparse) file whose
+    /// size is over the limit, a linked file and a memfd: only the first two count, the
+    /// sparse one by its data, and a file open twice once.
+    #[test]
+    fn ghost_bytes_are_the_deleted_files_a_dump_copies() {
+        use std::os::unix::process::CommandExt;
+        let d = tempfile::tempdir().unwrap();
+        let open = |name: &str, len: u64, data: usize| {
+            let p = d.path().join(name);
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(len).unwrap();
+            std::io::Write::write_all(&mut &f, &vec![1u8; data]).unwrap();
+            (p, f)
+        };
+        let (p1, deleted) = open("deleted", 40 * 1024, 40 * 1024);
+        let (p2, sparse) = open("sparse", 8 * MIB, 8 * 1024);
+        let (p3, big) = open("big", 20 * MIB, 4096);
+        let (_p4, linked) = open("linked", 64 * 1024, 64 * 1024);
+        for p in [p1, p2, p3] {
+            std::fs::remove_file(p).unwrap();
+        }
+        // SAFETY: a valid C string and flags; the result is checked before use.
+        let raw = unsafe { libc::memfd_create(c"ghost-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(
+            raw >= 0,
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a new fd that nothing else owns.
+        let memfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let mut m = std::fs::File::from(memfd.try_clone().unwrap());
+        std::io::Write::write_all(&mut m, &[1u8; 64 * 1024]).unwrap();
+        let fds: Vec<std::os::fd::OwnedFd> = vec![
+            deleted.try_clone().unwrap().into(),
+            deleted.into(),
+            sparse.into(),
+            big.into(),
+            linked.into(),
+            memfd,
+        ];
+        let keep: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: the closure only calls fcntl, which is async-signal-safe, on fds this test
+        // owns (alive until after spawn), to clear their close-on-exec flag in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &keep {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        drop(fds);
+        let pid = i32::try_from(child.id()).unwrap();
+        let got = ghost_bytes(&[pid], 16 * MIB);
+        let _ = child.kill();
+        let _ = child.wait();
+        // 40 KiB once, and the sparse file's data: its 8 KiB, not its 8 MiB size. Counting
+        // the deleted file twice, the linked file or the memfd (64 KiB each) goes past 80.
+        assert!((48 * 1024..80 * 1024).contains(&got), "{got} bytes counted");
+        assert_eq!(ghost_bytes(&[], 16 * MIB), 0);
+    }
+
     #[test]
     fn disk_room_counts_what_other_migrations_have_still_to_write() {
         let top = tempfile::tempdir().unwrap();
         let work = top.path();
-        assert!(fits_disk(work, 100 * MIB, 100 * MIB, &[]).is_ok());
-        let e = fits_disk(work, 100 * MIB, 101 * MIB, &[]).unwrap_err();
+        assert!(fits_disk(work, 100 * MIB, &mem(100 * MIB), &[]).is_ok());
+        let e = fits_disk(work, 100 * MIB, &mem(101 * MIB), &[]).unwrap_err();
         assert_eq!(
             e,
             format!(
@@ -648,14 +844,14 @@ mod tests {
             bytes: 64 * MIB,
         };
         let claims = std::slice::from_ref(&a);
-        assert!(fits_disk(work, 100 * MIB, 52 * MIB, claims).is_ok());
-        let e = fits_disk(work, 100 * MIB, 53 * MIB, claims).unwrap_err();
+        assert!(fits_disk(work, 100 * MIB, &mem(52 * MIB), claims).is_ok());
+        let e = fits_disk(work, 100 * MIB, &mem(53 * MIB), claims).unwrap_err();
         assert!(
             e.ends_with("room for only 52.0 MiB (100.0 MiB free, 48.0 MiB claimed by 1 migration under way)"),
             "{e}"
         );
         assert_eq!(bytes_under(&work.join("none")), 0);
-        assert!(check_disk(&work.join("none"), u64::MAX, &[]).is_ok());
+        assert!(check_disk(&work.join("none"), &mem(u64::MAX), &[]).is_ok());
         // The room reported between pre-copy rounds: free space less the 48 MiB still claimed.
         assert_eq!(room_left(100 * MIB, claims).0, 52 * MIB);
         assert_eq!(room_left(40 * MIB, claims).0, 0);
@@ -663,12 +859,16 @@ mod tests {
         assert_eq!(disk_room(&work.join("none"), &[]), None);
     }
 
+    fn copy(copy: u64) -> RootfsBytes {
+        RootfsBytes { copy, ghosts: 0 }
+    }
+
     #[test]
     fn rootfs_files_fit_besides_the_page_images_on_the_same_filesystem() {
         let d = tempfile::tempdir().unwrap();
         let b = d.path();
-        assert!(fits_rootfs(b, 100 * MIB, 100 * MIB, 0).is_ok());
-        let e = fits_rootfs(b, 100 * MIB, 101 * MIB, 0).unwrap_err();
+        assert!(fits_rootfs(b, 100 * MIB, copy(100 * MIB), 0).is_ok());
+        let e = fits_rootfs(b, 100 * MIB, copy(101 * MIB), 0).unwrap_err();
         assert_eq!(
             e,
             format!(
@@ -677,8 +877,8 @@ mod tests {
                 b.display()
             )
         );
-        assert!(fits_rootfs(b, 100 * MIB, 36 * MIB, 64 * MIB).is_ok());
-        let e = fits_rootfs(b, 100 * MIB, 37 * MIB, 64 * MIB).unwrap_err();
+        assert!(fits_rootfs(b, 100 * MIB, copy(36 * MIB), 64 * MIB).is_ok());
+        let e = fits_rootfs(b, 100 * MIB, copy(37 * MIB), 64 * MIB).unwrap_err();
         assert!(
             e.ends_with(
                 "room for only 36.0 MiB (100.0 MiB free, 64.0 MiB of it kept for the page images \
@@ -692,9 +892,24 @@ mod tests {
             bytes: u64::MAX / 2,
         };
         let claims = std::slice::from_ref(&claim);
-        assert!(check_rootfs(b, 1, Path::new("/proc"), claims).is_ok());
-        assert!(check_rootfs(b, 1, b, claims).is_err());
-        assert!(check_rootfs(&b.join("none"), u64::MAX, b, &[]).is_ok());
+        assert!(check_rootfs(b, copy(1), Path::new("/proc"), claims).is_ok());
+        assert!(check_rootfs(b, copy(1), b, claims).is_err());
+        assert!(check_rootfs(&b.join("none"), copy(u64::MAX), b, &[]).is_ok());
+        // The deleted files the restore writes back count too, and are named.
+        let both = RootfsBytes {
+            copy: 30 * MIB,
+            ghosts: 6 * MIB,
+        };
+        assert!(fits_rootfs(b, 100 * MIB, both, 64 * MIB).is_ok());
+        let e = fits_rootfs(b, 99 * MIB, both, 64 * MIB).unwrap_err();
+        assert!(
+            e.starts_with(
+                "the container's rootfs files to copy take 30.0 MiB, and the deleted files it \
+                 keeps open, which its restore writes back there, take 6.0 MiB, and the \
+                 filesystem of the bundles dir "
+            ),
+            "{e}"
+        );
     }
 
     #[test]
