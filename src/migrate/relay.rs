@@ -340,11 +340,17 @@ mod tests {
 
     /// Data connection x <-> y; the destination relay listens for "lazy-pages" (z).
     fn relay_pair(broken: Box<dyn FnOnce() + Send>) -> (TcpStream, DestinationRelay) {
+        let (x, y) = tcp_pair();
+        let h = destination_relay(Link::Tcp(y), Duration::from_secs(5), broken).unwrap();
+        (x, h)
+    }
+
+    /// Two ends of one loopback TCP connection.
+    fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (y, _) = l.accept().unwrap();
-        let h = destination_relay(Link::Tcp(y), Duration::from_secs(5), broken).unwrap();
-        (x, h)
+        (x, y)
     }
 
     #[test]
@@ -402,9 +408,7 @@ mod tests {
     /// (the peer reads EOF) and its thread ends well before its wait.
     #[test]
     fn cancel_before_the_daemon_connects_closes_the_data_connection() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (y, _) = l.accept().unwrap();
+        let (mut x, y) = tcp_pair();
         let h = destination_relay(Link::Tcp(y), Duration::from_secs(120), Box::new(|| ())).unwrap();
         x.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let t0 = Instant::now();
@@ -422,9 +426,7 @@ mod tests {
         for committed in [true, false] {
             let criu = TcpListener::bind("127.0.0.1:0").unwrap();
             let port = criu.local_addr().unwrap().port();
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (y, _) = l.accept().unwrap();
+            let (mut x, y) = tcp_pair();
             let r = SourceRelay::start(port, Link::Tcp(y), Duration::from_secs(20));
             let (mut c, _) = criu.accept().unwrap();
             c.set_read_timeout(Some(Duration::from_millis(300)))
@@ -464,9 +466,7 @@ mod tests {
     /// dump has ended.
     #[test]
     fn poisoned_source_relay_stops_connecting() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let _x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (y, _) = l.accept().unwrap();
+        let (_x, y) = tcp_pair();
         let port = free_loopback_port().unwrap();
         let r = SourceRelay::start(port, Link::Tcp(y), Duration::from_secs(120));
         let t0 = Instant::now();
@@ -481,9 +481,7 @@ mod tests {
     /// so that CRIU does not wait in accept for ever.
     #[test]
     fn a_source_relay_failed_early_poisons_a_late_listener() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let _x = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (y, _) = l.accept().unwrap();
+        let (_x, y) = tcp_pair();
         let port = free_loopback_port().unwrap();
         let r = SourceRelay::start(port, Link::Tcp(y), Duration::from_secs(120));
         r.verdict().fail();
@@ -492,7 +490,7 @@ mod tests {
         let (mut c, _) = criu.accept().unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut got = Vec::new();
-        std::io::Read::read_to_end(&mut c, &mut got).unwrap();
+        c.read_to_end(&mut got).unwrap();
         assert_eq!(got, [0xff], "a truncated command, then the end");
         r.criu_ended();
         assert!(r.join().is_err());
