@@ -1913,3 +1913,30 @@ fn deleted_files_the_destination_has_no_room_for_are_refused_before_the_freeze()
     th.src_runc().kill_and_delete(&w.id);
     th.finish();
 }
+
+/// A container whose processes talk through a named pipe in its rootfs (mkfifo at run
+/// time, one writer, one reader), in both modes: the pipe's node arrives with the rootfs,
+/// CRIU reopens both ends on the destination, and the reader goes on receiving. Before, the
+/// rootfs sync left named pipes out, and the restore failed with "Can't open file tmp/f".
+#[test]
+fn a_named_pipe_in_the_rootfs_keeps_working() {
+    if !require_two_hosts() {
+        return;
+    }
+    for mode in ["stop-copy", "post-copy"] {
+        let th = TwoHosts::new(&format!("mfifo{}", &mode[..4]));
+        let script = "mkfifo /tmp/f; (i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done \
+                      > /tmp/f) & (cat /tmp/f > /data/piped) & \
+                      i=0; while true; do i=$((i+1)); echo $i >> /data/counter; sleep 0.05; done";
+        let w = start_counter_shaped(&th, "", |b| b.args(&["sh", "-c", script]));
+        let piped = w.out.with_file_name("piped");
+        let serve = th.serve(&[]);
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+        assert_counter_migrated(&th, &w, &out, Some(mode), 20);
+        // The reader, restored on the destination, still gets what the writer sends.
+        let n = read_counter_lines(&piped).len();
+        assert_counter_continues(&piped, n, 10);
+        th.dst_runc().kill_and_delete(&w.id);
+        th.finish();
+    }
+}

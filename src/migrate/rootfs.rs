@@ -17,7 +17,7 @@ use std::fs::Metadata;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
@@ -362,7 +362,16 @@ fn walk(
                         hash,
                     }
                 }
-                _ => continue, // device nodes, fifos, sockets are not copied
+                // A named pipe: only the node (a container's open end of it is restored by
+                // CRIU, which needs the node at its path).
+                libc::S_IFIFO => Entry {
+                    path,
+                    kind: "p".into(),
+                    mode,
+                    size: 0,
+                    hash: String::new(),
+                },
+                _ => continue, // device nodes and sockets are not copied
             };
             out.push(entry);
             if out.len() > MAX_ENTRIES {
@@ -459,6 +468,21 @@ pub fn needed(
                     let _ =
                         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(e.mode));
                 }
+            }
+            "p" => {
+                let at = |x: &dyn std::fmt::Display| err(format!("{}: {x}", target.display()));
+                match &local {
+                    Some(m) if m.file_type().is_fifo() => {}
+                    Some(m) if m.is_dir() => remove_local_tree(&target)?,
+                    Some(_) => std::fs::remove_file(&target).map_err(|x| at(&x))?,
+                    None => {}
+                }
+                if !local.as_ref().is_some_and(|m| m.file_type().is_fifo()) {
+                    nix::unistd::mkfifo(&target, Mode::from_bits_truncate(0o600))
+                        .map_err(|x| at(&x))?;
+                }
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(e.mode))
+                    .map_err(|x| at(&x))?;
             }
             other => return Err(err(format!("unknown entry kind {other:?}"))),
         }
@@ -705,6 +729,38 @@ mod tests {
             let e = b.link(Path::new(rel)).unwrap_err();
             assert!(changed_since_listed(&e), "{rel}: {e}");
         }
+    }
+
+    /// A named pipe arrives as a node with its mode, replacing whatever the destination had
+    /// at its path; one already there stays (a pipe has no content to compare).
+    #[test]
+    fn named_pipes_arrive_as_nodes() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        for name in ["p1", "p2", "p3", "p4"] {
+            mkfifo(&src.path().join(name));
+            std::fs::set_permissions(
+                src.path().join(name),
+                std::fs::Permissions::from_mode(0o640),
+            )
+            .unwrap();
+        }
+        std::fs::write(dst.path().join("p2"), b"a file").unwrap();
+        std::fs::create_dir_all(dst.path().join("p3/sub")).unwrap();
+        mkfifo(&dst.path().join("p4"));
+        let mut cache = HashCache::default();
+        let m = manifest(&Beneath::open(src.path()).unwrap(), &mut cache).unwrap();
+        assert!(m.iter().all(|e| e.kind == "p" && e.mode == 0o640), "{m:?}");
+        assert!(needed(dst.path(), &m, &mut cache).unwrap().is_empty());
+        for name in ["p1", "p2", "p3", "p4"] {
+            let md = std::fs::symlink_metadata(dst.path().join(name)).unwrap();
+            assert!(md.file_type().is_fifo(), "{name}");
+            assert_eq!(md.permissions().mode() & 0o7777, 0o640, "{name}");
+        }
+        assert!(delete_extra(dst.path(), &m).unwrap().is_empty());
+        std::fs::remove_file(src.path().join("p1")).unwrap();
+        let m = manifest(&Beneath::open(src.path()).unwrap(), &mut cache).unwrap();
+        assert_eq!(delete_extra(dst.path(), &m).unwrap(), ["p1"]);
     }
 
     #[test]

@@ -278,7 +278,8 @@ pub struct Prepared {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub path: String,
-    /// "f" file, "d" directory, "l" symlink.
+    /// "f" file, "d" directory, "l" symlink, "p" named pipe (the node only; a destination
+    /// older than this kind refuses the first manifest, before the freeze).
     pub kind: String,
     pub mode: u32,
     pub size: u64,
