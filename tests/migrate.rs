@@ -1940,3 +1940,42 @@ fn a_named_pipe_in_the_rootfs_keeps_working() {
         th.finish();
     }
 }
+
+/// Files in the rootfs owned by users other than root (a database's data directory, say)
+/// keep their owner, group and mode on the destination, set-user-ID bit included. Before,
+/// the destination made every file it copied root's, so a process running as the file's
+/// user could no longer write there after the migration.
+#[test]
+fn rootfs_owners_arrive() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mowner");
+    let w = start_counter(&th, "");
+    let root = w.bundle.join("rootfs");
+    fs::create_dir_all(root.join("home/app")).unwrap();
+    fs::write(root.join("home/app/file"), "x").unwrap();
+    std::os::unix::fs::lchown(root.join("home/app"), Some(1000), Some(1001)).unwrap();
+    std::os::unix::fs::lchown(root.join("home/app/file"), Some(999), Some(998)).unwrap();
+    fs::set_permissions(
+        root.join("home/app/file"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4750),
+    )
+    .unwrap();
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+    let st = must(
+        th.dst_runc().exec(
+            &w.id,
+            &["stat", "-c", "%n %u:%g %a", "/home/app", "/home/app/file"],
+        ),
+        "stat",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&st.stdout),
+        "/home/app 1000:1001 755\n/home/app/file 999:998 4750\n"
+    );
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}

@@ -313,17 +313,19 @@ fn walk(
                 continue; // a mount inside the rootfs (bind mounts are restored as external mounts)
             }
             let path = r.to_string_lossy().into_owned();
-            let mode = st.st_mode & 0o7777;
+            let entry = |kind: &str, size: u64, hash: String| Entry {
+                path,
+                kind: kind.into(),
+                mode: st.st_mode & 0o7777,
+                size,
+                hash,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            };
             let entry = match st.st_mode & libc::S_IFMT {
                 libc::S_IFDIR => {
                     stack.push(r.clone());
-                    Entry {
-                        path,
-                        kind: "d".into(),
-                        mode,
-                        size: 0,
-                        hash: String::new(),
-                    }
+                    entry("d", 0, String::new())
                 }
                 libc::S_IFLNK => {
                     let target = match nix::fcntl::readlinkat(Some(dfd), name.as_os_str()) {
@@ -333,13 +335,7 @@ fn walk(
                         Err(e) => return Err(at(&r, &e)),
                     };
                     let t = target.to_string_lossy().into_owned();
-                    Entry {
-                        path,
-                        kind: "l".into(),
-                        mode,
-                        size: t.len() as u64,
-                        hash: hash_bytes(t.as_bytes()),
-                    }
+                    entry("l", t.len() as u64, hash_bytes(t.as_bytes()))
                 }
                 libc::S_IFREG => {
                     let found = Found {
@@ -354,23 +350,11 @@ fn walk(
                         Err(e) if changed_since_listed(&e) => continue,
                         Err(e) => return Err(at(&r, &e)),
                     };
-                    Entry {
-                        path,
-                        kind: "f".into(),
-                        mode,
-                        size: found.stamp.size,
-                        hash,
-                    }
+                    entry("f", found.stamp.size, hash)
                 }
                 // A named pipe: only the node (a container's open end of it is restored by
                 // CRIU, which needs the node at its path).
-                libc::S_IFIFO => Entry {
-                    path,
-                    kind: "p".into(),
-                    mode,
-                    size: 0,
-                    hash: String::new(),
-                },
+                libc::S_IFIFO => entry("p", 0, String::new()),
                 _ => continue, // device nodes and sockets are not copied
             };
             out.push(entry);
@@ -442,7 +426,7 @@ pub fn needed(
                     None => std::fs::create_dir(&target)
                         .map_err(|x| err(format!("{}: {x}", target.display())))?,
                 }
-                let _ = std::fs::set_permissions(&target, std::fs::Permissions::from_mode(e.mode));
+                settle(&target, e, local.as_ref().filter(|m| m.is_dir()))?;
             }
             "l" => {
                 let same = local.as_ref().is_some_and(|m| m.file_type().is_symlink())
@@ -451,6 +435,8 @@ pub fn needed(
                         .unwrap_or(false);
                 if !same {
                     need.push(e.path.clone());
+                } else {
+                    settle(&target, e, local.as_ref())?;
                 }
             }
             "f" => {
@@ -461,12 +447,8 @@ pub fn needed(
                 });
                 if !same {
                     need.push(e.path.clone());
-                } else if local
-                    .as_ref()
-                    .is_some_and(|m| m.permissions().mode() & 0o7777 != e.mode)
-                {
-                    let _ =
-                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(e.mode));
+                } else {
+                    settle(&target, e, local.as_ref())?;
                 }
             }
             "p" => {
@@ -477,12 +459,12 @@ pub fn needed(
                     Some(_) => std::fs::remove_file(&target).map_err(|x| at(&x))?,
                     None => {}
                 }
-                if !local.as_ref().is_some_and(|m| m.file_type().is_fifo()) {
+                let kept = local.as_ref().filter(|m| m.file_type().is_fifo());
+                if kept.is_none() {
                     nix::unistd::mkfifo(&target, Mode::from_bits_truncate(0o600))
                         .map_err(|x| at(&x))?;
                 }
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(e.mode))
-                    .map_err(|x| at(&x))?;
+                settle(&target, e, kept)?;
             }
             other => return Err(err(format!("unknown entry kind {other:?}"))),
         }
@@ -518,11 +500,27 @@ pub fn install(
     if let Some(t) = link_target {
         let _ = std::fs::remove_file(tmp);
         std::os::unix::fs::symlink(t, tmp).map_err(|x| err(format!("{}: {x}", tmp.display())))?;
-    } else {
-        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(e.mode))
-            .map_err(|x| err(format!("{}: {x}", tmp.display())))?;
     }
+    settle(tmp, e, None)?;
     std::fs::rename(tmp, &target).map_err(|x| err(format!("{}: {x}", target.display())))
+}
+
+/// Gives `p` (a symlink itself, not what it points to) the owner and group of `e`, and,
+/// unless it is a symlink, its mode: after the owner, since a change of owner clears the
+/// set-user-ID and set-group-ID bits. Only what differs from `have`, its metadata (None: a
+/// node made just now, whose owner and mode are ferry's).
+fn settle(p: &Path, e: &Entry, have: Option<&Metadata>) -> Result<(), MigrateError> {
+    let at = |x: &dyn std::fmt::Display| err(format!("{}: {x}", p.display()));
+    let new_owner = !have.is_some_and(|m| m.uid() == e.uid && m.gid() == e.gid);
+    if new_owner {
+        std::os::unix::fs::lchown(p, Some(e.uid), Some(e.gid)).map_err(|x| at(&x))?;
+    }
+    let link = have.map_or(e.kind == "l", |m| m.file_type().is_symlink());
+    let new_mode = !have.is_some_and(|m| m.permissions().mode() & 0o7777 == e.mode);
+    if !link && (new_owner || new_mode) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(e.mode)).map_err(|x| at(&x))?;
+    }
+    Ok(())
 }
 
 fn remove_local_tree(p: &Path) -> Result<(), MigrateError> {
@@ -761,6 +759,67 @@ mod tests {
         std::fs::remove_file(src.path().join("p1")).unwrap();
         let m = manifest(&Beneath::open(src.path()).unwrap(), &mut cache).unwrap();
         assert_eq!(delete_extra(dst.path(), &m).unwrap(), ["p1"]);
+    }
+
+    /// Owners, groups and modes arrive (set-user-ID too: the mode is set after the owner,
+    /// whose change clears it), for every kind; a file whose content the destination has
+    /// already gets its owner put right in place. Needs root (chown): skipped without it,
+    /// but not under CI.
+    #[test]
+    fn owners_and_modes_arrive() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                !std::env::var_os("CI").is_some_and(|v| !v.is_empty()),
+                "CI is set, refusing to skip: not root"
+            );
+            eprintln!("skipping: not root");
+            return;
+        }
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        let (s, d) = (src.path(), dst.path());
+        let own = |p: &Path, uid: u32, gid: u32, mode: Option<u32>| {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
+            if let Some(m) = mode {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+            }
+        };
+        std::fs::create_dir(s.join("home")).unwrap();
+        own(&s.join("home"), 1000, 1001, Some(0o750));
+        std::fs::write(s.join("home/f"), b"content").unwrap();
+        own(&s.join("home/f"), 999, 998, Some(0o4755));
+        std::os::unix::fs::symlink("f", s.join("home/l")).unwrap();
+        own(&s.join("home/l"), 1000, 1001, None);
+        mkfifo(&s.join("p"));
+        own(&s.join("p"), 5, 6, Some(0o620));
+        std::fs::write(s.join("same"), b"x").unwrap();
+        own(&s.join("same"), 7, 8, Some(0o600));
+        std::fs::write(d.join("same"), b"x").unwrap();
+
+        let mut cache = HashCache::default();
+        let m = manifest(&Beneath::open(s).unwrap(), &mut cache).unwrap();
+        let need = needed(d, &m, &mut cache).unwrap();
+        assert_eq!(need, ["home/f", "home/l"]);
+        let idx = index(&m);
+        let (_, tmp) = staging_path(d, idx["home/f"]).unwrap();
+        std::fs::write(&tmp, b"content").unwrap();
+        install(d, idx["home/f"], &tmp, None).unwrap();
+        let (_, tmp) = staging_path(d, idx["home/l"]).unwrap();
+        install(d, idx["home/l"], &tmp, Some("f")).unwrap();
+        for (rel, uid, gid, mode) in [
+            ("home", 1000, 1001, Some(0o750)),
+            ("home/f", 999, 998, Some(0o4755)),
+            ("home/l", 1000, 1001, None),
+            ("p", 5, 6, Some(0o620)),
+            ("same", 7, 8, Some(0o600)),
+        ] {
+            let md = std::fs::symlink_metadata(d.join(rel)).unwrap();
+            assert_eq!((md.uid(), md.gid()), (uid, gid), "{rel}");
+            if let Some(mode) = mode {
+                assert_eq!(md.permissions().mode() & 0o7777, mode, "{rel}");
+            }
+        }
+        assert!(needed(d, &m, &mut cache).unwrap().is_empty());
     }
 
     #[test]

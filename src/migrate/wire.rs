@@ -285,6 +285,12 @@ pub struct Entry {
     pub size: u64,
     /// sha256 of a file's content or a symlink's target.
     pub hash: String,
+    /// Owner and group (numeric, as in the rootfs: a container has no user namespace).
+    /// Absent from older sources: root.
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -584,6 +590,8 @@ mod tests {
                 mode: 0o777,
                 size: 7,
                 hash: "h".into(),
+                uid: 999,
+                gid: 998,
             }],
             last: true,
         }));
