@@ -591,9 +591,14 @@ struct Source {
 
 impl Source {
     fn start(name: &str) -> Source {
+        Source::start_with(name, |b| b)
+    }
+
+    /// [`Source::start`] with more to the counter's bundle (see [`start_file_counter_with`]).
+    fn start_with(name: &str, more: impl FnOnce(Bundle) -> Bundle) -> Source {
         let rc = Runc::new(name);
         let id = rc.id("");
-        let (out, bundle) = start_file_counter(&rc, &id);
+        let (out, bundle) = start_file_counter_with(&rc, &id, more);
         wait_counter_lines(&out, 10, T);
         let bundle_snap = snapshot_tree(&bundle);
         Source {
@@ -648,14 +653,20 @@ impl Source {
     /// Still running, still counting without a break, bundle intact.
     #[track_caller]
     fn assert_healthy(&self) {
+        self.assert_runs_on(5);
+    }
+
+    /// [`Source::assert_healthy`], waiting for `more` new values.
+    #[track_caller]
+    fn assert_runs_on(&self, more: usize) {
         assert_eq!(
             self.rc.status(&self.id).as_deref(),
             Some("running"),
             "source not running"
         );
         let n = read_counter_lines(&self.out).len();
-        wait_counter_lines(&self.out, n + 5, T);
-        assert_file_counts_from_one(&self.out, n + 5);
+        wait_counter_lines(&self.out, n + more, T);
+        assert_file_counts_from_one(&self.out, n + more);
         assert_tree_kept(&self.bundle, &self.bundle_snap);
     }
 
@@ -910,23 +921,15 @@ fn a_dump_that_filled_its_filesystem_is_named_so_after_its_images_go() {
     if !require_root_and_criu() {
         return;
     }
-    let rc = Runc::new("ghostfull");
-    let id = rc.id("");
-    let (out, _bundle) = start_file_counter_with(&rc, &id, |b| {
+    let src = Source::start_with("ghostfull", |b| {
         b.args(&ghost_counter_args("/data/counter", 3072))
     });
-    wait_counter_lines(&out, 10, T);
-    let full = rc.mkdir("full");
+    let full = src.rc.mkdir("full");
     let _tmpfs = Mounted::tmpfs(&full, "2m");
     let images = full.join("images");
-    let failed = cr_cmd(
-        "checkpoint",
-        &id,
-        &images,
-        &["--ghost-limit", "4M"],
-        s(&rc.root),
-    )
-    .run();
+    let failed = src
+        .cmd("checkpoint", &src.id, &images, &["--ghost-limit", "4M"])
+        .run();
     failed.assert_error(5);
     assert!(
         failed
@@ -935,12 +938,9 @@ fn a_dump_that_filled_its_filesystem_is_named_so_after_its_images_go() {
         "{failed:?}"
     );
     assert_only_the_log_left(&images);
-    assert_eq!(rc.status(&id).as_deref(), Some("running"));
-    let n = read_counter_lines(&out).len();
-    wait_counter_lines(&out, n + 10, T);
-    rc.kill_and_delete(&id);
-    rc.teardown();
-    leak_check(&rc.ids());
+    src.assert_runs_on(10);
+    src.rc.kill_and_delete(&src.id);
+    src.finish();
 }
 
 /// A file the container deleted but keeps open, over CRIU's 1 MiB ghost limit: the
@@ -952,14 +952,12 @@ fn a_deleted_open_file_over_the_ghost_limit_needs_the_flag() {
     if !require_root_and_criu() {
         return;
     }
-    let rc = Runc::new("ghost");
-    let id = rc.id("");
-    let (out, _bundle) = start_file_counter_with(&rc, &id, |b| {
+    let src = Source::start_with("ghost", |b| {
         b.args(&ghost_counter_args("/data/counter", 2048))
     });
-    wait_counter_lines(&out, 10, T);
+    let (rc, id, out) = (&src.rc, &src.id, &src.out);
     let images = rc.mkdir("images");
-    let failed = cr_cmd("checkpoint", &id, &images, &[], s(&rc.root)).run();
+    let failed = src.cmd("checkpoint", id, &images, &[]).run();
     failed.assert_error(6);
     assert!(
         failed.stderr.contains("Can't dump ghost file")
@@ -967,28 +965,19 @@ fn a_deleted_open_file_over_the_ghost_limit_needs_the_flag() {
         "{failed:?}"
     );
     assert_only_the_log_left(&images);
-    assert_eq!(rc.status(&id).as_deref(), Some("running"));
-    let n = read_counter_lines(&out).len();
-    wait_counter_lines(&out, n + 10, T);
+    src.assert_runs_on(10);
 
-    cr_cmd(
-        "checkpoint",
-        &id,
-        &images,
-        &["--ghost-limit", "4M"],
-        s(&rc.root),
-    )
-    .run()
-    .ok();
-    assert_stopped_writing(&out);
-    let n = read_counter_lines(&out).len();
-    ferry_restore(&rc, &id, &images, &[]);
-    wait_counter_lines(&out, n + 10, T);
-    assert_file_counts_from_one(&out, n + 10);
-    assert_ghost_kept(&rc, &id);
-    rc.kill_and_delete(&id);
-    rc.teardown();
-    leak_check(&rc.ids());
+    src.cmd("checkpoint", id, &images, &["--ghost-limit", "4M"])
+        .run()
+        .ok();
+    assert_stopped_writing(out);
+    let n = read_counter_lines(out).len();
+    ferry_restore(rc, id, &images, &[]);
+    wait_counter_lines(out, n + 10, T);
+    assert_file_counts_from_one(out, n + 10);
+    assert_ghost_kept(rc, id);
+    rc.kill_and_delete(id);
+    src.finish();
 }
 
 /// SIGTERM to `ferry checkpoint` (its process group, as a supervisor stopping the job)
