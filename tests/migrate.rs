@@ -1979,3 +1979,45 @@ fn rootfs_owners_arrive() {
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
+
+/// A rootfs of many files with long paths: its listing, and the first round's answer naming
+/// every file, are larger than one frame (16 MiB). Before, the destination's answer could
+/// not be sent and the migration failed on "frame too large".
+#[test]
+fn a_rootfs_listing_larger_than_one_frame_migrates() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mlong");
+    let w = start_counter(&th, "");
+    let mut dir = w.bundle.join("rootfs/srv");
+    for i in 0..3 {
+        dir.push(format!("{i}{}", "d".repeat(240)));
+    }
+    fs::create_dir_all(&dir).unwrap();
+    const FILES: usize = 20_000;
+    for i in 0..FILES {
+        fs::write(
+            dir.join(format!("{i:05}{}", "f".repeat(230))),
+            i.to_string(),
+        )
+        .unwrap();
+    }
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+    let sent = out.json()["rootfs_files_sent"].as_u64().unwrap();
+    assert!(sent >= FILES as u64, "{sent} files sent");
+    let dst = th
+        .dst_bundle(&w.id)
+        .join("rootfs")
+        .join(dir.strip_prefix(w.bundle.join("rootfs")).unwrap());
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), FILES);
+    let last = format!("{:05}{}", FILES - 1, "f".repeat(230));
+    assert_eq!(
+        fs::read_to_string(dst.join(last)).unwrap(),
+        (FILES - 1).to_string()
+    );
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}

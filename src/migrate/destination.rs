@@ -519,9 +519,11 @@ impl LazyPages {
 enum State {
     AwaitPrepare,
     AwaitCpuinfo,
-    /// A rootfs round: manifest parts so far, whether it is the final round.
+    /// A rootfs round: manifest parts so far (and about how many bytes they took on the
+    /// wire), whether it is the final round.
     Manifest {
         entries: Vec<Entry>,
+        bytes: usize,
         final_sync: bool,
     },
     /// Files of a rootfs round.
@@ -586,6 +588,9 @@ pub struct Receiver<'a> {
 const MAX_CGROUP_PATHS: usize = 32;
 /// Most pre-dump rounds accepted from a source.
 const MAX_ROUNDS: u32 = 64;
+/// Most bytes one rootfs manifest may take (by [`Entry::wire_size`]): a million entries of a
+/// few hundred bytes, not a million with 64 KiB of extended attributes each.
+const MAX_MANIFEST_BYTES: usize = 1 << 30;
 /// Longest wait for a page server to finish writing once its round ended.
 const PAGE_SERVER_EXIT: Duration = Duration::from_secs(60);
 const MAX_IMAGE_FILE: u64 = 16 * 1024 * 1024 * 1024;
@@ -684,23 +689,27 @@ impl<'a> Receiver<'a> {
                 self.ctl.send(&Msg::Ok)?;
                 Ok(State::Manifest {
                     entries: vec![],
+                    bytes: 0,
                     final_sync: false,
                 })
             }
             (
                 State::Manifest {
                     mut entries,
+                    mut bytes,
                     final_sync,
                 },
                 Msg::Manifest(m),
             ) => {
+                bytes += m.entries.iter().map(Entry::wire_size).sum::<usize>();
                 entries.extend(m.entries);
-                if entries.len() > super::rootfs::MAX_ENTRIES {
+                if entries.len() > super::rootfs::MAX_ENTRIES || bytes > MAX_MANIFEST_BYTES {
                     return Err(MigrateError::Rootfs("manifest too large".into()));
                 }
                 if !m.last {
                     return Ok(State::Manifest {
                         entries,
+                        bytes,
                         final_sync,
                     });
                 }
@@ -717,8 +726,14 @@ impl<'a> Receiver<'a> {
                     final_sync,
                     "rootfs compared"
                 );
-                self.ctl
-                    .send(&Msg::Need(super::wire::Need { paths: need }))?;
+                let parts = super::wire::batches(&need, usize::MAX, |p| p.len() + 3);
+                let n = parts.len();
+                for (i, paths) in parts.into_iter().enumerate() {
+                    self.ctl.send(&Msg::Need(super::wire::Need {
+                        paths: paths.to_vec(),
+                        last: i + 1 == n,
+                    }))?;
+                }
                 Ok(State::Files {
                     entries,
                     final_sync,
@@ -747,8 +762,9 @@ impl<'a> Receiver<'a> {
                 if d.final_sync != final_sync {
                     return Err(MigrateError::Remote("sync round mixed up".into()));
                 }
+                let rootfs = self.bundle().join("rootfs");
                 if final_sync {
-                    let gone = delete_extra(&self.bundle().join("rootfs"), &entries)?;
+                    let gone = delete_extra(&rootfs, &entries)?;
                     tracing::info!(deleted = gone.len(), "final rootfs delta applied");
                 }
                 self.ctl.send(&Msg::Ok)?;
@@ -802,6 +818,7 @@ impl<'a> Receiver<'a> {
             (State::Dumping { round: 0 }, Msg::Manifest(m)) => self.step(
                 State::Manifest {
                     entries: vec![],
+                    bytes: 0,
                     final_sync: true,
                 },
                 Msg::Manifest(m),

@@ -24,8 +24,8 @@ use super::relay::{free_loopback_port, SourceRelay};
 use super::rootfs::{changed_since_listed, manifest, Beneath, HashCache};
 use super::tls::TlsClient;
 use super::wire::{
-    check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, RoundDone, SyncDone,
-    Target, WireError, CHUNK, MAX_FRAME,
+    batches, check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, RoundDone,
+    SyncDone, Target, WireError, CHUNK, MAX_FRAME,
 };
 use super::MigrateError;
 use crate::criu::client::{run_pre_dump, Request};
@@ -338,29 +338,37 @@ fn sync_rootfs(
         final_sync,
         "rootfs manifest"
     );
-    let mut parts = entries.chunks(4096).peekable();
-    if parts.peek().is_none() {
-        ctl.send(&Msg::Manifest(Manifest {
-            entries: vec![],
-            last: true,
-        }))?;
-    }
-    while let Some(p) = parts.next() {
+    let parts = batches(&entries, 4096, Entry::wire_size);
+    let n = parts.len();
+    for (i, p) in parts.into_iter().enumerate() {
         ctl.send(&Msg::Manifest(Manifest {
             entries: p.to_vec(),
-            last: parts.peek().is_none(),
+            last: i + 1 == n,
         }))?;
     }
-    let need = match ctl.recv()? {
-        Msg::Need(n) => n.paths,
-        other => {
-            return Err(WireError::Unexpected {
-                got: other.kind(),
-                state: "waiting for the rootfs needs",
+    let mut need = Vec::new();
+    loop {
+        match ctl.recv()? {
+            Msg::Need(n) if need.len() + n.paths.len() <= entries.len() => {
+                need.extend(n.paths);
+                if n.last {
+                    break;
+                }
             }
-            .into())
+            Msg::Need(_) => {
+                return Err(MigrateError::Remote(
+                    "asked for more files than the manifest has".into(),
+                ))
+            }
+            other => {
+                return Err(WireError::Unexpected {
+                    got: other.kind(),
+                    state: "waiting for the rootfs needs",
+                }
+                .into())
+            }
         }
-    };
+    }
     let idx: std::collections::BTreeMap<&str, &Entry> =
         entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let mut sent = 0;

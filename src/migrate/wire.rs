@@ -5,9 +5,10 @@
 //! fails to decode. File data travels in [`Kind::Chunk`] frames as raw bytes; every other
 //! message's payload is one JSON object.
 //!
-//! Protocol version 3 — the message sequence (S = source, `ferry migrate`; D = destination,
+//! Protocol version 4 — the message sequence (S = source, `ferry migrate`; D = destination,
 //! `ferry serve`). Version 1 carried one network interface's facts at the top of `net`; 2
-//! carries a list, `net.ifaces`; 3 adds `room` to PageServerReady.
+//! carries a list, `net.ifaces`; 3 adds `room` to PageServerReady; 4 splits Need into
+//! frames (`last` on the final one), so a rootfs of many files no longer overflows one.
 //!
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
@@ -17,7 +18,7 @@
 //!                                          configures its interfaces, probes the addresses
 //!                                          D→S Prepared{criu_version, features} | Error
 //! S→D File{cpuinfo} Chunk* FileEnd         (CPUINFO_CHECK on D)  D→S Ok | Error
-//! S→D Manifest{entries, last}*             D→S Need{paths}
+//! S→D Manifest{entries, last}*             D→S Need{paths, last}*
 //! S→D (File{rootfs, path} Chunk* FileEnd)* SyncDone
 //!   second connection, S→D Hello{role: data, session} … Welcome: D hands it to its page
 //!   server                                 D→S PageServerReady{room}
@@ -34,7 +35,7 @@
 //!                                          pages images as empty names
 //!                                          D→S PageServerReady{room}
 //! S freezes and dumps; pages go through the data connection; at post-dump S holds:
-//! S→D Manifest*  (final rootfs delta)     D→S Need
+//! S→D Manifest*  (final rootfs delta)     D→S Need*
 //! S→D files, SyncDone{deleted}, (File{image} Chunk* FileEnd)*, Restore{meta}
 //!                                          D restores, holds at post-restore
 //!                                          D→S Restored{pid} | Error
@@ -58,9 +59,9 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Versions this build speaks (`ferry --version` prints them; keep the two in step).
-pub const SUPPORTED_VERSIONS: &[u32] = &[3];
+pub const SUPPORTED_VERSIONS: &[u32] = &[4];
 pub const MAGIC: [u8; 2] = *b"FY";
 pub const HEADER_LEN: usize = 8;
 /// Largest payload accepted.
@@ -293,6 +294,13 @@ pub struct Entry {
     pub gid: u32,
 }
 
+impl Entry {
+    /// About how many bytes this entry takes in a Manifest frame (for [`batches`]).
+    pub fn wire_size(&self) -> usize {
+        self.path.len() + self.hash.len() + 160
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub entries: Vec<Entry>,
@@ -302,6 +310,30 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Need {
     pub paths: Vec<String>,
+    /// The last of this round's Need frames.
+    pub last: bool,
+}
+
+/// Most bytes of paths (or of manifest entries) put into one frame: far below [`MAX_FRAME`]
+/// even after JSON's escaping, which at worst makes six bytes of one.
+pub const BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// Splits `items` into consecutive runs of at most `max` items whose `size`s add up to at
+/// most [`BATCH_BYTES`] (a single larger item is a run of its own). Always at least one run,
+/// empty when `items` is.
+pub fn batches<T>(items: &[T], max: usize, size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, it) in items.iter().enumerate() {
+        let n = size(it);
+        if i > start && (i - start >= max || bytes + n > BATCH_BYTES) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    out.push(&items[start..]);
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -595,6 +627,10 @@ mod tests {
             }],
             last: true,
         }));
+        round_trip(Msg::Need(Need {
+            paths: vec!["bin/sh".into()],
+            last: false,
+        }));
         round_trip(Msg::File(FileStart {
             target: Target::Image,
             path: "core-1.img".into(),
@@ -688,6 +724,34 @@ mod tests {
             Msg::read_from(&mut buf.as_slice(), 64),
             Err(WireError::TooLarge { len: 100, cap: 64 })
         ));
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::{batches, BATCH_BYTES};
+
+    #[test]
+    fn batches_keep_order_and_stay_under_both_limits() {
+        let none: Vec<&[u32]> = batches(&[] as &[u32], 3, |_| 1);
+        assert_eq!(none, vec![&[] as &[u32]]);
+        let items: Vec<u32> = (0..10).collect();
+        let by_count = batches(&items, 3, |_| 1);
+        assert_eq!(by_count.len(), 4);
+        assert_eq!(by_count.concat(), items);
+        // A third of the budget each: three fit, the fourth starts a new frame.
+        let by_bytes = batches(&items, 100, |_| BATCH_BYTES / 3);
+        assert_eq!(
+            by_bytes.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            [3, 3, 3, 1]
+        );
+        // An item over the budget travels alone.
+        let big = batches(
+            &items[..3],
+            100,
+            |&i| if i == 1 { BATCH_BYTES * 2 } else { 1 },
+        );
+        assert_eq!(big, vec![&[0][..], &[1][..], &[2][..]]);
     }
 }
 
