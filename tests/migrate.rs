@@ -1980,6 +1980,94 @@ fn rootfs_owners_arrive() {
     th.finish();
 }
 
+/// The rootfs arrives with its modification times (file, directory, symlink), a file's
+/// second name as a hard link (one inode, not two copies) and extended attributes: a user
+/// one, and a file capability on a file owned by another user (the change of owner on the
+/// destination clears capabilities; they are set after it). Before, every copied file took
+/// the time of the copy, links became copies and attributes were dropped, so a binary
+/// granted `cap_net_raw` lost it.
+#[test]
+fn rootfs_times_links_and_xattrs_arrive() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mmeta");
+    let w = start_counter(&th, "");
+    let root = w.bundle.join("rootfs");
+    fs::create_dir_all(root.join("srv/d")).unwrap();
+    fs::write(root.join("srv/d/a"), "hello").unwrap();
+    fs::hard_link(root.join("srv/d/a"), root.join("srv/b")).unwrap();
+    std::os::unix::fs::symlink("d/a", root.join("srv/l")).unwrap();
+    std::os::unix::fs::lchown(root.join("srv/d/a"), Some(1000), Some(1000)).unwrap();
+    // cap_net_raw+ep (VFS_CAP_REVISION_2)
+    let mut cap = vec![0u8; 20];
+    cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    cap[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+    let want = [
+        ("user.origin", b"src".to_vec()),
+        ("security.capability", cap),
+    ];
+    for (name, value) in &want {
+        set_xattr(&root.join("srv/d/a"), name, value);
+    }
+    for (p, when) in [
+        ("srv/l", "2001-02-03 04:05:06"),
+        ("srv/d/a", "2002-02-03 04:05:06"),
+        ("srv/d", "2003-02-03 04:05:06"),
+    ] {
+        must(
+            run_output(
+                Command::new("touch")
+                    .args(["-h", "-d", when])
+                    .arg(root.join(p)),
+            ),
+            "touch",
+        );
+    }
+    let stat = |r: &Runc| {
+        let out = must(
+            r.exec(
+                &w.id,
+                &[
+                    "stat",
+                    "-c",
+                    "%n %Y %h %u %i",
+                    "/srv/d",
+                    "/srv/d/a",
+                    "/srv/b",
+                    "/srv/l",
+                ],
+            ),
+            "stat",
+        );
+        let lines: Vec<Vec<String>> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split(' ').map(str::to_string).collect())
+            .collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        lines
+    };
+    let before = stat(th.src_runc());
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+    let after = stat(th.dst_runc());
+    let without_inode = |l: &[Vec<String>]| l.iter().map(|f| f[..4].join(" ")).collect::<Vec<_>>();
+    assert_eq!(without_inode(&after), without_inode(&before));
+    assert_eq!(after[1][2], "2", "two names: {after:?}");
+    assert_eq!(after[1][4], after[2][4], "one inode: {after:?}");
+    let file = th.dst_bundle(&w.id).join("rootfs/srv/d/a");
+    for (name, value) in &want {
+        assert_eq!(
+            get_xattr(&file, name).as_deref(),
+            Some(&value[..]),
+            "{name}"
+        );
+    }
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}
+
 /// A rootfs of many files with long paths: its listing, and the first round's answer naming
 /// every file, are larger than one frame (16 MiB). Before, the destination's answer could
 /// not be sent and the migration failed on "frame too large".

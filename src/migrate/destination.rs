@@ -25,7 +25,9 @@ use sha2::{Digest, Sha256};
 use super::auth::{hex, random_hex, Token};
 use super::link::{self, Link};
 use super::pages::PageSink;
-use super::rootfs::{check_rel, delete_extra, install, needed, staging_path, HashCache};
+use super::rootfs::{
+    check_rel, delete_extra, install, link_names, needed, settle_dirs, staging_path, HashCache,
+};
 use super::source::{tune, Ctl};
 use super::tls::TlsServer;
 use super::wire::{
@@ -767,6 +769,8 @@ impl<'a> Receiver<'a> {
                     let gone = delete_extra(&rootfs, &entries)?;
                     tracing::info!(deleted = gone.len(), "final rootfs delta applied");
                 }
+                link_names(&rootfs, &entries, final_sync)?;
+                settle_dirs(&rootfs, &entries)?;
                 self.ctl.send(&Msg::Ok)?;
                 if final_sync {
                     Ok(State::Images)

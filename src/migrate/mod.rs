@@ -25,6 +25,7 @@ pub mod rootfs;
 pub mod source;
 pub mod tls;
 pub mod wire;
+pub mod xattr;
 
 use crate::ops::{ErrorKind, OpError};
 use wire::WireError;

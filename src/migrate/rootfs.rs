@@ -1,10 +1,13 @@
 //! Rootfs synchronisation by content hash.
 //!
-//! The source lists its rootfs (regular files, directories, symlinks; never crossing into
-//! another filesystem or mount), the destination answers which paths differ from its copy,
-//! and the source sends those. The final round, during the freeze, also deletes on the
-//! destination what the source no longer has. Paths from the peer are relative, checked
-//! component by component, and never written through a symlink.
+//! The source lists its rootfs (regular files, directories, symlinks, named pipes; never
+//! crossing into another filesystem or mount) with each node's owner, mode, modification
+//! time and carried extended attributes ([`super::xattr`]), a file's further names as links
+//! to its first; the destination answers which files and symlinks differ from its copy,
+//! settles the metadata of the rest itself, and the source sends those. The final round,
+//! during the freeze, also deletes on the destination what the source no longer has.
+//! Paths from the peer are relative, checked component by component, and never written
+//! through a symlink.
 //!
 //! Both sides keep a [`HashCache`] for the session: the final round runs while the container
 //! is frozen, and re-reading a rootfs of a few hundred MiB there would cost seconds. A file
@@ -12,7 +15,7 @@
 //! hash; ctime moves on every write and cannot be set, and a file changed shortly before it
 //! was hashed ("racy": a later change could keep the same coarse timestamps) is read again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::Metadata;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -21,13 +24,15 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, UtimensatFlags};
+use nix::sys::time::TimeSpec;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
 use super::auth::hex;
 use super::wire::Entry;
+use super::xattr::{self, XattrError, Xattrs};
 use super::MigrateError;
 
 /// Most entries a manifest may have.
@@ -98,10 +103,18 @@ impl Stamp {
 /// A change this close before hashing may share its timestamps with a later one.
 const RACY: Duration = Duration::from_secs(2);
 
-/// Content hashes of files by path, valid while their [`Stamp`] is unchanged.
+/// What is known of one path while its [`Stamp`] is unchanged.
+#[derive(Debug, Default)]
+struct Known {
+    hash: Option<String>,
+    xattrs: Option<Xattrs>,
+}
+
+/// Content hashes of files, and carried extended attributes of every node, by path: valid
+/// while their [`Stamp`] is unchanged (a change of either moves the ctime).
 #[derive(Debug, Default)]
 pub struct HashCache {
-    map: HashMap<PathBuf, (Stamp, String)>,
+    map: HashMap<PathBuf, (Stamp, Known)>,
     /// Files read to hash them (for tests and logs).
     pub reads: u64,
 }
@@ -113,9 +126,14 @@ impl HashCache {
         self.hash_with(p, Stamp::of(m), || std::fs::File::open(p))
     }
 
-    /// The sha256 of a file the walk met: from the cache, or read through [`Found::open`].
-    fn hash_found(&mut self, f: &Found) -> std::io::Result<String> {
-        self.hash_with(f.path, f.stamp, || f.open())
+    /// The carried extended attributes of `p` (not followed if a symlink), whose metadata is
+    /// `m`: from the cache when unchanged since they were read.
+    pub fn xattrs(&mut self, p: &Path, m: &Metadata) -> Result<Xattrs, XattrError> {
+        self.xattrs_with(p, Stamp::of(m), || xattr::read(p))
+    }
+
+    fn known(&self, p: &Path, stamp: Stamp) -> Option<&Known> {
+        self.map.get(p).filter(|(s, _)| *s == stamp).map(|(_, k)| k)
     }
 
     fn hash_with(
@@ -124,28 +142,48 @@ impl HashCache {
         stamp: Stamp,
         open: impl FnOnce() -> std::io::Result<std::fs::File>,
     ) -> std::io::Result<String> {
-        if let Some((s, h)) = self.map.get(p) {
-            if *s == stamp {
-                return Ok(h.clone());
-            }
+        if let Some(h) = self.known(p, stamp).and_then(|k| k.hash.clone()) {
+            return Ok(h);
         }
         let before = SystemTime::now();
         // At most one byte past the listed size: more means it changed anyway, and a file
         // that keeps growing is not chased.
         let h = hash_reader(open()?.take(stamp.size.saturating_add(1)))?;
         self.reads += 1;
-        self.remember(p, stamp, h.clone(), before);
+        self.remember(p, stamp, before, |k| k.hash = Some(h.clone()));
         Ok(h)
     }
 
-    /// Records `hash` for `p` (stamp `stamp`), read or written at `at`; a file changed within
-    /// [`RACY`] of that is not remembered.
-    fn remember(&mut self, p: &Path, stamp: Stamp, hash: String, at: SystemTime) {
+    fn xattrs_with(
+        &mut self,
+        p: &Path,
+        stamp: Stamp,
+        read: impl FnOnce() -> Result<Xattrs, XattrError>,
+    ) -> Result<Xattrs, XattrError> {
+        if let Some(x) = self.known(p, stamp).and_then(|k| k.xattrs.clone()) {
+            return Ok(x);
+        }
+        let before = SystemTime::now();
+        let x = read()?;
+        self.remember(p, stamp, before, |k| k.xattrs = Some(x.clone()));
+        Ok(x)
+    }
+
+    /// Records what `set` learnt of `p` (stamp `stamp`), read at `at`; a node changed within
+    /// [`RACY`] of that is not remembered (what is known already of the same stamp stays).
+    fn remember(&mut self, p: &Path, stamp: Stamp, at: SystemTime, set: impl FnOnce(&mut Known)) {
         let changed = SystemTime::UNIX_EPOCH
             + Duration::from_nanos(u64::try_from(stamp.ctime_ns.max(0)).unwrap_or(u64::MAX));
         if changed + RACY < at {
-            self.map.insert(p.to_path_buf(), (stamp, hash));
-        } else {
+            let slot = self
+                .map
+                .entry(p.to_path_buf())
+                .or_insert_with(|| (stamp, Known::default()));
+            if slot.0 != stamp {
+                *slot = (stamp, Known::default());
+            }
+            set(&mut slot.1);
+        } else if self.map.get(p).is_some_and(|(s, _)| *s != stamp) {
             self.map.remove(p);
         }
     }
@@ -155,8 +193,43 @@ impl HashCache {
     /// again after writing it.
     pub fn learn(&mut self, p: &Path, hash: String) -> std::io::Result<()> {
         let m = std::fs::symlink_metadata(p)?;
-        self.map.insert(p.to_path_buf(), (Stamp::of(&m), hash));
+        let known = Known {
+            hash: Some(hash),
+            xattrs: None,
+        };
+        self.map.insert(p.to_path_buf(), (Stamp::of(&m), known));
         Ok(())
+    }
+}
+
+/// What the walk asks of each node it lists.
+trait Look {
+    /// The content hash of a regular file.
+    fn hash(&mut self, f: &Found) -> std::io::Result<String>;
+    /// The carried extended attributes of any node.
+    fn xattrs(&mut self, f: &Found) -> Result<Xattrs, XattrError>;
+}
+
+impl Look for HashCache {
+    fn hash(&mut self, f: &Found) -> std::io::Result<String> {
+        self.hash_with(f.path, f.stamp, || f.open())
+    }
+
+    fn xattrs(&mut self, f: &Found) -> Result<Xattrs, XattrError> {
+        self.xattrs_with(f.path, f.stamp, || xattr::read_as(&f.at(), f.path))
+    }
+}
+
+/// A walk for the paths alone: no hash, no attributes.
+struct PathsOnly;
+
+impl Look for PathsOnly {
+    fn hash(&mut self, _: &Found) -> std::io::Result<String> {
+        Ok(String::new())
+    }
+
+    fn xattrs(&mut self, _: &Found) -> Result<Xattrs, XattrError> {
+        Ok(Xattrs::new())
     }
 }
 
@@ -241,8 +314,8 @@ impl Beneath {
     }
 }
 
-/// A regular file the walk met: where it is, its stamp, and the directory it is in (`dir`:
-/// the walk's descriptor of it, open while the walk is in that directory).
+/// A node the walk met: where it is, its stamp, and the directory it is in (`dir`: the
+/// walk's descriptor of it, open while the walk is in that directory).
 struct Found<'a> {
     path: &'a Path,
     stamp: Stamp,
@@ -264,26 +337,43 @@ impl Found<'_> {
         }
         Ok(f)
     }
+
+    /// A path naming the node itself through the walk's descriptor of its directory (for the
+    /// path-only calls there is no *at form of, such as the extended attribute ones; the
+    /// node's name is the last component and is not followed by them).
+    fn at(&self) -> PathBuf {
+        Path::new(&format!("/proc/self/fd/{}", self.dir)).join(self.name)
+    }
 }
 
 /// Lists `root` (paths relative to it, parents before children) with content hashes.
 pub fn manifest(root: &Beneath, cache: &mut HashCache) -> Result<Vec<Entry>, MigrateError> {
-    walk(root, &mut |f| cache.hash_found(f))
+    walk(root, cache)
 }
 
-/// Lists `root` like [`manifest`], hashing files with `hash_of`. Entries that change while
-/// they are listed are left out (the frozen final round lists everything as it is).
-fn walk(
-    root: &Beneath,
-    hash_of: &mut dyn FnMut(&Found) -> std::io::Result<String>,
-) -> Result<Vec<Entry>, MigrateError> {
+/// Lists `root` like [`manifest`], asking `look` for hashes and attributes. Entries that
+/// change while they are listed are left out (the frozen final round lists everything as it
+/// is).
+fn walk(root: &Beneath, look: &mut dyn Look) -> Result<Vec<Entry>, MigrateError> {
     let at = |rel: &Path, e: &dyn std::fmt::Display| {
         err(format!("{}: {e}", root.path().join(rel).display()))
     };
     let dev = nix::sys::stat::fstat(root.fd.as_raw_fd())
         .map_err(|e| at(Path::new(""), &e))?
         .st_dev;
-    let mut out = Vec::new();
+    let mut out: Vec<Entry> = Vec::new();
+    // Files with more than one name: where the first name met is in `out`, by inode.
+    let mut first_name: HashMap<u64, usize> = HashMap::new();
+    let push = |out: &mut Vec<Entry>, e: Entry| {
+        out.push(e);
+        if out.len() > MAX_ENTRIES {
+            return Err(err(format!(
+                "more than {MAX_ENTRIES} entries in {}",
+                root.path().display()
+            )));
+        }
+        Ok(())
+    };
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = match root.open_at(&rel, read_flags() | OFlag::O_DIRECTORY) {
@@ -312,22 +402,24 @@ fn walk(
             if st.st_dev != dev {
                 continue; // a mount inside the rootfs (bind mounts are restored as external mounts)
             }
-            let path = r.to_string_lossy().into_owned();
-            let entry = |kind: &str, size: u64, hash: String| Entry {
-                path,
-                kind: kind.into(),
-                mode: st.st_mode & 0o7777,
-                size,
-                hash,
-                uid: st.st_uid,
-                gid: st.st_gid,
+            let full = root.path().join(&r);
+            let found = Found {
+                path: &full,
+                stamp: Stamp::of_stat(&st),
+                dir: dfd,
+                name: &name,
             };
-            let entry = match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => {
-                    stack.push(r.clone());
-                    entry("d", 0, String::new())
-                }
-                libc::S_IFLNK => {
+            let kind = match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => "d",
+                libc::S_IFLNK => "l",
+                libc::S_IFREG => "f",
+                // A named pipe: only the node (a container's open end of it is restored by
+                // CRIU, which needs the node at its path).
+                libc::S_IFIFO => "p",
+                _ => continue, // device nodes and sockets are not copied
+            };
+            let (size, hash) = match kind {
+                "l" => {
                     let target = match nix::fcntl::readlinkat(Some(dfd), name.as_os_str()) {
                         Ok(t) => t,
                         // gone, or no longer a symlink
@@ -335,35 +427,49 @@ fn walk(
                         Err(e) => return Err(at(&r, &e)),
                     };
                     let t = target.to_string_lossy().into_owned();
-                    entry("l", t.len() as u64, hash_bytes(t.as_bytes()))
+                    (t.len() as u64, hash_bytes(t.as_bytes()))
                 }
-                libc::S_IFREG => {
-                    let found = Found {
-                        path: &root.path().join(&r),
-                        stamp: Stamp::of_stat(&st),
-                        dir: dfd,
-                        name: &name,
-                    };
-                    let hash = match hash_of(&found) {
-                        Ok(h) => h,
-                        // Changed since it was listed (the container runs during the first round).
-                        Err(e) if changed_since_listed(&e) => continue,
-                        Err(e) => return Err(at(&r, &e)),
-                    };
-                    entry("f", found.stamp.size, hash)
+                "f" if st.st_nlink > 1 && first_name.contains_key(&st.st_ino) => {
+                    // Another name of a file listed already: a hard link to it, not a copy.
+                    let first = &out[first_name[&st.st_ino]];
+                    let mut e = first.clone();
+                    e.link_of = Some(first.path.clone());
+                    e.path = r.to_string_lossy().into_owned();
+                    push(&mut out, e)?;
+                    continue;
                 }
-                // A named pipe: only the node (a container's open end of it is restored by
-                // CRIU, which needs the node at its path).
-                libc::S_IFIFO => entry("p", 0, String::new()),
-                _ => continue, // device nodes and sockets are not copied
+                "f" => match look.hash(&found) {
+                    Ok(h) => (found.stamp.size, h),
+                    // Changed since it was listed (the container runs during the first round).
+                    Err(e) if changed_since_listed(&e) => continue,
+                    Err(e) => return Err(at(&r, &e)),
+                },
+                _ => (0, String::new()),
             };
-            out.push(entry);
-            if out.len() > MAX_ENTRIES {
-                return Err(err(format!(
-                    "more than {MAX_ENTRIES} entries in {}",
-                    root.path().display()
-                )));
+            let xattrs = match look.xattrs(&found) {
+                Ok(x) => x,
+                Err(e) if e.io().is_some_and(changed_since_listed) => continue,
+                Err(e) => return Err(err(e)),
+            };
+            if kind == "d" {
+                stack.push(r.clone());
             }
+            let entry = Entry {
+                path: r.to_string_lossy().into_owned(),
+                kind: kind.into(),
+                mode: st.st_mode & 0o7777,
+                size,
+                hash,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                mtime: [st.st_mtime, st.st_mtime_nsec],
+                xattrs,
+                link_of: None,
+            };
+            if kind == "f" && st.st_nlink > 1 {
+                first_name.insert(st.st_ino, out.len());
+            }
+            push(&mut out, entry)?;
         }
     }
     Ok(out)
@@ -409,8 +515,12 @@ pub fn needed(
     entries: &[Entry],
     cache: &mut HashCache,
 ) -> Result<Vec<String>, MigrateError> {
+    let names = names_per_file(entries)?;
     let mut need = Vec::new();
     for e in entries {
+        if e.link_of.is_some() {
+            continue; // linked to its first name once the files are in (see `link_names`)
+        }
         let target = safe_target(root, &e.path)?;
         let local = std::fs::symlink_metadata(&target).ok();
         match e.kind.as_str() {
@@ -426,7 +536,7 @@ pub fn needed(
                     None => std::fs::create_dir(&target)
                         .map_err(|x| err(format!("{}: {x}", target.display())))?,
                 }
-                settle(&target, e, local.as_ref().filter(|m| m.is_dir()))?;
+                settle_local(&target, e, local.as_ref().filter(|m| m.is_dir()), cache)?;
             }
             "l" => {
                 let same = local.as_ref().is_some_and(|m| m.file_type().is_symlink())
@@ -436,19 +546,23 @@ pub fn needed(
                 if !same {
                     need.push(e.path.clone());
                 } else {
-                    settle(&target, e, local.as_ref())?;
+                    settle_local(&target, e, local.as_ref(), cache)?;
                 }
             }
             "f" => {
+                // A local file with more names than the source's has one too many: sharing
+                // its inode with a path that is not the same file there. Received afresh.
+                let names = names.get(e.path.as_str()).copied().unwrap_or(1);
                 let same = local.as_ref().is_some_and(|m| {
                     m.is_file()
+                        && m.nlink() <= names
                         && m.len() == e.size
                         && cache.hash(&target, m).map(|h| h == e.hash).unwrap_or(false)
                 });
                 if !same {
                     need.push(e.path.clone());
                 } else {
-                    settle(&target, e, local.as_ref())?;
+                    settle_local(&target, e, local.as_ref(), cache)?;
                 }
             }
             "p" => {
@@ -464,12 +578,84 @@ pub fn needed(
                     nix::unistd::mkfifo(&target, Mode::from_bits_truncate(0o600))
                         .map_err(|x| at(&x))?;
                 }
-                settle(&target, e, kept)?;
+                settle_local(&target, e, kept, cache)?;
             }
             other => return Err(err(format!("unknown entry kind {other:?}"))),
         }
     }
     Ok(need)
+}
+
+/// How many names each file of `entries` with hard links has (by its first name), after
+/// checking that every link names an earlier file that is no link itself.
+fn names_per_file(entries: &[Entry]) -> Result<HashMap<&str, u64>, MigrateError> {
+    let mut names: HashMap<&str, u64> = HashMap::new();
+    let mut files: HashSet<&str> = HashSet::new();
+    for e in entries {
+        match &e.link_of {
+            Some(first) if e.kind == "f" && files.contains(first.as_str()) => {
+                *names.entry(first.as_str()).or_insert(1) += 1;
+            }
+            Some(first) => {
+                return Err(err(format!(
+                    "{:?} is listed as a link to {first:?}, which is no file listed before it",
+                    e.path
+                )))
+            }
+            None if e.kind == "f" => {
+                files.insert(e.path.as_str());
+            }
+            None => {}
+        }
+    }
+    Ok(names)
+}
+
+/// Makes each hard link of `entries` a name of its first name's file, once a round's files
+/// are in. A first name missing in a live round (changed while listed, it was not sent) is
+/// left for the next; in the final round it is an error.
+pub fn link_names(root: &Path, entries: &[Entry], final_sync: bool) -> Result<(), MigrateError> {
+    for e in entries {
+        let Some(first) = &e.link_of else { continue };
+        let (from, target) = (safe_target(root, first)?, safe_target(root, &e.path)?);
+        let at = |p: &Path, x: &dyn std::fmt::Display| err(format!("{}: {x}", p.display()));
+        let file = match std::fs::symlink_metadata(&from) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) | Err(_) if !final_sync => continue,
+            Ok(_) => return Err(at(&from, &"not a regular file")),
+            Err(x) => return Err(at(&from, &x)),
+        };
+        let local = std::fs::symlink_metadata(&target).ok();
+        if local
+            .as_ref()
+            .is_some_and(|m| m.dev() == file.dev() && m.ino() == file.ino())
+        {
+            continue;
+        }
+        let (_, tmp) = staging_path(root, e)?;
+        std::fs::hard_link(&from, &tmp).map_err(|x| at(&tmp, &x))?;
+        if local.is_some_and(|m| m.is_dir()) {
+            remove_local_tree(&target)?;
+        }
+        std::fs::rename(&tmp, &target).map_err(|x| at(&target, &x))?;
+    }
+    Ok(())
+}
+
+/// [`settle`]s this side's node at `target`, whose metadata is `m` (None: made just now).
+fn settle_local(
+    target: &Path,
+    e: &Entry,
+    m: Option<&Metadata>,
+    cache: &mut HashCache,
+) -> Result<(), MigrateError> {
+    match m {
+        Some(m) => {
+            let x = cache.xattrs(target, m).map_err(err)?;
+            settle(target, e, Some((m, &x)))
+        }
+        None => settle(target, e, None),
+    }
 }
 
 /// Where a received file is written before it replaces `e.path` (same directory).
@@ -505,20 +691,71 @@ pub fn install(
     std::fs::rename(tmp, &target).map_err(|x| err(format!("{}: {x}", target.display())))
 }
 
-/// Gives `p` (a symlink itself, not what it points to) the owner and group of `e`, and,
-/// unless it is a symlink, its mode: after the owner, since a change of owner clears the
-/// set-user-ID and set-group-ID bits. Only what differs from `have`, its metadata (None: a
-/// node made just now, whose owner and mode are ferry's).
-fn settle(p: &Path, e: &Entry, have: Option<&Metadata>) -> Result<(), MigrateError> {
+/// Gives `p` (a symlink itself, not what it points to) the owner and group of `e`, unless it
+/// is a symlink its mode (after the owner, since a change of owner clears the set-user-ID
+/// and set-group-ID bits), its carried extended attributes (after both: a change of owner
+/// clears file capabilities, one of mode rewrites an access ACL) and its modification time.
+/// Only what differs from `have`, its metadata and attributes (None: a node made just now,
+/// whose owner and mode are ferry's).
+fn settle(p: &Path, e: &Entry, have: Option<(&Metadata, &Xattrs)>) -> Result<(), MigrateError> {
     let at = |x: &dyn std::fmt::Display| err(format!("{}: {x}", p.display()));
-    let new_owner = !have.is_some_and(|m| m.uid() == e.uid && m.gid() == e.gid);
+    let m = have.map(|h| h.0);
+    let new_owner = !m.is_some_and(|m| m.uid() == e.uid && m.gid() == e.gid);
     if new_owner {
         std::os::unix::fs::lchown(p, Some(e.uid), Some(e.gid)).map_err(|x| at(&x))?;
     }
-    let link = have.map_or(e.kind == "l", |m| m.file_type().is_symlink());
-    let new_mode = !have.is_some_and(|m| m.permissions().mode() & 0o7777 == e.mode);
+    let link = m.map_or(e.kind == "l", |m| m.file_type().is_symlink());
+    let new_mode = !m.is_some_and(|m| m.permissions().mode() & 0o7777 == e.mode);
     if !link && (new_owner || new_mode) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(e.mode)).map_err(|x| at(&x))?;
+    }
+    match have {
+        Some((_, x)) if !new_owner && !new_mode => {
+            if *x != e.xattrs {
+                xattr::apply(p, &e.xattrs, x).map_err(err)?;
+            }
+        }
+        _ => {
+            let now = xattr::read(p).map_err(err)?;
+            if now != e.xattrs {
+                xattr::apply(p, &e.xattrs, &now).map_err(err)?;
+            }
+        }
+    }
+    set_mtime(p, e, m)
+}
+
+/// Gives `p` (not what a symlink points to) the modification time of `e` if `have` differs.
+fn set_mtime(p: &Path, e: &Entry, have: Option<&Metadata>) -> Result<(), MigrateError> {
+    if have.is_some_and(|m| [m.mtime(), m.mtime_nsec()] == e.mtime) {
+        return Ok(());
+    }
+    let [s, ns] = e.mtime;
+    nix::sys::stat::utimensat(
+        None,
+        p,
+        &TimeSpec::UTIME_OMIT,
+        &TimeSpec::new(s, ns),
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|x| {
+        err(format!(
+            "{}: setting its modification time: {x}",
+            p.display()
+        ))
+    })
+}
+
+/// Gives the directories of `entries` their modification times back once a round's files
+/// have been written into them and extras deleted (each of which moved it).
+pub fn settle_dirs(root: &Path, entries: &[Entry]) -> Result<(), MigrateError> {
+    for e in entries.iter().filter(|e| e.kind == "d") {
+        let p = safe_target(root, &e.path)?;
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => set_mtime(&p, e, Some(&m))?,
+            // Replaced by a file of the same name in this round (never, but not worth failing)
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -531,7 +768,7 @@ fn remove_local_tree(p: &Path) -> Result<(), MigrateError> {
 pub fn delete_extra(root: &Path, entries: &[Entry]) -> Result<Vec<String>, MigrateError> {
     let keep: BTreeSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     // Only the paths matter here: nothing is hashed.
-    let local = walk(&Beneath::open(root)?, &mut |_| Ok(String::new()))?;
+    let local = walk(&Beneath::open(root)?, &mut PathsOnly)?;
     let mut gone = Vec::new();
     // Deepest first, so a directory is empty by the time it is considered.
     let mut extra: Vec<&Entry> = local
@@ -616,12 +853,10 @@ mod tests {
         let mut cache = HashCache::default();
         // ctime cannot be set back: remember `old` as if hashed an hour later than it moved.
         let m = std::fs::symlink_metadata(&old).unwrap();
-        cache.remember(
-            &old,
-            Stamp::of(&m),
-            hash_file(&old).unwrap(),
-            SystemTime::now() + RACY * 2,
-        );
+        let h = hash_file(&old).unwrap();
+        cache.remember(&old, Stamp::of(&m), SystemTime::now() + RACY * 2, |k| {
+            k.hash = Some(h)
+        });
         let h1 = manifest(&Beneath::open(dir.path()).unwrap(), &mut cache).unwrap();
         assert_eq!(cache.reads, 1, "only the racy file is read");
         let h2 = manifest(&Beneath::open(dir.path()).unwrap(), &mut cache).unwrap();
@@ -673,25 +908,41 @@ mod tests {
                 .unwrap();
             std::os::unix::fs::symlink(to, p).unwrap();
         };
-        let mut cache = HashCache::default();
-        let mut opened = Vec::new();
-        let entries = walk(&Beneath::open(r).unwrap(), &mut |f| {
-            let name = f.path.file_name().unwrap().to_str().unwrap().to_string();
-            match name.as_str() {
-                // listed as a directory, then replaced before it is read
-                "bfile" => swap_for_link(&r.join("adir"), host.path()),
-                // listed as a file, replaced before it is opened
-                "cfile" => swap_for_link(&r.join("cfile"), &host.path().join("secret")),
-                "dfile" => {
-                    std::fs::remove_file(r.join("dfile")).unwrap();
-                    mkfifo(&r.join("dfile"));
-                }
-                _ => {}
+        /// Swaps nodes as the walk asks for each file's hash, then hashes it.
+        struct Swapping<'a> {
+            cache: HashCache,
+            opened: Vec<String>,
+            swap: &'a dyn Fn(&str),
+        }
+        impl Look for Swapping<'_> {
+            fn hash(&mut self, f: &Found) -> std::io::Result<String> {
+                let name = f.path.file_name().unwrap().to_str().unwrap().to_string();
+                (self.swap)(&name);
+                self.opened.push(name);
+                Look::hash(&mut self.cache, f)
             }
-            opened.push(name);
-            cache.hash_found(f)
-        })
-        .unwrap();
+            fn xattrs(&mut self, f: &Found) -> Result<Xattrs, XattrError> {
+                Look::xattrs(&mut self.cache, f)
+            }
+        }
+        let swap = |name: &str| match name {
+            // listed as a directory, then replaced before it is read
+            "bfile" => swap_for_link(&r.join("adir"), host.path()),
+            // listed as a file, replaced before it is opened
+            "cfile" => swap_for_link(&r.join("cfile"), &host.path().join("secret")),
+            "dfile" => {
+                std::fs::remove_file(r.join("dfile")).unwrap();
+                mkfifo(&r.join("dfile"));
+            }
+            _ => {}
+        };
+        let mut look = Swapping {
+            cache: HashCache::default(),
+            opened: Vec::new(),
+            swap: &swap,
+        };
+        let entries = walk(&Beneath::open(r).unwrap(), &mut look).unwrap();
+        let (cache, opened) = (look.cache, look.opened);
         let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["adir", "bfile", "efile"], "{entries:?}");
         assert_eq!(opened, ["bfile", "cfile", "dfile", "efile"]);
@@ -820,6 +1071,189 @@ mod tests {
             }
         }
         assert!(needed(d, &m, &mut cache).unwrap().is_empty());
+    }
+
+    /// One sync round from `s` to `d` as the two sides run it, the file data copied here.
+    /// Returns what the destination asked for.
+    fn sync_round(
+        s: &Path,
+        d: &Path,
+        caches: &mut (HashCache, HashCache),
+        last: bool,
+    ) -> Vec<String> {
+        let m = manifest(&Beneath::open(s).unwrap(), &mut caches.0).unwrap();
+        let need = needed(d, &m, &mut caches.1).unwrap();
+        let idx = index(&m);
+        for p in &need {
+            let e = idx[p.as_str()];
+            let (_, tmp) = staging_path(d, e).unwrap();
+            if e.kind == "l" {
+                let t = std::fs::read_link(s.join(p)).unwrap();
+                install(d, e, &tmp, Some(t.to_str().unwrap())).unwrap();
+            } else {
+                std::fs::copy(s.join(p), &tmp).unwrap();
+                install(d, e, &tmp, None).unwrap();
+            }
+        }
+        if last {
+            delete_extra(d, &m).unwrap();
+        }
+        link_names(d, &m, last).unwrap();
+        settle_dirs(d, &m).unwrap();
+        need
+    }
+
+    fn ino(p: &Path) -> (u64, u64) {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.ino(), m.nlink())
+    }
+
+    /// A file's further names arrive as hard links to it, not copies, and follow the source
+    /// when links are made or broken between rounds.
+    #[test]
+    fn hard_links_arrive_as_links() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (s, d) = (src.path(), dst.path());
+        std::fs::create_dir(s.join("dir")).unwrap();
+        std::fs::write(s.join("a"), b"shared").unwrap();
+        std::fs::hard_link(s.join("a"), s.join("dir/b")).unwrap();
+        std::fs::write(s.join("c"), b"shared").unwrap();
+        let mut caches = Default::default();
+        assert_eq!(sync_round(s, d, &mut caches, false), ["a", "c"]);
+        assert_eq!(ino(&d.join("a")), ino(&d.join("dir/b")));
+        assert_eq!(ino(&d.join("a")).1, 2);
+        assert_eq!(ino(&d.join("c")).1, 1);
+        assert_eq!(std::fs::read(d.join("dir/b")).unwrap(), b"shared");
+
+        // Between rounds the source breaks one link and makes another.
+        std::fs::remove_file(s.join("dir/b")).unwrap();
+        std::fs::write(s.join("dir/b"), b"shared").unwrap();
+        std::fs::remove_file(s.join("c")).unwrap();
+        std::fs::hard_link(s.join("a"), s.join("c")).unwrap();
+        let need = sync_round(s, d, &mut caches, true);
+        // dir/b, still a name of a's inode here, is received afresh; c becomes one.
+        assert_eq!(need, ["dir/b"]);
+        assert_eq!(ino(&d.join("a")), ino(&d.join("c")));
+        assert_eq!(ino(&d.join("a")).1, 2);
+        assert_eq!(ino(&d.join("dir/b")).1, 1);
+        assert!(sync_round(s, d, &mut caches, true).is_empty());
+    }
+
+    /// A link to a path that is no file listed before it is refused.
+    #[test]
+    fn links_to_nothing_listed_are_refused() {
+        let dst = tempfile::tempdir().unwrap();
+        let entry = |path: &str, kind: &str, link_of: Option<&str>| Entry {
+            path: path.into(),
+            kind: kind.into(),
+            mode: 0o644,
+            size: 0,
+            hash: String::new(),
+            uid: 0,
+            gid: 0,
+            mtime: [0, 0],
+            xattrs: Xattrs::new(),
+            link_of: link_of.map(Into::into),
+        };
+        for m in [
+            vec![entry("b", "f", Some("a"))],
+            vec![entry("b", "f", Some("a")), entry("a", "f", None)],
+            vec![entry("a", "d", None), entry("b", "f", Some("a"))],
+            vec![
+                entry("a", "f", None),
+                entry("b", "f", Some("a")),
+                entry("c", "f", Some("b")),
+            ],
+        ] {
+            let e = needed(dst.path(), &m, &mut HashCache::default()).unwrap_err();
+            assert!(e.to_string().contains("no file listed before it"), "{e}");
+        }
+    }
+
+    /// Modification times arrive for files, symlinks, pipes and directories (these after the
+    /// round's files went into them).
+    #[test]
+    fn times_arrive() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (s, d) = (src.path(), dst.path());
+        std::fs::create_dir(s.join("dir")).unwrap();
+        std::fs::write(s.join("dir/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", s.join("dir/l")).unwrap();
+        mkfifo(&s.join("dir/p"));
+        let when = |p: &str, secs: i64| {
+            nix::sys::stat::utimensat(
+                None,
+                &s.join(p),
+                &TimeSpec::UTIME_OMIT,
+                &TimeSpec::new(secs, 123),
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap()
+        };
+        for (i, p) in ["dir/f", "dir/l", "dir/p", "dir"].iter().enumerate() {
+            when(p, 981_173_106 + i as i64);
+        }
+        let mtime = |p: &str| {
+            let m = std::fs::symlink_metadata(d.join(p)).unwrap();
+            (m.mtime(), m.mtime_nsec())
+        };
+        let mut caches = Default::default();
+        sync_round(s, d, &mut caches, false);
+        for (i, p) in ["dir/f", "dir/l", "dir/p", "dir"].iter().enumerate() {
+            assert_eq!(mtime(p), (981_173_106 + i as i64, 123), "{p}");
+        }
+        // Only the time changes: nothing is sent, the time follows.
+        when("dir/f", 1_000_000_000);
+        assert!(sync_round(s, d, &mut caches, true).is_empty());
+        assert_eq!(mtime("dir/f"), (1_000_000_000, 123));
+        assert_eq!(mtime("dir"), (981_173_109, 123));
+    }
+
+    /// Carried extended attributes arrive, follow changes and removals, and a file's
+    /// capabilities survive the change of owner that would clear them.
+    #[test]
+    fn xattrs_arrive() {
+        let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (s, d) = (src.path(), dst.path());
+        std::fs::write(s.join("f"), b"x").unwrap();
+        std::fs::create_dir(s.join("dir")).unwrap();
+        let set = |p: &Path, n: &str, v: &[u8]| xattr::tests::set(p, n, v);
+        if let Err(e) = set(&s.join("f"), "user.a", b"1") {
+            eprintln!("skipping: no user xattrs in {}: {e}", s.display());
+            return;
+        }
+        set(&s.join("dir"), "user.d", b"dir").unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        if root {
+            // cap_net_raw+ep (VFS_CAP_REVISION_2)
+            let mut cap = vec![0u8; 20];
+            cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+            cap[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+            set(&s.join("f"), "security.capability", &cap).unwrap();
+            std::os::unix::fs::lchown(s.join("f"), Some(1000), Some(1000)).unwrap();
+            set(&s.join("f"), "security.capability", &cap).unwrap();
+        }
+        let mut caches = Default::default();
+        sync_round(s, d, &mut caches, false);
+        let want = xattr::read(&s.join("f")).unwrap();
+        assert_eq!(want.contains_key("security.capability"), root);
+        assert_eq!(xattr::read(&d.join("f")).unwrap(), want);
+        assert_eq!(
+            xattr::read(&d.join("dir")).unwrap(),
+            xattr::read(&s.join("dir")).unwrap()
+        );
+        // Changed and removed between rounds: the content is not sent again.
+        set(&s.join("f"), "user.b", b"2").unwrap();
+        let c = std::ffi::CString::new(s.join("dir").as_os_str().as_bytes()).unwrap();
+        // SAFETY: NUL-terminated path and name.
+        let removed = unsafe { libc::lremovexattr(c.as_ptr(), c"user.d".as_ptr()) };
+        assert_eq!(removed, 0);
+        assert!(sync_round(s, d, &mut caches, true).is_empty());
+        assert_eq!(
+            xattr::read(&d.join("f")).unwrap(),
+            xattr::read(&s.join("f")).unwrap()
+        );
+        assert!(xattr::read(&d.join("dir")).unwrap().is_empty());
     }
 
     #[test]

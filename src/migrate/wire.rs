@@ -8,7 +8,8 @@
 //! Protocol version 4 — the message sequence (S = source, `ferry migrate`; D = destination,
 //! `ferry serve`). Version 1 carried one network interface's facts at the top of `net`; 2
 //! carries a list, `net.ifaces`; 3 adds `room` to PageServerReady; 4 splits Need into
-//! frames (`last` on the final one), so a rootfs of many files no longer overflows one.
+//! frames (`last` on the final one), so a rootfs of many files no longer overflows one, and
+//! gives manifest entries their `mtime`, `xattrs` and `link_of`.
 //!
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
@@ -292,12 +293,23 @@ pub struct Entry {
     pub uid: u32,
     #[serde(default)]
     pub gid: u32,
+    /// Modification time: seconds and nanoseconds since the epoch.
+    pub mtime: [i64; 2],
+    /// Carried extended attributes (see [`super::xattr`]): name → hex of the value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    /// A file's other name: the path of an earlier entry (a file, itself no link) whose
+    /// inode this path shares; the rest of this entry repeats that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_of: Option<String>,
 }
 
 impl Entry {
     /// About how many bytes this entry takes in a Manifest frame (for [`batches`]).
     pub fn wire_size(&self) -> usize {
-        self.path.len() + self.hash.len() + 160
+        let xattrs: usize = self.xattrs.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+        let link = self.link_of.as_ref().map_or(0, String::len);
+        self.path.len() + self.hash.len() + xattrs + link + 160
     }
 }
 
@@ -624,6 +636,9 @@ mod tests {
                 hash: "h".into(),
                 uid: 999,
                 gid: 998,
+                mtime: [981_173_106, 5],
+                xattrs: [("security.capability".to_string(), "0100".to_string())].into(),
+                link_of: Some("bin/busybox".into()),
             }],
             last: true,
         }));
