@@ -117,6 +117,8 @@ pub struct HashCache {
     map: HashMap<PathBuf, (Stamp, Known)>,
     /// Files read to hash them (for tests and logs).
     pub reads: u64,
+    /// Nodes whose extended attributes were listed (for tests).
+    pub listed: u64,
 }
 
 impl HashCache {
@@ -165,6 +167,7 @@ impl HashCache {
         }
         let before = SystemTime::now();
         let x = read()?;
+        self.listed += 1;
         self.remember(p, stamp, before, |k| k.xattrs = Some(x.clone()));
         Ok(x)
     }
@@ -1137,6 +1140,32 @@ mod tests {
         assert_eq!(ino(&d.join("a")).1, 2);
         assert_eq!(ino(&d.join("dir/b")).1, 1);
         assert!(sync_round(s, d, &mut caches, true).is_empty());
+    }
+
+    /// The frozen final round lists the attributes of changed nodes only.
+    #[test]
+    fn unchanged_nodes_are_not_listed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", d.join("sub/l")).unwrap();
+        let mut cache = HashCache::default();
+        // As if listed well after they last changed (ctime cannot be set back).
+        for p in ["sub", "sub/f", "sub/l"] {
+            let m = std::fs::symlink_metadata(d.join(p)).unwrap();
+            cache.remember(
+                &d.join(p),
+                Stamp::of(&m),
+                SystemTime::now() + RACY * 2,
+                |k| k.xattrs = Some(Xattrs::new()),
+            );
+        }
+        manifest(&Beneath::open(d).unwrap(), &mut cache).unwrap();
+        assert_eq!(cache.listed, 0);
+        std::fs::write(d.join("sub/f"), b"y").unwrap();
+        manifest(&Beneath::open(d).unwrap(), &mut cache).unwrap();
+        assert_eq!(cache.listed, 1, "only the changed file");
     }
 
     /// A link to a path that is no file listed before it is refused.
