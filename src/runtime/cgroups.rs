@@ -90,19 +90,31 @@ impl CgroupSet {
         Ok(set)
     }
 
+    /// Creates `dir` and its missing parents, remembering what it created. Restores running
+    /// side by side (two migrations into one `ferry serve`) may create a shared parent, such
+    /// as the `--cgroup-prefix` dir, at the same moment, or remove it as empty just before
+    /// this one creates a child in it: made by the other, it is used as it is (and left to
+    /// it); removed, it is made again.
     fn ensure(&mut self, dir: &Path) -> Result<(), RuntimeError> {
-        if dir.is_dir() {
-            return Ok(());
-        }
-        if let Some(parent) = dir.parent() {
-            if parent.as_os_str().len() > CGROUP_FS.len() {
-                self.ensure(parent)?;
+        for attempt in 0.. {
+            if dir.is_dir() {
+                return Ok(());
+            }
+            if let Some(parent) = dir.parent() {
+                if parent.as_os_str().len() > CGROUP_FS.len() {
+                    self.ensure(parent)?;
+                }
+                enable_controllers(parent);
+            }
+            match std::fs::create_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {
+                    return Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 3 => continue,
+                Err(e) => return Err(io_err("create cgroup", dir)(e)),
             }
         }
-        if let Some(parent) = dir.parent() {
-            enable_controllers(parent);
-        }
-        std::fs::create_dir(dir).map_err(io_err("create cgroup", dir))?;
         self.created.push(dir.to_path_buf());
         // A new cgroup v1 cpuset has no cpus/mems: copy the parent's, as runc does.
         if dir.to_string_lossy().contains("/cpuset") {
@@ -994,6 +1006,35 @@ pub fn renamed_paths(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two restores making the same parent at once (the `--cgroup-prefix` dir of two
+    /// migrations into one serve) both succeed; only the one that made a dir owns it.
+    #[test]
+    fn concurrent_creators_of_one_parent_both_succeed() {
+        let root = tempfile::tempdir().unwrap();
+        for i in 0..200 {
+            let shared = root.path().join(format!("prefix-{i}"));
+            let made: Vec<Vec<PathBuf>> = std::thread::scope(|s| {
+                let hs: Vec<_> = ["a", "b"]
+                    .iter()
+                    .map(|c| {
+                        let dir = shared.join(c);
+                        s.spawn(move || {
+                            let mut set = CgroupSet::default();
+                            set.ensure(&dir).unwrap();
+                            set.created
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let owners = made.iter().filter(|c| c.contains(&shared)).count();
+            assert_eq!(owners, 1, "{made:?}");
+            assert!(made
+                .iter()
+                .all(|c| c.last().is_some_and(|d| d.parent() == Some(&shared))));
+        }
+    }
 
     #[test]
     fn limits_the_cgroups_here_cannot_take_are_found_before_the_restore() {
