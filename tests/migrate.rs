@@ -2109,3 +2109,49 @@ fn a_rootfs_listing_larger_than_one_frame_migrates() {
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
+
+/// A server listening on a Unix socket in the rootfs (a database's, say), in both modes:
+/// ferry's sync does not copy socket nodes, CRIU binds the socket again on the destination,
+/// and a new client there is served as one was on the source.
+#[test]
+fn a_unix_socket_server_in_the_rootfs_keeps_serving() {
+    if !require_two_hosts() {
+        return;
+    }
+    for mode in ["stop-copy", "post-copy"] {
+        let th = TwoHosts::new(&format!("munix{}", &mode[..4]));
+        let script = "mkdir -p /srv; /bin/netserver 7000 /data/netlog /srv/sock & \
+                      i=0; while true; do i=$((i+1)); echo $i >> /data/counter; sleep 0.05; done";
+        let w = start_counter_shaped(&th, "", |b| {
+            b.with_binary(&common::net::netserver_bin(), "netserver")
+                .args(&["sh", "-c", script])
+        });
+        let ask = |root: &Path| {
+            let p = root.join("srv/sock");
+            let mut s = std::os::unix::net::UnixStream::connect(&p)
+                .unwrap_or_else(|e| panic!("connect {}: {e}", p.display()));
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"c 1\n").unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"s 1\n");
+        };
+        // The server binds once the container runs; the client is gone before the dump (a
+        // connection from outside the container is not the container's to move).
+        let sock = w.bundle.join("rootfs/srv/sock");
+        wait_for(slow(T), "the unix socket", || sock.exists());
+        let log = w.data.join("netlog");
+        let before = common::net::server_log(&log).len();
+        ask(&w.bundle.join("rootfs"));
+        wait_for(slow(T), "the client gone", || {
+            let l = common::net::server_log(&log);
+            l.len() >= before + 2 && l.last().is_some_and(|e| e.1 == 0 && e.2 == 0)
+        });
+        let serve = th.serve(&[]);
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+        assert_counter_migrated(&th, &w, &out, Some(mode), 20);
+        ask(&th.dst_bundle(&w.id).join("rootfs"));
+        th.dst_runc().kill_and_delete(&w.id);
+        th.finish();
+    }
+}

@@ -1,9 +1,10 @@
 /*
- * netserver PORT LOGFILE — the network workload of tests/net.rs.
+ * netserver PORT LOGFILE [UNIXPATH] — the network workload of tests/net.rs.
  *
  * TCP on PORT (IPv4, and IPv6 where the kernel has it): every client sends lines "c <n>\n" with n = 1, 2, 3, ...; the server checks
  * that each connection's sequence has no gap or repeat, and sends its own lines "s <k>\n"
  * (k = 1, 2, 3, ... per connection) every 20 ms. UDP on PORT: every datagram is echoed.
+ * With UNIXPATH, a Unix stream socket bound there takes connections as the TCP one does.
  * Every 100 ms it appends "<tick> conns=<open connections> bad=<sequence errors> udp=<n>\n"
  * to LOGFILE, so a test sees whether the connection count ever dropped.
  */
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -37,8 +39,8 @@ static long now_ms(void)
 
 int main(int argc, char **argv)
 {
-	if (argc != 3) {
-		fprintf(stderr, "usage: netserver PORT LOGFILE\n");
+	if (argc != 3 && argc != 4) {
+		fprintf(stderr, "usage: netserver PORT LOGFILE [UNIXPATH]\n");
 		return 2;
 	}
 	int port = atoi(argv[1]);
@@ -73,21 +75,34 @@ int main(int argc, char **argv)
 		return 1;
 	}
 
+	int unfd = -1;
+	if (argc == 4) {
+		struct sockaddr_un un = { .sun_family = AF_UNIX };
+		snprintf(un.sun_path, sizeof(un.sun_path), "%s", argv[3]);
+		unlink(argv[3]);
+		unfd = socket(AF_UNIX, SOCK_STREAM, 0);
+		if (bind(unfd, (struct sockaddr *)&un, sizeof(un)) || listen(unfd, 16)) {
+			perror("unix");
+			return 1;
+		}
+	}
+
 	struct conn c[MAXC];
 	int n = 0;
 	long bad = 0, udp = 0, tick = 0;
 	long next_log = now_ms(), next_send = now_ms();
 	for (;;) {
-		struct pollfd p[MAXC + 3];
+		struct pollfd p[MAXC + 4];
 		p[0] = (struct pollfd){ .fd = lfd, .events = POLLIN };
 		p[1] = (struct pollfd){ .fd = ufd, .events = POLLIN };
 		p[2] = (struct pollfd){ .fd = l6fd, .events = POLLIN }; /* ignored if -1 */
+		p[3] = (struct pollfd){ .fd = unfd, .events = POLLIN }; /* ignored if -1 */
 		for (int i = 0; i < n; i++)
-			p[i + 3] = (struct pollfd){ .fd = c[i].fd, .events = POLLIN };
-		poll(p, n + 3, 10);
+			p[i + 4] = (struct pollfd){ .fd = c[i].fd, .events = POLLIN };
+		poll(p, n + 4, 10);
 		int polled = n; /* connections accepted below have no pollfd yet */
-		for (int l = 0; l < 3; l += 2) {
-			if (!(p[l].revents & POLLIN) || n >= MAXC)
+		for (int l = 0; l < 4; l++) {
+			if (l == 1 || !(p[l].revents & POLLIN) || n >= MAXC)
 				continue;
 			int fd = accept(p[l].fd, NULL, NULL);
 			if (fd >= 0) {
@@ -107,7 +122,7 @@ int main(int argc, char **argv)
 			}
 		}
 		for (int i = 0; i < polled; i++) {
-			if (!(p[i + 3].revents & (POLLIN | POLLHUP | POLLERR)))
+			if (!(p[i + 4].revents & (POLLIN | POLLHUP | POLLERR)))
 				continue;
 			ssize_t r = read(c[i].fd, c[i].buf + c[i].len, sizeof(c[i].buf) - 1 - c[i].len);
 			if (r == 0 || (r < 0 && errno != EAGAIN)) {
