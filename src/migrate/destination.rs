@@ -20,13 +20,12 @@ use std::sync::mpsc::{sync_channel, Receiver as ChanReceiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-use super::auth::{hex, random_hex, Token};
+use super::auth::{random_hex, Token};
 use super::link::{self, Link};
 use super::pages::PageSink;
 use super::rootfs::{
-    check_rel, delete_extra, install, link_names, needed, settle_dirs, staging_path, HashCache,
+    check_rel, delete_extra, install, link_names, needed, settle_dirs, staging_path, BlockHasher,
+    HashCache,
 };
 use super::source::{tune, Ctl};
 use super::tls::TlsServer;
@@ -1125,7 +1124,7 @@ impl<'a> Receiver<'a> {
         } else {
             // Hashed as it arrives: the cache learns what was written, not what the manifest
             // said (the source's file may have changed in between).
-            let mut digest = Sha256::new();
+            let mut digest = BlockHasher::default();
             super::source::receive_file(
                 &mut self.ctl,
                 &f,
@@ -1137,7 +1136,7 @@ impl<'a> Receiver<'a> {
             install(&rootfs, &e, &tmp, None)?;
             let target = super::rootfs::safe_target(&rootfs, &e.path)?;
             self.hashes
-                .learn(&target, hex(&digest.finalize()))
+                .learn(&target, digest.finish())
                 .map_err(|x| MigrateError::Rootfs(format!("{}: {x}", target.display())))
         }
     }
@@ -1175,7 +1174,8 @@ impl<'a> Receiver<'a> {
         let sizes: HashMap<&str, u64> = entries
             .iter()
             .filter(|e| e.kind == "f")
-            .map(|e| (e.path.as_str(), e.size))
+            // What the file takes on disk: a sparse file's holes stay holes here.
+            .map(|e| (e.path.as_str(), e.blocks.min(e.size)))
             .collect();
         let bytes = need
             .iter()

@@ -4,7 +4,8 @@
 //! crossing into another filesystem or mount) with each node's owner, mode, modification
 //! time and carried extended attributes ([`super::xattr`]), a file's further names as links
 //! to its first; the destination answers which files and symlinks differ from its copy,
-//! settles the metadata of the rest itself, and the source sends those. The final round,
+//! settles the metadata of the rest itself, and the source sends those (a file's holes as
+//! holes, see [`BlockHasher`] for how they are hashed unread). The final round,
 //! during the freeze, also deletes on the destination what the source no longer has.
 //! Paths from the peer are relative, checked component by component, and never written
 //! through a symlink.
@@ -17,7 +18,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::Metadata;
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -42,26 +42,148 @@ fn err(what: impl std::fmt::Display) -> MigrateError {
     MigrateError::Rootfs(what.to_string())
 }
 
-/// sha256 of a file's content.
+/// Content hash of the file at `p`.
 pub fn hash_file(p: &Path) -> std::io::Result<String> {
-    hash_reader(std::fs::File::open(p)?)
+    let f = std::fs::File::open(p)?;
+    let len = f.metadata()?.len();
+    hash_runs(&f, len)
 }
 
-fn hash_reader(mut f: impl Read) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+/// Bytes of a content-hash block.
+const BLOCK: u64 = 1 << 20;
+
+/// A file's content hash: sha256 over the sha256 of each 1 MiB block, then the length. A
+/// block of zeros has a known digest, so a file's holes (and zeros arriving as holes) are
+/// hashed without reading or hashing them; the hash depends on the content only, not on
+/// where the filesystem keeps holes.
+pub struct BlockHasher {
+    outer: Sha256,
+    block: Sha256,
+    fill: u64,
+    len: u64,
+}
+
+/// The digest of a block of zeros.
+fn zero_block() -> &'static [u8] {
+    static Z: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    Z.get_or_init(|| {
+        let mut h = Sha256::new();
+        h.update(vec![0u8; BLOCK as usize]);
+        h.finalize().to_vec()
+    })
+}
+
+impl Default for BlockHasher {
+    fn default() -> Self {
+        BlockHasher {
+            outer: Sha256::new(),
+            block: Sha256::new(),
+            fill: 0,
+            len: 0,
         }
-        h.update(&buf[..n]);
     }
-    Ok(hex(&h.finalize()))
+}
+
+impl BlockHasher {
+    pub fn update(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            let n = b.len().min((BLOCK - self.fill) as usize);
+            self.block.update(&b[..n]);
+            self.advance(n as u64);
+            b = &b[n..];
+        }
+    }
+
+    /// `n` bytes of zeros.
+    pub fn zeros(&mut self, mut n: u64) {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        while n > 0 {
+            if self.fill == 0 && n >= BLOCK {
+                self.outer.update(zero_block());
+                self.len += BLOCK;
+                n -= BLOCK;
+                continue;
+            }
+            let k = n.min(BLOCK - self.fill).min(ZEROS.len() as u64);
+            self.block.update(&ZEROS[..k as usize]);
+            self.advance(k);
+            n -= k;
+        }
+    }
+
+    fn advance(&mut self, n: u64) {
+        self.fill += n;
+        self.len += n;
+        if self.fill == BLOCK {
+            let done = std::mem::replace(&mut self.block, Sha256::new()).finalize();
+            self.outer.update(done);
+            self.fill = 0;
+        }
+    }
+
+    pub fn finish(mut self) -> String {
+        if self.fill > 0 {
+            let done = self.block.finalize();
+            self.outer.update(done);
+        }
+        self.outer.update(self.len.to_le_bytes());
+        hex(&self.outer.finalize())
+    }
+}
+
+/// The run of `f` that starts at `pos` (before `end`): its length, and whether it is a hole
+/// (reads as zeros, has no blocks). A filesystem that cannot tell has no holes.
+pub fn next_run(f: &std::fs::File, pos: u64, end: u64) -> std::io::Result<(u64, bool)> {
+    use nix::unistd::{lseek, Whence};
+    let at = i64::try_from(pos).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let rest = end - pos;
+    let data = match lseek(f.as_raw_fd(), at, Whence::SeekData) {
+        Ok(d) => d as u64,
+        // No data from `pos` to the end of the file.
+        Err(nix::errno::Errno::ENXIO) => return Ok((rest, true)),
+        Err(_) => return Ok((rest, false)),
+    };
+    if data > pos {
+        return Ok(((data - pos).min(rest), true));
+    }
+    match lseek(f.as_raw_fd(), at, Whence::SeekHole) {
+        Ok(h) if h as u64 > pos => Ok(((h as u64 - pos).min(rest), false)),
+        _ => Ok((rest, false)),
+    }
+}
+
+/// Content hash of the first `len` bytes of `f` (fewer if it is shorter), reading its data
+/// runs only.
+fn hash_runs(f: &std::fs::File, len: u64) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = BlockHasher::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pos = 0;
+    'runs: while pos < len {
+        let (n, hole) = next_run(f, pos, len)?;
+        if hole {
+            h.zeros(n);
+            pos += n;
+            continue;
+        }
+        let end = pos + n;
+        while pos < end {
+            let want = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+            let got = f.read_at(&mut buf[..want], pos)?;
+            if got == 0 {
+                break 'runs; // shorter than it was
+            }
+            h.update(&buf[..got]);
+            pos += got as u64;
+        }
+    }
+    Ok(h.finish())
 }
 
 fn hash_bytes(b: &[u8]) -> String {
-    hex(&Sha256::digest(b))
+    let mut h = BlockHasher::default();
+    h.update(b);
+    h.finish()
 }
 
 /// What identifies a file's content without reading it.
@@ -150,7 +272,9 @@ impl HashCache {
         let before = SystemTime::now();
         // At most one byte past the listed size: more means it changed anyway, and a file
         // that keeps growing is not chased.
-        let h = hash_reader(open()?.take(stamp.size.saturating_add(1)))?;
+        let f = open()?;
+        let len = f.metadata()?.len().min(stamp.size.saturating_add(1));
+        let h = hash_runs(&f, len)?;
         self.reads += 1;
         self.remember(p, stamp, before, |k| k.hash = Some(h.clone()));
         Ok(h)
@@ -466,6 +590,11 @@ fn walk(root: &Beneath, look: &mut dyn Look) -> Result<Vec<Entry>, MigrateError>
                 uid: st.st_uid,
                 gid: st.st_gid,
                 mtime: [st.st_mtime, st.st_mtime_nsec],
+                blocks: if kind == "f" {
+                    size.min(u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512))
+                } else {
+                    0
+                },
                 xattrs,
                 link_of: None,
             };
@@ -800,6 +929,7 @@ pub fn index(entries: &[Entry]) -> BTreeMap<&str, &Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn sync_copies_differences_and_deletes_extras() {
@@ -1142,6 +1272,57 @@ mod tests {
         assert!(sync_round(s, d, &mut caches, true).is_empty());
     }
 
+    /// The block hash depends on the content only: zeros fed as zeros or as bytes, at any
+    /// alignment, and a sparse file read through its holes or written out densely.
+    #[test]
+    fn block_hashes_see_content_not_holes() {
+        let mut content = vec![0u8; 3 * BLOCK as usize + 12345];
+        content[BLOCK as usize + 7] = 1;
+        content[3 * BLOCK as usize + 100] = 2;
+        let plain = hash_bytes(&content);
+        for split in [
+            0,
+            5,
+            BLOCK as usize,
+            BLOCK as usize + 8,
+            3 * BLOCK as usize + 101,
+        ] {
+            let mut h = BlockHasher::default();
+            let (a, b) = content.split_at(split);
+            // the part before the split as zeros where it is zeros
+            let mut pos = 0;
+            while pos < a.len() {
+                let z = a[pos..].iter().take_while(|&&x| x == 0).count();
+                if z > 0 {
+                    h.zeros(z as u64);
+                    pos += z;
+                } else {
+                    h.update(&a[pos..pos + 1]);
+                    pos += 1;
+                }
+            }
+            h.update(b);
+            assert_eq!(h.finish(), plain, "split {split}");
+        }
+        assert_ne!(hash_bytes(&content[..content.len() - 1]), plain);
+        assert_ne!(hash_bytes(b""), hash_bytes(b"\0"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (sparse, dense) = (dir.path().join("sparse"), dir.path().join("dense"));
+        let f = std::fs::File::create(&sparse).unwrap();
+        f.set_len(content.len() as u64).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_at(&[1], BLOCK + 7).unwrap();
+        f.write_at(&[2], 3 * BLOCK + 100).unwrap();
+        drop(f);
+        std::fs::write(&dense, &content).unwrap();
+        assert_eq!(hash_file(&sparse).unwrap(), plain);
+        assert_eq!(hash_file(&dense).unwrap(), plain);
+        let f = std::fs::File::open(&sparse).unwrap();
+        let (n, hole) = next_run(&f, 0, content.len() as u64).unwrap();
+        assert!(hole && n > 0 && n <= BLOCK + 7, "({n}, {hole})");
+    }
+
     /// The frozen final round lists the attributes of changed nodes only.
     #[test]
     fn unchanged_nodes_are_not_listed_again() {
@@ -1181,6 +1362,7 @@ mod tests {
             uid: 0,
             gid: 0,
             mtime: [0, 0],
+            blocks: 0,
             xattrs: Xattrs::new(),
             link_of: link_of.map(Into::into),
         };

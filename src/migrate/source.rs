@@ -7,25 +7,24 @@
 //! restores; only when the destination reports the container running and adopted does the
 //! source let CRIU end its tasks. Any failure before that resumes the source untouched.
 
-use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
+use std::os::unix::fs::FileExt;
 
 use super::auth::Token;
 use super::link::{self, Link};
 use super::policy::{Policy, PolicyKind, RoundFacts, PAGE};
 use super::progress::{bytes_acked, Progress};
 use super::relay::{free_loopback_port, SourceRelay};
-use super::rootfs::{changed_since_listed, manifest, Beneath, HashCache};
+use super::rootfs::{changed_since_listed, manifest, Beneath, BlockHasher, HashCache};
 use super::tls::TlsClient;
 use super::wire::{
-    batches, check_peer, Entry, FileStart, Manifest, Msg, Prepare, RestoreMsg, Role, RoundDone,
-    SyncDone, Target, WireError, CHUNK, MAX_FRAME,
+    batches, check_peer, Entry, FileStart, Hole, Manifest, Msg, Prepare, RestoreMsg, Role,
+    RoundDone, SyncDone, Target, WireError, CHUNK, MAX_FRAME,
 };
 use super::MigrateError;
 use crate::criu::client::{run_pre_dump, Request};
@@ -279,7 +278,7 @@ fn send_file_as(
     target: Target,
     name: &str,
     path: &Path,
-    mut f: std::fs::File,
+    f: std::fs::File,
     mode: u32,
     changing: Changing,
 ) -> Result<u64, MigrateError> {
@@ -296,9 +295,22 @@ fn send_file_as(
     }))?;
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
+    // Holes go as Hole frames (the receiver seeks over them), data runs as chunks.
+    let (mut run_end, mut hole) = (0, false);
     while total < size {
-        let want = usize::try_from((size - total).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let mut n = f.read(&mut buf[..want]).map_err(io)?;
+        if total == run_end {
+            let (n, h) = super::rootfs::next_run(&f, total, size).map_err(io)?;
+            (run_end, hole) = (total + n, h);
+        }
+        if hole {
+            ctl.send(&Msg::Hole(Hole {
+                len: run_end - total,
+            }))?;
+            total = run_end;
+            continue;
+        }
+        let want = usize::try_from((run_end - total).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let mut n = f.read_at(&mut buf[..want], total).map_err(io)?;
         if n == 0 {
             if changing == Changing::Fails {
                 return Err(MigrateError::Rootfs(format!(
@@ -312,7 +324,7 @@ fn send_file_as(
         total += n as u64;
         ctl.send(&Msg::Chunk(buf[..n].to_vec()))?;
     }
-    if changing == Changing::Fails && f.read(&mut buf[..1]).map_err(io)? != 0 {
+    if changing == Changing::Fails && f.read_at(&mut buf[..1], size).map_err(io)? != 0 {
         return Err(MigrateError::Rootfs(format!(
             "{} grew while being sent",
             path.display()
@@ -984,7 +996,7 @@ pub(crate) fn receive_file(
     dest: &Path,
     cap: u64,
     longest: u64,
-    mut digest: Option<&mut Sha256>,
+    mut digest: Option<&mut BlockHasher>,
 ) -> Result<(), MigrateError> {
     if f.size > cap {
         return Err(MigrateError::Remote(format!(
@@ -1010,7 +1022,24 @@ pub(crate) fn receive_file(
                     d.update(&b);
                 }
             }
-            Msg::FileEnd => return Ok(()),
+            Msg::Hole(h) => {
+                got = got.saturating_add(h.len);
+                if got > longest {
+                    return Err(MigrateError::Remote(format!(
+                        "{} is longer than announced",
+                        f.path
+                    )));
+                }
+                let by = i64::try_from(h.len).map_err(|_| {
+                    MigrateError::Remote(format!("{}: a hole of {} bytes", f.path, h.len))
+                })?;
+                std::io::Seek::seek(&mut out, std::io::SeekFrom::Current(by)).map_err(io)?;
+                if let Some(d) = digest.as_deref_mut() {
+                    d.zeros(h.len);
+                }
+            }
+            // The length also counts a hole at the end, which nothing was written over.
+            Msg::FileEnd => return out.set_len(got).map_err(io),
             other => {
                 return Err(WireError::Unexpected {
                     got: other.kind(),

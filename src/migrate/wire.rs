@@ -9,7 +9,8 @@
 //! `ferry serve`). Version 1 carried one network interface's facts at the top of `net`; 2
 //! carries a list, `net.ifaces`; 3 adds `room` to PageServerReady; 4 splits Need into
 //! frames (`last` on the final one), so a rootfs of many files no longer overflows one, and
-//! gives manifest entries their `mtime`, `xattrs` and `link_of`.
+//! gives manifest entries their `mtime`, `xattrs`, `link_of` and `blocks`; a file's holes
+//! travel as Hole frames, and content hashes are [`crate::migrate::rootfs`]'s block hashes.
 //!
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
@@ -20,7 +21,7 @@
 //!                                          D→S Prepared{criu_version, features} | Error
 //! S→D File{cpuinfo} Chunk* FileEnd         (CPUINFO_CHECK on D)  D→S Ok | Error
 //! S→D Manifest{entries, last}*             D→S Need{paths, last}*
-//! S→D (File{rootfs, path} Chunk* FileEnd)* SyncDone
+//! S→D (File{rootfs, path} (Chunk | Hole{len})* FileEnd)* SyncDone
 //!   second connection, S→D Hello{role: data, session} … Welcome: D hands it to its page
 //!   server                                 D→S PageServerReady{room}
 //!   (room: the bytes D's work dir can still take, less other migrations' claims; S's rounds
@@ -127,6 +128,7 @@ pub enum Kind {
     Ok = 18,
     Error = 19,
     RoundDone = 20,
+    Hole = 21,
 }
 
 impl Kind {
@@ -153,6 +155,7 @@ impl Kind {
             18 => Kind::Ok,
             19 => Kind::Error,
             20 => RoundDone,
+            21 => Hole,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -295,6 +298,9 @@ pub struct Entry {
     pub gid: u32,
     /// Modification time: seconds and nanoseconds since the epoch.
     pub mtime: [i64; 2],
+    /// Bytes a file takes on disk (its blocks, at most its size): less than `size` for a
+    /// sparse file, whose holes are not sent.
+    pub blocks: u64,
     /// Carried extended attributes (see [`super::xattr`]): name → hex of the value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,
@@ -433,6 +439,14 @@ pub enum Msg {
     Ok,
     Error(ErrorMsg),
     RoundDone(RoundDone),
+    /// Inside a file: `len` bytes of zeros, a hole in the sender's file (written as one).
+    Hole(Hole),
+}
+
+/// A run of zeros in a file being sent, which the sender's filesystem holds as a hole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hole {
+    pub len: u64,
 }
 
 impl Msg {
@@ -458,6 +472,7 @@ impl Msg {
             Msg::Ok => Kind::Ok,
             Msg::Error(_) => Kind::Error,
             Msg::RoundDone(_) => Kind::RoundDone,
+            Msg::Hole(_) => Kind::Hole,
         }
     }
 
@@ -485,6 +500,7 @@ impl Msg {
             Msg::Restored(m) | Msg::Committed(m) => j(out, m),
             Msg::Error(m) => j(out, m),
             Msg::RoundDone(m) => j(out, m),
+            Msg::Hole(m) => j(out, m),
             Msg::PageServerReady(m) => j(out, m),
             Msg::FileEnd | Msg::Commit | Msg::Ok => j(out, &Empty {}),
         }
@@ -528,6 +544,7 @@ impl Msg {
             }
             Kind::Error => Msg::Error(j(kind, payload)?),
             Kind::RoundDone => Msg::RoundDone(j(kind, payload)?),
+            Kind::Hole => Msg::Hole(j(kind, payload)?),
         })
     }
 
@@ -637,6 +654,7 @@ mod tests {
                 uid: 999,
                 gid: 998,
                 mtime: [981_173_106, 5],
+                blocks: 4096,
                 xattrs: [("security.capability".to_string(), "0100".to_string())].into(),
                 link_of: Some("bin/busybox".into()),
             }],
@@ -653,6 +671,7 @@ mod tests {
             mode: 0o600,
         }));
         round_trip(Msg::Chunk(vec![1, 2, 3]));
+        round_trip(Msg::Hole(Hole { len: 1 << 40 }));
         round_trip(Msg::FileEnd);
         round_trip(Msg::SyncDone(SyncDone {
             deleted: vec!["a".into()],
