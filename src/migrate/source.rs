@@ -247,7 +247,7 @@ fn expect_ok(ctl: &mut Ctl, state: &'static str) -> Result<(), MigrateError> {
     }
 }
 
-/// Sends one file's content as File + Chunk* + FileEnd.
+/// Sends one file's content as File + (Chunk | Hole)* + FileEnd.
 pub(crate) fn send_file(
     ctl: &mut Ctl,
     target: Target,
