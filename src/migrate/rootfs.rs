@@ -841,18 +841,17 @@ fn settle(p: &Path, e: &Entry, have: Option<(&Metadata, &Xattrs)>) -> Result<(),
     if !link && (new_owner || new_mode) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(e.mode)).map_err(|x| at(&x))?;
     }
-    match have {
-        Some((_, x)) if !new_owner && !new_mode => {
-            if *x != e.xattrs {
-                xattr::apply(p, &e.xattrs, x).map_err(err)?;
-            }
-        }
+    // What `have` says of the attributes is stale once the owner or mode changed.
+    let fresh;
+    let now = match have {
+        Some((_, x)) if !new_owner && !new_mode => x,
         _ => {
-            let now = xattr::read(p).map_err(err)?;
-            if now != e.xattrs {
-                xattr::apply(p, &e.xattrs, &now).map_err(err)?;
-            }
+            fresh = xattr::read(p).map_err(err)?;
+            &fresh
         }
+    };
+    if *now != e.xattrs {
+        xattr::apply(p, &e.xattrs, now).map_err(err)?;
     }
     set_mtime(p, e, m)
 }
