@@ -63,8 +63,7 @@ pub fn carried(name: &str) -> bool {
 }
 
 fn cpath(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| einval())
 }
 
 /// Calls `f(buf, len)` (an l*xattr call filling `buf`) with a buffer of the size it asks for
@@ -196,8 +195,8 @@ pub fn apply(p: &Path, want: &Xattrs, have: &Xattrs) -> Result<(), XattrError> {
     };
     let c = cpath(p).map_err(|e| io("setting extended attributes".into(), e))?;
     for name in have.keys().filter(|n| !want.contains_key(*n)) {
-        let cname = CString::new(name.as_str())
-            .map_err(|_| io(format!("removing {name:?}"), libc_err(libc::EINVAL)))?;
+        let cname =
+            CString::new(name.as_str()).map_err(|_| io(format!("removing {name:?}"), einval()))?;
         // SAFETY: both are NUL-terminated strings that outlive the call.
         if unsafe { libc::lremovexattr(c.as_ptr(), cname.as_ptr()) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -208,8 +207,8 @@ pub fn apply(p: &Path, want: &Xattrs, have: &Xattrs) -> Result<(), XattrError> {
     }
     for (name, value) in want.iter().filter(|(n, v)| have.get(*n) != Some(*v)) {
         let bytes = unhex(value).expect("checked above");
-        let cname = CString::new(name.as_str())
-            .map_err(|_| io(format!("setting {name:?}"), libc_err(libc::EINVAL)))?;
+        let cname =
+            CString::new(name.as_str()).map_err(|_| io(format!("setting {name:?}"), einval()))?;
         // SAFETY: NUL-terminated path and name; `bytes` is valid for its length.
         let r = unsafe {
             libc::lsetxattr(
@@ -228,8 +227,9 @@ pub fn apply(p: &Path, want: &Xattrs, have: &Xattrs) -> Result<(), XattrError> {
     Ok(())
 }
 
-fn libc_err(n: i32) -> std::io::Error {
-    std::io::Error::from_raw_os_error(n)
+/// A path or name with a NUL byte inside.
+fn einval() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::EINVAL)
 }
 
 #[cfg(test)]
