@@ -608,6 +608,9 @@ pub fn assert_strictly_continues(values: &[u64], min_len: usize) {
 // Bundles
 // ---------------------------------------------------------------------------------------
 
+/// A change to a bundle's config.json (see [`Bundle::edit`]).
+type SpecEdit = Box<dyn FnOnce(&mut Value)>;
+
 /// Builder of an OCI bundle with a busybox rootfs and a `runc spec` config.
 pub struct Bundle {
     dir: PathBuf,
@@ -627,6 +630,8 @@ pub struct Bundle {
     resources: Option<Value>,
     /// `process.terminal`.
     terminal: bool,
+    /// Further changes to config.json, applied last.
+    edits: Vec<SpecEdit>,
 }
 
 impl Bundle {
@@ -643,7 +648,14 @@ impl Bundle {
             sysctls: Vec::new(),
             resources: None,
             terminal: false,
+            edits: Vec::new(),
         }
+    }
+
+    /// Change config.json further (after everything else the builder sets).
+    pub fn edit(mut self, f: impl FnOnce(&mut Value) + 'static) -> Bundle {
+        self.edits.push(Box::new(f));
+        self
     }
 
     /// `process.terminal`: start it with [`Runc::run_with_console`].
@@ -790,6 +802,9 @@ impl Bundle {
                 "source": src,
                 "options": ["rbind", "rw"],
             }));
+        }
+        for f in self.edits {
+            f(&mut spec);
         }
         fs::write(&config, serde_json::to_vec_pretty(&spec).unwrap()).expect("write config");
         self.dir
