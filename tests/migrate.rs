@@ -2195,3 +2195,107 @@ fn a_sparse_file_arrives_sparse() {
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
+
+/// A container confined as Docker confines one keeps its confinement on the destination, in
+/// both host modes: supplementary groups, umask, fewer capabilities (ambient ones too), no
+/// new privileges, a seccomp filter, resource limits and an OOM score are the same on the
+/// restored init (as the host sees them in /proc), and what it wrote into a tmpfs /tmp and
+/// /dev/shm (memory the rootfs sync cannot see; CRIU's images carry it) is there.
+#[test]
+fn a_confined_container_stays_confined() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mconf");
+    for mode in ["stop-copy", "post-copy"] {
+        let w = start_counter_shaped(&th, mode, |b| {
+            b.edit(|spec| {
+                let p = &mut spec["process"];
+                p["user"] =
+                    serde_json::json!({"uid": 0, "gid": 0, "additionalGids": [5, 6], "umask": 23});
+                p["noNewPrivileges"] = serde_json::Value::Bool(true);
+                p["oomScoreAdj"] = serde_json::Value::from(345);
+                p["cwd"] = serde_json::Value::from("/tmp");
+                p["rlimits"] = serde_json::json!([
+                    {"type": "RLIMIT_NOFILE", "hard": 777, "soft": 555},
+                    {"type": "RLIMIT_NPROC", "hard": 333, "soft": 222}
+                ]);
+                let caps = serde_json::json!(["CAP_NET_BIND_SERVICE", "CAP_CHOWN"]);
+                p["capabilities"] = serde_json::json!({
+                    "bounding": caps, "effective": caps, "permitted": caps,
+                    "inheritable": caps, "ambient": caps
+                });
+                spec["linux"]["seccomp"] = serde_json::json!({
+                    "defaultAction": "SCMP_ACT_ALLOW",
+                    "architectures": ["SCMP_ARCH_X86_64"],
+                    "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+                });
+                spec["mounts"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(serde_json::json!({
+                        "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                        "options": ["nosuid", "nodev", "mode=1777", "size=8m"]
+                    }));
+            })
+        });
+        let src = th.src_runc();
+        for (f, text) in [("/tmp/note", "in tmp"), ("/dev/shm/note", "in shm")] {
+            must(
+                run_output(src.cmd().args([
+                    "exec",
+                    "--user",
+                    "0:0",
+                    &w.id,
+                    "sh",
+                    "-c",
+                    &format!("echo '{text}' > {f}"),
+                ])),
+                "write",
+            );
+        }
+        let facts = |pid: u64| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let mut v: Vec<String> = status
+                .lines()
+                .filter(|l| {
+                    [
+                        "Umask",
+                        "Uid",
+                        "Gid",
+                        "Groups",
+                        "Cap",
+                        "NoNewPrivs",
+                        "Seccomp",
+                    ]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+                })
+                .map(str::to_string)
+                .collect();
+            v.push(fs::read_to_string(format!("/proc/{pid}/limits")).unwrap());
+            v.push(fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap());
+            v
+        };
+        let before = facts(src.state(&w.id)["pid"].as_u64().unwrap());
+        let serve = th.serve(&[]);
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+        let v = assert_counter_migrated(&th, &w, &out, Some(mode), 20);
+        let after = facts(v["restored_pid"].as_u64().unwrap());
+        assert_eq!(after, before, "{mode}");
+        let dst = th.dst_runc();
+        for (f, text) in [("/tmp/note", "in tmp"), ("/dev/shm/note", "in shm")] {
+            let o = must(dst.exec(&w.id, &["cat", f]), "cat");
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).trim(),
+                text,
+                "{mode} {f}"
+            );
+        }
+        let o = dst.exec(&w.id, &["mkdir", "/tmp/x"]);
+        assert!(!o.status.success(), "{mode}: mkdir allowed: {o:?}");
+        dst.kill_and_delete(&w.id);
+        drop(serve);
+    }
+    th.finish();
+}
