@@ -2196,6 +2196,74 @@ fn a_sparse_file_arrives_sparse() {
     th.finish();
 }
 
+/// Whether this process has CAP_SYS_RESOURCE in its effective set.
+fn have_cap_sys_resource() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff in /proc/self/status");
+    u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << 24) != 0
+}
+
+/// A container whose processes run as another user (uid 1000), dumped by a ferry without
+/// CAP_SYS_RESOURCE (a restricted service unit or container; `setpriv` drops it here): CRIU
+/// could not read the processes' resource limits and the dump failed once the container was
+/// frozen ("Can't get rlimit 0: Operation not permitted", exit 6). Now refused before the
+/// freeze with a message naming the capability (exit 5), by `ferry migrate` and `ferry
+/// checkpoint` alike; the counter goes on at the source. Where this machine grants the
+/// capability, the container then migrates with it.
+#[test]
+fn another_users_container_without_cap_sys_resource_is_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mrlim");
+    let w = start_counter_shaped(&th, "", |b| {
+        std::os::unix::fs::chown(th.src_runc().path("data"), Some(1000), Some(1000)).unwrap();
+        b.edit(|spec| spec["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000}))
+    });
+    let drop_cap = ["setpriv", "--bounding-set", "-sys_resource", "--"];
+    let serve = th.serve(&[]);
+    let mut prefix = TwoHosts::netns_prefix(&th.src_ns);
+    prefix.extend(drop_cap.iter().map(|a| a.to_string()));
+    let out = th
+        .migrate_cmd(&w.id, &serve.addr, &["--mode", "stop-copy"])
+        .prefix(&prefix)
+        .run();
+    let msg = out.assert_error(5).stderr.clone();
+    assert!(
+        msg.contains("as uid 1000 gid 1000") && msg.contains("lacks CAP_SYS_RESOURCE"),
+        "{msg}"
+    );
+    assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+
+    let images = th.src_runc().path("images");
+    let root = th.src_runc().root.display().to_string();
+    let args = [
+        "checkpoint",
+        &w.id,
+        "--images",
+        &images.display().to_string(),
+        "--runtime-root",
+        &root,
+    ];
+    let out = ferry_cmd(&args).prefix(&drop_cap).run();
+    let msg = out.assert_error(5).stderr.clone();
+    assert!(msg.contains("lacks CAP_SYS_RESOURCE"), "{msg}");
+    assert!(!images.join("inventory.img").exists(), "images written");
+    assert_source_counter_healthy(&th, &w);
+
+    if have_cap_sys_resource() {
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+        assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+        th.dst_runc().kill_and_delete(&w.id);
+    } else {
+        eprintln!("note: this machine grants no CAP_SYS_RESOURCE (not in the bounding set): the migration with it is not tried");
+    }
+    th.finish();
+}
+
 /// A container confined as Docker confines one keeps its confinement on the destination, in
 /// both host modes: supplementary groups, umask, fewer capabilities (ambient ones too), no
 /// new privileges, a seccomp filter, resource limits and an OOM score are the same on the

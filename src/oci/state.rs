@@ -224,6 +224,22 @@ pub fn process_parent(pid: i32) -> Option<i32> {
     stat_fields(&text)?.get(1)?.parse().ok()
 }
 
+/// Real, effective and saved user ids, then the same group ids, of a process: the `Uid:`
+/// and `Gid:` lines of /proc/<pid>/status. None where it cannot be read.
+pub fn process_ids(pid: i32) -> Option<[u32; 6]> {
+    parse_status_ids(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+fn parse_status_ids(status: &str) -> Option<[u32; 6]> {
+    let three = |key: &str| -> Option<[u32; 3]> {
+        let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+        let mut f = line.split_whitespace().map(|v| v.parse::<u32>());
+        Some([f.next()?.ok()?, f.next()?.ok()?, f.next()?.ok()?])
+    };
+    let (u, g) = (three("Uid:")?, three("Gid:")?);
+    Some([u[0], u[1], u[2], g[0], g[1], g[2]])
+}
+
 /// The fields of a /proc/<pid>/stat after the command name (field 3 on), which may itself
 /// contain spaces and parentheses.
 fn stat_fields(text: &str) -> Option<Vec<&str>> {
@@ -242,6 +258,21 @@ pub fn parse_stat(text: &str) -> Option<(u64, char)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_ids_are_real_effective_saved() {
+        let status = "Name:\tsh\nUmask:\t0022\nUid:\t1000\t1001\t1002\t1003\n\
+                      Gid:\t5\t6\t7\t8\nGroups:\t5 6\n";
+        assert_eq!(parse_status_ids(status), Some([1000, 1001, 1002, 5, 6, 7]));
+        assert_eq!(parse_status_ids("Uid:\t0\t0\t0\t0\n"), None);
+        assert_eq!(
+            parse_status_ids("Uid:\t0\tx\t0\t0\nGid:\t0\t0\t0\t0\n"),
+            None
+        );
+        let me = process_ids(std::process::id() as i32).unwrap();
+        assert_eq!(me[0], nix::unistd::getuid().as_raw());
+        assert_eq!(me[3], nix::unistd::getgid().as_raw());
+    }
 
     #[test]
     fn stat_with_odd_command_name() {

@@ -81,7 +81,12 @@ pub fn check(criu: &Criu) -> CheckReport {
     )
     .unwrap_or(false)
     {
-        warnings.push("no CAP_SYS_RESOURCE: CRIU cannot raise RLIMIT_NOFILE (containers with very many open files may fail)".into());
+        warnings.push(
+            "no CAP_SYS_RESOURCE: containers running as another user than ferry cannot be \
+             checkpointed (CRIU cannot read their resource limits), and CRIU cannot raise \
+             RLIMIT_NOFILE (containers with very many open files may fail)"
+                .into(),
+        );
     }
     let mut criu_version = None;
     let mut features = Features::default();

@@ -254,6 +254,9 @@ impl DumpJob {
         let c = root.load(id)?;
         c.check_running()?;
         let lock = ContainerLock::take(runtime_root, id)?;
+        if let Some(e) = limits_unreadable(&c) {
+            return Err(e);
+        }
         let cfg = BundleConfig::load(&c.bundle)?;
         cfg.check_restorable_root()?;
         let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
@@ -350,8 +353,12 @@ impl DumpJob {
             // the dump here, before CRIU seizes anything.
             if let (true, Some(f)) = (n.script == Script::PreDump, self.freezer.as_deref()) {
                 let strays = crate::runtime::cgroups::strays(f, self.container.init_pid);
-                if !strays.is_empty() {
-                    let e = stray_error(&self.container.id, &strays);
+                let refusal = if strays.is_empty() {
+                    limits_unreadable(&self.container)
+                } else {
+                    Some(stray_error(&self.container.id, &strays))
+                };
+                if let Some(e) = refusal {
                     let text = e.to_string();
                     stray_failed = Some(e);
                     return Reply::Failure(text);
@@ -393,6 +400,43 @@ impl DumpJob {
             }
         }
     }
+}
+
+/// CRIU reads each process's resource limits with prlimit(2), which the kernel allows on a
+/// process whose real, effective or saved user or group id differs from the caller's only
+/// with CAP_SYS_RESOURCE. A ferry without it (a restricted service unit or container) would
+/// see such a container's dump fail once frozen ("Can't get rlimit … Operation not
+/// permitted"): found here instead, before the freeze and again once frozen.
+fn limits_unreadable(c: &RuncContainer) -> Option<OpError> {
+    use caps::{CapSet, Capability};
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_RESOURCE).unwrap_or(true) {
+        return None;
+    }
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let pids = c
+        .freeze_cgroup()
+        .and_then(|f| crate::runtime::cgroups::procs(Path::new(f)))
+        .unwrap_or_else(|| vec![c.init_pid]);
+    let (pid, ids) = pids
+        .into_iter()
+        .take(crate::runtime::cgroups::MAX_STRAY_SCAN)
+        .filter_map(|p| Some((p, crate::oci::state::process_ids(p)?)))
+        .find(|(_, ids)| {
+            ids[..3].iter().any(|&u| u != uid) || ids[3..].iter().any(|&g| g != gid)
+        })?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    Some(OpError::Environment(format!(
+        "container {:?} runs pid {pid} ({}) as uid {} gid {}, and this ferry lacks \
+         CAP_SYS_RESOURCE, without which CRIU cannot read the resource limits of another \
+         user's process: run ferry with that capability",
+        c.id,
+        comm.trim(),
+        ids[1],
+        ids[4]
+    )))
 }
 
 /// Processes outside the init's tree: a checkpoint would lose them.

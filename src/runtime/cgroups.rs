@@ -807,7 +807,7 @@ pub fn procs(dir: &Path) -> Option<Vec<i32>> {
 }
 
 /// Most processes [`strays`] looks at, and most parents it follows from each.
-const MAX_STRAY_SCAN: usize = 65_536;
+pub(crate) const MAX_STRAY_SCAN: usize = 65_536;
 const MAX_ANCESTRY: usize = 1024;
 
 /// The processes of the cgroup `dir` that do not descend from `init` (pid, command name):
