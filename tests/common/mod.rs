@@ -1742,6 +1742,35 @@ fn prebuilt_memwriter() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// The C program `src` (a file of tests/workloads) built with `gcc -O2 -static` into cargo's
+/// target tmp dir as `name` (under a temporary name, then renamed into place); its path.
+pub fn build_static_workload(src: &str, name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    fs::create_dir_all(dir).expect("create CARGO_TARGET_TMPDIR");
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    let out = run_output(
+        Command::new("gcc")
+            .args(["-O2", "-Wall", "-static", "-o"])
+            .arg(&tmp)
+            .arg(src),
+    );
+    must(out, &format!("gcc -O2 -static {src}"));
+    let bin = dir.join(name);
+    fs::rename(&tmp, &bin).unwrap_or_else(|e| panic!("rename {name} into place: {e}"));
+    bin
+}
+
+pub const LOCKER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/locker.c");
+static LOCKER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `locker` (tests/workloads/locker.c: hold a file lock while running a command, or test
+/// one), built once per test process.
+pub fn locker_bin() -> PathBuf {
+    LOCKER
+        .get_or_init(|| build_static_workload(LOCKER_SRC, "locker"))
+        .clone()
+}
+
 /// The memwriter binary: the prebuilt one named by `FERRY_MEMWRITER` (which must be a
 /// static executable), else built once per test process with `gcc -O2 -static` into
 /// cargo's target tmp dir (built under a temporary name, then renamed into place).
@@ -1756,19 +1785,8 @@ pub fn memwriter_bin() -> PathBuf {
                 );
                 return bin;
             }
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-            fs::create_dir_all(dir).expect("create CARGO_TARGET_TMPDIR");
-            let tmp = dir.join(format!("memwriter.{}.tmp", std::process::id()));
-            let out = run_output(
-                Command::new("gcc")
-                    .args(["-O2", "-Wall", "-static", "-o"])
-                    .arg(&tmp)
-                    .arg(MEMWRITER_SRC),
-            );
-            must(out, "gcc -O2 -static tests/workloads/memwriter.c");
-            assert!(is_static_elf(&tmp), "memwriter is not a static binary");
-            let bin = dir.join("memwriter");
-            fs::rename(&tmp, &bin).expect("rename memwriter into place");
+            let bin = build_static_workload(MEMWRITER_SRC, "memwriter");
+            assert!(is_static_elf(&bin), "memwriter is not a static binary");
             bin
         })
         .clone()

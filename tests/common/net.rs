@@ -39,21 +39,7 @@ static NETSERVER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 /// The netserver workload, built once per test process (`gcc -O2 -static`).
 pub fn netserver_bin() -> PathBuf {
     NETSERVER
-        .get_or_init(|| {
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-            fs::create_dir_all(dir).expect("create CARGO_TARGET_TMPDIR");
-            let tmp = dir.join(format!("netserver.{}.tmp", std::process::id()));
-            let out = run_output(
-                Command::new("gcc")
-                    .args(["-O2", "-Wall", "-static", "-o"])
-                    .arg(&tmp)
-                    .arg(NETSERVER_SRC),
-            );
-            must(out, "gcc -O2 -static tests/workloads/netserver.c");
-            let bin = dir.join("netserver");
-            fs::rename(&tmp, &bin).expect("rename netserver into place");
-            bin
-        })
+        .get_or_init(|| build_static_workload(NETSERVER_SRC, "netserver"))
         .clone()
 }
 
