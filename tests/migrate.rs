@@ -2367,3 +2367,106 @@ fn a_confined_container_stays_confined() {
     }
     th.finish();
 }
+
+/// The counter, run by `locker hold KIND PATH`: it holds a file lock of that kind all along.
+fn start_locked_counter(th: &TwoHosts, kind: &str, path: &str) -> Workload {
+    let (kind, path) = (kind.to_string(), path.to_string());
+    start_counter_shaped(th, &kind.clone(), move |b| {
+        let mut args: Vec<String> = ["locker", "hold", &kind, &path]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(counter_file_args("/data/counter"));
+        b.with_binary(&locker_bin(), "locker").args(&args)
+    })
+}
+
+/// What `locker test KIND PATH` says in the container `id` of `rc`: "held" or "free".
+fn lock_state(rc: &Runc, id: &str, kind: &str, path: &str) -> String {
+    let out = must(rc.exec(id, &["locker", "test", kind, path]), "locker test");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A container holding a file lock (flock, POSIX, OFD: what databases, JVMs and etcd take).
+/// Before, its dump failed once frozen ("Some file locks are hold by dumping tasks! You can
+/// try --file-locks"), a flag `ferry migrate` did not have. Without `--file-locks` it is now
+/// refused before the freeze (exit 4) naming the process, the kind and the file, by `ferry
+/// migrate` and `ferry checkpoint`; with it, it migrates and the restored process holds the
+/// lock on the destination's copy of the file (another process there finds it held).
+#[test]
+fn file_locks_migrate_with_the_flag_and_are_refused_before_the_freeze_without() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mlock");
+    let serve = th.serve(&[]);
+    for (kind, name, mode) in [
+        ("flock", "FLOCK", "stop-copy"),
+        ("posix", "POSIX", "post-copy"),
+        ("ofd", "OFDLCK", "stop-copy"),
+    ] {
+        let w = start_locked_counter(&th, kind, "/tmp/app.lock");
+        assert_eq!(
+            lock_state(th.src_runc(), &w.id, kind, "/tmp/app.lock"),
+            "held"
+        );
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+        let msg = out.assert_error(4).stderr.clone();
+        for want in ["holds a file lock", name, "/tmp/app.lock", "--file-locks"] {
+            assert!(msg.contains(want), "{want:?} in {msg}");
+        }
+        assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+        if kind == "flock" {
+            let images = th.src_runc().path("images");
+            let root = th.src_runc().root.display().to_string();
+            let dir = images.display().to_string();
+            let args = [
+                "checkpoint",
+                &w.id,
+                "--images",
+                &dir,
+                "--runtime-root",
+                &root,
+            ];
+            let out = ferry(&args);
+            assert!(
+                out.assert_error(4).stderr.contains("--file-locks"),
+                "{out:?}"
+            );
+            assert_source_counter_healthy(&th, &w);
+        }
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", mode, "--file-locks"]);
+        assert_counter_migrated(&th, &w, &out, Some(mode), 20);
+        assert_eq!(
+            lock_state(th.dst_runc(), &w.id, kind, "/tmp/app.lock"),
+            "held",
+            "{kind} on the destination"
+        );
+        th.dst_runc().kill_and_delete(&w.id);
+    }
+    th.finish();
+}
+
+/// A lock on a file the hosts share (a bind mount from one path on both, as network storage
+/// is): the frozen source still holds it when the destination's restore would take it again,
+/// and the restore waited for it with the source frozen (the migration hung for CRIU's
+/// timeout, minutes). The destination now tests each lock on a bind-mounted file at Prepare
+/// and refuses (exit 8) before the freeze; the counter goes on at the source.
+#[test]
+fn a_lock_on_a_file_both_hosts_share_is_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mlocksh");
+    let serve = th.serve(&[]);
+    for (kind, name) in [("flock", "FLOCK"), ("posix", "POSIX")] {
+        let w = start_locked_counter(&th, kind, "/data/app.lock");
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy", "--file-locks"]);
+        let msg = out.assert_error(8).stderr.clone();
+        let want = format!("{name} lock on /data/app.lock cannot be taken on the destination");
+        assert!(msg.contains(&want), "{want:?} in {msg}");
+        assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+        th.src_runc().kill_and_delete(&w.id);
+    }
+    th.finish();
+}

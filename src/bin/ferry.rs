@@ -165,6 +165,10 @@ struct MigrateArgs {
     /// without it they are closed on the destination (CRIU's tcp_close).
     #[arg(long)]
     tcp_established: bool,
+    /// Carry the file locks the container's processes hold (taken again on the
+    /// destination); without it a container holding one is refused before the freeze.
+    #[arg(long)]
+    file_locks: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -524,6 +528,7 @@ fn migrate_cmd(criu: Criu, a: MigrateArgs) -> Result<(), (String, ErrorKind)> {
             None => a.runtime_root,
         },
         tcp_established: a.tcp_established,
+        file_locks: a.file_locks,
         ghost_limit: a.ghost_limit,
         progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         io_timeout: std::time::Duration::from_secs(300),

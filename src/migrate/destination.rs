@@ -576,6 +576,8 @@ pub struct Receiver<'a> {
     net: Option<crate::net::dest::DestNet>,
     tcp_established: bool,
     tcp_close: bool,
+    /// The images carry file locks (the source's Prepare).
+    file_locks: bool,
     /// Bytes of the deleted files the container keeps open (the source's Prepare).
     ghosts: u64,
     /// The source's IP address, as this connection came from it.
@@ -617,6 +619,7 @@ impl<'a> Receiver<'a> {
             net: None,
             tcp_established: false,
             tcp_close: false,
+            file_locks: false,
             ghosts: 0,
             peer_ip: String::new(),
             hashes: HashCache::default(),
@@ -682,7 +685,7 @@ impl<'a> Receiver<'a> {
     fn step(&mut self, state: State, msg: Msg) -> Result<State, MigrateError> {
         match (state, msg) {
             (State::AwaitPrepare, Msg::Prepare(p)) => {
-                self.prepare(p)?;
+                self.prepare(*p)?;
                 Ok(State::AwaitCpuinfo)
             }
             (State::AwaitCpuinfo, Msg::File(f)) if f.target == Target::Cpuinfo => {
@@ -955,8 +958,9 @@ impl<'a> Receiver<'a> {
         config["root"]["path"] = serde_json::Value::from("rootfs");
         // What the restore would refuse after the freeze is refused now, before it and
         // before anything is made here.
-        self.check_restorable(&config)?;
+        self.check_restorable(&config, &p.locks)?;
         (self.tcp_established, self.tcp_close) = (p.tcp_established, p.tcp_close);
+        self.file_locks = p.file_locks;
         if let Some(facts) = &p.net {
             self.prepare_net(&mut config, facts)?;
         }
@@ -1002,7 +1006,11 @@ impl<'a> Receiver<'a> {
 
     /// The received config.json (root already at `rootfs`) as the restore will read it:
     /// refused if its container has a terminal or a bind mount whose source this host lacks.
-    fn check_restorable(&self, config: &serde_json::Value) -> Result<(), MigrateError> {
+    fn check_restorable(
+        &self,
+        config: &serde_json::Value,
+        locks: &[super::wire::LockedFile],
+    ) -> Result<(), MigrateError> {
         let invalid = |e: String| MigrateError::Remote(format!("config.json: {e}"));
         let spec: oci_spec::runtime::Spec =
             serde_json::from_value(config.clone()).map_err(|e| invalid(e.to_string()))?;
@@ -1024,7 +1032,7 @@ impl<'a> Receiver<'a> {
                 source.display()
             )));
         }
-        Ok(())
+        lock_in_the_way(&cfg, locks)
     }
 
     /// The container's network namespace here, before the source freezes anything: created,
@@ -1383,6 +1391,7 @@ impl<'a> Receiver<'a> {
             settings: crate::oci::options::RestoreSettings {
                 tcp_established: self.tcp_established,
                 tcp_close: self.tcp_close,
+                file_locks: self.file_locks,
                 network_lock: self.net.as_ref().map(|n| n.method.criu()),
                 ..Default::default()
             },
@@ -1588,4 +1597,42 @@ impl<'a> Receiver<'a> {
                 .remove(id);
         }
     }
+}
+
+/// A lock the container holds on a bind-mounted file that some process here holds too: the
+/// restore would wait for it (CRIU takes locks again blocking), with the source frozen. On a
+/// file the hosts share, that process is the source's container itself, which keeps its
+/// lock until the commit: refused before the freeze instead. Locks on rootfs files are not
+/// tested (the copy here is this host's own).
+fn lock_in_the_way(
+    cfg: &crate::oci::bundle::BundleConfig,
+    locks: &[super::wire::LockedFile],
+) -> Result<(), MigrateError> {
+    if locks.len() > super::wire::MAX_LOCKS {
+        return Err(MigrateError::Remote(format!(
+            "{} file locks listed, more than {}",
+            locks.len(),
+            super::wire::MAX_LOCKS
+        )));
+    }
+    for l in locks {
+        let Some(here) = cfg.bind_source_of(&l.path) else {
+            continue;
+        };
+        match crate::runtime::locks::taken_elsewhere(&here, &l.lock) {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(MigrateError::Unsupported(format!(
+                    "the container's {} lock on {} cannot be taken on the destination: a \
+                     process there holds {} (a file both hosts share? the source keeps its \
+                     lock until the container runs here)",
+                    l.lock.kind,
+                    l.path,
+                    here.display()
+                )))
+            }
+            Err(e) => tracing::debug!(path = %here.display(), "lock not tested: {e}"),
+        }
+    }
+    Ok(())
 }

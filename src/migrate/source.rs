@@ -83,6 +83,8 @@ pub struct MigrateRequest {
     pub policy: PolicyKind,
     pub runtime_root: PathBuf,
     pub tcp_established: bool,
+    /// Carry the container's file locks (CRIU's `file_locks`, on both sides).
+    pub file_locks: bool,
     /// CRIU's `ghost_limit` for the final dump (None: CRIU's default).
     pub ghost_limit: Option<u32>,
     /// Draw progress lines on the terminal (stderr).
@@ -585,6 +587,28 @@ fn ghosts_of(job: &DumpJob, limit: Option<u32>) -> u64 {
     crate::runtime::memroom::ghost_bytes(&pids, limit)
 }
 
+/// The locks the job's container holds (each once), for the destination to check at
+/// Prepare. The container runs on, so these are the ones it holds now.
+fn locks_of(job: &DumpJob) -> Vec<super::wire::LockedFile> {
+    let pids = job.tasks().unwrap_or_else(|| vec![job.container.init_pid]);
+    let mut locks: Vec<super::wire::LockedFile> =
+        crate::runtime::locks::held_locks(&pids, super::wire::MAX_LOCKS)
+            .into_iter()
+            .filter_map(|h| {
+                Some(super::wire::LockedFile {
+                    path: h.path.to_str()?.to_string(),
+                    lock: h.lock,
+                })
+            })
+            .collect();
+    locks.sort_by_key(|f| {
+        let l = &f.lock;
+        (f.path.clone(), l.kind.clone(), l.write, l.start, l.end)
+    });
+    locks.dedup();
+    locks
+}
+
 /// The job's container's cgroup limits (see [`super::wire::Limits`]), for the destination
 /// to check at Prepare. None when it has none.
 fn limits_of(job: &DumpJob) -> Option<Box<super::wire::Limits>> {
@@ -651,6 +675,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         tcp_close: !req.tcp_established,
         network_lock: crate::net::lock::host_method().map(|m| m.criu()),
         ghost_limit: req.ghost_limit,
+        file_locks: req.file_locks,
         ..Default::default()
     };
     let job = DumpJob::prepare(&req.runtime_root, &req.id, &settings, &version.to_string())?;
@@ -703,7 +728,7 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
     let (stream, session_id) = open(req, Role::Control, None)?;
     let mut ctl = Ctl { stream, sent: 0 };
     tracing::info!(to = %req.to, session = %session_id, "authenticated");
-    ctl.send(&Msg::Prepare(Prepare {
+    ctl.send(&Msg::Prepare(Box::new(Prepare {
         container: req.id.clone(),
         config,
         criu_version: version.to_string(),
@@ -713,13 +738,19 @@ pub fn migrate(criu: &Criu, req: &MigrateRequest) -> Result<MigrateReport, Migra
         mode: mode.name().into(),
         tcp_established: req.tcp_established,
         tcp_close: !req.tcp_established,
+        file_locks: req.file_locks,
+        locks: if req.file_locks {
+            locks_of(&job)
+        } else {
+            Vec::new()
+        },
         net: net.clone().map(Box::new),
         cgroups: Some(crate::runtime::cgroups::layout_of(&job.container.cgroup_paths).into()),
         cpuset: cpuset_of(&job),
         memory: memory_of(&job),
         limits: limits_of(&job),
         ghosts: ghosts_of(&job, req.ghost_limit),
-    }))?;
+    })))?;
     match ctl.recv()? {
         Msg::Prepared(p) => {
             tracing::info!(criu = %p.criu_version, runc = %p.runc_version, "destination ready")

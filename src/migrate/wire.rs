@@ -15,7 +15,7 @@
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
 //! S→D Proof{nonce_s, mac_s}                D→S Welcome{mac_d, session}   (or Error, close)
-//! S→D Prepare{container, config, versions, features, mode, tcp_established, tcp_close, net}
+//! S→D Prepare{container, config, versions, features, mode, tcp_established, tcp_close, file_locks, net}
 //!                                          with net: D creates the namespace, locks it,
 //!                                          configures its interfaces, probes the addresses
 //!                                          D→S Prepared{criu_version, features} | Error
@@ -210,6 +210,16 @@ pub struct Prepare {
     pub tcp_established: bool,
     #[serde(default)]
     pub tcp_close: bool,
+    /// The file locks the container holds are in its images, to be taken again here
+    /// (CRIU's `file_locks` on the restore). Absent: false.
+    #[serde(default)]
+    pub file_locks: bool,
+    /// With `file_locks`: the locks the container holds, each with its file's path in the
+    /// container. The destination tests those on bind-mounted files (a lock on a file the
+    /// hosts share is still the frozen source's when the restore would take it again, and
+    /// the restore would wait for it). At most [`MAX_LOCKS`].
+    #[serde(default)]
+    pub locks: Vec<LockedFile>,
     /// The container's network namespace given by path: what the destination rebuilds
     /// (validated there, sizes capped: see `net::facts::NetFacts::validate`).
     #[serde(default)]
@@ -257,6 +267,17 @@ pub struct Memory {
     pub dir: String,
     /// Bytes of anonymous and shared memory its tasks hold.
     pub bytes: u64,
+}
+
+/// Most locks a [`Prepare`] lists.
+pub const MAX_LOCKS: usize = 4096;
+
+/// A lock the container holds, and its file's path in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockedFile {
+    pub path: String,
+    #[serde(flatten)]
+    pub lock: crate::runtime::locks::Lock,
 }
 
 /// A container's cpuset on the source.
@@ -423,7 +444,7 @@ pub enum Msg {
     Challenge(Challenge),
     Proof(Proof),
     Welcome(Welcome),
-    Prepare(Prepare),
+    Prepare(Box<Prepare>),
     Prepared(Prepared),
     Manifest(Manifest),
     Need(Need),

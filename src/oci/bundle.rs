@@ -318,6 +318,24 @@ impl BundleConfig {
         })
     }
 
+    /// The host path of the file at `path` in the container when a bind mount brings it
+    /// (the deepest bind mount whose destination holds it); None for a path elsewhere (the
+    /// rootfs, a tmpfs), and for one that is not absolute or has `.` or `..` components.
+    pub fn bind_source_of(&self, path: &str) -> Option<PathBuf> {
+        use std::path::Component;
+        let path = Path::new(path);
+        let mut parts = path.components();
+        if parts.next() != Some(Component::RootDir)
+            || !parts.all(|c| matches!(c, Component::Normal(_)))
+        {
+            return None;
+        }
+        self.binds()
+            .filter_map(|(dest, source)| Some((dest, source, path.strip_prefix(dest).ok()?)))
+            .max_by_key(|(dest, _, _)| Path::new(dest).components().count())
+            .map(|(_, source, rest)| source.join(rest))
+    }
+
     pub fn tmpfs_destinations(&self) -> Vec<&str> {
         self.mounts
             .iter()
@@ -378,6 +396,36 @@ pub(crate) mod tests {
         assert!(c.devices.contains(&"/dev/fuse".to_string()));
         assert_eq!(NsKind::Net.external_key(), "extRootNetNS");
         assert_eq!(NsKind::Pid.external_key(), "extRootPidNS");
+    }
+
+    #[test]
+    fn a_bind_mounted_path_has_its_host_source() {
+        let mut v = sample_spec_json();
+        v["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+            {"destination": "/data/cache", "type": "bind", "source": "/fast/cache", "options": ["rbind"]}
+        ));
+        let spec: Spec = serde_json::from_value(v).unwrap();
+        let c =
+            BundleConfig::from_spec(Path::new("/b"), Path::new("/b/config.json"), &spec).unwrap();
+        let of = |p: &str| c.bind_source_of(p);
+        assert_eq!(
+            of("/data/db/LOCK"),
+            Some(PathBuf::from("/srv/data/db/LOCK"))
+        );
+        assert_eq!(of("/data"), Some(PathBuf::from("/srv/data")));
+        assert_eq!(of("/data/cache/x"), Some(PathBuf::from("/fast/cache/x")));
+        assert_eq!(of("/etc/hosts"), Some(PathBuf::from("/b/hosts")));
+        assert_eq!(
+            of("/database/x"),
+            None,
+            "a name that only starts like /data"
+        );
+        for not_bound in ["/tmp/app.lock", "/dev/shm/x", "/"] {
+            assert_eq!(of(not_bound), None, "{not_bound}");
+        }
+        for odd in ["data/x", "/data/../etc/shadow", "/data/x/..", ""] {
+            assert_eq!(of(odd), None, "{odd}");
+        }
     }
 
     #[test]

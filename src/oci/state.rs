@@ -224,6 +224,13 @@ pub fn process_parent(pid: i32) -> Option<i32> {
     stat_fields(&text)?.get(1)?.parse().ok()
 }
 
+/// The command name of a process (/proc/<pid>/comm), empty where it cannot be read.
+pub fn process_comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_default()
+}
+
 /// Real, effective and saved user ids, then the same group ids, of a process: the `Uid:`
 /// and `Gid:` lines of /proc/<pid>/status. None where it cannot be read.
 pub fn process_ids(pid: i32) -> Option<[u32; 6]> {

@@ -257,6 +257,11 @@ impl DumpJob {
         if let Some(e) = limits_unreadable(&c) {
             return Err(e);
         }
+        if !settings.file_locks {
+            if let Some(e) = locks_not_carried(&c) {
+                return Err(e);
+            }
+        }
         let cfg = BundleConfig::load(&c.bundle)?;
         cfg.check_restorable_root()?;
         let facts = gather_dump_facts(&RealHost, &cfg, &c)?;
@@ -402,6 +407,33 @@ impl DumpJob {
     }
 }
 
+/// The container's processes: those of its freezer cgroup, or its init alone where that
+/// cannot be read.
+fn container_pids(c: &RuncContainer) -> Vec<i32> {
+    c.freeze_cgroup()
+        .and_then(|f| crate::runtime::cgroups::procs(Path::new(f)))
+        .unwrap_or_else(|| vec![c.init_pid])
+}
+
+/// A process of the container holding a file lock fails a dump without CRIU's `file_locks`
+/// once the container is frozen ("Some file locks are hold by dumping tasks"): found here,
+/// before the freeze. (One taken between now and the freeze still fails the dump, with
+/// CRIU's message.)
+fn locks_not_carried(c: &RuncContainer) -> Option<OpError> {
+    let lock = crate::runtime::locks::held_locks(&container_pids(c), 1)
+        .into_iter()
+        .next()?;
+    Some(OpError::Invalid(format!(
+        "container {:?} holds a file lock (pid {} ({}): {} on {}), which is carried only when \
+         asked: pass --file-locks (the lock is taken again where the container is restored)",
+        c.id,
+        lock.pid,
+        crate::oci::state::process_comm(lock.pid),
+        lock.lock.kind,
+        lock.path.display()
+    )))
+}
+
 /// CRIU reads each process's resource limits with prlimit(2), which the kernel allows on a
 /// process whose real, effective or saved user or group id differs from the caller's only
 /// with CAP_SYS_RESOURCE. A ferry without it (a restricted service unit or container) would
@@ -416,24 +448,19 @@ fn limits_unreadable(c: &RuncContainer) -> Option<OpError> {
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
     );
-    let pids = c
-        .freeze_cgroup()
-        .and_then(|f| crate::runtime::cgroups::procs(Path::new(f)))
-        .unwrap_or_else(|| vec![c.init_pid]);
-    let (pid, ids) = pids
+    let (pid, ids) = container_pids(c)
         .into_iter()
         .take(crate::runtime::cgroups::MAX_STRAY_SCAN)
         .filter_map(|p| Some((p, crate::oci::state::process_ids(p)?)))
         .find(|(_, ids)| {
             ids[..3].iter().any(|&u| u != uid) || ids[3..].iter().any(|&g| g != gid)
         })?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     Some(OpError::Environment(format!(
         "container {:?} runs pid {pid} ({}) as uid {} gid {}, and this ferry lacks \
          CAP_SYS_RESOURCE, without which CRIU cannot read the resource limits of another \
          user's process: run ferry with that capability",
         c.id,
-        comm.trim(),
+        crate::oci::state::process_comm(pid),
         ids[1],
         ids[4]
     )))

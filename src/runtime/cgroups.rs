@@ -835,10 +835,7 @@ pub fn strays(dir: &Path, init: i32) -> Vec<(i32, String)> {
         .into_iter()
         .take(MAX_STRAY_SCAN)
         .filter(|&p| !descends(p))
-        .map(|p| {
-            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-            (p, comm.trim().to_string())
-        })
+        .map(|p| (p, crate::oci::state::process_comm(p)))
         .collect()
 }
 

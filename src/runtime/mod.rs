@@ -5,12 +5,14 @@
 //!   leftover criu-root bind mount; ferry must never do that),
 //! - [`cgroups`]: creating the restored container's cgroups and placing criu in them, and
 //!   writing its limits and device rules back ([`devfilter`]: the v2 device rules' program),
+//! - [`locks`]: the file locks a container's processes hold,
 //! - [`memroom`]: whether a host has room for a container's memory,
 //! - [`runc`]: runc's state.json for a restored container, and calls to the runc binary,
 //! - [`softdirty`]: the pages a container wrote since CRIU's last pre-dump round.
 
 pub mod cgroups;
 pub mod devfilter;
+pub mod locks;
 pub mod memroom;
 pub mod mounts;
 pub mod runc;
