@@ -19,7 +19,7 @@ use ferry::ops::{check::check, ErrorKind, OpError};
 #[derive(Parser)]
 #[command(
     name = "ferry",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (migration protocol versions: 4)"),
+    version = concat!(env!("CARGO_PKG_VERSION"), " (migration protocol versions: 5)"),
     about = "Checkpoint, restore and live-migrate OCI containers with CRIU"
 )]
 struct Cli {

@@ -590,7 +590,7 @@ fn ghosts_of(job: &DumpJob, limit: Option<u32>) -> u64 {
 /// The locks the job's container holds (each once), for the destination to check at
 /// Prepare. The container runs on, so these are the ones it holds now.
 fn locks_of(job: &DumpJob) -> Vec<super::wire::LockedFile> {
-    let pids = job.tasks().unwrap_or_else(|| vec![job.container.init_pid]);
+    let pids = crate::ops::checkpoint::container_pids(&job.container);
     let mut locks: Vec<super::wire::LockedFile> =
         crate::runtime::locks::held_locks(&pids, super::wire::MAX_LOCKS)
             .into_iter()

@@ -5,17 +5,19 @@
 //! fails to decode. File data travels in [`Kind::Chunk`] frames as raw bytes; every other
 //! message's payload is one JSON object.
 //!
-//! Protocol version 4 — the message sequence (S = source, `ferry migrate`; D = destination,
+//! Protocol version 5 — the message sequence (S = source, `ferry migrate`; D = destination,
 //! `ferry serve`). Version 1 carried one network interface's facts at the top of `net`; 2
 //! carries a list, `net.ifaces`; 3 adds `room` to PageServerReady; 4 splits Need into
 //! frames (`last` on the final one), so a rootfs of many files no longer overflows one, and
 //! gives manifest entries their `mtime`, `xattrs`, `link_of` and `blocks`; a file's holes
-//! travel as Hole frames, and content hashes are [`crate::migrate::rootfs`]'s block hashes.
+//! travel as Hole frames, and content hashes are [`crate::migrate::rootfs`]'s block hashes;
+//! 5 adds `file_locks` and `locks` to Prepare (an older destination would ignore them and
+//! restore without the container's locks).
 //!
 //! ```text
 //! S→D Hello{version, role: control}        D→S Challenge{version, nonce_d}
 //! S→D Proof{nonce_s, mac_s}                D→S Welcome{mac_d, session}   (or Error, close)
-//! S→D Prepare{container, config, versions, features, mode, tcp_established, tcp_close, file_locks, net}
+//! S→D Prepare{container, config, versions, features, mode, tcp_*, file_locks, locks, net}
 //!                                          with net: D creates the namespace, locks it,
 //!                                          configures its interfaces, probes the addresses
 //!                                          D→S Prepared{criu_version, features} | Error
@@ -61,9 +63,9 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Versions this build speaks (`ferry --version` prints them; keep the two in step).
-pub const SUPPORTED_VERSIONS: &[u32] = &[4];
+pub const SUPPORTED_VERSIONS: &[u32] = &[5];
 pub const MAGIC: [u8; 2] = *b"FY";
 pub const HEADER_LEN: usize = 8;
 /// Largest payload accepted.

@@ -409,7 +409,7 @@ impl DumpJob {
 
 /// The container's processes: those of its freezer cgroup, or its init alone where that
 /// cannot be read.
-fn container_pids(c: &RuncContainer) -> Vec<i32> {
+pub(crate) fn container_pids(c: &RuncContainer) -> Vec<i32> {
     c.freeze_cgroup()
         .and_then(|f| crate::runtime::cgroups::procs(Path::new(f)))
         .unwrap_or_else(|| vec![c.init_pid])
