@@ -2470,3 +2470,56 @@ fn a_lock_on_a_file_both_hosts_share_is_refused_before_the_freeze() {
     }
     th.finish();
 }
+
+/// A container with a process stopped by a signal (job control, a supervisor's SIGSTOP).
+/// CRIU's seize of a stopped task in a frozen cgroup waits until it is continued: the dump
+/// hung, the source frozen, until CRIU's timeout (`runc checkpoint` too). Now refused before
+/// the freeze (exit 7) naming the process, by `ferry migrate` and `ferry checkpoint`; once
+/// the process is continued, the container migrates.
+#[test]
+fn a_stopped_process_is_refused_before_the_freeze() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mstop");
+    let w = start_counter_shaped(&th, "", |b| {
+        let script = format!(
+            "sleep 100000 & kill -STOP $! ; {}",
+            counter_file_args("/data/counter")[2]
+        );
+        b.args(&["sh", "-c", &script])
+    });
+    let serve = th.serve(&[]);
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    let msg = out.assert_error(7).stderr.clone();
+    assert!(
+        msg.contains("is stopped by a signal: continue it first"),
+        "{msg}"
+    );
+    assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
+    let images = th.src_runc().path("images").display().to_string();
+    let root = th.src_runc().root.display().to_string();
+    let args = [
+        "checkpoint",
+        &w.id,
+        "--images",
+        &images,
+        "--runtime-root",
+        &root,
+    ];
+    assert!(ferry(&args)
+        .assert_error(7)
+        .stderr
+        .contains("stopped by a signal"));
+    assert_source_counter_healthy(&th, &w);
+
+    // Every process but the init (and the kill itself).
+    must(
+        th.src_runc().exec(&w.id, &["kill", "-CONT", "-1"]),
+        "kill -CONT -1",
+    );
+    let out = th.migrate(&w.id, &serve.addr, &["--mode", "stop-copy"]);
+    assert_counter_migrated(&th, &w, &out, Some("stop-copy"), 20);
+    th.dst_runc().kill_and_delete(&w.id);
+    th.finish();
+}

@@ -231,6 +231,37 @@ pub fn process_comm(pid: i32) -> String {
         .unwrap_or_default()
 }
 
+/// Why CRIU cannot seize the process `pid` (see [`unseizable_in`]), if it cannot; None
+/// also where it cannot be read (gone).
+pub fn unseizable(pid: i32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    unseizable_in(&status, &wchan)
+}
+
+/// From a process's /proc status and wchan: stopped by a signal (shown as `T`, or as
+/// waiting in `do_signal_stop` once its cgroup is frozen) — the kernel's PTRACE_SEIZE of a
+/// stopped task in a frozen cgroup waits until it is continued, so CRIU's dump would hang —
+/// or traced by another process (a debugger, strace), which CRIU cannot seize.
+fn unseizable_in(status: &str, wchan: &str) -> Option<String> {
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    if let Some(tracer) = field("TracerPid:").filter(|t| *t != "0") {
+        return Some(format!(
+            "traced by pid {tracer} (a debugger or strace?): detach it first"
+        ));
+    }
+    let stopped = field("State:").is_some_and(|s| s.starts_with('T'));
+    if stopped || wchan.trim() == "do_signal_stop" {
+        return Some("stopped by a signal: continue it first (kill -CONT)".into());
+    }
+    None
+}
+
 /// Real, effective and saved user ids, then the same group ids, of a process: the `Uid:`
 /// and `Gid:` lines of /proc/<pid>/status. None where it cannot be read.
 pub fn process_ids(pid: i32) -> Option<[u32; 6]> {
@@ -265,6 +296,26 @@ pub fn parse_stat(text: &str) -> Option<(u64, char)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopped_and_traced_processes_cannot_be_seized() {
+        let st = |state: &str, tracer: &str| {
+            format!("Name:\tsh\nState:\t{state}\nTgid:\t7\nTracerPid:\t{tracer}\nUid:\t0\n")
+        };
+        assert_eq!(
+            unseizable_in(&st("S (sleeping)", "0"), "hrtimer_nanosleep"),
+            None
+        );
+        assert_eq!(unseizable_in(&st("R (running)", "0"), "0"), None);
+        let stopped = unseizable_in(&st("T (stopped)", "0"), "do_signal_stop").unwrap();
+        assert!(stopped.contains("stopped by a signal"), "{stopped}");
+        // Frozen: the state letter is D, the wait is still the signal stop.
+        let frozen = unseizable_in(&st("D (disk sleep)", "0"), "do_signal_stop\n").unwrap();
+        assert!(frozen.contains("stopped by a signal"), "{frozen}");
+        let traced = unseizable_in(&st("t (tracing stop)", "4242"), "ptrace_stop").unwrap();
+        assert!(traced.contains("traced by pid 4242"), "{traced}");
+        assert_eq!(unseizable(std::process::id() as i32), None);
+    }
 
     #[test]
     fn status_ids_are_real_effective_saved() {

@@ -254,7 +254,7 @@ impl DumpJob {
         let c = root.load(id)?;
         c.check_running()?;
         let lock = ContainerLock::take(runtime_root, id)?;
-        if let Some(e) = limits_unreadable(&c) {
+        if let Some(e) = unseizable_task(&c).or_else(|| limits_unreadable(&c)) {
             return Err(e);
         }
         if !settings.file_locks {
@@ -359,7 +359,7 @@ impl DumpJob {
             if let (true, Some(f)) = (n.script == Script::PreDump, self.freezer.as_deref()) {
                 let strays = crate::runtime::cgroups::strays(f, self.container.init_pid);
                 let refusal = if strays.is_empty() {
-                    limits_unreadable(&self.container)
+                    unseizable_task(&self.container).or_else(|| limits_unreadable(&self.container))
                 } else {
                     Some(stray_error(&self.container.id, &strays))
                 };
@@ -413,6 +413,22 @@ pub(crate) fn container_pids(c: &RuncContainer) -> Vec<i32> {
     c.freeze_cgroup()
         .and_then(|f| crate::runtime::cgroups::procs(Path::new(f)))
         .unwrap_or_else(|| vec![c.init_pid])
+}
+
+/// A process of the container that CRIU cannot seize (see
+/// [`crate::oci::state::unseizable`]): a stopped one made the dump hang until CRIU's timeout
+/// with the container frozen (and `runc checkpoint` as well). Found before the freeze, and
+/// again once frozen.
+fn unseizable_task(c: &RuncContainer) -> Option<OpError> {
+    let (pid, why) = container_pids(c)
+        .into_iter()
+        .take(crate::runtime::cgroups::MAX_STRAY_SCAN)
+        .find_map(|p| Some((p, crate::oci::state::unseizable(p)?)))?;
+    Some(OpError::Conflict(format!(
+        "container {:?} has a process CRIU cannot checkpoint: pid {pid} ({}) is {why}",
+        c.id,
+        crate::oci::state::process_comm(pid)
+    )))
 }
 
 /// A process of the container holding a file lock fails a dump without CRIU's `file_locks`
