@@ -2196,6 +2196,28 @@ fn a_sparse_file_arrives_sparse() {
     th.finish();
 }
 
+/// `ferry checkpoint` of `w` on the source (through `prefix`, a wrapper command) into a
+/// fresh images dir, which must hold no images afterwards (a refusal before the freeze).
+fn local_checkpoint(th: &TwoHosts, w: &Workload, prefix: &[&str]) -> FerryOut {
+    let images = th.src_runc().path("images");
+    let root = th.src_runc().root.display().to_string();
+    let dir = images.display().to_string();
+    let args = [
+        "checkpoint",
+        &w.id,
+        "--images",
+        &dir,
+        "--runtime-root",
+        &root,
+    ];
+    let out = ferry_cmd(&args).prefix(prefix).run();
+    assert!(
+        !images.join("inventory.img").exists(),
+        "images written: {out:?}"
+    );
+    out
+}
+
 /// Whether this process has CAP_SYS_RESOURCE in its effective set.
 fn have_cap_sys_resource() -> bool {
     let status = fs::read_to_string("/proc/self/status").unwrap();
@@ -2238,20 +2260,9 @@ fn another_users_container_without_cap_sys_resource_is_refused_before_the_freeze
     );
     assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
 
-    let images = th.src_runc().path("images");
-    let root = th.src_runc().root.display().to_string();
-    let args = [
-        "checkpoint",
-        &w.id,
-        "--images",
-        &images.display().to_string(),
-        "--runtime-root",
-        &root,
-    ];
-    let out = ferry_cmd(&args).prefix(&drop_cap).run();
+    let out = local_checkpoint(&th, &w, &drop_cap);
     let msg = out.assert_error(5).stderr.clone();
     assert!(msg.contains("lacks CAP_SYS_RESOURCE"), "{msg}");
-    assert!(!images.join("inventory.img").exists(), "images written");
     assert_source_counter_healthy(&th, &w);
 
     if have_cap_sys_resource() {
@@ -2417,18 +2428,7 @@ fn file_locks_migrate_with_the_flag_and_are_refused_before_the_freeze_without() 
         }
         assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
         if kind == "flock" {
-            let images = th.src_runc().path("images");
-            let root = th.src_runc().root.display().to_string();
-            let dir = images.display().to_string();
-            let args = [
-                "checkpoint",
-                &w.id,
-                "--images",
-                &dir,
-                "--runtime-root",
-                &root,
-            ];
-            let out = ferry(&args);
+            let out = local_checkpoint(&th, &w, &[]);
             assert!(
                 out.assert_error(4).stderr.contains("--file-locks"),
                 "{out:?}"
@@ -2497,17 +2497,7 @@ fn a_stopped_process_is_refused_before_the_freeze() {
         "{msg}"
     );
     assert_counter_refused_before_the_freeze(&th, &w, &serve, &out);
-    let images = th.src_runc().path("images").display().to_string();
-    let root = th.src_runc().root.display().to_string();
-    let args = [
-        "checkpoint",
-        &w.id,
-        "--images",
-        &images,
-        "--runtime-root",
-        &root,
-    ];
-    assert!(ferry(&args)
+    assert!(local_checkpoint(&th, &w, &[])
         .assert_error(7)
         .stderr
         .contains("stopped by a signal"));
