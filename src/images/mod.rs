@@ -48,3 +48,34 @@ pub(crate) fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
     buf.get(at..at + 4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
+
+/// The entries of an image held whole in `buf`, from byte `at` (past its magic numbers) to
+/// the end: each a u32 length, checked against `max_entry` and against what remains, then
+/// that many bytes.
+pub(crate) fn entries<'a>(
+    path: &std::path::Path,
+    buf: &'a [u8],
+    mut at: usize,
+    max_entry: u32,
+) -> Result<Vec<&'a [u8]>, ImageError> {
+    let truncated = |what: &str| ImageError::Truncated {
+        path: path.to_path_buf(),
+        what: what.into(),
+    };
+    let mut out = Vec::new();
+    while at < buf.len() {
+        let len = u32_at(buf, at).ok_or_else(|| truncated("entry length"))?;
+        if len > max_entry {
+            return Err(ImageError::BadEntry {
+                path: path.to_path_buf(),
+                what: format!("entry of {len} bytes (cap {max_entry})"),
+            });
+        }
+        let body = buf
+            .get(at + 4..at + 4 + len as usize)
+            .ok_or_else(|| truncated("entry"))?;
+        out.push(body);
+        at += 4 + len as usize;
+    }
+    Ok(out)
+}

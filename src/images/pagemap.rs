@@ -160,32 +160,15 @@ pub fn read_pagemap(path: &Path) -> Result<(u32, Vec<PageRun>), ImageError> {
             what: "no pagemap magic".into(),
         });
     }
-    let mut at = 8;
-    let mut next = || -> Result<Option<&[u8]>, ImageError> {
-        if at == buf.len() {
-            return Ok(None);
-        }
-        let len = u32_at(&buf, at).ok_or_else(|| truncated("entry length"))?;
-        if len > MAX_ENTRY {
-            return Err(ImageError::BadEntry {
-                path: path.to_path_buf(),
-                what: format!("entry of {len} bytes (cap {MAX_ENTRY})"),
-            });
-        }
-        let body = buf
-            .get(at + 4..at + 4 + len as usize)
-            .ok_or_else(|| truncated("entry"))?;
-        at += 4 + len as usize;
-        Ok(Some(body))
-    };
     let bad = |e: protobuf::Error| ImageError::BadEntry {
         path: path.to_path_buf(),
         what: e.to_string(),
     };
-    let head = next()?.ok_or_else(|| truncated("no pagemap head"))?;
+    let mut bodies = super::entries(path, &buf, 8, MAX_ENTRY)?.into_iter();
+    let head = bodies.next().ok_or_else(|| truncated("no pagemap head"))?;
     let pages_id = PagemapHead::parse_from_bytes(head).map_err(bad)?.pages_id();
     let mut entries = vec![];
-    while let Some(body) = next()? {
+    for body in bodies {
         let e = PagemapEntry::parse_from_bytes(body).map_err(bad)?;
         let n = if e.has_nr_pages() {
             e.nr_pages()
