@@ -6,6 +6,7 @@ fn main() {
         "criu-proto/rpc.proto",
         "criu-proto/stats.proto",
         "criu-proto/pagemap.proto",
+        "criu-proto/files.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

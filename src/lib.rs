@@ -28,6 +28,9 @@ pub mod proto {
 
 /// The generated types under Rust-style names.
 pub mod pb {
+    pub use crate::proto::files::{
+        Open_file_entry as OpenFileEntry, Timerfd_settings as TimerfdSettings,
+    };
     pub use crate::proto::pagemap::{Pagemap_entry as PagemapEntry, Pagemap_head as PagemapHead};
     pub use crate::proto::rpc::{
         Cgroup_root as CgroupRoot, Criu_cg_mode as CriuCgMode, Criu_dump_resp as CriuDumpResp,

@@ -2513,3 +2513,27 @@ fn a_stopped_process_is_refused_before_the_freeze() {
     th.dst_runc().kill_and_delete(&w.id);
     th.finish();
 }
+
+/// A container driven by a periodic timer fd (5 ms), in both host modes. Its timer has
+/// expirations pending at the dump whenever the freeze is longer than its period, and CRIU
+/// restored such a timer disarmed: the count went on for the pending expirations, then
+/// stopped for good. ferry re-arms it in files.img before the restore; the count goes on
+/// strictly.
+#[test]
+fn a_periodic_timer_fd_keeps_firing_after_the_migration() {
+    if !require_two_hosts() {
+        return;
+    }
+    let th = TwoHosts::new("mtimer");
+    let serve = th.serve(&[]);
+    for mode in ["stop-copy", "post-copy"] {
+        let w = start_counter_shaped(&th, mode, |b| {
+            b.with_binary(&ticker_bin(), "ticker")
+                .args(&["ticker", "/data/counter"])
+        });
+        let out = th.migrate(&w.id, &serve.addr, &["--mode", mode]);
+        assert_counter_migrated(&th, &w, &out, Some(mode), 40);
+        th.dst_runc().kill_and_delete(&w.id);
+    }
+    th.finish();
+}

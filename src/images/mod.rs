@@ -4,6 +4,7 @@
 //! length followed by a packed protobuf message. Every length is checked against a cap and
 //! against the bytes that remain before anything is allocated or decoded.
 
+pub mod files;
 pub mod pagemap;
 pub mod stats;
 

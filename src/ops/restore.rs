@@ -371,6 +371,13 @@ fn restore_inner(
     require_root()?;
     super::interrupt::check()?;
     let v = validate(req)?;
+    // CRIU would restore a periodic timer fd with expirations pending disarmed (see
+    // `images::files`). An images dir this ferry cannot write is restored as it is.
+    match crate::images::files::rearm_pending_timerfds(&req.images) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(n, "periodic timer fds re-armed in files.img"),
+        Err(e) => tracing::warn!("timer fds not looked at: {e}"),
+    }
     prepare_mountpoints(&v.cfg)?;
 
     let work = req.work_dir.clone().unwrap_or_else(|| {

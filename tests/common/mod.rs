@@ -1771,6 +1771,17 @@ pub fn locker_bin() -> PathBuf {
         .clone()
 }
 
+pub const TICKER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/ticker.c");
+static TICKER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `ticker` (tests/workloads/ticker.c: a counter driven by a periodic timer fd), built once
+/// per test process.
+pub fn ticker_bin() -> PathBuf {
+    TICKER
+        .get_or_init(|| build_static_workload(TICKER_SRC, "ticker"))
+        .clone()
+}
+
 /// The memwriter binary: the prebuilt one named by `FERRY_MEMWRITER` (which must be a
 /// static executable), else built once per test process with `gcc -O2 -static` into
 /// cargo's target tmp dir (built under a temporary name, then renamed into place).
