@@ -1771,14 +1771,15 @@ pub fn locker_bin() -> PathBuf {
         .clone()
 }
 
-pub const TICKER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/ticker.c");
-static TICKER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+pub const EVENTLOOP_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/eventloop.c");
+static EVENTLOOP: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// `ticker` (tests/workloads/ticker.c: a counter driven by a periodic timer fd), built once
-/// per test process.
-pub fn ticker_bin() -> PathBuf {
-    TICKER
-        .get_or_init(|| build_static_workload(TICKER_SRC, "ticker"))
+/// `eventloop` (tests/workloads/eventloop.c: a counter kept by an event loop of threads,
+/// SysV shared memory, an eventfd, a periodic timer fd, a signalfd and epoll, which checks
+/// them), built once per test process.
+pub fn eventloop_bin() -> PathBuf {
+    EVENTLOOP
+        .get_or_init(|| build_static_workload(EVENTLOOP_SRC, "eventloop"))
         .clone()
 }
 
