@@ -576,11 +576,7 @@ fn memory_of(job: &DumpJob) -> Option<Box<super::wire::Memory>> {
 /// [`crate::runtime::memroom::ghost_bytes`]), for the destination to check at Prepare. The
 /// container runs on, so this is what it holds now.
 fn ghosts_of(job: &DumpJob, limit: Option<u32>) -> u64 {
-    let Some(pids) = job
-        .container
-        .freeze_cgroup()
-        .and_then(|d| crate::runtime::cgroups::procs(std::path::Path::new(d)))
-    else {
+    let Some(pids) = job.tasks() else {
         return 0;
     };
     let limit = limit.map_or(crate::oci::options::CRIU_GHOST_LIMIT, u64::from);

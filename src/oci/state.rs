@@ -231,12 +231,16 @@ pub fn process_comm(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-/// Why CRIU cannot seize the process `pid` (see [`unseizable_in`]), if it cannot; None
-/// also where it cannot be read (gone).
-pub fn unseizable(pid: i32) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+/// The text of /proc/<pid>/status; None where it cannot be read (gone).
+pub fn process_status(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
+/// Why CRIU cannot seize the process `pid`, whose /proc status text is `status` (see
+/// [`unseizable_in`]), if it cannot.
+pub fn unseizable(pid: i32, status: &str) -> Option<String> {
     let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-    unseizable_in(&status, &wchan)
+    unseizable_in(status, &wchan)
 }
 
 /// From a process's /proc status and wchan: stopped by a signal (shown as `T`, or as
@@ -263,12 +267,8 @@ fn unseizable_in(status: &str, wchan: &str) -> Option<String> {
 }
 
 /// Real, effective and saved user ids, then the same group ids, of a process: the `Uid:`
-/// and `Gid:` lines of /proc/<pid>/status. None where it cannot be read.
-pub fn process_ids(pid: i32) -> Option<[u32; 6]> {
-    parse_status_ids(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
-}
-
-fn parse_status_ids(status: &str) -> Option<[u32; 6]> {
+/// and `Gid:` lines of its /proc status text. None where they cannot be read.
+pub fn status_ids(status: &str) -> Option<[u32; 6]> {
     let three = |key: &str| -> Option<[u32; 3]> {
         let line = status.lines().find_map(|l| l.strip_prefix(key))?;
         let mut f = line.split_whitespace().map(|v| v.parse::<u32>());
@@ -314,20 +314,18 @@ mod tests {
         assert!(frozen.contains("stopped by a signal"), "{frozen}");
         let traced = unseizable_in(&st("t (tracing stop)", "4242"), "ptrace_stop").unwrap();
         assert!(traced.contains("traced by pid 4242"), "{traced}");
-        assert_eq!(unseizable(std::process::id() as i32), None);
+        let me = std::process::id() as i32;
+        assert_eq!(unseizable(me, &process_status(me).unwrap()), None);
     }
 
     #[test]
     fn status_ids_are_real_effective_saved() {
         let status = "Name:\tsh\nUmask:\t0022\nUid:\t1000\t1001\t1002\t1003\n\
                       Gid:\t5\t6\t7\t8\nGroups:\t5 6\n";
-        assert_eq!(parse_status_ids(status), Some([1000, 1001, 1002, 5, 6, 7]));
-        assert_eq!(parse_status_ids("Uid:\t0\t0\t0\t0\n"), None);
-        assert_eq!(
-            parse_status_ids("Uid:\t0\tx\t0\t0\nGid:\t0\t0\t0\t0\n"),
-            None
-        );
-        let me = process_ids(std::process::id() as i32).unwrap();
+        assert_eq!(status_ids(status), Some([1000, 1001, 1002, 5, 6, 7]));
+        assert_eq!(status_ids("Uid:\t0\t0\t0\t0\n"), None);
+        assert_eq!(status_ids("Uid:\t0\tx\t0\t0\nGid:\t0\t0\t0\t0\n"), None);
+        let me = status_ids(&process_status(std::process::id() as i32).unwrap()).unwrap();
         assert_eq!(me[0], nix::unistd::getuid().as_raw());
         assert_eq!(me[3], nix::unistd::getgid().as_raw());
     }

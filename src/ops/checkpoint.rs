@@ -254,11 +254,12 @@ impl DumpJob {
         let c = root.load(id)?;
         c.check_running()?;
         let lock = ContainerLock::take(runtime_root, id)?;
-        if let Some(e) = unseizable_task(&c).or_else(|| limits_unreadable(&c)) {
+        let pids = container_pids(&c);
+        if let Some(e) = seize_refusal(&c.id, &pids) {
             return Err(e);
         }
         if !settings.file_locks {
-            if let Some(e) = locks_not_carried(&c) {
+            if let Some(e) = locks_not_carried(&c.id, &pids) {
                 return Err(e);
             }
         }
@@ -357,9 +358,12 @@ impl DumpJob {
             // Frozen (by ferry or paused before): processes CRIU would leave behind fail
             // the dump here, before CRIU seizes anything.
             if let (true, Some(f)) = (n.script == Script::PreDump, self.freezer.as_deref()) {
-                let strays = crate::runtime::cgroups::strays(f, self.container.init_pid);
+                let init = self.container.init_pid;
+                let pids = crate::runtime::cgroups::procs(f);
+                let strays =
+                    crate::runtime::cgroups::strays(pids.as_deref().unwrap_or_default(), init);
                 let refusal = if strays.is_empty() {
-                    unseizable_task(&self.container).or_else(|| limits_unreadable(&self.container))
+                    seize_refusal(&self.container.id, &pids.unwrap_or_else(|| vec![init]))
                 } else {
                     Some(stray_error(&self.container.id, &strays))
                 };
@@ -415,18 +419,27 @@ pub(crate) fn container_pids(c: &RuncContainer) -> Vec<i32> {
         .unwrap_or_else(|| vec![c.init_pid])
 }
 
-/// A process of the container that CRIU cannot seize (see
-/// [`crate::oci::state::unseizable`]): a stopped one made the dump hang until CRIU's timeout
-/// with the container frozen (and `runc checkpoint` as well). Found before the freeze, and
-/// again once frozen.
-fn unseizable_task(c: &RuncContainer) -> Option<OpError> {
-    let (pid, why) = container_pids(c)
-        .into_iter()
+/// What of the container's processes `pids` keeps CRIU from dumping them (the two checks
+/// below, in that order), each process's /proc status read once for both. Before the freeze,
+/// and again once frozen.
+fn seize_refusal(id: &str, pids: &[i32]) -> Option<OpError> {
+    let statuses: Vec<(i32, String)> = pids
+        .iter()
         .take(crate::runtime::cgroups::MAX_STRAY_SCAN)
-        .find_map(|p| Some((p, crate::oci::state::unseizable(p)?)))?;
+        .filter_map(|&p| Some((p, crate::oci::state::process_status(p)?)))
+        .collect();
+    unseizable_task(id, &statuses).or_else(|| limits_unreadable(id, &statuses))
+}
+
+/// A process that CRIU cannot seize (see [`crate::oci::state::unseizable`]), among the
+/// processes and /proc status texts `statuses`: a stopped one made the dump hang until
+/// CRIU's timeout with the container frozen (and `runc checkpoint` as well).
+fn unseizable_task(id: &str, statuses: &[(i32, String)]) -> Option<OpError> {
+    let (pid, why) = statuses
+        .iter()
+        .find_map(|(p, s)| Some((*p, crate::oci::state::unseizable(*p, s)?)))?;
     Some(OpError::Conflict(format!(
-        "container {:?} has a process CRIU cannot checkpoint: pid {pid} ({}) is {why}",
-        c.id,
+        "container {id:?} has a process CRIU cannot checkpoint: pid {pid} ({}) is {why}",
         crate::oci::state::process_comm(pid)
     )))
 }
@@ -435,14 +448,13 @@ fn unseizable_task(c: &RuncContainer) -> Option<OpError> {
 /// once the container is frozen ("Some file locks are hold by dumping tasks"): found here,
 /// before the freeze. (One taken between now and the freeze still fails the dump, with
 /// CRIU's message.)
-fn locks_not_carried(c: &RuncContainer) -> Option<OpError> {
-    let lock = crate::runtime::locks::held_locks(&container_pids(c), 1)
+fn locks_not_carried(id: &str, pids: &[i32]) -> Option<OpError> {
+    let lock = crate::runtime::locks::held_locks(pids, 1)
         .into_iter()
         .next()?;
     Some(OpError::Invalid(format!(
-        "container {:?} holds a file lock (pid {} ({}): {} on {}), which is carried only when \
+        "container {id:?} holds a file lock (pid {} ({}): {} on {}), which is carried only when \
          asked: pass --file-locks (the lock is taken again where the container is restored)",
-        c.id,
         lock.pid,
         crate::oci::state::process_comm(lock.pid),
         lock.lock.kind,
@@ -454,8 +466,8 @@ fn locks_not_carried(c: &RuncContainer) -> Option<OpError> {
 /// process whose real, effective or saved user or group id differs from the caller's only
 /// with CAP_SYS_RESOURCE. A ferry without it (a restricted service unit or container) would
 /// see such a container's dump fail once frozen ("Can't get rlimit … Operation not
-/// permitted"): found here instead, before the freeze and again once frozen.
-fn limits_unreadable(c: &RuncContainer) -> Option<OpError> {
+/// permitted"): found here instead, among the processes and /proc status texts `statuses`.
+fn limits_unreadable(id: &str, statuses: &[(i32, String)]) -> Option<OpError> {
     use caps::{CapSet, Capability};
     if caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_RESOURCE).unwrap_or(true) {
         return None;
@@ -464,18 +476,16 @@ fn limits_unreadable(c: &RuncContainer) -> Option<OpError> {
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
     );
-    let (pid, ids) = container_pids(c)
-        .into_iter()
-        .take(crate::runtime::cgroups::MAX_STRAY_SCAN)
-        .filter_map(|p| Some((p, crate::oci::state::process_ids(p)?)))
+    let (pid, ids) = statuses
+        .iter()
+        .filter_map(|(p, s)| Some((*p, crate::oci::state::status_ids(s)?)))
         .find(|(_, ids)| {
             ids[..3].iter().any(|&u| u != uid) || ids[3..].iter().any(|&g| g != gid)
         })?;
     Some(OpError::Environment(format!(
-        "container {:?} runs pid {pid} ({}) as uid {} gid {}, and this ferry lacks \
+        "container {id:?} runs pid {pid} ({}) as uid {} gid {}, and this ferry lacks \
          CAP_SYS_RESOURCE, without which CRIU cannot read the resource limits of another \
          user's process: run ferry with that capability",
-        c.id,
         crate::oci::state::process_comm(pid),
         ids[1],
         ids[4]

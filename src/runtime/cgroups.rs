@@ -810,12 +810,13 @@ pub fn procs(dir: &Path) -> Option<Vec<i32>> {
 pub(crate) const MAX_STRAY_SCAN: usize = 65_536;
 const MAX_ANCESTRY: usize = 1024;
 
-/// The processes of the cgroup `dir` that do not descend from `init` (pid, command name):
+/// The processes among `pids` (a cgroup's) that do not descend from `init` (pid, command
+/// name):
 /// a dump of `init`'s tree leaves them behind, CRIU only warning of an "unexpected process
 /// in the freezer cgroup" (e.g. one `runc exec` started: its parent is runc, not the
 /// container's init). Meant for a frozen cgroup, whose tree cannot change; a process whose
 /// ancestry cannot be read is not counted.
-pub fn strays(dir: &Path, init: i32) -> Vec<(i32, String)> {
+pub fn strays(pids: &[i32], init: i32) -> Vec<(i32, String)> {
     let descends = |pid: i32| -> bool {
         let mut cur = pid;
         for _ in 0..MAX_ANCESTRY {
@@ -830,9 +831,8 @@ pub fn strays(dir: &Path, init: i32) -> Vec<(i32, String)> {
         }
         true
     };
-    procs(dir)
-        .unwrap_or_default()
-        .into_iter()
+    pids.iter()
+        .copied()
         .take(MAX_STRAY_SCAN)
         .filter(|&p| !descends(p))
         .map(|p| (p, crate::oci::state::process_comm(p)))
@@ -1396,11 +1396,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id() as i32;
         std::fs::write(dir.path().join("cgroup.procs"), format!("{me}\n")).unwrap();
+        let pids = procs(dir.path()).unwrap();
+        assert_eq!(pids, vec![me]);
         let parent = std::os::unix::process::parent_id() as i32;
-        assert_eq!(strays(dir.path(), me), vec![]);
-        assert_eq!(strays(dir.path(), parent), vec![]);
+        assert_eq!(strays(&pids, me), vec![]);
+        assert_eq!(strays(&pids, parent), vec![]);
         // No ancestor of this process: its chain ends at pid 1 first.
-        let s = strays(dir.path(), i32::MAX);
+        let s = strays(&pids, i32::MAX);
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].0, me);
         assert!(!s[0].1.is_empty(), "{s:?}");
