@@ -56,6 +56,7 @@ const BLOCK: u64 = 1 << 20;
 /// block of zeros has a known digest, so a file's holes (and zeros arriving as holes) are
 /// hashed without reading or hashing them; the hash depends on the content only, not on
 /// where the filesystem keeps holes.
+#[derive(Default)]
 pub struct BlockHasher {
     outer: Sha256,
     block: Sha256,
@@ -71,17 +72,6 @@ fn zero_block() -> &'static [u8] {
         h.update(vec![0u8; BLOCK as usize]);
         h.finalize().to_vec()
     })
-}
-
-impl Default for BlockHasher {
-    fn default() -> Self {
-        BlockHasher {
-            outer: Sha256::new(),
-            block: Sha256::new(),
-            fill: 0,
-            len: 0,
-        }
-    }
 }
 
 impl BlockHasher {
@@ -115,7 +105,7 @@ impl BlockHasher {
         self.fill += n;
         self.len += n;
         if self.fill == BLOCK {
-            let done = std::mem::replace(&mut self.block, Sha256::new()).finalize();
+            let done = self.block.finalize_reset();
             self.outer.update(done);
             self.fill = 0;
         }
